@@ -104,7 +104,7 @@ def test_one_f_one_b_steady_state_alternates():
 def test_gpipe_table_text():
     assert sched.gpipe(2, 2).table() == (
         "dev0 | F0 F1 .  .  B0 B1\n"
-        "dev1 | .  F0 F1 B0 B1"
+        "dev1 | .  F0 F1 B0 B1 ."
     )
 
 
