@@ -1,0 +1,286 @@
+// Framework-free CPU compute for tf_smdist: pack, unpack and N-way reduce.
+//
+// The hot loops are written branch-free over fixed-size chunks so that the
+// compiler vectorises them; they are compiled for a baseline x86-64 target
+// and, where the compiler supports it, cloned for AVX2 (chosen at load time),
+// so the shipped library stays portable.
+#include "kernels/cpu/smdist_cpu.h"
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SMDIST_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SMDIST_CLONES
+#endif
+
+namespace smdist {
+namespace {
+
+constexpr int64_t kChunk = 1024;  // elements per inner pass (4 KiB of fp32)
+
+inline uint32_t FloatBits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+inline float BitsFloat(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// IEEE binary16 -> binary32, exact, subnormals and non-finite values kept.
+// Uses only normal float arithmetic, so it stays exact under the
+// flush-denormals mode that TensorFlow's worker threads run in.
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t shifted = static_cast<uint32_t>(h & 0x7fffu) << 13;
+  const uint32_t exp = shifted & 0x0f800000u;
+  const uint32_t normal = shifted + (static_cast<uint32_t>(127 - 15) << 23);
+  const uint32_t nonfinite = normal + (static_cast<uint32_t>(128 - 16) << 23);
+  // Subnormal or zero: 2^-14 * (1 + m / 1024) - 2^-14, all normal floats.
+  const uint32_t subnormal = FloatBits(BitsFloat(normal + (1u << 23)) -
+                                       BitsFloat(113u << 23));
+  const uint32_t r =
+      exp == 0x0f800000u ? nonfinite : (exp == 0 ? subnormal : normal);
+  return BitsFloat(sign | r);
+}
+
+// binary32 -> binary16, round to nearest even; overflow gives infinity and
+// NaN stays NaN (quiet).
+inline uint16_t FloatToHalf(float f) {
+  uint32_t u = FloatBits(f);
+  const uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  // Too large for a normal half (or inf / NaN).
+  const uint32_t big = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  // Result would be a subnormal half: let the FPU round by adding a magic.
+  const uint32_t denorm_magic = ((127 - 15) + (23 - 10) + 1) << 23;
+  const uint32_t sub =
+      FloatBits(BitsFloat(u) + BitsFloat(denorm_magic)) - denorm_magic;
+  // Normal half: rebias the exponent and round the mantissa to even.
+  const uint32_t mant_odd = (u >> 13) & 1u;
+  const uint32_t norm =
+      (u + (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + mant_odd) >> 13;
+  uint32_t r = u >= 0x47800000u ? big : (u < 0x38800000u ? sub : norm);
+  return static_cast<uint16_t>(r | (sign >> 16));
+}
+
+inline float BFloat16ToFloat(uint16_t b) {
+  return BitsFloat(static_cast<uint32_t>(b) << 16);
+}
+
+// binary32 -> bfloat16, round to nearest even; NaN stays NaN (quiet).
+inline uint16_t FloatToBFloat16(float f) {
+  const uint32_t u = FloatBits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = (u >> 16) | 0x40u;
+  const bool is_nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return static_cast<uint16_t>(is_nan ? nan : rounded);
+}
+
+struct F32 {
+  using Storage = float;
+  static float Load(float v) { return v; }
+  static float Store(float v) { return v; }
+};
+struct F16 {
+  using Storage = uint16_t;
+  static float Load(uint16_t v) { return HalfToFloat(v); }
+  static uint16_t Store(float v) { return FloatToHalf(v); }
+};
+struct BF16 {
+  using Storage = uint16_t;
+  static float Load(uint16_t v) { return BFloat16ToFloat(v); }
+  static uint16_t Store(float v) { return FloatToBFloat16(v); }
+};
+
+// dst[i] = Out(scale * In(src[i])) for i in [0, n).
+template <typename In, typename Out>
+SMDIST_CLONES void CastScaleLoop(const typename In::Storage* __restrict src,
+                                 typename Out::Storage* __restrict dst,
+                                 int64_t n, float scale) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = Out::Store(In::Load(src[i]) * scale);
+}
+
+template <typename In, typename Out>
+SMDIST_CLONES void CastLoop(const typename In::Storage* __restrict src,
+                            typename Out::Storage* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = Out::Store(In::Load(src[i]));
+}
+
+template <typename In, typename Out>
+void CastScale(const void* src, void* dst, int64_t n, float scale) {
+  const auto* s = static_cast<const typename In::Storage*>(src);
+  auto* d = static_cast<typename Out::Storage*>(dst);
+  if (scale == 1.0f) {
+    if (std::is_same<In, Out>::value) {
+      std::memcpy(d, s, n * sizeof(*d));
+    } else {
+      CastLoop<In, Out>(s, d, n);
+    }
+  } else {
+    CastScaleLoop<In, Out>(s, d, n, scale);
+  }
+}
+
+using CastFn = void (*)(const void*, void*, int64_t, float);
+
+template <typename In>
+CastFn PickCastOut(DType out) {
+  switch (out) {
+    case DType::kFloat16:
+      return &CastScale<In, F16>;
+    case DType::kBFloat16:
+      return &CastScale<In, BF16>;
+    default:
+      return &CastScale<In, F32>;
+  }
+}
+
+CastFn PickCast(DType in, DType out) {
+  switch (in) {
+    case DType::kFloat16:
+      return PickCastOut<F16>(out);
+    case DType::kBFloat16:
+      return PickCastOut<BF16>(out);
+    default:
+      return PickCastOut<F32>(out);
+  }
+}
+
+// acc[j] (+)= In(src[j]) for j in [0, n), n <= kChunk.
+template <typename In>
+SMDIST_CLONES void LoadChunk(const typename In::Storage* __restrict src,
+                             float* __restrict acc, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) acc[j] = In::Load(src[j]);
+}
+
+template <typename In>
+SMDIST_CLONES void AddChunk(const typename In::Storage* __restrict src,
+                            float* __restrict acc, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) acc[j] += In::Load(src[j]);
+}
+
+template <typename Out>
+SMDIST_CLONES void StoreChunk(const float* __restrict acc,
+                              typename Out::Storage* __restrict dst, int64_t n,
+                              float scale) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = Out::Store(acc[j] * scale);
+}
+
+// Two inputs straight into a float32 output: the common case, one pass.
+SMDIST_CLONES void Sum2F32(const float* __restrict a, const float* __restrict b,
+                           float* __restrict out, int64_t n, float scale) {
+  for (int64_t j = 0; j < n; ++j) out[j] = (a[j] + b[j]) * scale;
+}
+
+template <typename In, typename Out>
+void Reduce(const void* const* srcs, int num_srcs, void* out, float scale,
+            int64_t begin, int64_t end) {
+  using SIn = typename In::Storage;
+  using SOut = typename Out::Storage;
+  auto* dst = static_cast<SOut*>(out);
+  alignas(64) float acc[kChunk];
+  for (int64_t c = begin; c < end; c += kChunk) {
+    const int64_t n = std::min(kChunk, end - c);
+    LoadChunk<In>(static_cast<const SIn*>(srcs[0]) + c, acc, n);
+    for (int k = 1; k < num_srcs; ++k) {
+      AddChunk<In>(static_cast<const SIn*>(srcs[k]) + c, acc, n);
+    }
+    StoreChunk<Out>(acc, dst + c, n, scale);
+  }
+}
+
+using ReduceFn = void (*)(const void* const*, int, void*, float, int64_t,
+                          int64_t);
+
+template <typename In>
+ReduceFn PickReduceOut(DType out) {
+  switch (out) {
+    case DType::kFloat16:
+      return &Reduce<In, F16>;
+    case DType::kBFloat16:
+      return &Reduce<In, BF16>;
+    default:
+      return &Reduce<In, F32>;
+  }
+}
+
+}  // namespace
+
+size_t DTypeSize(DType dtype) {
+  return dtype == DType::kFloat32 ? 4 : 2;
+}
+
+void PackRange(const void* const* srcs, const int64_t* offsets, int num_srcs,
+               DType in_type, void* packed, DType out_type, float scale,
+               int64_t begin, int64_t end) {
+  if (begin >= end) return;
+  const CastFn cast = PickCast(in_type, out_type);
+  const size_t in_size = DTypeSize(in_type);
+  const size_t out_size = DTypeSize(out_type);
+  // First input whose range ends after `begin`.
+  int k = static_cast<int>(std::upper_bound(offsets, offsets + num_srcs + 1,
+                                            begin) -
+                           offsets) - 1;
+  for (int64_t pos = begin; pos < end && k < num_srcs; ++k) {
+    const int64_t stop = std::min(end, offsets[k + 1]);
+    if (stop <= pos) continue;
+    const int64_t local = pos - offsets[k];
+    cast(static_cast<const char*>(srcs[k]) + local * in_size,
+         static_cast<char*>(packed) + pos * out_size, stop - pos, scale);
+    pos = stop;
+  }
+}
+
+void UnpackRange(const void* packed, DType in_type, void* const* dsts,
+                 const int64_t* offsets, int num_dsts, DType out_type,
+                 int64_t begin, int64_t end) {
+  if (begin >= end) return;
+  const CastFn cast = PickCast(in_type, out_type);
+  const size_t in_size = DTypeSize(in_type);
+  const size_t out_size = DTypeSize(out_type);
+  int k = static_cast<int>(std::upper_bound(offsets, offsets + num_dsts + 1,
+                                            begin) -
+                           offsets) - 1;
+  for (int64_t pos = begin; pos < end && k < num_dsts; ++k) {
+    const int64_t stop = std::min(end, offsets[k + 1]);
+    if (stop <= pos) continue;
+    const int64_t local = pos - offsets[k];
+    cast(static_cast<const char*>(packed) + pos * in_size,
+         static_cast<char*>(dsts[k]) + local * out_size, stop - pos, 1.0f);
+    pos = stop;
+  }
+}
+
+void ReduceRange(const void* const* srcs, int num_srcs, DType in_type,
+                 void* out, DType out_type, float scale, int64_t begin,
+                 int64_t end) {
+  if (begin >= end || num_srcs <= 0) return;
+  if (num_srcs == 2 && in_type == DType::kFloat32 &&
+      out_type == DType::kFloat32) {
+    Sum2F32(static_cast<const float*>(srcs[0]) + begin,
+            static_cast<const float*>(srcs[1]) + begin,
+            static_cast<float*>(out) + begin, end - begin, scale);
+    return;
+  }
+  ReduceFn fn;
+  switch (in_type) {
+    case DType::kFloat16:
+      fn = PickReduceOut<F16>(out_type);
+      break;
+    case DType::kBFloat16:
+      fn = PickReduceOut<BF16>(out_type);
+      break;
+    default:
+      fn = PickReduceOut<F32>(out_type);
+  }
+  fn(srcs, num_srcs, out, scale, begin, end);
+}
+
+}  // namespace smdist

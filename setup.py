@@ -1,0 +1,161 @@
+"""Builds tf_smdist and compiles its op library against the installed TensorFlow.
+
+`pip install .` runs this. The op library (`tf_smdist/libsmdist_ops.so`) is
+compiled with the compile and link flags that the installed TensorFlow reports
+through `tf.sysconfig`, so TensorFlow must be installed first. In a source
+checkout, `python setup.py build_ext --inplace` builds it next to the sources.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+# The TensorFlow releases this version is built and tested against.
+TF_MIN = (2, 21)
+TF_MAX_EXCLUSIVE = (2, 22)
+TF_RANGE = ">=2.21,<2.22"
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CXX_FLAGS = ["-O3", "-fPIC", "-DNDEBUG", "-Wno-deprecated-declarations"]
+
+OPS_SOURCES = [
+    "ops/smdist_ops.cc",
+    "ops/smdist_kernels.cc",
+    "kernels/cpu/smdist_cpu.cc",
+]
+
+_PROBE = (
+    "import json, tensorflow as tf; print(json.dumps({"
+    "'version': tf.__version__, "
+    "'cflags': tf.sysconfig.get_compile_flags(), "
+    "'lflags': tf.sysconfig.get_link_flags(), "
+    "'cuda': tf.test.is_built_with_cuda()}))"
+)
+
+
+def tensorflow_build_info() -> dict:
+    """Returns the installed TensorFlow's version and compile/link flags.
+
+    pip builds in an isolated environment that hides the installed packages,
+    so TensorFlow is asked in a child interpreter whose environment drops
+    pip's isolation variables: it sees the site-packages the package is
+    being installed into.
+    """
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    for python in (sys.executable, shutil.which("python3"), shutil.which("python")):
+        if not python:
+            continue
+        proc = subprocess.run([python, "-c", _PROBE], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+    raise RuntimeError(
+        "tf_smdist compiles its ops against the installed TensorFlow, but "
+        "`import tensorflow` failed. Install TensorFlow " + TF_RANGE + " first "
+        "(e.g. `pip install tensorflow-cpu==2.21.0` or `pip install "
+        "'tensorflow[and-cuda]==2.21.0'`), then `pip install .` again."
+    )
+
+
+def check_tensorflow_version(version: str) -> None:
+    """Raises RuntimeError unless `version` is in the supported range."""
+    parts = tuple(int(p) for p in version.split(".")[:2])
+    if not TF_MIN <= parts < TF_MAX_EXCLUSIVE:
+        raise RuntimeError(
+            f"tf_smdist supports TensorFlow {TF_RANGE}. Received: "
+            f"tensorflow=={version}. Install a supported TensorFlow, e.g. "
+            "`pip install tensorflow-cpu==2.21.0`."
+        )
+
+
+class OpLibrary(Extension):
+    """A TensorFlow op library: a plain shared object, not a Python module."""
+
+    def __init__(self, name: str, sources: list[str]) -> None:
+        super().__init__(name, sources=sources)
+
+
+class BuildOps(build_ext):
+    """Compiles the op libraries with the installed TensorFlow's flags."""
+
+    def get_ext_filename(self, fullname: str) -> str:
+        parts = fullname.split(".")
+        return os.path.join(*parts[:-1], parts[-1] + ".so")
+
+    def run(self) -> None:
+        self._tf = tensorflow_build_info()
+        check_tensorflow_version(self._tf["version"])
+        super().run()
+
+    def build_extension(self, ext: Extension) -> None:
+        target = self.get_ext_fullpath(ext.name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = os.path.join(self.build_temp, ext.name)
+        os.makedirs(tmp, exist_ok=True)
+        cxx = os.environ.get("CXX", "g++")
+        cflags = CXX_FLAGS + ["-I" + HERE] + self._tf["cflags"]
+
+        def compile_one(src: str) -> str:
+            obj = os.path.join(tmp, os.path.basename(src) + ".o")
+            cmd = [cxx, "-c", os.path.join(HERE, src), "-o", obj] + cflags
+            print(" ".join(cmd))
+            subprocess.run(cmd, check=True)
+            return obj
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            objects = list(pool.map(compile_one, ext.sources))
+        cmd = [cxx, "-shared", "-o", target] + objects + self._tf["lflags"]
+        print(" ".join(cmd))
+        subprocess.run(cmd, check=True)
+        # Next to the library in the wheel, and in the source tree for
+        # in-place and editable builds.
+        for package_dir in {os.path.dirname(target), os.path.join(HERE, "tf_smdist")}:
+            self._write_build_info(package_dir)
+
+    def _write_build_info(self, package_dir: str) -> None:
+        with open(os.path.join(package_dir, "_build_info.py"), "w") as f:
+            f.write('"""Written by setup.py: what the op library was built '
+                    'against."""\n\n')
+            f.write(f"TF_VERSION = {self._tf['version']!r}\n")
+            f.write(f"TF_CUDA = {bool(self._tf['cuda'])!r}\n")
+
+
+def _read_version() -> str:
+    scope: dict = {}
+    with open(os.path.join(HERE, "tf_smdist", "_version.py")) as f:
+        exec(f.read(), scope)
+    return scope["__version__"]
+
+
+setup(
+    name="tf_smdist",
+    version=_read_version(),
+    description=(
+        "Distributed training for Keras 3 on TensorFlow: host-offloaded "
+        "data parallelism and automatically partitioned pipelines."
+    ),
+    long_description=open(os.path.join(HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=["tf_smdist", "tf_smdist.data_parallel", "tf_smdist.pipeline"],
+    ext_modules=[OpLibrary("tf_smdist.libsmdist_ops", OPS_SOURCES)],
+    cmdclass={"build_ext": BuildOps},
+    install_requires=["numpy", "absl-py"],
+    extras_require={
+        "cpu": ["tensorflow-cpu" + TF_RANGE],
+        "gpu": ["tensorflow[and-cuda]" + TF_RANGE],
+        "test": ["pytest>=7", "pytest-timeout", "hypothesis", "ruff"],
+    },
+    zip_safe=False,
+)
