@@ -1,0 +1,260 @@
+"""Running a pipeline schedule as TensorFlow ops chained per device.
+
+Each task of the schedule becomes a group of ops under the name scope
+`F_s{stage}_m{microbatch}` or `B_s{stage}_m{microbatch}`, placed on its
+stage's device, with a control dependency on the previous task of the same
+device. Inside a `tf.function` every device therefore runs its work in the
+schedule's order, while different devices run at the same time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import tensorflow as tf
+
+from tf_smdist.pipeline.schedule import Schedule
+from tf_smdist.pipeline.stages import Stage
+
+__all__ = ["split_microbatches", "run_forward", "run_train", "task_scope"]
+
+LossFn = Callable[[int, list[tf.Tensor]], tf.Tensor]
+
+
+def task_scope(kind: str, stage: int, microbatch: int) -> str:
+    """The name scope of a task's ops, e.g. `"F_s0_m1"`."""
+    return f"{kind}_s{stage}_m{microbatch}"
+
+
+def _differentiable(t: tf.Tensor) -> bool:
+    return t.dtype.is_floating or t.dtype.is_complex
+
+
+def split_microbatches(
+    tensors: Sequence[tf.Tensor], num_microbatches: int, *, even: bool = True
+) -> list[list[tf.Tensor]]:
+    """Cuts each tensor along axis 0 into micro-batches.
+
+    Args:
+        tensors: tensors sharing their first dimension (the batch).
+        num_microbatches: the number of micro-batches `M`.
+        even: require the batch to be a multiple of `M`; otherwise the first
+            `batch % M` micro-batches get one extra row. Defaults to `True`.
+
+    Returns:
+        Per micro-batch, the list of its slices of `tensors`.
+
+    Raises:
+        ValueError: `even` and a static batch size is not a multiple of `M`
+            (a dynamic one fails the same check when the graph runs).
+
+    Example:
+    >>> [len(m[0]) for m in split_microbatches([tf.zeros((6, 2))], 3)]
+    [2, 2, 2]
+    """
+    m = num_microbatches
+    if m == 1:
+        return [list(tensors)]
+    out: list[list[tf.Tensor]] = [[] for _ in range(m)]
+    for t in tensors:
+        t = tf.convert_to_tensor(t)
+        batch = t.shape[0]
+        if even and batch is not None and batch % m:
+            raise ValueError(
+                "The batch size must be a multiple of the number of "
+                f"micro-batches. Received: batch size {batch} with "
+                f"microbatches={m}. Use a batch size divisible by {m} (for "
+                "datasets, batch with `drop_remainder=True`)."
+            )
+        dynamic = tf.shape(t)[0]
+        if even:
+            checks = []
+            if batch is None:
+                checks.append(
+                    tf.debugging.assert_equal(
+                        dynamic % m,
+                        0,
+                        message=(
+                            "The batch size must be a multiple of the number "
+                            f"of micro-batches (microbatches={m}). Use a batch "
+                            f"size divisible by {m}."
+                        ),
+                    )
+                )
+            with tf.control_dependencies(checks):
+                parts = tf.split(t, m, axis=0)
+        else:
+            base, extra = dynamic // m, dynamic % m
+            sizes = base + tf.cast(tf.range(m) < extra, dynamic.dtype)
+            parts = tf.split(t, sizes, num=m, axis=0)
+        for i, part in enumerate(parts):
+            out[i].append(part)
+    return out
+
+
+class _DeviceChain:
+    """The last task's marker per device, for control dependencies."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, tf.Operation | None] = {}
+
+    def deps(self, device: int) -> list[tf.Operation]:
+        last = self._last.get(device)
+        return [] if last is None else [last]
+
+    def done(self, device: int, tensors: Sequence[tf.Tensor]) -> None:
+        if tf.executing_eagerly():
+            return
+        self._last[device] = tf.group(*tensors, name="done")
+
+
+def run_forward(
+    stages: Sequence[Stage],
+    schedule: Schedule,
+    micro_inputs: Sequence[Sequence[tf.Tensor]],
+    *,
+    training: bool | None = None,
+) -> list[list[tf.Tensor]]:
+    """Runs the forward tasks of `schedule` in its order.
+
+    Args:
+        stages: the pipeline's stages, `schedule.num_stages` of them.
+        schedule: the schedule; its backward tasks are skipped.
+        micro_inputs: per micro-batch, the model's inputs.
+        training: passed to each stage's layers. Defaults to `None`.
+
+    Returns:
+        Per micro-batch, the last stage's outputs.
+    """
+    chain = _DeviceChain()
+    acts: dict[tuple[int, int], list[tf.Tensor]] = {}
+    last = len(stages) - 1
+    for task in schedule.linear_order():
+        if task.kind != "F":
+            continue
+        s, m = task.stage, task.microbatch
+        dev = schedule.device_of(s)
+        inputs = micro_inputs[m] if s == 0 else acts.pop((s - 1, m))
+        with tf.name_scope(task_scope("F", s, m)), tf.device(stages[s].device):
+            with tf.control_dependencies(chain.deps(dev)):
+                inputs = [tf.identity(t) for t in inputs]
+            outputs = stages[s](inputs, training=training)
+        chain.done(dev, outputs)
+        acts[(s, m)] = outputs
+    return [acts[(last, m)] for m in range(schedule.num_microbatches)]
+
+
+def run_train(
+    stages: Sequence[Stage],
+    schedule: Schedule,
+    micro_inputs: Sequence[Sequence[tf.Tensor]],
+    loss_fn: LossFn,
+    *,
+    recompute: bool = False,
+) -> tuple[list[list[tf.Tensor]], list[tf.Tensor], list[list[tf.Tensor]]]:
+    """Runs every task of `schedule`: forwards, losses and backwards.
+
+    The loss of micro-batch `m` is `loss_fn(m, outputs)`, computed on the last
+    stage's device inside its forward task; the backward of each stage
+    differentiates it (through the later stages) and adds the stage's
+    variable gradients into a running sum on the stage's device.
+
+    Args:
+        stages: the pipeline's stages, `schedule.num_stages` of them.
+        schedule: the schedule to run.
+        micro_inputs: per micro-batch, the model's inputs.
+        loss_fn: maps (micro-batch index, last stage outputs) to the scalar
+            loss whose gradient is wanted (already weighted for summing).
+        recompute: keep only each stage's inputs after its forward and run
+            the forward again in the backward. Defaults to `False`.
+
+    Returns:
+        `(outputs, losses, grads)`: per micro-batch the last stage's outputs,
+        per micro-batch the loss, and per stage the summed gradients of its
+        `trainable_variables` (zeros where a variable gets no gradient).
+    """
+    chain = _DeviceChain()
+    last = len(stages) - 1
+    acts: dict[tuple[int, int], list[tf.Tensor]] = {}
+    saved: dict[tuple[int, int], tuple] = {}
+    upstream: dict[tuple[int, int], list[tf.Tensor]] = {}
+    losses: dict[int, tf.Tensor] = {}
+    grads: list[list[tf.Tensor] | None] = [None] * len(stages)
+
+    def forward(s: int, m: int, inputs: list[tf.Tensor]):
+        outputs = stages[s](inputs, training=True)
+        loss = loss_fn(m, outputs) if s == last else None
+        return outputs, loss
+
+    for task in schedule.linear_order():
+        s, m = task.stage, task.microbatch
+        stage, dev = stages[s], schedule.device_of(s)
+        with tf.name_scope(task_scope(task.kind, s, m)), tf.device(stage.device):
+            if task.kind == "F":
+                inputs = micro_inputs[m] if s == 0 else acts.pop((s - 1, m))
+                with tf.control_dependencies(chain.deps(dev)):
+                    inputs = [tf.identity(t) for t in inputs]
+                if recompute:
+                    outputs, loss = forward(s, m, inputs)
+                    saved[(s, m)] = (inputs, None, None)
+                else:
+                    with tf.GradientTape() as tape:
+                        tape.watch([t for t in inputs if _differentiable(t)])
+                        outputs, loss = forward(s, m, inputs)
+                    saved[(s, m)] = (inputs, outputs, loss, tape)
+                if s < last:
+                    acts[(s, m)] = outputs
+                else:
+                    acts[(s, m)] = outputs
+                    losses[m] = loss
+                chain.done(dev, outputs + ([loss] if loss is not None else []))
+                continue
+            # Backward.
+            entry = saved.pop((s, m))
+            inputs = entry[0]
+            with tf.control_dependencies(chain.deps(dev)):
+                if recompute:
+                    inputs = [tf.identity(t) for t in inputs]
+                    with tf.GradientTape() as tape:
+                        tape.watch([t for t in inputs if _differentiable(t)])
+                        outputs, loss = forward(s, m, inputs)
+                else:
+                    _, outputs, loss, tape = entry
+                if s == last:
+                    targets, seeds = [loss], None
+                else:
+                    dys = upstream.pop((s, m))
+                    pairs = [
+                        (y, dy)
+                        for y, dy in zip(outputs, dys)
+                        if dy is not None and _differentiable(y)
+                    ]
+                    targets = [y for y, _ in pairs]
+                    seeds = [dy for _, dy in pairs]
+                sources = [t for t in inputs if _differentiable(t)]
+                variables = stage.trainable_variables
+                result = tape.gradient(
+                    targets,
+                    sources + variables,
+                    output_gradients=seeds,
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
+            input_grads = iter(result[: len(sources)])
+            var_grads = result[len(sources) :]
+            if s > 0:
+                upstream[(s - 1, m)] = [
+                    next(input_grads) if _differentiable(t) else None
+                    for t in inputs
+                ]
+            if grads[s] is None:
+                grads[s] = list(var_grads)
+            else:
+                grads[s] = [a + g for a, g in zip(grads[s], var_grads)]
+            chain.done(
+                dev,
+                [g for g in upstream.get((s - 1, m), []) if g is not None]
+                + grads[s],
+            )
+    outputs = [acts[(last, m)] for m in range(schedule.num_microbatches)]
+    loss_list = [losses[m] for m in range(schedule.num_microbatches)]
+    return outputs, loss_list, [g or [] for g in grads]

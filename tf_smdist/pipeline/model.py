@@ -1,0 +1,454 @@
+"""`PipelineModel`: a Keras model trained as a micro-batched pipeline."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from tf_smdist.pipeline import execution
+from tf_smdist.pipeline import schedule as schedules
+from tf_smdist.pipeline.stages import (
+    Stage,
+    layer_order,
+    place_variables,
+    split_model,
+    stage_layer_names,
+)
+
+__all__ = ["PipelineModel"]
+
+logger = logging.getLogger(__name__)
+
+_MEAN = "sum_over_batch_size"
+
+
+def _default_devices(count: int) -> list[str]:
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) >= count:
+        return [d.name for d in gpus[:count]]
+    cpus = tf.config.list_logical_devices("CPU")
+    if len(cpus) >= count:
+        return [d.name for d in cpus[:count]]
+    raise ValueError(
+        "There are fewer devices than pipeline stages. Received: "
+        f"num_stages={count} with {len(gpus)} GPU(s) and {len(cpus)} logical "
+        "CPU device(s). Pass `devices=[...]` (remote workers' devices work), "
+        "use fewer stages, or call `smd.configure_cpu_devices(n)` at start-up."
+    )
+
+
+def _even_partition(order: list[str], count: int) -> list[int]:
+    base, extra = divmod(len(order), count)
+    return [base + (1 if i < extra else 0) for i in range(count)]
+
+
+def _loss_reductions(loss: Any) -> list[str]:
+    if isinstance(loss, dict):
+        items = list(loss.values())
+    elif isinstance(loss, (list, tuple)):
+        items = list(loss)
+    else:
+        items = [loss]
+    return [getattr(item, "reduction", _MEAN) or _MEAN for item in items]
+
+
+class PipelineModel(keras.Model):
+    """A Keras model split into stages on several devices and run as a pipeline.
+
+    The wrapped Sequential or functional model is cut into `num_stages`
+    stages of consecutive layers (every tensor live across a cut, skip
+    connections included, is carried to the next stage). Each stage's layers
+    and variables live on its device. A training batch is cut into
+    `microbatches` equal micro-batches that flow through the stages in the
+    order of an explicit schedule (`"gpipe"`, `"1f1b"` or `"interleaved"`);
+    every device runs its forward and backward tasks in that order, chained
+    with control dependencies. Gradients are summed over the micro-batches and
+    the optimizer steps once per batch.
+
+    Loss semantics: with a mean-reduced loss (Keras' default,
+    `"sum_over_batch_size"`) micro-batch `m` contributes `loss_m / M`, so the
+    batch loss, its gradients, and the metrics equal the plain model's on the
+    whole batch (up to float rounding). With `reduction="sum"` losses add up
+    unscaled. Other reductions are refused.
+
+    BatchNormalization inside a stage normalises each micro-batch with its
+    own statistics (batch size `B / M`) and updates its moving averages once
+    per micro-batch, as in GPipe; results then differ from the plain model's,
+    and a warning says so.
+
+    Args:
+        model: a built Sequential or functional Keras model. Its layers and
+            variables are used in place (not copied).
+        num_stages: the number of devices `K`.
+        microbatches: the number of micro-batches `M` per batch.
+        schedule: `"gpipe"`, `"1f1b"` or `"interleaved"`. Defaults to
+            `"1f1b"`.
+        devices: one TensorFlow device per stage (`"/GPU:0"`, `"/CPU:1"`,
+            `"/job:worker/task:1/device:CPU:0"`). Defaults to `None`: the
+            first `K` GPUs, else the first `K` logical CPU devices.
+        partition: `"auto"`, a `Partition`, stage sizes (layers per stage in
+            `layer_order(model)`), or one list of layer names per stage; with
+            `"interleaved"`, `K * virtual_stages` entries. Defaults to
+            `"auto"`, which balances the layers by count until a profile is
+            available (see `ProfilingCallback`).
+        virtual_stages: stages per device for `"interleaved"`. Defaults to `2`.
+        recompute: drop each stage's intermediate activations after its
+            forward and recompute them in its backward. Defaults to `False`.
+        name: the model's name. Defaults to `None`.
+
+    Example:
+    ```python
+    import keras
+    import tf_smdist as smd
+
+    smd.configure_cpu_devices(2)
+    inputs = keras.Input((8,))
+    x = keras.layers.Dense(16, activation="relu")(inputs)
+    outputs = keras.layers.Dense(1)(x)
+    pipe = smd.PipelineModel(
+        keras.Model(inputs, outputs), num_stages=2, microbatches=4,
+        partition=[1, 1],
+    )
+    pipe.compile(optimizer="sgd", loss="mse")
+    pipe.fit(x_train, y_train, batch_size=32, epochs=2)
+    ```
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        *,
+        num_stages: int,
+        microbatches: int,
+        schedule: str = "1f1b",
+        devices: Sequence[str] | None = None,
+        partition: Any = "auto",
+        virtual_stages: int = 2,
+        recompute: bool = False,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name=name or f"pipeline_{model.name}")
+        for arg, value in (("num_stages", num_stages), ("microbatches", microbatches)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"`{arg}` must be a positive integer. Received: {arg}={value!r}"
+                )
+        if schedule not in schedules.SCHEDULES:
+            raise ValueError(
+                f"Unknown pipeline schedule. Received: schedule={schedule!r}. "
+                f"Use one of {list(schedules.SCHEDULES)}."
+            )
+        self.wrapped_model = model
+        self._num_devices = num_stages
+        self._microbatches = microbatches
+        self._schedule_name = schedule
+        self._virtual = virtual_stages if schedule == "interleaved" else 1
+        self._recompute = bool(recompute)
+        if devices is None:
+            devices = _default_devices(num_stages)
+        devices = list(devices)
+        if len(devices) < num_stages:
+            raise ValueError(
+                "There are fewer devices than pipeline stages. Received: "
+                f"num_stages={num_stages} with devices={devices}. Pass one "
+                "device per stage or use fewer stages."
+            )
+        self._devices = devices[:num_stages]
+        self._schedule = schedules.make_schedule(
+            schedule, num_stages, microbatches, virtual_stages=self._virtual
+        )
+        self._check_layers(model)
+        self._pending_auto = isinstance(partition, str)
+        if isinstance(partition, str):
+            if partition != "auto":
+                raise ValueError(
+                    "`partition` must be 'auto', a Partition, stage sizes or "
+                    f"layer-name lists. Received: partition={partition!r}"
+                )
+            partition = _even_partition(
+                layer_order(model), self._schedule.num_stages
+            )
+        self._stages: tuple[Stage, ...] = ()
+        self.repartition(partition)
+        self.built = True
+
+    # -- partition ------------------------------------------------------
+
+    def _check_layers(self, model: keras.Model) -> None:
+        for layer in model._flatten_layers(include_self=False):
+            if getattr(layer, "activity_regularizer", None) is not None:
+                raise NotImplementedError(
+                    "PipelineModel does not support activity regularizers. "
+                    f"Received: layer {layer.name!r} with an "
+                    "activity_regularizer. Add the penalty to the loss instead."
+                )
+            if isinstance(layer, keras.layers.BatchNormalization):
+                if self._recompute:
+                    raise ValueError(
+                        "recompute=True would update BatchNormalization's "
+                        "moving statistics twice per micro-batch. Received: "
+                        f"layer {layer.name!r} with recompute=True. Use "
+                        "recompute=False or a LayerNormalization."
+                    )
+                warnings.warn(
+                    f"Layer {layer.name!r} is a BatchNormalization: in a "
+                    "pipeline it normalises each micro-batch of size "
+                    f"batch_size / {self._microbatches} with its own "
+                    "statistics and updates its moving averages once per "
+                    "micro-batch, so results differ from the unpipelined "
+                    "model. Use a LayerNormalization, or microbatches=1, to "
+                    "match it exactly.",
+                    stacklevel=3,
+                )
+
+    def repartition(self, partition: Any) -> None:
+        """Re-cuts the model into stages and moves variables to their devices.
+
+        Args:
+            partition: a `Partition`, stage sizes, or layer-name lists (see
+                the class docstring).
+
+        Example:
+        ```python
+        pipe.repartition([3, 1])   # 3 layers on device 0, 1 on device 1
+        ```
+        """
+        names = stage_layer_names(
+            self.wrapped_model, partition, self._schedule.num_stages
+        )
+        devices = [
+            self._devices[self._schedule.device_of(s)]
+            for s in range(self._schedule.num_stages)
+        ]
+        stages = split_model(self.wrapped_model, names, devices)
+        for stage in stages:
+            place_variables(stage)
+        self._stages = tuple(stages)
+        self._pending_auto = False if partition != "auto" else self._pending_auto
+        # Force Keras to trace new functions around the new stages.
+        self.train_function = None
+        self.test_function = None
+        self.predict_function = None
+        logger.info("Pipeline partition:\n%s", self.partition_report())
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The pipeline's stages, in order."""
+        return self._stages
+
+    @property
+    def pipeline_schedule(self) -> schedules.Schedule:
+        """The `Schedule` run for each training batch."""
+        return self._schedule
+
+    @property
+    def microbatches(self) -> int:
+        """The number of micro-batches per batch."""
+        return self._microbatches
+
+    def partition_report(self) -> str:
+        """A text table of the stages: device, layers, parameters.
+
+        Example:
+        ```python
+        print(pipe.partition_report())
+        ```
+        """
+        lines = [
+            f"PipelineModel {self.name}: {len(self._stages)} stages on "
+            f"{self._num_devices} devices, schedule {self._schedule_name!r}, "
+            f"{self._microbatches} micro-batches, bubble "
+            f"{self._schedule.bubble_fraction:.3f}"
+        ]
+        for stage in self._stages:
+            params = sum(int(v.value.shape.num_elements()) for v in stage.variables)
+            lines.append(
+                f"  stage {stage.index} on {stage.device}: "
+                f"{len(stage.layer_names)} layers "
+                f"({stage.layer_names[0]} .. {stage.layer_names[-1]}), "
+                f"{params} parameters, carries {stage.num_outputs} tensor(s)"
+            )
+        return "\n".join(lines)
+
+    # -- Keras API -------------------------------------------------------
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Configures training like `keras.Model.compile`, without XLA.
+
+        A pipeline places its ops on several devices, which a single XLA
+        cluster cannot, so `jit_compile` is always `False`. Only mean-reduced
+        (`"sum_over_batch_size"`) or sum-reduced losses are accepted.
+        """
+        kwargs["jit_compile"] = False
+        loss = kwargs.get("loss", args[1] if len(args) > 1 else None)
+        reductions = set(_loss_reductions(loss))
+        if not reductions <= {_MEAN, "sum"} or len(reductions) > 1:
+            raise ValueError(
+                "PipelineModel sums micro-batch losses, which reproduces the "
+                "whole-batch loss only for one kind of reduction, "
+                "'sum_over_batch_size' or 'sum'. Received: loss reductions "
+                f"{sorted(reductions)}. Use one of those reductions."
+            )
+        self._loss_is_sum = reductions == {"sum"}
+        super().compile(*args, **kwargs)
+
+    @property
+    def layers(self) -> list[keras.layers.Layer]:
+        return self.wrapped_model.layers
+
+    def get_weights(self) -> list[Any]:
+        """The wrapped model's weights, in its own order."""
+        return self.wrapped_model.get_weights()
+
+    def set_weights(self, weights: Sequence[Any]) -> None:
+        """Sets the wrapped model's weights, given in its own order."""
+        self.wrapped_model.set_weights(weights)
+
+    def save(self, filepath: str, *args: Any, **kwargs: Any) -> None:
+        """Saves the wrapped (unpartitioned) model, loadable by plain Keras."""
+        self.wrapped_model.save(filepath, *args, **kwargs)
+
+    def save_weights(self, filepath: str, *args: Any, **kwargs: Any) -> None:
+        """Saves the wrapped model's weights, loadable by the plain model."""
+        self.wrapped_model.save_weights(filepath, *args, **kwargs)
+
+    def load_weights(self, filepath: str, *args: Any, **kwargs: Any) -> None:
+        """Loads weights saved from the plain or the pipelined model."""
+        self.wrapped_model.load_weights(filepath, *args, **kwargs)
+
+    def get_config(self) -> dict[str, Any]:
+        raise NotImplementedError(
+            "A PipelineModel is not serialised itself. Received: a call to "
+            "get_config. Use `pipe.save(path)`, which saves the wrapped model."
+        )
+
+    def _flat_inputs(self, x: Any) -> list[tf.Tensor]:
+        names = [t.name for t in self.wrapped_model.inputs]
+        if isinstance(x, dict):
+            return [x[n] for n in names]
+        if isinstance(x, (list, tuple)):
+            return list(x)
+        return [x]
+
+    def _pack_outputs(self, flat: list[tf.Tensor]) -> Any:
+        return keras.tree.pack_sequence_as(
+            self.wrapped_model._outputs_struct
+            if hasattr(self.wrapped_model, "_outputs_struct")
+            else self.wrapped_model.outputs,
+            flat,
+        )
+
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        """Runs the pipeline's forward tasks on `inputs`, micro-batched.
+
+        The batch need not be a multiple of `microbatches` here: the first
+        micro-batches then get one extra row. Under a `tf.GradientTape` the
+        backward is differentiated through the placed forward ops.
+        """
+        micro = execution.split_microbatches(
+            self._flat_inputs(inputs), self._microbatches, even=False
+        )
+        outs = execution.run_forward(
+            self._stages, self._schedule, micro, training=training
+        )
+        with tf.device(self._stages[-1].device):
+            flat = [
+                tf.concat([o[i] for o in outs], axis=0)
+                if len(outs) > 1
+                else outs[0][i]
+                for i in range(len(outs[0]))
+            ]
+        return self._pack_outputs(flat)
+
+    def compute_gradients(
+        self, x: Any, y: Any = None, sample_weight: Any = None
+    ) -> tuple[tf.Tensor, Any, list[tf.Tensor]]:
+        """Runs the full schedule on a batch; returns loss, outputs, gradients.
+
+        This is the pipelined replacement for a `tf.GradientTape` block in a
+        custom training loop: forwards, losses and backwards of every
+        micro-batch run in the schedule's order, and the gradients come back
+        summed over micro-batches, in the order of `trainable_variables`.
+
+        Args:
+            x: the batch's inputs.
+            y: the batch's targets. Defaults to `None`.
+            sample_weight: per-sample weights. Defaults to `None`.
+
+        Returns:
+            `(loss, y_pred, grads)`: the batch loss (the compiled loss, as the
+            plain model computes it on the whole batch), the predictions, and
+            one gradient per trainable variable.
+
+        Example:
+        ```python
+        @tf.function
+        def step(x, y):
+            loss, _, grads = pipe.compute_gradients(x, y)
+            pipe.optimizer.apply(grads, pipe.trainable_variables)
+            return loss
+        ```
+        """
+        m = self._microbatches
+        flat_x = self._flat_inputs(x)
+        micro_x = execution.split_microbatches(flat_x, m)
+        flat_y = keras.tree.flatten(y) if y is not None else []
+        micro_y = execution.split_microbatches(flat_y, m) if flat_y else [[]] * m
+        flat_w = (
+            keras.tree.flatten(sample_weight) if sample_weight is not None else []
+        )
+        micro_w = execution.split_microbatches(flat_w, m) if flat_w else [[]] * m
+        weight = 1.0 if getattr(self, "_loss_is_sum", False) else 1.0 / m
+
+        def loss_fn(i: int, outputs: list[tf.Tensor]) -> tf.Tensor:
+            y_i = keras.tree.pack_sequence_as(y, micro_y[i]) if flat_y else None
+            w_i = (
+                keras.tree.pack_sequence_as(sample_weight, micro_w[i])
+                if flat_w
+                else None
+            )
+            loss = self.compute_loss(
+                x=None,
+                y=y_i,
+                y_pred=self._pack_outputs(outputs),
+                sample_weight=w_i,
+                training=True,
+            )
+            return loss * weight
+
+        outs, losses, stage_grads = execution.run_train(
+            self._stages,
+            self._schedule,
+            micro_x,
+            loss_fn,
+            recompute=self._recompute,
+        )
+        with tf.device(self._stages[-1].device):
+            loss = tf.add_n(losses)
+            flat = [
+                tf.concat([o[i] for o in outs], axis=0) if m > 1 else outs[0][i]
+                for i in range(len(outs[0]))
+            ]
+        by_id = {
+            id(v): g
+            for stage, grads in zip(self._stages, stage_grads)
+            for v, g in zip(stage.trainable_variables, grads)
+        }
+        grads = [by_id.get(id(v)) for v in self.trainable_variables]
+        return loss, self._pack_outputs(flat), grads
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        loss, y_pred, grads = self.compute_gradients(x, y, sample_weight)
+        tracker = getattr(self, "_loss_tracker", None)
+        if tracker is not None:
+            tracker.update_state(
+                loss, sample_weight=tf.shape(self._flat_inputs(x)[0])[0]
+            )
+        self.optimizer.apply(grads, self.trainable_variables)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
