@@ -32,6 +32,37 @@ OPS_SOURCES = [
     "kernels/cpu/smdist_cpu.cc",
 ]
 
+# Built only when Open MPI's `mpicc` is on PATH (multi-process training).
+MPI_SOURCES = [
+    "ops/mpi/mpi_ops.cc",
+    "kernels/mpi/comm.cc",
+    "kernels/mpi/c_api.cc",
+]
+
+
+def mpi_build_flags() -> tuple[list[str], list[str]] | None:
+    """Returns MPI's (compile, link) flags from `mpicc --showme`, or None.
+
+    None when `mpicc` is missing: the MPI library is then skipped and
+    multi-process runs fail with an error naming what to install
+    (`apt-get install openmpi-bin libopenmpi-dev`).
+    """
+    mpicc = shutil.which("mpicc")
+    if mpicc is None:
+        return None
+    try:
+        cflags = subprocess.run([mpicc, "--showme:compile"], check=True,
+                                capture_output=True, text=True).stdout.split()
+        lflags = subprocess.run([mpicc, "--showme:link"], check=True,
+                                capture_output=True, text=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    rpath = ["-Wl,-rpath," + f[2:] for f in lflags if f.startswith("-L")]
+    return cflags, lflags + rpath
+
+
+_MPI_FLAGS = mpi_build_flags()
+
 _PROBE = (
     "import json, tensorflow as tf; print(json.dumps({"
     "'version': tf.__version__, "
@@ -81,8 +112,10 @@ def check_tensorflow_version(version: str) -> None:
 class OpLibrary(Extension):
     """A TensorFlow op library: a plain shared object, not a Python module."""
 
-    def __init__(self, name: str, sources: list[str]) -> None:
+    def __init__(self, name: str, sources: list[str],
+                 extra_flags: tuple[list[str], list[str]] = ([], [])) -> None:
         super().__init__(name, sources=sources)
+        self.extra_flags = extra_flags
 
 
 class BuildOps(build_ext):
@@ -103,7 +136,8 @@ class BuildOps(build_ext):
         tmp = os.path.join(self.build_temp, ext.name)
         os.makedirs(tmp, exist_ok=True)
         cxx = os.environ.get("CXX", "g++")
-        cflags = CXX_FLAGS + ["-I" + HERE] + self._tf["cflags"]
+        extra_cflags, extra_lflags = getattr(ext, "extra_flags", ([], []))
+        cflags = CXX_FLAGS + ["-I" + HERE] + self._tf["cflags"] + extra_cflags
 
         def compile_one(src: str) -> str:
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
@@ -114,7 +148,8 @@ class BuildOps(build_ext):
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             objects = list(pool.map(compile_one, ext.sources))
-        cmd = [cxx, "-shared", "-o", target] + objects + self._tf["lflags"]
+        cmd = ([cxx, "-shared", "-o", target] + objects + self._tf["lflags"]
+               + extra_lflags)
         print(" ".join(cmd))
         subprocess.run(cmd, check=True)
         # Next to the library in the wheel, and in the source tree for
@@ -149,7 +184,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=["tf_smdist", "tf_smdist.data_parallel", "tf_smdist.pipeline"],
-    ext_modules=[OpLibrary("tf_smdist.libsmdist_ops", OPS_SOURCES)],
+    ext_modules=[OpLibrary("tf_smdist.libsmdist_ops", OPS_SOURCES)] + (
+        [OpLibrary("tf_smdist.libsmdist_mpi", MPI_SOURCES, _MPI_FLAGS)]
+        if _MPI_FLAGS is not None else []),
     cmdclass={"build_ext": BuildOps},
     install_requires=["numpy", "absl-py"],
     extras_require={

@@ -1,0 +1,154 @@
+// Framework-free MPI communication thread for tf_smdist.
+//
+// One background thread per process owns every MPI call (MPI is initialised
+// on it with MPI_THREAD_FUNNELED, so no other thread ever enters MPI). Callers
+// enqueue requests; the thread starts them as non-blocking collectives in a
+// fixed order and polls them with MPI_Test, so that it can also
+//   * run collectives of several independent groups at once (each group has
+//     its own duplicated communicator, so their orders never interfere),
+//   * exchange heartbeats with every other rank, and
+//   * enforce a deadline: a collective that does not complete in time fails
+//     with an error naming the rank(s) that are dead, stopped or late.
+//
+// Ordering: inside a group, requests carry an index in [0, group_size) and
+// are started strictly in index order, cycling (the bucket plan's order, which
+// is the same on every rank, so no negotiation round is needed). A group of
+// size 1 is started in arrival order.
+#ifndef TF_SMDIST_KERNELS_MPI_COMM_H_
+#define TF_SMDIST_KERNELS_MPI_COMM_H_
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace smdist {
+namespace mpi {
+
+// Element types understood by the collectives. float16/bfloat16 are 16-bit
+// words summed through float32 by a user-defined MPI reduction.
+enum class DataType : int {
+  kFloat32 = 0,
+  kFloat64 = 1,
+  kFloat16 = 2,
+  kBFloat16 = 3,
+  kInt32 = 4,
+  kInt64 = 5,
+  kUint8 = 6,
+};
+
+enum class Reduction : int { kSum = 0, kMin = 1, kMax = 2 };
+
+enum class Kind : int { kAllreduce = 0, kBroadcast = 1, kAllgather = 2, kBarrier = 3 };
+
+// Error classes, mapped to TensorFlow / Python errors by the callers.
+enum class Code : int {
+  kOk = 0,
+  kInvalidArgument = 1,
+  kDeadlineExceeded = 2,  // watchdog: a peer is dead, stopped or late
+  kFailedPrecondition = 3,  // not initialised, shut down
+  kInternal = 4,  // MPI returned an error
+};
+
+struct Status {
+  Code code = Code::kOk;
+  std::string message;
+  bool ok() const { return code == Code::kOk; }
+  static Status Ok() { return Status(); }
+};
+
+using DoneCallback = std::function<void(const Status&)>;
+
+struct Request {
+  Kind kind = Kind::kAllreduce;
+  std::string name;          // for error messages
+  int group = 0;             // selects the communicator, [0, kMaxGroups)
+  int index = 0;             // position inside the group's cycle
+  int group_size = 1;        // length of the group's cycle
+  const void* send = nullptr;  // allgather only (may equal recv for others)
+  void* recv = nullptr;        // in place for allreduce and broadcast
+  int64_t count = 0;           // elements (per rank for allgather)
+  DataType dtype = DataType::kFloat32;
+  Reduction reduction = Reduction::kSum;
+  int root = 0;                // broadcast only
+  DoneCallback done;
+};
+
+struct Options {
+  double timeout_s = 60.0;    // deadline of one collective
+  double heartbeat_s = 1.0;   // heartbeat period
+};
+
+// Number of independent ordering groups (pre-created communicators).
+constexpr int kMaxGroups = 64;
+
+size_t DataTypeSize(DataType dtype);
+
+class Communicator {
+ public:
+  // The process-wide instance.
+  static Communicator& Get();
+
+  // Starts the thread and initialises MPI on it; blocks until done. Calling
+  // it again returns the first call's status.
+  Status Init(const Options& options);
+  bool initialized() const;
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  double timeout_s() const { return options_.timeout_s; }
+
+  // Queues `request`; `request.done` runs on the communication thread once
+  // the collective completed or failed. Never blocks on MPI.
+  void Enqueue(Request request);
+
+  // Runs `request` and waits for it (Python control plane).
+  Status Run(Request request);
+
+  // Completes queued work, drains heartbeats, finalises MPI and joins the
+  // thread. After a watchdog failure MPI is not finalised: a collective in
+  // flight cannot be cancelled, and MPI_Finalize would wait for it forever.
+  Status Shutdown();
+
+  // Times `iters` blocking MPI_Allreduce calls of `count` float32 elements on
+  // the communication thread (MPI's own speed, for benchmarks). Returns the
+  // seconds per call, or a negative value on error.
+  double TimeNativeAllreduce(int64_t count, int iters);
+
+ private:
+  Communicator() = default;
+  struct Impl;
+  void ThreadMain();
+  Status Fail(const Status& status);
+
+  Options options_;
+  int rank_ = 0;
+  int size_ = 1;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Request> incoming_;
+  bool init_done_ = false;
+  bool init_called_ = false;
+  Status init_status_;
+  bool stop_ = false;
+  bool stopped_ = false;
+  Status shutdown_status_;
+  Status failure_;  // sticky watchdog / MPI failure
+  std::mutex join_mu_;
+  std::thread thread_;
+  Impl* impl_ = nullptr;
+  // Native benchmark request (count, iters) and result.
+  int64_t bench_count_ = 0;
+  int bench_iters_ = 0;
+  bool bench_pending_ = false;
+  double bench_result_ = 0.0;
+};
+
+}  // namespace mpi
+}  // namespace smdist
+
+#endif  // TF_SMDIST_KERNELS_MPI_COMM_H_
