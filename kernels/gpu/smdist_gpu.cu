@@ -1,0 +1,478 @@
+// CUDA kernels for tf_smdist: segmented pack/unpack (cast, scale) and N-way
+// sum with float32 accumulation. See smdist_gpu.h for the contract.
+
+#include "smdist_gpu.h"
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <mutex>
+#include <type_traits>
+
+namespace smdist {
+namespace gpu {
+namespace {
+
+// ---------------------------------------------------------------- types ---
+
+template <typename T>
+struct Conv;
+
+template <>
+struct Conv<float> {
+  __device__ __forceinline__ static float ToFloat(float x) { return x; }
+  __device__ __forceinline__ static float FromFloat(float x) { return x; }
+};
+
+template <>
+struct Conv<__half> {
+  __device__ __forceinline__ static float ToFloat(__half x) {
+    return __half2float(x);
+  }
+  __device__ __forceinline__ static __half FromFloat(float x) {
+    return __float2half_rn(x);
+  }
+};
+
+template <>
+struct Conv<__nv_bfloat16> {
+  __device__ __forceinline__ static float ToFloat(__nv_bfloat16 x) {
+    return __bfloat162float(x);
+  }
+  __device__ __forceinline__ static __nv_bfloat16 FromFloat(float x) {
+    return __float2bfloat16_rn(x);
+  }
+};
+
+// Elements per vector: 16 bytes of the narrower type, so that loads and stores
+// are both whole 16-byte words (float -> half: 8 elements, 32 B in, 16 B out).
+template <typename In, typename Out>
+struct VecTraits {
+  static constexpr int kInAlign = 16 / static_cast<int>(sizeof(In));
+  static constexpr int kOutAlign = 16 / static_cast<int>(sizeof(Out));
+  static constexpr int kElems = kInAlign > kOutAlign ? kInAlign : kOutAlign;
+};
+
+template <typename T, int N>
+struct alignas(16) Vec {
+  T v[N];
+};
+
+// The first element index h (0 <= h < kElems) at which both `src + h` and
+// `dst + h` are 16-byte aligned, or -1 if no such index exists (then no
+// index does, and the scalar path runs).
+template <typename In, typename Out>
+__host__ __device__ __forceinline__ int CoAlignedHead(uintptr_t src,
+                                                      uintptr_t dst) {
+  using VT = VecTraits<In, Out>;
+  if (src % sizeof(In) != 0 || dst % sizeof(Out) != 0) return -1;
+  const int a_in = static_cast<int>((src % 16) / sizeof(In));
+  const int a_out = static_cast<int>((dst % 16) / sizeof(Out));
+  const int h_in = (VT::kInAlign - a_in) % VT::kInAlign;
+  const int h_out = (VT::kOutAlign - a_out) % VT::kOutAlign;
+  if (VT::kInAlign >= VT::kOutAlign) {
+    return h_in % VT::kOutAlign == h_out ? h_in : -1;
+  }
+  return h_out % VT::kInAlign == h_in ? h_out : -1;
+}
+
+// ------------------------------------------------------- segmented copy ---
+
+enum CopyMode { kRawCopy = 0, kCast = 1, kCastScale = 2 };
+
+template <typename In, typename Out, int kMode>
+__device__ __forceinline__ Out Convert(In x, float scale) {
+  if constexpr (kMode == kRawCopy) {
+    return x;
+  } else {
+    float f = Conv<In>::ToFloat(x);
+    if constexpr (kMode == kCastScale) f *= scale;
+    return Conv<Out>::FromFloat(f);
+  }
+}
+
+// Vectors per thread per pass, and scalars per thread per pass: enough
+// independent loads in flight before the first store.
+constexpr int kVecUnroll = 4;
+constexpr int kScalarUnroll = 8;
+
+// One launch per bucket: blocks walk the chunks of all segments with a
+// grid-stride loop; each chunk finds its segment by binary search over
+// `first_chunk` (the table is small and stays in L1).
+template <typename In, typename Out, int kMode>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    SegmentedCopyKernel(const Segment* __restrict__ segments, int num_segments,
+                        int64_t num_chunks, int64_t chunk_elems, float scale) {
+  using VT = VecTraits<In, Out>;
+  constexpr int V = VT::kElems;
+  using InVec = Vec<In, V>;
+  using OutVec = Vec<Out, V>;
+  const int t = static_cast<int>(threadIdx.x);
+
+  for (int64_t chunk = blockIdx.x; chunk < num_chunks; chunk += gridDim.x) {
+    int lo = 0;
+    int hi = num_segments - 1;
+    while (lo < hi) {  // last segment whose first chunk is <= chunk
+      const int mid = lo + ((hi - lo + 1) >> 1);
+      if (segments[mid].first_chunk <= chunk) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    const Segment seg = segments[lo];
+    const In* src = static_cast<const In*>(seg.src);
+    Out* dst = static_cast<Out*>(seg.dst);
+    const int64_t begin = (chunk - seg.first_chunk) * chunk_elems;
+    const int64_t end = min(begin + chunk_elems, seg.size);
+    const int head = CoAlignedHead<In, Out>(reinterpret_cast<uintptr_t>(src),
+                                            reinterpret_cast<uintptr_t>(dst));
+    if (head >= 0) {
+      // chunk_elems is a multiple of V, so begin + head is aligned too.
+      const int64_t vbegin = min(begin + head, end);
+      const int64_t nvec = (end - vbegin) / V;
+      const int64_t vend = vbegin + nvec * V;
+      if (t < vbegin - begin) {
+        dst[begin + t] = Convert<In, Out, kMode>(src[begin + t], scale);
+      }
+      if (t < end - vend) {
+        dst[vend + t] = Convert<In, Out, kMode>(src[vend + t], scale);
+      }
+      const InVec* vsrc = reinterpret_cast<const InVec*>(src + vbegin);
+      OutVec* vdst = reinterpret_cast<OutVec*>(dst + vbegin);
+      for (int64_t base = 0; base < nvec;
+           base += kThreadsPerBlock * kVecUnroll) {
+        InVec x[kVecUnroll];
+#pragma unroll
+        for (int u = 0; u < kVecUnroll; ++u) {
+          const int64_t j = base + u * kThreadsPerBlock + t;
+          if (j < nvec) x[u] = vsrc[j];
+        }
+#pragma unroll
+        for (int u = 0; u < kVecUnroll; ++u) {
+          const int64_t j = base + u * kThreadsPerBlock + t;
+          if (j < nvec) {
+            OutVec y;
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+              y.v[k] = Convert<In, Out, kMode>(x[u].v[k], scale);
+            }
+            vdst[j] = y;
+          }
+        }
+      }
+    } else {
+      for (int64_t base = begin; base < end;
+           base += kThreadsPerBlock * kScalarUnroll) {
+        In x[kScalarUnroll];
+#pragma unroll
+        for (int u = 0; u < kScalarUnroll; ++u) {
+          const int64_t i = base + u * kThreadsPerBlock + t;
+          if (i < end) x[u] = src[i];
+        }
+#pragma unroll
+        for (int u = 0; u < kScalarUnroll; ++u) {
+          const int64_t i = base + u * kThreadsPerBlock + t;
+          if (i < end) dst[i] = Convert<In, Out, kMode>(x[u], scale);
+        }
+      }
+    }
+  }
+}
+
+template <typename In, typename Out>
+cudaError_t LaunchCopy(const Segment* segments, int num_segments,
+                       const CopyPlan& plan, float scale, cudaStream_t stream) {
+  if (plan.num_chunks == 0) return cudaSuccess;
+  if (segments == nullptr || num_segments <= 0 || plan.num_chunks < 0 ||
+      plan.grid <= 0 || plan.chunk_elems <= 0 ||
+      plan.chunk_elems % VecTraits<In, Out>::kElems != 0) {
+    return cudaErrorInvalidValue;
+  }
+  const dim3 grid(static_cast<unsigned>(plan.grid));
+  const dim3 block(kThreadsPerBlock);
+  if constexpr (std::is_same<In, Out>::value) {
+    if (scale == 1.0f) {
+      SegmentedCopyKernel<In, Out, kRawCopy><<<grid, block, 0, stream>>>(
+          segments, num_segments, plan.num_chunks, plan.chunk_elems, scale);
+    } else {
+      SegmentedCopyKernel<In, Out, kCastScale><<<grid, block, 0, stream>>>(
+          segments, num_segments, plan.num_chunks, plan.chunk_elems, scale);
+    }
+  } else {
+    if (scale == 1.0f) {
+      SegmentedCopyKernel<In, Out, kCast><<<grid, block, 0, stream>>>(
+          segments, num_segments, plan.num_chunks, plan.chunk_elems, scale);
+    } else {
+      SegmentedCopyKernel<In, Out, kCastScale><<<grid, block, 0, stream>>>(
+          segments, num_segments, plan.num_chunks, plan.chunk_elems, scale);
+    }
+  }
+  return cudaGetLastError();
+}
+
+// --------------------------------------------------------------- reduce ---
+
+struct ReduceArgs {
+  const void* inputs[kMaxReduceInputs];
+  void* output;
+  int64_t count;
+  int num_inputs;
+  int head;  // CoAlignedHead shared by every input and the output, or -1
+  float scale;
+};
+
+// Inputs loaded per group before accumulating (bounds registers at N = 16).
+constexpr int kReduceGroup = 4;
+
+template <typename In, typename Out, int kMaxN>
+__device__ __forceinline__ void ReduceScalar(const ReduceArgs& a, int64_t i) {
+  float acc = Conv<In>::ToFloat(static_cast<const In*>(a.inputs[0])[i]);
+#pragma unroll
+  for (int k = 1; k < kMaxN; ++k) {
+    if (k < a.num_inputs) {
+      acc += Conv<In>::ToFloat(static_cast<const In*>(a.inputs[k])[i]);
+    }
+  }
+  static_cast<Out*>(a.output)[i] = Conv<Out>::FromFloat(acc * a.scale);
+}
+
+// kMaxN >= num_inputs; the sum runs in input order 0, 1, ..., N-1.
+template <typename In, typename Out, int kMaxN>
+__global__ void __launch_bounds__(kThreadsPerBlock) ReduceKernel(ReduceArgs a) {
+  constexpr int V = VecTraits<In, Out>::kElems;
+  using InVec = Vec<In, V>;
+  using OutVec = Vec<Out, V>;
+  constexpr int kGroup = kMaxN < kReduceGroup ? kMaxN : kReduceGroup;
+  const int64_t tid =
+      static_cast<int64_t>(blockIdx.x) * kThreadsPerBlock + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreadsPerBlock;
+  const int64_t count = a.count;
+
+  if (a.head < 0) {
+    for (int64_t i = tid; i < count; i += stride) {
+      ReduceScalar<In, Out, kMaxN>(a, i);
+    }
+    return;
+  }
+  const int64_t vbegin = min(static_cast<int64_t>(a.head), count);
+  const int64_t nvec = (count - vbegin) / V;
+  const int64_t vend = vbegin + nvec * V;
+  if (tid < vbegin) ReduceScalar<In, Out, kMaxN>(a, tid);
+  if (tid < count - vend) ReduceScalar<In, Out, kMaxN>(a, vend + tid);
+
+  for (int64_t j = tid; j < nvec; j += stride) {
+    float acc[V];
+#pragma unroll
+    for (int g = 0; g < kMaxN; g += kGroup) {
+      InVec x[kGroup];
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) {
+        if (g + k < a.num_inputs) {
+          x[k] = reinterpret_cast<const InVec*>(
+              static_cast<const In*>(a.inputs[g + k]) + vbegin)[j];
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) {
+        if (g + k == 0) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc[e] = Conv<In>::ToFloat(x[0].v[e]);
+        } else if (g + k < a.num_inputs) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc[e] += Conv<In>::ToFloat(x[k].v[e]);
+        }
+      }
+    }
+    OutVec y;
+#pragma unroll
+    for (int e = 0; e < V; ++e) y.v[e] = Conv<Out>::FromFloat(acc[e] * a.scale);
+    reinterpret_cast<OutVec*>(static_cast<Out*>(a.output) + vbegin)[j] = y;
+  }
+}
+
+constexpr int kMaxDevices = 64;
+
+}  // namespace
+
+// ------------------------------------------------------------ host side ---
+
+const DeviceInfo& GetDeviceInfo(int device) {
+  static DeviceInfo infos[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  // Used when the device cannot be queried: an H100-sized part.
+  static const DeviceInfo kFallback = {132, 2048, 50 << 20};
+  if (device < 0 || device >= kMaxDevices) return kFallback;
+  std::call_once(once[device], [device]() {
+    cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, device) == cudaSuccess) {
+      infos[device].multiprocessors = std::max(1, prop.multiProcessorCount);
+      infos[device].max_threads_per_multiprocessor =
+          std::max(kThreadsPerBlock, prop.maxThreadsPerMultiProcessor);
+      infos[device].l2_bytes = prop.l2CacheSize;
+    } else {
+      (void)cudaGetLastError();  // clear the sticky-free error state
+      infos[device] = kFallback;
+    }
+  });
+  return infos[device];
+}
+
+int ResidentBlocks(int device) {
+  const DeviceInfo& info = GetDeviceInfo(device);
+  return info.multiprocessors *
+         (info.max_threads_per_multiprocessor / kThreadsPerBlock);
+}
+
+namespace {
+// Chunk size bounds (elements) and how many resident waves of chunks the
+// automatic choice aims for, and how many the grid holds at most.
+constexpr int64_t kMaxChunkElems = 4096;
+constexpr int64_t kMinChunkElems = 1024;
+constexpr int64_t kTargetChunksPerBlock = 4;
+constexpr int64_t kMaxGridWaves = 1;
+}  // namespace
+
+CopyPlan PlanSegments(Segment* segments, int num_segments, int device,
+                      int64_t chunk_elems, int grid) {
+  int64_t total = 0;
+  for (int i = 0; i < num_segments; ++i) {
+    total += std::max<int64_t>(segments[i].size, 0);
+  }
+  const int64_t resident = ResidentBlocks(device);
+  if (chunk_elems <= 0) {
+    chunk_elems = kMaxChunkElems;
+    while (chunk_elems > kMinChunkElems &&
+           total / chunk_elems < kTargetChunksPerBlock * resident) {
+      chunk_elems /= 2;
+    }
+  } else {
+    chunk_elems = (chunk_elems + 7) / 8 * 8;
+  }
+  int64_t chunks = 0;
+  for (int i = 0; i < num_segments; ++i) {
+    segments[i].first_chunk = chunks;
+    const int64_t size = std::max<int64_t>(segments[i].size, 0);
+    chunks += (size + chunk_elems - 1) / chunk_elems;
+  }
+  CopyPlan plan;
+  plan.chunk_elems = chunk_elems;
+  plan.num_chunks = chunks;
+  int64_t blocks = grid > 0 ? grid : resident * kMaxGridWaves;
+  blocks = std::min<int64_t>(blocks, std::max<int64_t>(chunks, 1));
+  plan.grid = static_cast<int>(std::min<int64_t>(blocks, INT_MAX));
+  return plan;
+}
+
+void FillPackSegments(const void* const* srcs, const int64_t* sizes, int n,
+                      void* packed, size_t out_elem_bytes, Segment* segments) {
+  char* out = static_cast<char*>(packed);
+  int64_t offset = 0;
+  for (int i = 0; i < n; ++i) {
+    segments[i].src = srcs[i];
+    segments[i].dst = out + offset * static_cast<int64_t>(out_elem_bytes);
+    segments[i].size = sizes[i];
+    segments[i].first_chunk = 0;
+    offset += sizes[i];
+  }
+}
+
+void FillUnpackSegments(const void* packed, size_t in_elem_bytes,
+                        void* const* dsts, const int64_t* sizes, int n,
+                        Segment* segments) {
+  const char* in = static_cast<const char*>(packed);
+  int64_t offset = 0;
+  for (int i = 0; i < n; ++i) {
+    segments[i].src = in + offset * static_cast<int64_t>(in_elem_bytes);
+    segments[i].dst = dsts[i];
+    segments[i].size = sizes[i];
+    segments[i].first_chunk = 0;
+    offset += sizes[i];
+  }
+}
+
+template <typename In, typename Out>
+cudaError_t LaunchPack(const Segment* segments, int num_segments,
+                       const CopyPlan& plan, float scale, cudaStream_t stream) {
+  return LaunchCopy<In, Out>(segments, num_segments, plan, scale, stream);
+}
+
+template <typename In, typename Out>
+cudaError_t LaunchUnpack(const Segment* segments, int num_segments,
+                         const CopyPlan& plan, cudaStream_t stream) {
+  return LaunchCopy<In, Out>(segments, num_segments, plan, 1.0f, stream);
+}
+
+template <typename In, typename Out>
+cudaError_t LaunchReduce(const In* const* inputs, int num_inputs, Out* output,
+                         int64_t count, float scale, cudaStream_t stream) {
+  if (num_inputs < 1 || num_inputs > kMaxReduceInputs || count < 0 ||
+      inputs == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  if (count == 0) return cudaSuccess;
+  ReduceArgs args;
+  const uintptr_t out_addr = reinterpret_cast<uintptr_t>(output);
+  int head = CoAlignedHead<In, Out>(reinterpret_cast<uintptr_t>(inputs[0]),
+                                    out_addr);
+  for (int k = 0; k < kMaxReduceInputs; ++k) {
+    args.inputs[k] = k < num_inputs ? inputs[k] : nullptr;
+    if (k < num_inputs && head >= 0 &&
+        CoAlignedHead<In, Out>(reinterpret_cast<uintptr_t>(inputs[k]),
+                               out_addr) != head) {
+      head = -1;
+    }
+  }
+  args.output = output;
+  args.count = count;
+  args.num_inputs = num_inputs;
+  args.head = head;
+  args.scale = scale;
+
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  constexpr int V = VecTraits<In, Out>::kElems;
+  const int64_t work = head >= 0 ? (count + V - 1) / V : count;
+  const int64_t blocks = std::min<int64_t>(
+      (work + kThreadsPerBlock - 1) / kThreadsPerBlock,
+      static_cast<int64_t>(ResidentBlocks(device)) * 2);
+  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(blocks, 1)));
+  const dim3 block(kThreadsPerBlock);
+  if (num_inputs == 1) {
+    ReduceKernel<In, Out, 1><<<grid, block, 0, stream>>>(args);
+  } else if (num_inputs == 2) {
+    ReduceKernel<In, Out, 2><<<grid, block, 0, stream>>>(args);
+  } else if (num_inputs <= 4) {
+    ReduceKernel<In, Out, 4><<<grid, block, 0, stream>>>(args);
+  } else if (num_inputs <= 8) {
+    ReduceKernel<In, Out, 8><<<grid, block, 0, stream>>>(args);
+  } else {
+    ReduceKernel<In, Out, kMaxReduceInputs><<<grid, block, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+#define SMDIST_INSTANTIATE_GPU(In, Out)                                     \
+  template cudaError_t LaunchPack<In, Out>(const Segment*, int,             \
+                                           const CopyPlan&, float,          \
+                                           cudaStream_t);                   \
+  template cudaError_t LaunchUnpack<In, Out>(const Segment*, int,           \
+                                             const CopyPlan&, cudaStream_t); \
+  template cudaError_t LaunchReduce<In, Out>(const In* const*, int, Out*,   \
+                                             int64_t, float, cudaStream_t);
+
+#define SMDIST_INSTANTIATE_GPU_FROM(In)        \
+  SMDIST_INSTANTIATE_GPU(In, float)            \
+  SMDIST_INSTANTIATE_GPU(In, __half)           \
+  SMDIST_INSTANTIATE_GPU(In, __nv_bfloat16)
+
+SMDIST_INSTANTIATE_GPU_FROM(float)
+SMDIST_INSTANTIATE_GPU_FROM(__half)
+SMDIST_INSTANTIATE_GPU_FROM(__nv_bfloat16)
+
+#undef SMDIST_INSTANTIATE_GPU_FROM
+#undef SMDIST_INSTANTIATE_GPU
+
+}  // namespace gpu
+}  // namespace smdist
