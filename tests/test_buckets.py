@@ -36,7 +36,9 @@ def test_tiny_cap_gives_every_tensor_its_own_bucket():
 
 
 def test_tensor_larger_than_cap_is_not_split():
-    plan = plan_buckets([(10,), (1000,), (10,)], ["float32"] * 3, bucket_cap_mb=100 / MIB)
+    plan = plan_buckets(
+        [(10,), (1000,), (10,)], ["float32"] * 3, bucket_cap_mb=100 / MIB
+    )
     assert [b.tensor_indices for b in plan.buckets] == [(2,), (1,), (0,)]
     assert plan.buckets[1].num_elements == 1000
 
@@ -124,7 +126,9 @@ def test_docstring_examples_run():
 @settings(max_examples=200, deadline=None)
 @given(
     sizes=st.lists(st.integers(min_value=0, max_value=300), max_size=25),
-    dtypes=st.lists(st.sampled_from(["float32", "float16", "bfloat16"]), min_size=25, max_size=25),
+    dtypes=st.lists(
+        st.sampled_from(["float32", "float16", "bfloat16"]), min_size=25, max_size=25
+    ),
     cap_bytes=st.integers(min_value=1, max_value=2000),
 )
 def test_plan_invariants(sizes, dtypes, cap_bytes):

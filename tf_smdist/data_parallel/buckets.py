@@ -105,7 +105,8 @@ class BucketPlan:
 
         Example:
         >>> a = plan_buckets([(3,)], ["float32"], bucket_cap_mb=1.0)
-        >>> a.fingerprint() == plan_buckets([(3,)], ["float32"], bucket_cap_mb=1.0).fingerprint()
+        >>> b = plan_buckets([(3,)], ["float32"], bucket_cap_mb=1.0)
+        >>> a.fingerprint() == b.fingerprint()
         True
         """
         text = repr(
@@ -185,7 +186,8 @@ def plan_buckets(
     """
     if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)):
         raise TypeError(
-            f"`bucket_cap_mb` must be a number. Received: bucket_cap_mb={bucket_cap_mb!r}"
+            "`bucket_cap_mb` must be a number. Received: "
+            f"bucket_cap_mb={bucket_cap_mb!r}"
         )
     if not bucket_cap_mb > 0 or math.isinf(bucket_cap_mb):
         raise ValueError(

@@ -1,0 +1,28 @@
+"""The one place that imports TensorFlow-private modules; each import says why.
+
+Version workarounds live here too, so the rest of the package uses only
+public TensorFlow and Keras APIs plus the names below.
+"""
+
+# --- data parallel ------------------------------------------------------
+# tf.distribute has no public way to build a strategy whose extended object
+# differs from MirroredStrategy's (needed to route reductions and updates to
+# our cross-device ops and to reject variables created outside the scope).
+from tensorflow.python.distribute.mirrored_strategy import (  # noqa: E402
+    MirroredExtended,
+)
+
+# Mirrored / PerReplica values have no public constructor; a CrossDeviceOps
+# subclass must return them (the public base class expects these types).
+from tensorflow.python.distribute import values as distribute_values  # noqa: E402
+
+# `regroup` turns per-device results into Mirrored values the way the built-in
+# CrossDeviceOps do; not exported publicly.
+from tensorflow.python.distribute.distribute_utils import regroup  # noqa: E402
+
+# Device lists of DistributedValues / variables / strings, canonicalised the
+# way the built-in CrossDeviceOps compare them; not exported publicly.
+from tensorflow.python.distribute.cross_device_ops import (  # noqa: E402
+    get_devices_from,
+)
+from tensorflow.python.distribute import device_util  # noqa: E402

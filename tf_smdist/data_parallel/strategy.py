@@ -1,0 +1,262 @@
+"""`DataParallelStrategy`: MirroredStrategy with host-offloaded gradient aggregation."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from tf_smdist import _compat, _ops
+from tf_smdist.data_parallel.cross_device_ops import (
+    HostReduceCrossDeviceOps,
+    _check_bucket_cap,
+    _check_compression,
+)
+
+__all__ = ["DataParallelStrategy"]
+
+logger = logging.getLogger(__name__)
+
+
+def _local_device_names() -> list[str]:
+    return [d.name for d in tf.config.list_logical_devices()]
+
+
+def default_devices() -> list[str]:
+    """All GPUs; else the logical CPU devices; else `/cpu:0`."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        return [d.name for d in gpus]
+    return [d.name for d in tf.config.list_logical_devices("CPU")] or ["/device:CPU:0"]
+
+
+def resolve_devices(devices: Sequence[str] | None) -> list[str]:
+    """Checks `devices` against this process's logical devices; returns their names."""
+    if devices is None:
+        return default_devices()
+    if isinstance(devices, str):
+        raise TypeError(
+            "`devices` must be a list of device names, not one string. "
+            f"Received: devices={devices!r}. Use e.g. devices=[{devices!r}]."
+        )
+    devices = list(devices)
+    if not devices:
+        raise ValueError(
+            "`devices` must name at least one device. Received: devices=[]. "
+            "Pass None to use all GPUs (or the logical CPU devices)."
+        )
+    available = {}
+    for name in _local_device_names():
+        spec = tf.DeviceSpec.from_string(name)
+        available[(spec.device_type, spec.device_index)] = name
+    resolved = []
+    for d in devices:
+        try:
+            spec = tf.DeviceSpec.from_string(d)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"Could not parse the device name. Received: device={d!r}. "
+                "Use names such as '/gpu:0' or '/cpu:1'."
+            ) from e
+        key = (
+            (spec.device_type or "").upper(),
+            spec.device_index if spec.device_index is not None else 0,
+        )
+        if (
+            spec.job not in (None, "localhost")
+            or spec.task not in (None, 0)
+            or key not in available
+        ):
+            raise ValueError(
+                "A requested device does not exist in this process. Received: "
+                f"device={d!r}. Available devices: {sorted(available.values())}. "
+                "For several logical CPU devices call "
+                "`tf_smdist.configure_cpu_devices(n)` at the start of the program; "
+                "for other processes or hosts use the launcher (`python -m "
+                "tf_smdist.launch`)."
+            )
+        resolved.append(available[key])
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(
+            f"`devices` must not repeat a device. Received: devices={devices!r}."
+        )
+    return resolved
+
+
+def _host_device_for(devices: Sequence[str]) -> str:
+    return _compat.device_util.canonicalize("/device:CPU:0", devices[0])
+
+
+class _DataParallelExtended(_compat.MirroredExtended):
+    """MirroredExtended whose reductions all go through our cross-device ops."""
+
+    def _reduce_to(
+        self, reduce_op: Any, value: Any, destinations: Any, options: Any
+    ) -> Any:
+        # MirroredExtended sends reductions to CPU destinations (e.g. the
+        # cross-replica `strategy.reduce`) to ReductionToOneDevice; route them
+        # through the host-reduce ops instead, like every other reduction.
+        if isinstance(value, tf.distribute.DistributedValues) and not _is_mirrored(
+            value
+        ):
+            return self._get_cross_device_ops(value).reduce(
+                reduce_op, value, destinations=destinations, options=options
+            )
+        return super()._reduce_to(reduce_op, value, destinations, options)
+
+    def _update(self, var: Any, fn: Any, args: Any, kwargs: Any, group: bool) -> Any:
+        if not isinstance(var, _compat.distribute_values.DistributedVariable):
+            raise ValueError(
+                "A variable updated under DataParallelStrategy was created "
+                "outside `strategy.scope()`. Received: "
+                f"variable={getattr(var, 'name', var)!r}. "
+                "Build (and compile) the model inside `with strategy.scope():`, "
+                "or load it there with `keras.models.load_model`."
+            )
+        return super()._update(var, fn, args, kwargs, group)
+
+
+def _is_mirrored(value: Any) -> bool:
+    return isinstance(value, _compat.distribute_values.Mirrored)
+
+
+class DataParallelStrategy(tf.distribute.MirroredStrategy):
+    """Synchronous data parallelism whose gradient all-reduce runs on the host CPU.
+
+    A `tf.distribute.MirroredStrategy` over the local devices of this process
+    (one replica per device, variables mirrored) whose cross-device
+    reductions go through host memory with the tf_smdist custom ops: the
+    gradients are grouped into fusion buckets of about `bucket_cap_mb` MiB,
+    filled in reverse layer order (the last layers' gradients are ready
+    first); each bucket is packed into one buffer on every replica's device
+    (`SmdistPack`), the buffers are summed on the host CPU in float32 with the
+    `1/N` of a mean fused in (`SmdistHostReduce`, over TensorFlow's CPU worker
+    threads), and the result is unpacked on every device (`SmdistUnpack`).
+    Each bucket's chain depends only on its own gradients, so within a step
+    the reduction of early buckets overlaps the rest of the backward pass,
+    and the accelerators do no reduction work.
+
+    Everything that works under `MirroredStrategy` works here: Keras
+    `fit`/`evaluate`/`predict`, callbacks, `model.save`, custom loops with
+    `strategy.run`, `experimental_distribute_dataset`,
+    `distribute_datasets_from_function`, `strategy.reduce` and
+    `tf.distribute.get_replica_context().all_reduce`. Results equal
+    MirroredStrategy's up to float32 rounding.
+
+    Sparse gradients (`tf.IndexedSlices`, e.g. from `Embedding`) are
+    densified on their device and reduced with the dense gradients, so the
+    optimizer sees a dense gradient equal to the sum of the slices. Float
+    tensors without a static shape are reduced one by one on the host;
+    float64 and integer values by `tf.distribute.ReductionToOneDevice`.
+
+    Args:
+        devices: the devices of the replicas, e.g. `["/gpu:0", "/gpu:1"]`.
+            `None` means all GPUs, else all logical CPU devices (see
+            `tf_smdist.configure_cpu_devices`), else `"/cpu:0"`.
+            Defaults to `None`.
+        bucket_cap_mb: the fusion bucket size cap in MiB, greater than 0. A
+            tensor larger than the cap gets a bucket of its own.
+            Defaults to `25.0`.
+        compression: `None`, `"fp16"` or `"bf16"`: the dtype float32 buffers
+            travel in between the devices and the host. The host still
+            accumulates in float32. Defaults to `None`.
+        host_threads: the most CPU threads one host reduction may use;
+            `None` uses TensorFlow's CPU worker thread pool (its intra-op
+            threads). Defaults to `None`.
+
+    Example:
+    >>> import keras
+    >>> import tf_smdist as smd
+    >>> strategy = smd.DataParallelStrategy(bucket_cap_mb=4.0)
+    >>> with strategy.scope():
+    ...     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+    ...     model.compile(optimizer="sgd", loss="mse")
+    >>> x, y = np.ones((32, 8)), np.ones((32, 1))
+    >>> history = model.fit(x, y, epochs=1, verbose=0)
+    """
+
+    def __init__(
+        self,
+        devices: Sequence[str] | None = None,
+        *,
+        bucket_cap_mb: float = 25.0,
+        compression: str | None = None,
+        host_threads: int | None = None,
+    ) -> None:
+        bucket_cap_mb = _check_bucket_cap(bucket_cap_mb)
+        _check_compression(compression)
+        if host_threads is not None:
+            if (
+                isinstance(host_threads, bool)
+                or not isinstance(host_threads, int)
+                or host_threads < 1
+            ):
+                raise ValueError(
+                    "`host_threads` must be None or a positive integer. "
+                    f"Received: host_threads={host_threads!r}."
+                )
+            if "max_threads" not in inspect.signature(_ops.host_reduce).parameters:
+                raise NotImplementedError(
+                    "This build's host-reduce op cannot cap its threads. Received: "
+                    f"host_threads={host_threads}. Pass host_threads=None (the op "
+                    "uses TensorFlow's CPU worker pool; size it with "
+                    "`tf.config.threading.set_intra_op_parallelism_threads`)."
+                )
+        devices = resolve_devices(devices)
+        _ops.load_library()  # fail early, with build instructions, if missing
+        cross_device_ops = HostReduceCrossDeviceOps(
+            host_device=_host_device_for(devices),
+            bucket_cap_mb=bucket_cap_mb,
+            compression=compression,
+            host_threads=host_threads,
+        )
+        self._init_with(devices, cross_device_ops)
+        self._host_threads = host_threads
+
+    def _init_with(
+        self, devices: Sequence[str], cross_device_ops: HostReduceCrossDeviceOps
+    ) -> None:
+        """Builds the strategy over `devices` with `cross_device_ops`.
+
+        A multi-process variant calls this with its own ops subclass.
+        """
+        extended = _DataParallelExtended(
+            self, devices=list(devices), cross_device_ops=cross_device_ops
+        )
+        # Skip MirroredStrategy.__init__, which would build a MirroredExtended.
+        tf.distribute.Strategy.__init__(self, extended)
+        logger.info(
+            "DataParallelStrategy over %s with %r",
+            list(extended.worker_devices),
+            cross_device_ops,
+        )
+
+    @property
+    def cross_device_ops(self) -> HostReduceCrossDeviceOps:
+        """The `HostReduceCrossDeviceOps` that performs the reductions."""
+        return self.extended._cross_device_ops  # pylint: disable=protected-access
+
+    @property
+    def bucket_cap_mb(self) -> float:
+        """The fusion bucket size cap in MiB."""
+        return self.cross_device_ops.bucket_cap_mb
+
+    @property
+    def compression(self) -> str | None:
+        """`None`, `"fp16"` or `"bf16"`."""
+        return self.cross_device_ops.compression
+
+    @property
+    def host_threads(self) -> int | None:
+        """The thread cap of one host reduction, or `None`."""
+        return self._host_threads
+
+    def __repr__(self) -> str:
+        return (
+            f"DataParallelStrategy(devices={list(self.extended.worker_devices)}, "
+            f"bucket_cap_mb={self.bucket_cap_mb}, compression={self.compression!r}, "
+            f"host_threads={self._host_threads})"
+        )
