@@ -1,6 +1,7 @@
 """tf_smdist: distributed training for Keras 3 on TensorFlow.
 
 Data parallelism with host-offloaded gradient aggregation
+(`DataParallelStrategy`) and pipeline model parallelism with automatic
 partitioning (`PipelineModel`).
 """
 
@@ -11,10 +12,12 @@ from tf_smdist.devices import configure_cpu_devices
 from tf_smdist._ops import host_reduce, pack, unpack
 
 # --- data parallel ------------------------------------------------------
+from tf_smdist.data_parallel.strategy import DataParallelStrategy
 
 # --- pipeline parallel --------------------------------------------------
 
 __all__ = [
+    "DataParallelStrategy",
     "__version__",
     "configure_cpu_devices",
     "host_reduce",
