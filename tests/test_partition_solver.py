@@ -66,9 +66,7 @@ def test_solver_matches_brute_force_on_random_instances():
         sizes = solve_partition(compute, k, cut_costs=cuts)
         assert len(sizes) == k and sum(sizes) == n and min(sizes) >= 1
         # Integer costs: the optimum is exact, so compare with ==.
-        assert max(stage_costs(sizes, compute, cuts)) == brute_force(
-            compute, k, cuts
-        )
+        assert max(stage_costs(sizes, compute, cuts)) == brute_force(compute, k, cuts)
 
 
 def test_solver_matches_brute_force_with_memory_limits():

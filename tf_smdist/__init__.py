@@ -15,12 +15,19 @@ from tf_smdist._ops import host_reduce, pack, unpack
 from tf_smdist.data_parallel.strategy import DataParallelStrategy
 
 # --- pipeline parallel --------------------------------------------------
+from tf_smdist.pipeline.partition import Partition, partition
+from tf_smdist.pipeline.profiler import Profile, ProfilingCallback, profile_model
 
 __all__ = [
     "DataParallelStrategy",
+    "Partition",
+    "Profile",
+    "ProfilingCallback",
     "__version__",
     "configure_cpu_devices",
     "host_reduce",
     "pack",
+    "partition",
+    "profile_model",
     "unpack",
 ]

@@ -214,9 +214,7 @@ def solve_partition(
                 fits[i] = math.fsum(memory[int(a[i]) : b]) <= capacity
             return fits
 
-    _, sizes = min_max_partition(
-        n, int(num_stages), stage_cost, stage_fits=stage_fits
-    )
+    _, sizes = min_max_partition(n, int(num_stages), stage_cost, stage_fits=stage_fits)
     if sizes:
         return sizes
     # Infeasible: report the split with the smallest largest-stage memory.

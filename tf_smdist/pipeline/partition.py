@@ -1,0 +1,538 @@
+"""Choosing a pipeline split from a `Profile`: `partition` and `Partition`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tf_smdist.pipeline.cost_model import CostModel, StageEstimate
+from tf_smdist.pipeline.profiler import Profile, _format_bytes, _table
+from tf_smdist.pipeline.solver import min_max_partition
+
+__all__ = ["Partition", "partition"]
+
+logger = logging.getLogger(__name__)
+
+_FORMAT_VERSION = 1
+OPTIMIZE = ("speed", "memory")
+
+
+class Partition:
+    """A split of a model's layers into pipeline stages, with its estimates.
+
+    Made by `smd.partition`. `stage_sizes` counts profile positions (layers
+    and bare operations such as `x + y`) per stage; `stage_node_names` names
+    them; `stage_layer_names` names only the Keras layers of each stage.
+
+    Args:
+        stage_node_names: Names of the profile positions of each stage.
+        stage_layer_names: Names of the Keras layers of each stage.
+        estimates: One `StageEstimate` per stage.
+        settings: The options it was made with (`optimize`, `schedule`,
+            `microbatches`, `microbatch_size`, `bandwidth`, `memory_capacity`,
+            `manual`).
+
+    Example:
+
+    >>> part = smd.partition(profile, 2)
+    >>> part.stage_sizes
+    [5, 3]
+    >>> print(part.report())
+    """
+
+    def __init__(
+        self,
+        stage_node_names: Sequence[Sequence[str]],
+        stage_layer_names: Sequence[Sequence[str]],
+        estimates: Sequence[StageEstimate],
+        settings: dict[str, Any],
+    ) -> None:
+        if not (len(stage_node_names) == len(stage_layer_names) == len(estimates)):
+            raise ValueError(
+                "A Partition needs one entry per stage in every argument. "
+                f"Received: {len(stage_node_names)} node lists, "
+                f"{len(stage_layer_names)} layer lists, {len(estimates)} estimates."
+            )
+        if any(not names for names in stage_node_names):
+            raise ValueError(
+                "Every stage needs at least one layer. "
+                f"Received: stage_node_names={stage_node_names}"
+            )
+        self._nodes = [list(names) for names in stage_node_names]
+        self._layers = [list(names) for names in stage_layer_names]
+        self._estimates = list(estimates)
+        self._settings = dict(settings)
+
+    @property
+    def num_stages(self) -> int:
+        """Number of stages."""
+        return len(self._nodes)
+
+    @property
+    def stage_sizes(self) -> list[int]:
+        """Profile positions per stage."""
+        return [len(names) for names in self._nodes]
+
+    @property
+    def stage_node_names(self) -> list[list[str]]:
+        """Names of every profile position of each stage."""
+        return [list(names) for names in self._nodes]
+
+    @property
+    def stage_layer_names(self) -> list[list[str]]:
+        """Names of the Keras layers of each stage (bare operations left out)."""
+        return [list(names) for names in self._layers]
+
+    @property
+    def estimates(self) -> list[StageEstimate]:
+        """The per-stage time and memory estimates."""
+        return list(self._estimates)
+
+    @property
+    def stage_times(self) -> list[float]:
+        """Estimated seconds per micro-batch of each stage (compute+transfer)."""
+        return [e.time for e in self._estimates]
+
+    @property
+    def stage_memory(self) -> list[float]:
+        """Estimated peak bytes of each stage."""
+        return [e.memory for e in self._estimates]
+
+    @property
+    def bottleneck(self) -> float:
+        """Estimated seconds per micro-batch of the slowest stage."""
+        return max(self.stage_times)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The options the partition was made with."""
+        return dict(self._settings)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Partition):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return (
+            f"Partition(stage_sizes={self.stage_sizes}, "
+            f"optimize={self._settings.get('optimize')!r}, "
+            f"bottleneck={self.bottleneck * 1e3:.3f} ms)"
+        )
+
+    def report(self) -> str:
+        """A table of the stages: layers, sizes, estimated time and memory.
+
+        Times are per micro-batch; memory is the peak with the schedule's
+        micro-batches in flight. The last line estimates a training step as
+        `(M + K - 1)` times the slowest stage.
+
+        Returns:
+            The report text.
+
+        Example:
+
+        >>> print(smd.partition(profile, 2).report())
+        """
+        rows = []
+        for s, (names, e) in enumerate(zip(self._nodes, self._estimates)):
+            span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+            rows.append(
+                (
+                    str(s),
+                    f"{len(names)}: {span}",
+                    _format_bytes(e.param_bytes),
+                    _format_bytes(e.activations_in),
+                    _format_bytes(e.activations_out),
+                    f"{e.compute_time * 1e3:.3f}",
+                    f"{e.transfer_time * 1e3:.3f}",
+                    f"{e.time * 1e3:.3f}",
+                    _format_bytes(e.memory),
+                    str(e.in_flight),
+                )
+            )
+        header = (
+            "stage",
+            "layers",
+            "params",
+            "act in",
+            "act out",
+            "compute ms",
+            "transfer ms",
+            "time ms",
+            "memory",
+            "in flight",
+        )
+        cfg = self._settings
+        m, k = cfg.get("microbatches", 1), self.num_stages
+        slowest = int(np.argmax(self.stage_times))
+        mode = "manual" if cfg.get("manual") else f"optimize={cfg.get('optimize')}"
+        title = (
+            f"Partition into {k} stages ({mode}, schedule={cfg.get('schedule')}, "
+            f"{m} micro-batches of {cfg.get('microbatch_size', 0):g} samples)"
+        )
+        footer = (
+            f"Slowest stage: {slowest}, {self.bottleneck * 1e3:.3f} ms per "
+            f"micro-batch; estimated step (M + K - 1) x slowest = "
+            f"{(m + k - 1) * self.bottleneck * 1e3:.3f} ms; "
+            f"peak stage memory {_format_bytes(max(self.stage_memory))}"
+        )
+        capacity = cfg.get("memory_capacity")
+        if capacity is not None:
+            footer += f" (capacity {_format_capacity(capacity)})"
+        return "\n".join([title, _table(header, rows), footer])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The partition as plain JSON-compatible data.
+
+        Returns:
+            A dict; `Partition.from_dict` inverts it.
+
+        Example:
+
+        >>> smd.Partition.from_dict(part.to_dict()) == part
+        True
+        """
+        return {
+            "format_version": _FORMAT_VERSION,
+            "stage_sizes": self.stage_sizes,
+            "stage_node_names": self.stage_node_names,
+            "stage_layer_names": self.stage_layer_names,
+            "estimates": [dataclasses.asdict(e) for e in self._estimates],
+            "settings": self.settings,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Partition:
+        """Rebuilds a partition from `to_dict()` data.
+
+        Args:
+            data: A dict as returned by `to_dict`.
+
+        Returns:
+            The `Partition`.
+
+        Example:
+
+        >>> smd.Partition.from_dict(part.to_dict())
+        """
+        version = data.get("format_version")
+        if version != _FORMAT_VERSION:
+            raise ValueError(
+                f"Unsupported partition format version {version!r}; this version "
+                f"of tf_smdist reads version {_FORMAT_VERSION}. "
+                f"Received: format_version={version!r}. Partition again."
+            )
+        return cls(
+            data["stage_node_names"],
+            data["stage_layer_names"],
+            [StageEstimate(**e) for e in data["estimates"]],
+            data["settings"],
+        )
+
+    def to_json(self) -> str:
+        """The partition as JSON text (see `from_json`).
+
+        Returns:
+            Indented JSON text.
+
+        Example:
+
+        >>> smd.Partition.from_json(part.to_json()) == part
+        True
+        """
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Partition:
+        """Parses a partition from `to_json()` text.
+
+        Args:
+            text: JSON text.
+
+        Returns:
+            The `Partition`.
+
+        Example:
+
+        >>> smd.Partition.from_json(part.to_json())
+        """
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the partition to a JSON file.
+
+        Args:
+            path: File to write.
+
+        Example:
+
+        >>> part.save("/tmp/partition.json")
+        """
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Partition:
+        """Reads a partition written by `save`.
+
+        Args:
+            path: JSON file to read.
+
+        Returns:
+            The `Partition`.
+
+        Example:
+
+        >>> part = smd.Partition.load("/tmp/partition.json")
+        """
+        with open(path, encoding="utf-8") as file:
+            return cls.from_json(file.read())
+
+
+def _format_capacity(capacity: Any) -> str:
+    if isinstance(capacity, (list, tuple)):
+        return "[" + ", ".join(_format_bytes(c) for c in capacity) + "]"
+    return _format_bytes(capacity)
+
+
+def _capacities(memory_capacity: Any, num_stages: int) -> np.ndarray | None:
+    if memory_capacity is None:
+        return None
+    if isinstance(memory_capacity, (int, float, np.integer, np.floating)):
+        values = np.full(num_stages, float(memory_capacity))
+    else:
+        values = np.asarray(memory_capacity, dtype=np.float64)
+        if values.shape != (num_stages,):
+            raise ValueError(
+                "`memory_capacity` must be one number of bytes, or one per "
+                f"stage ({num_stages}). Received: memory_capacity={memory_capacity!r}"
+            )
+    if not np.all(values > 0):
+        raise ValueError(
+            "`memory_capacity` must be positive. "
+            f"Received: memory_capacity={memory_capacity!r}"
+        )
+    return values
+
+
+def _manual_sizes(
+    profile: Profile,
+    num_stages: int,
+    stage_sizes: Sequence[int] | None,
+    split_points: Sequence[str] | None,
+) -> list[int]:
+    n = len(profile)
+    if stage_sizes is not None and split_points is not None:
+        raise ValueError(
+            "Pass `stage_sizes` or `split_points`, not both. Received: "
+            f"stage_sizes={stage_sizes!r}, split_points={split_points!r}"
+        )
+    if stage_sizes is not None:
+        sizes = list(stage_sizes)
+        if (
+            len(sizes) != num_stages
+            or any(isinstance(x, bool) or int(x) != x or x < 1 for x in sizes)
+            or sum(sizes) != n
+        ):
+            raise ValueError(
+                f"`stage_sizes` must be {num_stages} positive ints summing to the "
+                f"number of profiled layers ({n}). Received: stage_sizes={sizes} "
+                f"(sum {sum(sizes)}). Use profile.layer_names to count layers, or "
+                "leave stage_sizes out to partition automatically."
+            )
+        return [int(x) for x in sizes]
+    points = list(split_points)  # type: ignore[arg-type]
+    if len(points) != num_stages - 1:
+        raise ValueError(
+            f"`split_points` must name {num_stages - 1} layers (each starts a new "
+            f"stage) for num_stages={num_stages}. Received: split_points={points}"
+        )
+    starts = [profile.index(name) for name in points]
+    bounds = [0, *starts, n]
+    if any(bounds[i] >= bounds[i + 1] for i in range(len(bounds) - 1)):
+        raise ValueError(
+            "`split_points` must be layers in increasing topological order, "
+            "after the first layer, each starting a new stage. Received: "
+            f"split_points={points} at positions {starts}. Check profile.layer_names."
+        )
+    return [bounds[i + 1] - bounds[i] for i in range(num_stages)]
+
+
+def partition(
+    profile: Profile,
+    num_stages: int,
+    *,
+    optimize: str = "speed",
+    stage_sizes: Sequence[int] | None = None,
+    split_points: Sequence[str] | None = None,
+    microbatches: int = 1,
+    schedule: str = "1f1b",
+    batch_size: int | None = None,
+    bandwidth: float | None = None,
+    latency: float = 0.0,
+    memory_capacity: float | Sequence[float] | None = None,
+) -> Partition:
+    """Splits a profiled model into pipeline stages.
+
+    With `optimize="speed"`, the split minimises the slowest stage's time per
+    micro-batch (compute plus the transfer of every tensor live across its
+    cuts), exactly, subject to each stage's peak memory (parameters,
+    gradients, optimizer state, and activations of the micro-batches in
+    flight: `M` for GPipe, `min(K - s, M)` for 1F1B) fitting
+    `memory_capacity`. With `optimize="memory"`, it minimises the largest
+    stage memory instead (SageMaker model parallelism's trade-off: more
+    balanced memory, possibly slower). `stage_sizes` or `split_points`
+    override the choice; the estimates are still computed.
+
+    Args:
+        profile: The model's `Profile`.
+        num_stages: Number of stages `K`.
+        optimize: `"speed"` or `"memory"`. Defaults to `"speed"`.
+        stage_sizes: Manual split: profile positions per stage. Defaults to
+            `None`.
+        split_points: Manual split: the `K - 1` layer names that start
+            stages 1 to `K - 1`. Defaults to `None`.
+        microbatches: Micro-batches per batch `M`. Defaults to `1`.
+        schedule: `"1f1b"` or `"gpipe"`. Defaults to `"1f1b"`.
+        batch_size: Samples per batch (split into `M` micro-batches).
+            Defaults to `None` (the profile's batch size).
+        bandwidth: Bytes per second between stages. Defaults to `None` (a
+            default for the profile's device kind).
+        latency: Seconds per transfer. Defaults to `0.0`.
+        memory_capacity: Bytes per device, one number or one per stage.
+            Defaults to `None` (no limit).
+
+    Returns:
+        A `Partition`.
+
+    Raises:
+        ValueError: when no split fits `memory_capacity` (the message names
+            the stage and its bytes), or for invalid options.
+
+    Example:
+
+    >>> profile = smd.profile_model(model, x[:32])
+    >>> part = smd.partition(profile, 2, microbatches=4)
+    >>> print(part.report())
+    >>> smd.partition(profile, 2, split_points=["dense_2"]).stage_sizes
+    [2, 3]
+    """
+    n = len(profile)
+    if isinstance(num_stages, bool) or not isinstance(num_stages, (int, np.integer)):
+        raise TypeError(
+            f"`num_stages` must be an int. Received: num_stages={num_stages!r}"
+        )
+    if not 1 <= num_stages <= n:
+        raise ValueError(
+            f"`num_stages` must be between 1 and the number of profiled layers "
+            f"({n}). Received: num_stages={num_stages}. Use at most {n} stages."
+        )
+    if optimize not in OPTIMIZE:
+        raise ValueError(
+            f"Unknown optimize={optimize!r}. Received: optimize={optimize!r}. "
+            f"Use one of {list(OPTIMIZE)}."
+        )
+    model = CostModel(
+        profile,
+        num_stages,
+        microbatches=microbatches,
+        schedule=schedule,
+        batch_size=batch_size,
+        bandwidth=bandwidth,
+        latency=latency,
+    )
+    capacity = _capacities(memory_capacity, num_stages)
+    manual = stage_sizes is not None or split_points is not None
+    if manual:
+        sizes = _manual_sizes(profile, num_stages, stage_sizes, split_points)
+    else:
+        sizes = _solve(model, num_stages, optimize, capacity)
+    estimates = model.estimate(sizes)
+    if manual and capacity is not None:
+        for s, e in enumerate(estimates):
+            if e.memory > capacity[s]:
+                logger.warning(
+                    "Stage %d of the manual partition needs %s, over its "
+                    "memory_capacity %s.",
+                    s,
+                    _format_bytes(e.memory),
+                    _format_bytes(capacity[s]),
+                )
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    layers = profile.layers
+    settings = {
+        "optimize": optimize,
+        "manual": manual,
+        "schedule": schedule,
+        "microbatches": model.microbatches,
+        "microbatch_size": model.microbatch_size,
+        "bandwidth": model.bandwidth,
+        "latency": model.latency,
+        "memory_capacity": None if capacity is None else [float(c) for c in capacity],
+        "profile_batch_size": profile.batch_size,
+        "model_name": profile.model_name,
+    }
+    return Partition(
+        [
+            [x.name for x in layers[bounds[s] : bounds[s + 1]]]
+            for s in range(num_stages)
+        ],
+        [
+            [x.name for x in layers[bounds[s] : bounds[s + 1]] if x.is_layer]
+            for s in range(num_stages)
+        ],
+        estimates,
+        settings,
+    )
+
+
+def _solve(
+    model: CostModel, num_stages: int, optimize: str, capacity: np.ndarray | None
+) -> list[int]:
+    n = model.num_layers
+    objective = model.stage_time if optimize == "speed" else model.stage_memory
+
+    def fits(s: int, starts: np.ndarray, end: int) -> np.ndarray:
+        return model.stage_memory(s, starts, end) <= capacity[s]  # type: ignore[index]
+
+    _, sizes = min_max_partition(
+        n, num_stages, objective, stage_fits=None if capacity is None else fits
+    )
+    if sizes:
+        return sizes
+    assert capacity is not None  # Only a memory limit can make it infeasible.
+
+    # Report the split whose worst stage is least over its capacity.
+    def ratio(s: int, starts: np.ndarray, end: int) -> np.ndarray:
+        return model.stage_memory(s, starts, end) / capacity[s]
+
+    worst_ratio, tight = min_max_partition(n, num_stages, ratio)
+    estimates = model.estimate(tight)
+    worst = max(range(num_stages), key=lambda s: estimates[s].memory / capacity[s])
+    names = model.profile.layer_names
+    advice = "smaller micro-batches, " if model.microbatches > 1 else ""
+    if model.schedule == "gpipe" and model.microbatches > 1:
+        advice = "the 1F1B schedule, " + advice
+    a = sum(tight[:worst])
+    b = a + tight[worst] - 1
+    raise ValueError(
+        f"No split into {num_stages} stages fits memory_capacity: even the split "
+        f"that needs the least memory ({tight}) puts "
+        f"{_format_bytes(estimates[worst].memory)} on stage {worst} (layers "
+        f"{names[a]} .. {names[b]}: {_format_bytes(estimates[worst].static_bytes)} "
+        f"parameters, gradients and optimizer state, and "
+        f"{estimates[worst].in_flight} x "
+        f"{_format_bytes(estimates[worst].activation_bytes)} activations), over its "
+        f"{_format_bytes(capacity[worst])} ({worst_ratio:.2f}x). "
+        f"Received: memory_capacity={_format_capacity(list(capacity))}, "
+        f"num_stages={num_stages}, microbatches={model.microbatches}, "
+        f"schedule={model.schedule!r}. Use more stages, {advice}devices with more "
+        "memory."
+    )

@@ -1,0 +1,809 @@
+"""Per-layer profiles of a Keras model: time, parameter and activation bytes."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_smdist.pipeline.graph import GraphNode, LayerGraph, flatten_model
+
+__all__ = [
+    "LayerProfile",
+    "Profile",
+    "ProfilingCallback",
+    "optimizer_slots_per_parameter",
+    "profile_model",
+]
+
+logger = logging.getLogger(__name__)
+
+_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerProfile:
+    """What one layer of a model costs, as measured by `profile_model`.
+
+    Args:
+        name: The layer's unique name in the flattened model (`outer/inner`
+            for layers of nested models).
+        class_name: The layer's class name, for example `"Dense"`.
+        inputs: Keys of the tensors it consumes (`"<producer>:<index>"`).
+        time: Forward+backward seconds for `Profile.batch_size` samples
+            (median of the timed repeats, call overhead removed).
+        param_bytes: Bytes of the variables it owns (trainable and not);
+            variables shared with an earlier layer count there only.
+        trainable_bytes: Bytes of its trainable variables (and so of their
+            gradients).
+        optimizer_bytes: Bytes of optimizer state for its trainable variables.
+        output_bytes: Bytes per sample of its outputs.
+        live_bytes: Bytes per sample of every tensor live across the cut right
+            after this layer (skip connections included).
+        is_layer: Whether it is a `keras.layers.Layer`; `False` for a bare
+            operation of a functional model (such as `x + y`). Defaults to
+            `True`.
+
+    Example:
+
+    >>> layer = profile.layers[0]
+    >>> layer.name, layer.param_bytes, layer.output_bytes
+    ('dense', 1056, 128)
+    """
+
+    name: str
+    class_name: str
+    inputs: tuple[str, ...]
+    time: float
+    param_bytes: int
+    trainable_bytes: int
+    optimizer_bytes: int
+    output_bytes: int
+    live_bytes: int
+    is_layer: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+
+
+class Profile:
+    """Per-layer costs of a model, in topological order; JSON serialisable.
+
+    Build one with `profile_model` (or `ProfilingCallback` during `fit`), then
+    pass it to `smd.partition`. Layers appear in the order of
+    `tf_smdist.pipeline.graph.flatten_model(model)`: nested Sequential and
+    functional models are expanded.
+
+    Args:
+        layers: The `LayerProfile`s, in topological order.
+        batch_size: The batch size the times were measured at.
+        input_bytes: Bytes per sample of the model's inputs.
+        device_kind: Kind of device measured on (`"CPU"`, `"GPU"`).
+            Defaults to `"CPU"`.
+        optimizer: Name of the optimizer class whose state was counted, or
+            `None`. Defaults to `None`.
+        model_name: Name of the profiled model. Defaults to `""`.
+        call_overhead: Seconds of one empty `tf.function` call, subtracted
+            from each layer's time. Defaults to `0.0`.
+
+    Example:
+
+    >>> profile = smd.profile_model(model, x[:32])
+    >>> print(profile)            # a table, one row per layer
+    >>> profile.save("profile.json")
+    >>> same = smd.Profile.load("profile.json")
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[LayerProfile],
+        *,
+        batch_size: int,
+        input_bytes: int,
+        device_kind: str = "CPU",
+        optimizer: str | None = None,
+        model_name: str = "",
+        call_overhead: float = 0.0,
+    ) -> None:
+        layers = tuple(layers)
+        if not layers:
+            raise ValueError("A Profile needs at least one layer. Received: layers=()")
+        names = [layer.name for layer in layers]
+        if len(set(names)) != len(names):
+            duplicate = next(n for n in names if names.count(n) > 1)
+            raise ValueError(
+                f"Layer names in a Profile must be unique; {duplicate!r} repeats. "
+                f"Received: layer names={names}"
+            )
+        if batch_size < 1:
+            raise ValueError(
+                f"`batch_size` must be positive. Received: batch_size={batch_size}"
+            )
+        self._layers = layers
+        self._batch_size = int(batch_size)
+        self._input_bytes = int(input_bytes)
+        self._device_kind = device_kind
+        self._optimizer = optimizer
+        self._model_name = model_name
+        self._call_overhead = float(call_overhead)
+
+    @property
+    def layers(self) -> tuple[LayerProfile, ...]:
+        """The per-layer profiles, in topological order."""
+        return self._layers
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The layer names, in topological order."""
+        return [layer.name for layer in self._layers]
+
+    @property
+    def batch_size(self) -> int:
+        """The batch size the layer times were measured at."""
+        return self._batch_size
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes per sample of the model's inputs."""
+        return self._input_bytes
+
+    @property
+    def device_kind(self) -> str:
+        """The kind of device the profile was measured on."""
+        return self._device_kind
+
+    @property
+    def optimizer(self) -> str | None:
+        """Name of the optimizer whose state bytes were counted."""
+        return self._optimizer
+
+    @property
+    def model_name(self) -> str:
+        """Name of the profiled model."""
+        return self._model_name
+
+    @property
+    def call_overhead(self) -> float:
+        """Seconds of an empty `tf.function` call (removed from layer times)."""
+        return self._call_overhead
+
+    @property
+    def total_time(self) -> float:
+        """Sum of the layers' forward+backward seconds."""
+        return math.fsum(layer.time for layer in self._layers)
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes of all the model's variables."""
+        return sum(layer.param_bytes for layer in self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __getitem__(self, index: int) -> LayerProfile:
+        return self._layers[index]
+
+    def index(self, name: str) -> int:
+        """Position of the layer called `name`.
+
+        Args:
+            name: A layer name of this profile.
+
+        Returns:
+            Its index in `layers`.
+
+        Example:
+
+        >>> profile.index("dense_1")
+        1
+        """
+        for position, layer in enumerate(self._layers):
+            if layer.name == name:
+                return position
+        raise ValueError(
+            f"No layer named {name!r} in this profile. Received: name={name!r}. "
+            f"Known layers: {self.layer_names}"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Profile):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        total = self.total_time or 1.0
+        rows = [
+            (
+                str(i),
+                layer.name,
+                layer.class_name,
+                f"{layer.time * 1e3:.3f}",
+                f"{100 * layer.time / total:.1f}",
+                _format_bytes(layer.param_bytes),
+                _format_bytes(layer.optimizer_bytes),
+                _format_bytes(layer.output_bytes),
+                _format_bytes(layer.live_bytes),
+            )
+            for i, layer in enumerate(self._layers)
+        ]
+        header = (
+            "#",
+            "layer",
+            "class",
+            "time ms",
+            "time %",
+            "params",
+            "opt state",
+            "out/sample",
+            "live/sample",
+        )
+        title = (
+            f"Profile of {self._model_name or 'model'}: {len(self)} layers, "
+            f"batch {self._batch_size} on {self._device_kind}, "
+            f"total {self.total_time * 1e3:.3f} ms, "
+            f"params {_format_bytes(self.param_bytes)}, "
+            f"optimizer {self._optimizer}"
+        )
+        return title + "\n" + _table(header, rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The profile as plain JSON-compatible data.
+
+        Returns:
+            A dict; `Profile.from_dict` inverts it.
+
+        Example:
+
+        >>> smd.Profile.from_dict(profile.to_dict()) == profile
+        True
+        """
+        return {
+            "format_version": _FORMAT_VERSION,
+            "model_name": self._model_name,
+            "batch_size": self._batch_size,
+            "input_bytes": self._input_bytes,
+            "device_kind": self._device_kind,
+            "optimizer": self._optimizer,
+            "call_overhead": self._call_overhead,
+            "layers": [
+                dict(dataclasses.asdict(layer), inputs=list(layer.inputs))
+                for layer in self._layers
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Profile:
+        """Rebuilds a profile from `to_dict()` data.
+
+        Args:
+            data: A dict as returned by `to_dict`.
+
+        Returns:
+            The `Profile`.
+
+        Example:
+
+        >>> smd.Profile.from_dict(profile.to_dict())
+        """
+        version = data.get("format_version")
+        if version != _FORMAT_VERSION:
+            raise ValueError(
+                f"Unsupported profile format version {version!r}; this version "
+                f"of tf_smdist reads version {_FORMAT_VERSION}. "
+                f"Received: format_version={version!r}. Profile the model again."
+            )
+        return cls(
+            [LayerProfile(**layer) for layer in data["layers"]],
+            batch_size=data["batch_size"],
+            input_bytes=data["input_bytes"],
+            device_kind=data["device_kind"],
+            optimizer=data["optimizer"],
+            model_name=data["model_name"],
+            call_overhead=data["call_overhead"],
+        )
+
+    def to_json(self) -> str:
+        """The profile as a JSON string (see `from_json`).
+
+        Returns:
+            Indented JSON text.
+
+        Example:
+
+        >>> smd.Profile.from_json(profile.to_json()) == profile
+        True
+        """
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Profile:
+        """Parses a profile from `to_json()` text.
+
+        Args:
+            text: JSON text.
+
+        Returns:
+            The `Profile`.
+
+        Example:
+
+        >>> smd.Profile.from_json(profile.to_json())
+        """
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the profile to a JSON file.
+
+        Args:
+            path: File to write.
+
+        Example:
+
+        >>> profile.save("/tmp/profile.json")
+        """
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Profile:
+        """Reads a profile written by `save`.
+
+        Args:
+            path: JSON file to read.
+
+        Returns:
+            The `Profile`.
+
+        Example:
+
+        >>> profile = smd.Profile.load("/tmp/profile.json")
+        """
+        with open(path, encoding="utf-8") as file:
+            return cls.from_json(file.read())
+
+
+def _format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [
+        max(len(header[c]), *(len(row[c]) for row in rows)) if rows else len(header[c])
+        for c in range(len(header))
+    ]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.ljust(width) if c in (1, 2) else cell.rjust(width)
+            for c, (cell, width) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+def _nbytes(tensor: Any) -> int:
+    shape = tensor.shape
+    return int(np.prod(shape, dtype=np.int64)) * tf.as_dtype(tensor.dtype).size
+
+
+def _variable_bytes(variable: Any) -> int:
+    return (
+        int(np.prod(variable.shape, dtype=np.int64)) * tf.as_dtype(variable.dtype).size
+    )
+
+
+def _per_sample(nbytes: int, tensor: Any, batch_size: int) -> int:
+    shape = tensor.shape
+    if len(shape) and shape[0] == batch_size:
+        return nbytes // batch_size
+    return math.ceil(nbytes / batch_size)
+
+
+def optimizer_slots_per_parameter(optimizer: Any) -> float:
+    """How many values of state an optimizer keeps per trainable parameter.
+
+    Builds a fresh copy of the optimizer (from its config) on one small
+    variable and counts the state variables of that variable's shape: Adam
+    keeps 2 (momentum and velocity), SGD with momentum 1, plain SGD 0.
+
+    Args:
+        optimizer: A Keras optimizer instance or identifier (`"adam"`).
+
+    Returns:
+        The number of state values per parameter.
+
+    Example:
+
+    >>> optimizer_slots_per_parameter("adam")
+    2.0
+    """
+    optimizer = keras.optimizers.get(optimizer)
+    fresh = type(optimizer).from_config(optimizer.get_config())
+    probe_size = 7
+    probe = keras.Variable(np.zeros(probe_size, "float32"), name="probe")
+    fresh.build([probe])
+    values = sum(
+        int(np.prod(v.shape))
+        for v in fresh.variables
+        if tuple(v.shape) == (probe_size,)
+    )
+    return values / probe_size
+
+
+def _sample_inputs(model: Any, sample_batch: Any) -> list[tf.Tensor]:
+    flat = [tf.convert_to_tensor(x) for x in keras.tree.flatten(sample_batch)]
+    expected = len(keras.tree.flatten(model.inputs))
+    if len(flat) != expected:
+        raise ValueError(
+            f"`sample_batch` must hold the model's {expected} input(s) (the `x` "
+            f"of a batch, without labels); it holds {len(flat)} tensors. "
+            f"Received: sample_batch with {len(flat)} tensors. Pass only `x`."
+        )
+    return flat
+
+
+def _timed(
+    fn: Callable[[], Any], *, warmup: int, repeats: int, budget: float, sync: bool
+) -> float:
+    """Median seconds of `fn()` after `warmup` calls, within `budget`."""
+    for _ in range(warmup):
+        fn()
+    if sync:
+        tf.test.experimental.sync_devices()
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < repeats and (not times or spent < budget):
+        start = time.perf_counter()
+        fn()
+        if sync:
+            tf.test.experimental.sync_devices()
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
+    return statistics.median(times)
+
+
+def _step_fn(node: GraphNode, values: dict[str, tf.Tensor]) -> Callable[[], Any]:
+    """A tf.function running the node forward and backward on fixed inputs."""
+    floating = [k for k in node.inputs if values[k].dtype.is_floating]
+    variables = list(node.operation.trainable_weights) if node.is_layer else []
+    inputs = [values[k] for k in node.inputs]
+
+    @tf.function
+    def step(*tensors: tf.Tensor) -> list[tf.Tensor]:
+        known = dict(zip(node.inputs, tensors))
+        with tf.GradientTape() as tape:
+            for key in floating:
+                tape.watch(known[key])
+            outputs = node.call(known, training=True)
+        targets = [o for o in outputs if o.dtype.is_floating]
+        sources = [known[k] for k in floating] + variables
+        if not targets or not sources:
+            return outputs
+        grads = tape.gradient(
+            targets, sources, output_gradients=[tf.ones_like(t) for t in targets]
+        )
+        return [g for g in grads if g is not None] or outputs
+
+    return lambda: step(*inputs)
+
+
+def profile_model(
+    model: keras.Model,
+    sample_batch: Any,
+    *,
+    optimizer: Any = None,
+    warmup: int = 2,
+    repeats: int = 10,
+    time_budget: float = 60.0,
+    device: str | None = None,
+    expand_nested: bool = True,
+) -> Profile:
+    """Measures each layer of a Sequential or functional model.
+
+    The model's layer graph is flattened (nested Sequential and functional
+    models expanded) into topological order. The sample batch is run through
+    it once to get every layer's inputs; then each layer runs alone, forward
+    and backward (gradients for its trainable variables and floating inputs,
+    `training=True`), in a `tf.function`: `warmup` untimed calls, then up to
+    `repeats` timed ones, stopping early when the layer's share of
+    `time_budget` is spent (at least one timed call). The median, less the
+    cost of an empty `tf.function` call, is the layer's time. Sizes are exact:
+    parameter bytes from the variables, activation bytes from the outputs.
+    Non-trainable state the run touches (batch-norm statistics, random
+    seeds) is restored afterwards.
+
+    Args:
+        model: A `keras.Sequential` or functional `keras.Model`.
+        sample_batch: Inputs `x` for one batch (no labels), in the structure
+            the model takes. Its leading dimension is the profile's batch size.
+        optimizer: The optimizer whose state to count (instance or name).
+            Defaults to `None` (the model's compiled optimizer, if any;
+            otherwise no optimizer state).
+        warmup: Untimed calls per layer (the first traces). Defaults to `2`.
+        repeats: Most timed calls per layer. Defaults to `10`.
+        time_budget: Seconds of timed calls for the whole model, shared
+            equally by the layers. Defaults to `60.0`.
+        device: Device to run on, for example `"/GPU:0"`. Defaults to `None`
+            (TensorFlow's default placement).
+        expand_nested: Whether nested Sequential and functional models are
+            profiled layer by layer (named `outer/inner`) rather than as one
+            layer each. Defaults to `True`.
+
+    Returns:
+        A `Profile`.
+
+    Raises:
+        ValueError: for a subclassed model (its layer graph is unknown; the
+            message explains the manual split), or a `sample_batch` that does
+            not match the model's inputs.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((64,)),
+    ...                           keras.layers.Dense(256, activation="relu"),
+    ...                           keras.layers.Dense(10)])
+    >>> profile = smd.profile_model(model, np.zeros((32, 64), "float32"))
+    >>> profile.layers[0].param_bytes
+    66560
+    """
+    if warmup < 0 or repeats < 1 or time_budget < 0:
+        raise ValueError(
+            "Need warmup >= 0, repeats >= 1 and time_budget >= 0. Received: "
+            f"warmup={warmup}, repeats={repeats}, time_budget={time_budget}"
+        )
+    graph = _graph_of(model, sample_batch, expand_nested)
+    inputs = _sample_inputs(model, sample_batch)
+    batch_size = int(inputs[0].shape[0]) if len(inputs[0].shape) else 1
+    optimizer = (
+        optimizer if optimizer is not None else getattr(model, "optimizer", None)
+    )
+    slots = optimizer_slots_per_parameter(optimizer) if optimizer is not None else 0.0
+    optimizer_name = (
+        type(keras.optimizers.get(optimizer)).__name__ if optimizer else None
+    )
+    sync = bool(tf.config.list_logical_devices("GPU"))
+    kind = (tf.DeviceSpec.from_string(device).device_type if device else None) or (
+        "GPU" if sync else "CPU"
+    )
+    state = [(v, v.numpy()) for v in model.non_trainable_variables]
+    try:
+        with tf.device(device) if device else contextlib.nullcontext():
+            layers, overhead = _measure(
+                graph,
+                inputs,
+                batch_size=batch_size,
+                slots=slots,
+                warmup=warmup,
+                repeats=repeats,
+                time_budget=time_budget,
+                sync=sync,
+            )
+    finally:
+        for variable, value in state:
+            variable.assign(value)
+    input_bytes = sum(_per_sample(_nbytes(x), x, batch_size) for x in inputs)
+    return Profile(
+        layers,
+        batch_size=batch_size,
+        input_bytes=input_bytes,
+        device_kind=kind,
+        optimizer=optimizer_name,
+        model_name=model.name,
+        call_overhead=overhead,
+    )
+
+
+def _graph_of(model: Any, sample_batch: Any, expand_nested: bool) -> LayerGraph:
+    if isinstance(model, keras.Sequential) and not model.built:
+        model(sample_batch)
+    return flatten_model(model, expand_nested=expand_nested)
+
+
+def _measure(
+    graph: LayerGraph,
+    inputs: list[tf.Tensor],
+    *,
+    batch_size: int,
+    slots: float,
+    warmup: int,
+    repeats: int,
+    time_budget: float,
+    sync: bool,
+) -> tuple[list[LayerProfile], float]:
+    values = graph.run(inputs, training=True)
+    live = graph.live_after()
+    share = time_budget / max(len(graph.nodes), 1)
+
+    @tf.function
+    def empty(x: tf.Tensor) -> tf.Tensor:
+        return x
+
+    tiny = tf.zeros([1])
+    overhead = _timed(
+        lambda: empty(tiny),
+        warmup=max(warmup, 1),
+        repeats=max(repeats, 5),
+        budget=share,
+        sync=sync,
+    )
+    seen: set[int] = set()
+    layers = []
+    for position, node in enumerate(graph.nodes):
+        param = trainable = 0
+        if node.is_layer:
+            trainable_ids = {id(v) for v in node.operation.trainable_weights}
+            for variable in node.operation.weights:
+                if id(variable) in seen:
+                    continue
+                seen.add(id(variable))
+                size = _variable_bytes(variable)
+                param += size
+                if id(variable) in trainable_ids:
+                    trainable += size
+        output_bytes = sum(
+            _per_sample(_nbytes(values[k]), values[k], batch_size) for k in node.outputs
+        )
+        live_bytes = sum(
+            _per_sample(_nbytes(values[k]), values[k], batch_size)
+            for k in live[position]
+        )
+        seconds = _timed(
+            _step_fn(node, values),
+            warmup=warmup,
+            repeats=repeats,
+            budget=share,
+            sync=sync,
+        )
+        layers.append(
+            LayerProfile(
+                name=node.name,
+                class_name=type(node.operation).__name__,
+                inputs=node.inputs,
+                time=max(seconds - overhead, 0.0),
+                param_bytes=param,
+                trainable_bytes=trainable,
+                optimizer_bytes=int(round(slots * trainable)),
+                output_bytes=output_bytes,
+                live_bytes=live_bytes,
+                is_layer=node.is_layer,
+            )
+        )
+        logger.debug("Profiled %s: %.3f ms", node.name, seconds * 1e3)
+    return layers, overhead
+
+
+class ProfilingCallback(keras.callbacks.Callback):
+    """Profiles the model during the first steps of `fit`.
+
+    After `profile_after_steps` training batches (so the model and its
+    optimizer are built), it runs `profile_model` on a sample batch, keeps
+    the result in `self.profile`, optionally saves it as JSON, and calls
+    `on_profile(profile)`. `smd.PipelineModel` uses that hook to partition
+    the model and continue pipelined. When no `sample_batch` is given, one is
+    synthesised from the model's input specs (zeros, `batch_size` rows):
+    layer times and sizes depend on shapes, not values.
+
+    Args:
+        sample_batch: Inputs `x` of one batch. Defaults to `None`
+            (synthesised).
+        batch_size: Rows of the synthesised batch. Defaults to `32`.
+        profile_after_steps: Training batches to run first. Defaults to `1`.
+        path: JSON file to save the profile to. Defaults to `None`.
+        on_profile: Called with the `Profile` once it exists. Defaults to
+            `None`.
+        model: The model to profile. Defaults to `None` (the model `fit`
+            runs, or its `profiled_model` attribute when it has one).
+        **profile_kwargs: Passed to `profile_model` (`warmup`, `repeats`,
+            `time_budget`, `device`, `optimizer`, `expand_nested`).
+
+    Example:
+
+    >>> callback = smd.ProfilingCallback(path="profile.json")
+    >>> model.fit(x, y, epochs=1, callbacks=[callback])
+    >>> print(callback.profile)
+    """
+
+    def __init__(
+        self,
+        *,
+        sample_batch: Any = None,
+        batch_size: int = 32,
+        profile_after_steps: int = 1,
+        path: str | os.PathLike | None = None,
+        on_profile: Callable[[Profile], Any] | None = None,
+        model: keras.Model | None = None,
+        **profile_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if profile_after_steps < 1:
+            raise ValueError(
+                "`profile_after_steps` must be at least 1. "
+                f"Received: profile_after_steps={profile_after_steps}"
+            )
+        unknown = set(profile_kwargs) - {
+            "warmup",
+            "repeats",
+            "time_budget",
+            "device",
+            "optimizer",
+            "expand_nested",
+        }
+        if unknown:
+            raise TypeError(
+                f"Unknown options for profile_model: {sorted(unknown)}. "
+                f"Received: {profile_kwargs}"
+            )
+        self.sample_batch = sample_batch
+        self.batch_size = batch_size
+        self.profile_after_steps = profile_after_steps
+        self.path = path
+        self.on_profile = on_profile
+        self.target_model = model
+        self.profile_kwargs = profile_kwargs
+        self.profile: Profile | None = None
+        self._steps = 0
+
+    def _target(self) -> keras.Model:
+        if self.target_model is not None:
+            return self.target_model
+        return getattr(self.model, "profiled_model", self.model)
+
+    def _synthesised_batch(self, model: keras.Model) -> Any:
+        def zeros(spec: Any) -> np.ndarray:
+            shape = [self.batch_size if d is None else d for d in spec.shape]
+            return np.zeros(shape, dtype=spec.dtype)
+
+        specs = list(model.inputs)
+        if len(specs) == 1:
+            return zeros(specs[0])
+        return keras.tree.map_structure(zeros, model.input)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.profile is not None:
+            return
+        self._steps += 1
+        if self._steps < self.profile_after_steps:
+            return
+        self.run_profile()
+
+    def run_profile(self) -> Profile:
+        """Profiles the target model now (also called by `fit`'s hook).
+
+        Returns:
+            The new `Profile`, also kept in `self.profile`.
+
+        Example:
+
+        >>> callback.set_model(model)
+        >>> profile = callback.run_profile()
+        """
+        model = self._target()
+        sample = self.sample_batch
+        if sample is None:
+            sample = self._synthesised_batch(model)
+        kwargs = dict(self.profile_kwargs)
+        if "optimizer" not in kwargs and getattr(self.model, "optimizer", None):
+            kwargs["optimizer"] = self.model.optimizer
+        self.profile = profile_model(model, sample, **kwargs)
+        logger.info("Profiled %d layers of %s", len(self.profile), model.name)
+        if self.path is not None:
+            self.profile.save(self.path)
+        if self.on_profile is not None:
+            self.on_profile(self.profile)
+        return self.profile
