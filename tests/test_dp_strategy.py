@@ -1,0 +1,94 @@
+"""DataParallelStrategy construction: devices, options and their errors."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_smdist as smd
+from tf_smdist.data_parallel import HostReduceCrossDeviceOps
+
+
+def test_default_devices_are_the_logical_cpu_devices():
+    num_cpus = len(tf.config.list_logical_devices("CPU"))
+    assert num_cpus > 1  # the test set-up splits the CPU
+    strategy = smd.DataParallelStrategy()
+    assert strategy.num_replicas_in_sync == num_cpus
+    assert [d[-5:] for d in strategy.extended.worker_devices] == [
+        f"CPU:{i}" for i in range(num_cpus)
+    ]
+
+
+def test_is_a_mirrored_strategy_with_host_reduce_ops():
+    strategy = smd.DataParallelStrategy(
+        ["/cpu:1", "/cpu:0"], bucket_cap_mb=2.5, compression="bf16"
+    )
+    assert isinstance(strategy, tf.distribute.MirroredStrategy)
+    assert isinstance(strategy.cross_device_ops, HostReduceCrossDeviceOps)
+    assert strategy.bucket_cap_mb == 2.5
+    assert strategy.compression == "bf16"
+    assert strategy.host_threads is None
+    assert strategy.cross_device_ops.host_device.endswith("device:CPU:0")
+    assert repr(strategy) == (
+        "DataParallelStrategy(devices=['/job:localhost/replica:0/task:0/device:CPU:1',"
+        " '/job:localhost/replica:0/task:0/device:CPU:0'], bucket_cap_mb=2.5, "
+        "compression='bf16', host_threads=None)"
+    )
+
+
+@pytest.mark.parametrize("cap", [0, -3.0, float("nan")])
+def test_non_positive_bucket_cap_is_rejected(cap):
+    with pytest.raises(ValueError, match=r"bucket_cap_mb.*Received: bucket_cap_mb="):
+        smd.DataParallelStrategy(bucket_cap_mb=cap)
+
+
+def test_non_numeric_bucket_cap_is_a_type_error():
+    with pytest.raises(TypeError, match="bucket_cap_mb='big'"):
+        smd.DataParallelStrategy(bucket_cap_mb="big")
+
+
+def test_unknown_compression_is_rejected():
+    with pytest.raises(ValueError, match=r"Received: compression='int8'.*\"fp16\""):
+        smd.DataParallelStrategy(compression="int8")
+
+
+def test_missing_device_is_rejected_with_the_available_list():
+    with pytest.raises(ValueError, match=r"device='/gpu:0'.*Available devices"):
+        smd.DataParallelStrategy(["/cpu:0", "/gpu:0"])
+    with pytest.raises(ValueError, match=r"device='/cpu:9'"):
+        smd.DataParallelStrategy(["/cpu:9"])
+    with pytest.raises(ValueError, match=r"device='/job:worker/task:1/cpu:0'"):
+        smd.DataParallelStrategy(["/job:worker/task:1/cpu:0"])
+
+
+def test_bad_device_lists_are_rejected():
+    with pytest.raises(ValueError, match="devices=\\[\\]"):
+        smd.DataParallelStrategy([])
+    with pytest.raises(ValueError, match="must not repeat"):
+        smd.DataParallelStrategy(["/cpu:0", "/device:CPU:0"])
+    with pytest.raises(TypeError, match="devices='/cpu:0'"):
+        smd.DataParallelStrategy("/cpu:0")
+
+
+@pytest.mark.parametrize("threads", [0, -1, 2.5, True])
+def test_bad_host_threads_are_rejected(threads):
+    with pytest.raises(ValueError, match="host_threads"):
+        smd.DataParallelStrategy(host_threads=threads)
+
+
+def test_model_built_outside_the_scope_is_a_clear_error():
+    strategy = smd.DataParallelStrategy(["/cpu:0", "/cpu:1"])
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    with strategy.scope():
+        model.compile(optimizer="sgd", loss="mse")
+        with pytest.raises(ValueError, match=r"created outside `strategy.scope\(\)`"):
+            model.fit(np.ones((4, 3)), np.ones((4, 1)), batch_size=4, verbose=0)
+
+
+def test_one_device_strategy_trains():
+    strategy = smd.DataParallelStrategy(["/cpu:0"])
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+    model.fit(np.ones((4, 3)), np.ones((4, 1)), batch_size=2, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 2
