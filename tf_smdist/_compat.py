@@ -26,3 +26,9 @@ from tensorflow.python.distribute.cross_device_ops import (  # noqa: E402
     get_devices_from,
 )
 from tensorflow.python.distribute import device_util  # noqa: E402
+
+# --- multi-process data parallel -----------------------------------------
+# Building a distributed dataset with an InputContext (rank sharding plus
+# rebatching of the global batch) is what MultiWorkerMirroredStrategy does;
+# the helpers that do it are not exported publicly.
+from tensorflow.python.distribute import input_util  # noqa: E402

@@ -207,6 +207,18 @@ class DataParallelStrategy(tf.distribute.MirroredStrategy):
                 )
         devices = resolve_devices(devices)
         _ops.load_library()  # fail early, with build instructions, if missing
+        from tf_smdist.data_parallel import cluster  # noqa: PLC0415
+
+        if cluster.is_multiprocess():
+            # Started by mpirun / the launcher: all-reduce across processes too.
+            from tf_smdist.data_parallel import multi_process  # noqa: PLC0415
+
+            multi_process.setup(
+                self, devices, host_device=_host_device_for(devices),
+                bucket_cap_mb=bucket_cap_mb, compression=compression,
+                host_threads=host_threads)
+            self._host_threads = host_threads
+            return
         cross_device_ops = HostReduceCrossDeviceOps(
             host_device=_host_device_for(devices),
             bucket_cap_mb=bucket_cap_mb,

@@ -1,0 +1,151 @@
+"""One rank of the multi-process tests (run by mpirun / the launcher).
+
+Usage: python mp_worker.py MODE LOCAL_DEVICES OUT_DIR [extra...]
+
+MODE: custom (custom loop), fit, checkpoint (fit with BackupAndRestore,
+optionally interrupted), mismatch (rank 1 builds another model), stall
+(rank 1 stops joining after one step), uneven (a dataset whose batch count
+does not divide by the ranks), mix (fp16 compression). Each rank writes its
+weights to OUT_DIR/rank{r}_*.npz.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+import tf_smdist as smd  # noqa: E402
+
+MODE, LOCAL, OUT = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+EXTRA = sys.argv[4:]
+smd.configure_cpu_devices(LOCAL)
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tf_smdist.data_parallel import cluster  # noqa: E402
+
+GLOBAL_BATCH = 24
+NUM_SAMPLES = 96
+STEPS = NUM_SAMPLES // GLOBAL_BATCH
+
+
+def data(num_samples: int = NUM_SAMPLES) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((num_samples, 6)).astype(np.float32)
+    y = rng.standard_normal((num_samples, 3)).astype(np.float32)
+    return x, y
+
+
+def make_model(hidden: int = 16) -> keras.Model:
+    keras.utils.set_random_seed(1 + cluster.env_rank_and_size()[0])  # differ per rank
+    return keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(hidden, activation="tanh"),
+        keras.layers.Dense(3),
+    ])
+
+
+def save(name: str, model: keras.Model) -> None:
+    rank = cluster.rank()
+    np.savez(os.path.join(OUT, f"rank{rank}_{name}.npz"),
+             *[np.asarray(w) for w in model.get_weights()])
+
+
+def custom(strategy: smd.DataParallelStrategy, compression: bool = False) -> None:
+    with strategy.scope():
+        model = make_model()
+        optimizer = keras.optimizers.SGD(0.1)
+    save("init", model)
+    x, y = data()
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+    dist = strategy.experimental_distribute_dataset(ds)
+
+    @tf.function
+    def step(batch: tuple) -> tf.Tensor:
+        def replica_step(xb: tf.Tensor, yb: tf.Tensor) -> tf.Tensor:
+            with tf.GradientTape() as tape:
+                per_example = tf.reduce_sum(tf.square(model(xb) - yb), axis=-1)
+                loss = tf.nn.compute_average_loss(
+                    per_example, global_batch_size=GLOBAL_BATCH)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        losses = strategy.run(replica_step, args=batch)
+        return strategy.reduce("SUM", losses, axis=None)
+
+    losses = [float(step(b)) for b in dist]
+    np.save(os.path.join(OUT, f"rank{cluster.rank()}_losses.npy"), np.array(losses))
+    save("final", model)
+
+
+def fit(strategy: smd.DataParallelStrategy, epochs: int = 2,
+        callbacks: list | None = None, steps_note: str = "final") -> None:
+    with strategy.scope():
+        model = make_model()
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    save("init", model)
+    x, y = data()
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+    history = model.fit(ds, epochs=epochs, verbose=0, callbacks=callbacks or [])
+    np.save(os.path.join(OUT, f"rank{cluster.rank()}_loss.npy"),
+            np.array(history.history["loss"]))
+    save(steps_note, model)
+
+
+def main() -> None:
+    strategy = smd.DataParallelStrategy(bucket_cap_mb=1e-4)  # a bucket per tensor
+    rank = cluster.rank()
+    if MODE == "custom":
+        custom(strategy)
+    elif MODE == "fit":
+        fit(strategy)
+    elif MODE == "mismatch":
+        with strategy.scope():
+            model = make_model(hidden=16 if rank == 0 else 17)
+            model.compile(optimizer="sgd", loss="mse")
+        x, y = data()
+        model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)
+    elif MODE == "stall":
+        with strategy.scope():
+            model = make_model()
+            model.compile(optimizer="sgd", loss="mse")
+        x, y = data()
+        model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)
+        if rank == 1:
+            time.sleep(600)  # a stalled rank (the test kills the job)
+        model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)
+    elif MODE == "uneven":
+        x, y = data(GLOBAL_BATCH * 5 + 8)  # 6 batches, the last one partial
+        with strategy.scope():
+            model = make_model()
+            model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        save("init", model)
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+        model.fit(ds, epochs=1, verbose=0)
+        save("final", model)
+    elif MODE == "checkpoint":
+        backup = EXTRA[0]
+        interrupt_at = int(EXTRA[1]) if len(EXTRA) > 1 else -1
+
+        class Interrupt(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+                if epoch == interrupt_at:
+                    raise SystemExit(17)
+
+        callbacks = [keras.callbacks.BackupAndRestore(backup),
+                     keras.callbacks.ModelCheckpoint(
+                         os.path.join(OUT, "ckpt.weights.h5"), save_weights_only=True)]
+        fit(strategy, epochs=3, callbacks=callbacks + [Interrupt()])
+    else:
+        raise SystemExit(f"unknown mode {MODE}")
+
+
+if __name__ == "__main__":
+    main()

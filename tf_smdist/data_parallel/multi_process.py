@@ -1,0 +1,303 @@
+"""Multi-process data parallelism: the cross-process step over MPI.
+
+`DataParallelStrategy` uses these classes when the job has several
+processes (started by `mpirun` or `python -m tf_smdist.launch`): each
+process reduces its local replicas' buckets on the host as in one process,
+then `MpiHostReduceCrossDeviceOps` all-reduces every host bucket across the
+processes with `SmdistHostAllreduce` (bucket-plan order, one ordering group
+per plan), and `MultiProcessExtended` makes `num_replicas_in_sync` global,
+shards the input by rank, broadcasts rank 0's initial variable values and
+lets only rank 0 checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from tf_smdist import _compat, _mpi_ops, _ops
+from tf_smdist.data_parallel import cluster
+from tf_smdist.data_parallel.buckets import Bucket, BucketPlan
+from tf_smdist.data_parallel.cross_device_ops import HostReduceCrossDeviceOps
+from tf_smdist.data_parallel.strategy import _DataParallelExtended
+
+__all__ = ["MpiHostReduceCrossDeviceOps", "MultiProcessExtended"]
+
+logger = logging.getLogger(__name__)
+
+_ALLREDUCIBLE = (tf.float32, tf.float64, tf.float16, tf.bfloat16, tf.int32, tf.int64)
+
+
+class _CrossProcessFallback:
+    """ReductionToOneDevice on the host, then an all-reduce across processes."""
+
+    def __init__(self, ops: MpiHostReduceCrossDeviceOps) -> None:
+        self._ops = ops
+        self._local = tf.distribute.ReductionToOneDevice(
+            reduce_to_device=ops.host_device)
+
+    def reduce(self, reduce_op: Any, value: Any, destinations: Any) -> Any:
+        local = self._local.reduce(
+            tf.distribute.ReduceOp.SUM, value, destinations=self._ops.host_device)
+        if isinstance(local, tf.distribute.DistributedValues):
+            local = local.values[0]
+        if local.dtype not in _ALLREDUCIBLE:
+            raise TypeError(
+                "This dtype cannot be reduced across processes. Received: "
+                f"dtype={local.dtype.name}. Cast it to float32 or int64 first.")
+        with tf.device(self._ops.host_device):
+            total = _mpi_ops.host_allreduce(
+                tf.identity(local), group=self._ops.misc_group)
+            if reduce_op == tf.distribute.ReduceOp.MEAN:
+                n = len(value.values) * self._ops.world_size
+                if total.dtype.is_integer:
+                    total = total // n
+                else:
+                    total = total / tf.cast(n, total.dtype)
+        outs = []
+        for dev in _compat.get_devices_from(destinations):
+            with tf.device(dev):
+                outs.append(tf.identity(total))
+        return _compat.regroup(outs, wrap_class=_compat.distribute_values.Mirrored)
+
+    def _gather(self, value: Any, destinations: Any, axis: int, options: Any) -> Any:
+        # Gathers stay local to the process (documented limitation).
+        return self._local._gather(  # pylint: disable=protected-access
+            value, destinations, axis, options)
+
+
+class MpiHostReduceCrossDeviceOps(HostReduceCrossDeviceOps):
+    """`HostReduceCrossDeviceOps` plus an all-reduce of each host bucket over MPI.
+
+    After the local replicas' buffers of a bucket are summed on the host
+    (with the mean's `1/(local replicas x processes)` fused in), the host
+    buffer is all-reduced across the processes by `SmdistHostAllreduce` on
+    the communication thread, strictly in plan order. float16/bfloat16
+    transfers are summed across processes in float32. Each new bucket plan
+    is checked across ranks (same fingerprint, same tf_smdist version) and
+    given its own ordering group.
+
+    Args:
+        world_size: the number of processes in the job.
+        **kwargs: `HostReduceCrossDeviceOps` options (`host_device`,
+            `bucket_cap_mb`, `compression`, `host_threads`).
+
+    Example:
+    >>> ops = MpiHostReduceCrossDeviceOps(world_size=2)  # doctest: +SKIP
+    """
+
+    def __init__(self, *, world_size: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._world_size = int(world_size)
+        self._groups: dict[str, tuple[int, int]] = {}
+        self._current: tuple[int, int] = (0, 1)
+        self._misc_group = cluster.allocate_group()
+        self._fallback = _CrossProcessFallback(self)
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes."""
+        return self._world_size
+
+    @property
+    def misc_group(self) -> int:
+        """The ordering group of collectives outside bucket plans."""
+        return self._misc_group
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", world_size={self._world_size})"
+
+    @property
+    def _num_between_graph_workers(self) -> int:
+        return self._world_size
+
+    def plan(
+        self, shapes: Sequence[Sequence[int]], dtypes: Sequence[str]
+    ) -> BucketPlan:
+        plan = super().plan(shapes, dtypes)
+        self._current = self._groups[plan.fingerprint()]
+        return plan
+
+    def _on_new_plan(self, plan: BucketPlan) -> None:
+        super()._on_new_plan(plan)
+        cluster.handshake(
+            what="bucket plan", digest=plan.fingerprint(),
+            summary=f"{plan.num_buckets} buckets, {plan.num_tensors} tensors")
+        if plan.fingerprint() not in self._groups:
+            self._groups[plan.fingerprint()] = (
+                cluster.allocate_group(), plan.num_buckets)
+
+    def _reduce_bucket_on_host(
+        self,
+        packed: Sequence[tf.Tensor],
+        *,
+        scale: float,
+        out_type: tf.DType,
+        bucket: Bucket | None,
+    ) -> tf.Tensor:
+        wide = tf.float32 if out_type in (tf.float16, tf.bfloat16) else out_type
+        host = super()._reduce_bucket_on_host(
+            packed, scale=scale, out_type=wide, bucket=bucket)
+        if bucket is None:
+            group, index, size = self._misc_group, 0, 1
+        else:
+            group, size = self._current
+            index = bucket.index
+        total = _mpi_ops.host_allreduce(
+            host, group=group, index=index, group_size=size)
+        return total if wide == out_type else tf.cast(total, out_type)
+
+    def _gather_slices_on_host(
+        self, parts: Sequence[tf.IndexedSlices], *, scale: float
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        # Across processes the slices are summed into a dense buffer (the
+        # processes' row sets differ); every row is then present in the
+        # result.
+        values, indices = super()._gather_slices_on_host(parts, scale=scale)
+        row_shape = parts[0].values.shape[1:]
+        if not row_shape.is_fully_defined():
+            raise ValueError(
+                "Sparse gradients need a static row shape across processes. "
+                f"Received: row shape={row_shape}.")
+        rows = tf.cast(parts[0].dense_shape[0], tf.int32)
+        dense = tf.math.unsorted_segment_sum(
+            tf.reshape(values, [-1] + row_shape.as_list()), indices, rows)
+        wide = tf.float32 if dense.dtype in (tf.float16, tf.bfloat16) else dense.dtype
+        total = _mpi_ops.host_allreduce(
+            tf.reshape(tf.cast(dense, wide), [-1]), group=self._misc_group)
+        return (tf.cast(total, values.dtype),
+                tf.range(tf.cast(rows, indices.dtype), dtype=indices.dtype))
+
+
+class MultiProcessExtended(_DataParallelExtended):
+    """The strategy's extended object when the job has several processes.
+
+    Replicas are this process's devices; `num_replicas_in_sync` counts the
+    replicas of every process. Input is sharded by rank (tf.data auto-shard:
+    FILE, else DATA), each global batch split across all replicas. Variables
+    created in the scope take rank 0's initial value. Only rank 0 writes
+    checkpoints and summaries (`should_checkpoint`).
+    """
+
+    def __init__(
+        self,
+        container_strategy: Any,
+        *,
+        devices: Sequence[str],
+        cross_device_ops: MpiHostReduceCrossDeviceOps,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        self._smd_rank = int(rank)
+        self._smd_world = int(world_size)
+        super().__init__(
+            container_strategy, devices=list(devices),
+            cross_device_ops=cross_device_ops)
+
+    # -- replicas ------------------------------------------------------------
+
+    @property
+    def _num_replicas_in_sync(self) -> int:
+        return len(self._devices) * self._smd_world
+
+    def _get_replica_id_in_sync_group(self, replica_id: int) -> int:
+        return self._smd_rank * len(self._devices) + replica_id
+
+    def _get_local_replica_id(self, replica_id_in_sync_group: int) -> int:
+        return replica_id_in_sync_group - self._smd_rank * len(self._devices)
+
+    @property
+    def experimental_between_graph(self) -> bool:
+        return True
+
+    @property
+    def should_checkpoint(self) -> bool:
+        return self._smd_rank == 0
+
+    @property
+    def should_save_summary(self) -> bool:
+        return self._smd_rank == 0
+
+    # -- input ---------------------------------------------------------------
+
+    def _make_input_context(self) -> tf.distribute.InputContext:
+        return tf.distribute.InputContext(
+            num_input_pipelines=self._smd_world,
+            input_pipeline_id=self._smd_rank,
+            num_replicas_in_sync=self._num_replicas_in_sync)
+
+    def _experimental_distribute_dataset(self, dataset: Any, options: Any) -> Any:
+        if (options and options.experimental_replication_mode
+                == tf.distribute.InputReplicationMode.PER_REPLICA):
+            raise NotImplementedError(
+                "InputReplicationMode.PER_REPLICA is only supported in "
+                "`distribute_datasets_from_function`.")
+        return _compat.input_util.get_distributed_dataset(
+            dataset,
+            self._input_workers_with_options(options),
+            self._container_strategy(),
+            num_replicas_in_sync=self._num_replicas_in_sync,
+            input_context=self._make_input_context(),
+            options=options)
+
+    def _distribute_datasets_from_function(self, dataset_fn: Any, options: Any) -> Any:
+        return _compat.input_util.get_distributed_datasets_from_function(
+            dataset_fn=dataset_fn,
+            input_workers=self._input_workers_with_options(options),
+            input_contexts=[self._make_input_context()],
+            strategy=self._container_strategy(),
+            options=options)
+
+    def _experimental_distribute_values_from_function(self, value_fn: Any) -> Any:
+        values = []
+        for local_id in range(len(self._devices)):
+            replica_id = self._get_replica_id_in_sync_group(local_id)
+            values.append(value_fn(tf.distribute.experimental.ValueContext(
+                replica_id, self._num_replicas_in_sync)))
+        return _compat.regroup(values, always_wrap=True)
+
+    # -- variables -----------------------------------------------------------
+
+    def _get_variable_creator_initial_value(
+        self, replica_id: int, device: Any, primary_var: Any, **kwargs: Any
+    ) -> Any:
+        if replica_id != 0:
+            return super()._get_variable_creator_initial_value(
+                replica_id, device, primary_var, **kwargs)
+        initial_value = kwargs["initial_value"]
+        dtype = kwargs.get("dtype", None)
+
+        def broadcast_initial_value() -> tf.Tensor:
+            value = initial_value() if callable(initial_value) else initial_value
+            value = getattr(value, "wrapped_value", value)  # CheckpointInitialValue
+            value = tf.convert_to_tensor(value, dtype=dtype)
+            if value.dtype.base_dtype not in (*_ALLREDUCIBLE, tf.uint8, tf.bool):
+                return value
+            return _mpi_ops.broadcast(value, root=0)
+
+        return broadcast_initial_value
+
+
+def setup(strategy: Any, devices: Sequence[str], **ops_kwargs: Any) -> None:
+    """Turns a `DataParallelStrategy` under construction into a multi-process one.
+
+    Args:
+        strategy: the strategy whose `__init__` is running.
+        devices: its local devices.
+        **ops_kwargs: the `HostReduceCrossDeviceOps` options.
+
+    Example:
+    >>> setup(strategy, ["/cpu:0"], bucket_cap_mb=25.0)  # doctest: +SKIP
+    """
+    rank, world = cluster.initialize()
+    _ops.load_library()
+    ops = MpiHostReduceCrossDeviceOps(world_size=world, **ops_kwargs)
+    extended = MultiProcessExtended(
+        strategy, devices=devices, cross_device_ops=ops, rank=rank, world_size=world)
+    tf.distribute.Strategy.__init__(strategy, extended)
+    logger.info(
+        "DataParallelStrategy rank %d of %d over %s with %r",
+        rank, world, list(devices), ops)
