@@ -8,7 +8,8 @@
 // warm-up, L2 flushed before each run) against a device-to-device cudaMemcpy
 // of the same bytes, and prints a table last.
 //
-// Usage: smdist_gpu_harness [--seed N] [--reps N] [--no-bench] [--tune]
+// Usage: smdist_gpu_harness [--seed N] [--reps N] [--no-bench | --bench-only]
+//                           [--tune]
 //        smdist_gpu_harness --host-selftest   (CPU only: reference conversions)
 
 #include <algorithm>
@@ -291,7 +292,7 @@ struct PlanVariant {
 };
 const PlanVariant kPlanVariants[] = {
     {0, 0, "auto"}, {8, 0, "chunk8"}, {24, 3, "chunk24-grid3"},
-    {2048, 1, "grid1"}};
+    {2048, 1, "grid1"}, {0, 2, "grid2"}};
 
 // Pack (is_pack) or unpack one random bucket; checks the whole output arena.
 void CheckCopy(bool is_pack, DT in, DT out, std::vector<int64_t> sizes,
@@ -356,7 +357,7 @@ void CheckCopy(bool is_pack, DT in, DT out, std::vector<int64_t> sizes,
   int device = 0;
   CHECK_CUDA(cudaGetDevice(&device));
   const CopyPlan plan =
-      PlanSegments(segs.data(), n, device, pv.chunk_elems, pv.grid);
+      PlanSegments(segs.data(), n, sin, sout, device, pv.chunk_elems, pv.grid);
   DeviceBuffer d_table(sizeof(Segment) * std::max(n, 1));
   CHECK_CUDA(cudaMemcpy(d_table.ptr, segs.data(), sizeof(Segment) * n,
                         cudaMemcpyHostToDevice));
@@ -637,8 +638,9 @@ void BenchCopy(Timer* timer, bool is_pack, DT in, DT out, double mib,
   }
   int device = 0;
   CHECK_CUDA(cudaGetDevice(&device));
-  const CopyPlan plan = PlanSegments(segs.data(), n, device,
-                                     pv ? pv->chunk_elems : 0, pv ? pv->grid : 0);
+  const CopyPlan plan =
+      PlanSegments(segs.data(), n, Bytes(in), Bytes(out), device,
+                   pv ? pv->chunk_elems : 0, pv ? pv->grid : 0);
   DeviceBuffer d_table(sizeof(Segment) * n);
   CHECK_CUDA(cudaMemcpy(d_table.ptr, segs.data(), sizeof(Segment) * n,
                         cudaMemcpyHostToDevice));
@@ -734,20 +736,19 @@ void RunBench(bool tune) {
 
   if (tune) {
     std::vector<Row> tuned;
-    const PlanVariant variants[] = {
-        {1024, 0, ""},      {2048, 0, ""},      {4096, 0, ""},
-        {8192, 0, ""},      {16384, 0, ""},     {1024, 1 << 30, ""},
-        {4096, 1 << 30, ""}, {16384, 1 << 30, ""}};
     const int resident = ResidentBlocks(device);
+    const std::pair<DT, DT> pairs[] = {{DT::kF32, DT::kF32},
+                                       {DT::kF32, DT::kF16},
+                                       {DT::kF16, DT::kF16},
+                                       {DT::kBF16, DT::kF32}};
     for (double mib : {4.0, 25.0, 100.0}) {
-      for (DT out : {DT::kF32, DT::kF16}) {
-        for (const PlanVariant& v : variants) {
-          for (int waves : {1, 4}) {
-            if (v.grid != 0 && waves != 1) continue;
-            PlanVariant pv = v;
-            pv.grid = v.grid != 0 ? v.grid : resident * waves;
-            BenchCopy(&timer, true, DT::kF32, out, mib, true, &a, &b, &pv,
-                      false, &tuned);
+      for (const auto& pr : pairs) {
+        const int64_t def = DefaultChunkElems(Bytes(pr.first), Bytes(pr.second));
+        for (int64_t chunk : {def, 2 * def}) {
+          for (int grid : {resident, 2 * resident, 4 * resident, 1 << 30}) {
+            PlanVariant pv = {chunk, grid, ""};
+            BenchCopy(&timer, true, pr.first, pr.second, mib, true, &a, &b,
+                      &pv, false, &tuned);
           }
         }
       }
@@ -868,13 +869,15 @@ int HostSelfTest() {
 
 int main(int argc, char** argv) {
   namespace h = smdist::gpu::harness;
-  bool bench = true, tune = false;
+  bool bench = true, tune = false, checks = true;
   uint64_t seed = std::random_device{}();
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--host-selftest") return h::HostSelfTest();
     if (arg == "--no-bench") {
       bench = false;
+    } else if (arg == "--bench-only") {
+      checks = false;
     } else if (arg == "--tune") {
       tune = true;
     } else if (arg == "--seed" && i + 1 < argc) {
@@ -883,7 +886,8 @@ int main(int argc, char** argv) {
       h::reps = std::max(20, std::atoi(argv[++i]));
     } else {
       std::fprintf(stderr,
-                   "usage: %s [--seed N] [--reps N>=20] [--no-bench] [--tune] "
+                   "usage: %s [--seed N] [--reps N>=20] [--no-bench | --bench-only] "
+                   "[--tune] "
                    "| --host-selftest\n", argv[0]);
       return 2;
     }
@@ -895,7 +899,7 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
   std::printf("device 0: %s (sm_%d%d), seed %llu\n", prop.name, prop.major,
               prop.minor, static_cast<unsigned long long>(seed));
-  h::RunChecks();
+  if (checks) h::RunChecks();
   if (bench) h::RunBench(tune);
   if (h::tally.failed) {
     std::printf("RESULT: FAILED (%d checks failed)\n", h::tally.failed);

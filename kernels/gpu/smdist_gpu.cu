@@ -78,6 +78,10 @@ __host__ __device__ __forceinline__ int CoAlignedHead(uintptr_t src,
 
 // ------------------------------------------------------- segmented copy ---
 
+// Vectors per thread per pass of the aligned copy path; a default chunk is
+// one such pass of a whole block.
+constexpr int kVecUnroll = 4;
+
 enum CopyMode { kRawCopy = 0, kCast = 1, kCastScale = 2 };
 
 template <typename In, typename Out, int kMode>
@@ -91,92 +95,163 @@ __device__ __forceinline__ Out Convert(In x, float scale) {
   }
 }
 
-// Vectors per thread per pass, and scalars per thread per pass: enough
-// independent loads in flight before the first store.
-constexpr int kVecUnroll = 4;
+// Scalars per thread per pass of the misaligned path: enough independent
+// loads in flight before the first store.
 constexpr int kScalarUnroll = 8;
 
-// One launch per bucket: blocks walk the chunks of all segments with a
-// grid-stride loop; each chunk finds its segment by binary search over
-// `first_chunk` (the table is small and stays in L1).
-template <typename In, typename Out, int kMode>
-__global__ void __launch_bounds__(kThreadsPerBlock)
-    SegmentedCopyKernel(const Segment* __restrict__ segments, int num_segments,
-                        int64_t num_chunks, int64_t chunk_elems, float scale) {
+#ifndef SMDIST_STREAMING_LOADS
+#define SMDIST_STREAMING_LOADS 1
+#endif
+
+// A 16- or 32-byte vector load. Streaming (evict-first) by default: every
+// element is read once, and the segment table should stay in L1.
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> LoadVec(const Vec<T, N>* p) {
+  constexpr int kWords = static_cast<int>(sizeof(Vec<T, N>) / 16);
+  union {
+    Vec<T, N> v;
+    uint4 w[kWords];
+  } u;
+  const uint4* q = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int k = 0; k < kWords; ++k) {
+#if SMDIST_STREAMING_LOADS
+    u.w[k] = __ldcs(q + k);
+#else
+    u.w[k] = q[k];
+#endif
+  }
+  return u.v;
+}
+
+// Where one chunk's elements are: [begin, end) of `src` and `dst`.
+struct ChunkRef {
+  const void* src;
+  void* dst;
+  int64_t begin;
+  int64_t end;
+};
+
+// The chunk's segment is the last one whose first chunk is <= chunk (empty
+// segments own no chunk, so they are skipped).
+__device__ __forceinline__ ChunkRef Locate(const Segment* __restrict__ segments,
+                                          int num_segments, int64_t chunk,
+                                          int64_t chunk_elems) {
+  int lo = 0;
+  int hi = num_segments - 1;
+  while (lo < hi) {
+    const int mid = lo + ((hi - lo + 1) >> 1);
+    if (segments[mid].first_chunk <= chunk) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const Segment& seg = segments[lo];
+  ChunkRef ref;
+  ref.src = seg.src;
+  ref.dst = seg.dst;
+  ref.begin = (chunk - seg.first_chunk) * chunk_elems;
+  ref.end = min(ref.begin + chunk_elems, seg.size);
+  return ref;
+}
+
+// Copies one chunk; calls `after_first_loads()` exactly once, right after the
+// first pass's loads are issued, so that the next chunk's table lookup runs
+// while those loads are in flight.
+template <typename In, typename Out, int kMode, typename AfterLoads>
+__device__ __forceinline__ void CopyChunk(const ChunkRef& ref, float scale,
+                                          AfterLoads&& after_first_loads) {
   using VT = VecTraits<In, Out>;
   constexpr int V = VT::kElems;
   using InVec = Vec<In, V>;
   using OutVec = Vec<Out, V>;
   const int t = static_cast<int>(threadIdx.x);
-
-  for (int64_t chunk = blockIdx.x; chunk < num_chunks; chunk += gridDim.x) {
-    int lo = 0;
-    int hi = num_segments - 1;
-    while (lo < hi) {  // last segment whose first chunk is <= chunk
-      const int mid = lo + ((hi - lo + 1) >> 1);
-      if (segments[mid].first_chunk <= chunk) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
+  const In* src = static_cast<const In*>(ref.src);
+  Out* dst = static_cast<Out*>(ref.dst);
+  const int64_t begin = ref.begin;
+  const int64_t end = ref.end;
+  const int head = CoAlignedHead<In, Out>(reinterpret_cast<uintptr_t>(src),
+                                          reinterpret_cast<uintptr_t>(dst));
+  if (head >= 0) {
+    // chunk_elems is a multiple of V, so begin + head is aligned too.
+    const int64_t vbegin = min(begin + head, end);
+    const int64_t nvec = (end - vbegin) / V;
+    const int64_t vend = vbegin + nvec * V;
+    if (t < vbegin - begin) {
+      dst[begin + t] = Convert<In, Out, kMode>(src[begin + t], scale);
     }
-    const Segment seg = segments[lo];
-    const In* src = static_cast<const In*>(seg.src);
-    Out* dst = static_cast<Out*>(seg.dst);
-    const int64_t begin = (chunk - seg.first_chunk) * chunk_elems;
-    const int64_t end = min(begin + chunk_elems, seg.size);
-    const int head = CoAlignedHead<In, Out>(reinterpret_cast<uintptr_t>(src),
-                                            reinterpret_cast<uintptr_t>(dst));
-    if (head >= 0) {
-      // chunk_elems is a multiple of V, so begin + head is aligned too.
-      const int64_t vbegin = min(begin + head, end);
-      const int64_t nvec = (end - vbegin) / V;
-      const int64_t vend = vbegin + nvec * V;
-      if (t < vbegin - begin) {
-        dst[begin + t] = Convert<In, Out, kMode>(src[begin + t], scale);
+    if (t < end - vend) {
+      dst[vend + t] = Convert<In, Out, kMode>(src[vend + t], scale);
+    }
+    const InVec* vsrc = reinterpret_cast<const InVec*>(src + vbegin);
+    OutVec* vdst = reinterpret_cast<OutVec*>(dst + vbegin);
+    constexpr int64_t kStep = kThreadsPerBlock * kVecUnroll;
+    for (int64_t base = 0;; base += kStep) {
+      InVec x[kVecUnroll];
+#pragma unroll
+      for (int u = 0; u < kVecUnroll; ++u) {
+        const int64_t j = base + u * kThreadsPerBlock + t;
+        if (j < nvec) x[u] = LoadVec(vsrc + j);
       }
-      if (t < end - vend) {
-        dst[vend + t] = Convert<In, Out, kMode>(src[vend + t], scale);
-      }
-      const InVec* vsrc = reinterpret_cast<const InVec*>(src + vbegin);
-      OutVec* vdst = reinterpret_cast<OutVec*>(dst + vbegin);
-      for (int64_t base = 0; base < nvec;
-           base += kThreadsPerBlock * kVecUnroll) {
-        InVec x[kVecUnroll];
+      if (base == 0) after_first_loads();
 #pragma unroll
-        for (int u = 0; u < kVecUnroll; ++u) {
-          const int64_t j = base + u * kThreadsPerBlock + t;
-          if (j < nvec) x[u] = vsrc[j];
-        }
+      for (int u = 0; u < kVecUnroll; ++u) {
+        const int64_t j = base + u * kThreadsPerBlock + t;
+        if (j < nvec) {
+          OutVec y;
 #pragma unroll
-        for (int u = 0; u < kVecUnroll; ++u) {
-          const int64_t j = base + u * kThreadsPerBlock + t;
-          if (j < nvec) {
-            OutVec y;
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-              y.v[k] = Convert<In, Out, kMode>(x[u].v[k], scale);
-            }
-            vdst[j] = y;
+          for (int k = 0; k < V; ++k) {
+            y.v[k] = Convert<In, Out, kMode>(x[u].v[k], scale);
           }
+          vdst[j] = y;
         }
       }
-    } else {
-      for (int64_t base = begin; base < end;
-           base += kThreadsPerBlock * kScalarUnroll) {
-        In x[kScalarUnroll];
-#pragma unroll
-        for (int u = 0; u < kScalarUnroll; ++u) {
-          const int64_t i = base + u * kThreadsPerBlock + t;
-          if (i < end) x[u] = src[i];
-        }
-#pragma unroll
-        for (int u = 0; u < kScalarUnroll; ++u) {
-          const int64_t i = base + u * kThreadsPerBlock + t;
-          if (i < end) dst[i] = Convert<In, Out, kMode>(x[u], scale);
-        }
-      }
+      if (base + kStep >= nvec) break;
     }
+  } else {
+    constexpr int64_t kStep = kThreadsPerBlock * kScalarUnroll;
+    for (int64_t base = begin;; base += kStep) {
+      In x[kScalarUnroll];
+#pragma unroll
+      for (int u = 0; u < kScalarUnroll; ++u) {
+        const int64_t i = base + u * kThreadsPerBlock + t;
+        if (i < end) x[u] = src[i];
+      }
+      if (base == begin) after_first_loads();
+#pragma unroll
+      for (int u = 0; u < kScalarUnroll; ++u) {
+        const int64_t i = base + u * kThreadsPerBlock + t;
+        if (i < end) dst[i] = Convert<In, Out, kMode>(x[u], scale);
+      }
+      if (base + kStep >= end) break;
+    }
+  }
+}
+
+// One launch per bucket: blocks walk the chunks of all segments with a
+// grid-stride loop; each chunk finds its segment by binary search over
+// `first_chunk`, and the search for a block's next chunk overlaps the loads
+// of its current one. Warps never wait for each other (no barriers).
+template <typename In, typename Out, int kMode>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    SegmentedCopyKernel(const Segment* __restrict__ segments, int num_segments,
+                        int64_t num_chunks, int64_t chunk_elems, float scale) {
+  int64_t chunk = blockIdx.x;
+  if (chunk >= num_chunks) return;
+  ChunkRef cur = Locate(segments, num_segments, chunk, chunk_elems);
+  for (;;) {
+    const int64_t next = chunk + gridDim.x;
+    const bool has_next = next < num_chunks;
+    ChunkRef upcoming = cur;
+    CopyChunk<In, Out, kMode>(cur, scale, [&]() {
+      if (has_next) {
+        upcoming = Locate(segments, num_segments, next, chunk_elems);
+      }
+    });
+    if (!has_next) break;
+    cur = upcoming;
+    chunk = next;
   }
 }
 
@@ -325,27 +400,27 @@ int ResidentBlocks(int device) {
 }
 
 namespace {
-// Chunk size bounds (elements) and how many resident waves of chunks the
-// automatic choice aims for, and how many the grid holds at most.
-constexpr int64_t kMaxChunkElems = 4096;
-constexpr int64_t kMinChunkElems = 1024;
-constexpr int64_t kTargetChunksPerBlock = 4;
-constexpr int64_t kMaxGridWaves = 1;
+#ifndef SMDIST_GRID_WAVES
+#define SMDIST_GRID_WAVES 2
+#endif
+// The grid holds at most this many device-fills of blocks.
+constexpr int64_t kMaxGridWaves = SMDIST_GRID_WAVES;
 }  // namespace
 
-CopyPlan PlanSegments(Segment* segments, int num_segments, int device,
+int64_t DefaultChunkElems(size_t in_elem_bytes, size_t out_elem_bytes) {
+  const int64_t narrow =
+      static_cast<int64_t>(std::max<size_t>(1, std::min(in_elem_bytes,
+                                                        out_elem_bytes)));
+  const int64_t vec = 16 / std::min<int64_t>(narrow, 16);
+  return kThreadsPerBlock * vec * kVecUnroll;
+}
+
+CopyPlan PlanSegments(Segment* segments, int num_segments,
+                      size_t in_elem_bytes, size_t out_elem_bytes, int device,
                       int64_t chunk_elems, int grid) {
-  int64_t total = 0;
-  for (int i = 0; i < num_segments; ++i) {
-    total += std::max<int64_t>(segments[i].size, 0);
-  }
   const int64_t resident = ResidentBlocks(device);
   if (chunk_elems <= 0) {
-    chunk_elems = kMaxChunkElems;
-    while (chunk_elems > kMinChunkElems &&
-           total / chunk_elems < kTargetChunksPerBlock * resident) {
-      chunk_elems /= 2;
-    }
+    chunk_elems = DefaultChunkElems(in_elem_bytes, out_elem_bytes);
   } else {
     chunk_elems = (chunk_elems + 7) / 8 * 8;
   }

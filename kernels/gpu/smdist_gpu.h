@@ -19,7 +19,8 @@
 //
 //   smdist::gpu::Segment host[3];
 //   smdist::gpu::FillPackSegments(srcs, sizes, 3, packed, sizeof(__half), host);
-//   smdist::gpu::CopyPlan plan = smdist::gpu::PlanSegments(host, 3, device);
+//   smdist::gpu::CopyPlan plan = smdist::gpu::PlanSegments(
+//       host, 3, sizeof(float), sizeof(__half), device);
 //   cudaMemcpyAsync(dev_table, host, sizeof(host), cudaMemcpyHostToDevice, s);
 //   smdist::gpu::LaunchPack<float, __half>(dev_table, 3, plan, 0.5f, s);
 
@@ -72,11 +73,18 @@ const DeviceInfo& GetDeviceInfo(int device);
 // Blocks of kThreadsPerBlock that fill `device` once.
 int ResidentBlocks(int device);
 
-// Host side: fills `segments[i].first_chunk` and returns the plan for the
-// current table. `chunk_elems` > 0 overrides the chunk size (rounded up to a
-// multiple of 8) and `grid` > 0 the number of blocks; 0 picks both from the
-// bucket's size and the device's properties.
-CopyPlan PlanSegments(Segment* segments, int num_segments, int device,
+// Default chunk size (elements) for a copy from `in_elem_bytes`-wide to
+// `out_elem_bytes`-wide elements: one pass of a block at 4 vectors a thread
+// (4096 for float -> float, 8192 when either side is 16-bit).
+int64_t DefaultChunkElems(size_t in_elem_bytes, size_t out_elem_bytes);
+
+// Host side: fills `segments[i].first_chunk` and returns the plan for a copy
+// between elements `in_elem_bytes` and `out_elem_bytes` wide on `device`.
+// `chunk_elems` > 0 overrides the chunk size (rounded up to a multiple of 8)
+// and `grid` > 0 the number of blocks (capped at the number of chunks); 0
+// takes DefaultChunkElems and twice the device's resident blocks.
+CopyPlan PlanSegments(Segment* segments, int num_segments,
+                      size_t in_elem_bytes, size_t out_elem_bytes, int device,
                       int64_t chunk_elems = 0, int grid = 0);
 
 // Host side: segments for packing `n` tensors (`srcs[i]`, `sizes[i]` elements)
