@@ -15,7 +15,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 # The TensorFlow releases this version is built and tested against.
@@ -183,7 +183,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["tf_smdist", "tf_smdist.data_parallel", "tf_smdist.pipeline"],
+    packages=find_packages(include=["tf_smdist", "tf_smdist.*"]),
     ext_modules=[OpLibrary("tf_smdist.libsmdist_ops", OPS_SOURCES)] + (
         [OpLibrary("tf_smdist.libsmdist_mpi", MPI_SOURCES, _MPI_FLAGS)]
         if _MPI_FLAGS is not None else []),
