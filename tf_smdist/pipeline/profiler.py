@@ -458,24 +458,39 @@ def _sample_inputs(model: Any, sample_batch: Any) -> list[tf.Tensor]:
     return flat
 
 
-def _timed(
-    fn: Callable[[], Any], *, warmup: int, repeats: int, budget: float, sync: bool
-) -> float:
-    """Median seconds of `fn()` after `warmup` calls, within `budget`."""
-    for _ in range(warmup):
-        fn()
+def _timed_rounds(
+    fns: Sequence[Callable[[], Any]],
+    *,
+    warmup: int,
+    repeats: int,
+    budget: float,
+    sync: bool,
+) -> list[float]:
+    """Median seconds of each `fn()`, timed in rounds that visit every fn once.
+
+    Round-robin timing spreads each function's samples over the whole run,
+    so a burst of load elsewhere on the machine lands in one round of every
+    function rather than in all samples of one. Rounds stop after `repeats`,
+    or after the round in which `budget` seconds of timed calls are spent.
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
     if sync:
         tf.test.experimental.sync_devices()
-    times: list[float] = []
+    samples: list[list[float]] = [[] for _ in fns]
     spent = 0.0
-    while len(times) < repeats and (not times or spent < budget):
-        start = time.perf_counter()
-        fn()
-        if sync:
-            tf.test.experimental.sync_devices()
-        times.append(time.perf_counter() - start)
-        spent += times[-1]
-    return statistics.median(times)
+    for _ in range(repeats):
+        for fn, times in zip(fns, samples):
+            start = time.perf_counter()
+            fn()
+            if sync:
+                tf.test.experimental.sync_devices()
+            times.append(time.perf_counter() - start)
+            spent += times[-1]
+        if spent >= budget:
+            break
+    return [statistics.median(times) for times in samples]
 
 
 def _step_fn(node: GraphNode, values: dict[str, tf.Tensor]) -> Callable[[], Any]:
@@ -520,10 +535,12 @@ def profile_model(
     models expanded) into topological order. The sample batch is run through
     it once to get every layer's inputs; then each layer runs alone, forward
     and backward (gradients for its trainable variables and floating inputs,
-    `training=True`), in a `tf.function`: `warmup` untimed calls, then up to
-    `repeats` timed ones, stopping early when the layer's share of
-    `time_budget` is spent (at least one timed call). The median, less the
-    cost of an empty `tf.function` call, is the layer's time. Sizes are exact:
+    `training=True`), in a `tf.function`: `warmup` untimed calls each, then
+    up to `repeats` rounds that time every layer once (so a burst of other
+    load on the machine spoils one sample of each layer, not all samples of
+    one), stopping after the round in which `time_budget` is spent (at least
+    one round). The median, less the cost of an empty `tf.function` call, is
+    the layer's time. Sizes are exact:
     parameter bytes from the variables, activation bytes from the outputs.
     Non-trainable state the run touches (batch-norm statistics, random
     seeds) is restored afterwards.
@@ -536,9 +553,9 @@ def profile_model(
             Defaults to `None` (the model's compiled optimizer, if any;
             otherwise no optimizer state).
         warmup: Untimed calls per layer (the first traces). Defaults to `2`.
-        repeats: Most timed calls per layer. Defaults to `10`.
-        time_budget: Seconds of timed calls for the whole model, shared
-            equally by the layers. Defaults to `60.0`.
+        repeats: Most timed rounds (calls per layer). Defaults to `10`.
+        time_budget: Seconds of timed calls for the whole model, after which
+            no new round starts. Defaults to `60.0`.
         device: Device to run on, for example `"/GPU:0"`. Defaults to `None`
             (TensorFlow's default placement).
         expand_nested: Whether nested Sequential and functional models are
@@ -628,19 +645,15 @@ def _measure(
 ) -> tuple[list[LayerProfile], float]:
     values = graph.run(inputs, training=True)
     live = graph.live_after()
-    share = time_budget / max(len(graph.nodes), 1)
 
     @tf.function
     def empty(x: tf.Tensor) -> tf.Tensor:
         return x
 
     tiny = tf.zeros([1])
-    overhead = _timed(
-        lambda: empty(tiny),
-        warmup=max(warmup, 1),
-        repeats=max(repeats, 5),
-        budget=share,
-        sync=sync,
+    fns = [lambda: empty(tiny)] + [_step_fn(node, values) for node in graph.nodes]
+    overhead, *seconds = _timed_rounds(
+        fns, warmup=max(warmup, 1), repeats=repeats, budget=time_budget, sync=sync
     )
     seen: set[int] = set()
     layers = []
@@ -663,19 +676,12 @@ def _measure(
             _per_sample(_nbytes(values[k]), values[k], batch_size)
             for k in live[position]
         )
-        seconds = _timed(
-            _step_fn(node, values),
-            warmup=warmup,
-            repeats=repeats,
-            budget=share,
-            sync=sync,
-        )
         layers.append(
             LayerProfile(
                 name=node.name,
                 class_name=type(node.operation).__name__,
                 inputs=node.inputs,
-                time=max(seconds - overhead, 0.0),
+                time=max(seconds[position] - overhead, 0.0),
                 param_bytes=param,
                 trainable_bytes=trainable,
                 optimizer_bytes=int(round(slots * trainable)),
@@ -684,7 +690,7 @@ def _measure(
                 is_layer=node.is_layer,
             )
         )
-        logger.debug("Profiled %s: %.3f ms", node.name, seconds * 1e3)
+        logger.debug("Profiled %s: %.3f ms", node.name, seconds[position] * 1e3)
     return layers, overhead
 
 
