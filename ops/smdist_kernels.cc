@@ -35,17 +35,26 @@ int64_t CostPerElement(int num_reads, DataType in, DataType out) {
 // Runs fn(begin, end) over [0, total) on the CPU worker threads, in
 // contiguous shards whose boundaries are multiples of 16 elements (whole
 // cache lines for float32), so no two threads share a cache line of output.
+// max_shards > 0 caps the number of shards, and so of threads at work.
 template <typename Fn>
 void ParallelRange(OpKernelContext* ctx, int64_t total, int64_t cost,
-                   const Fn& fn) {
+                   int max_shards, const Fn& fn) {
   if (total <= 0) return;
   constexpr int64_t kAlign = 16;
   const int64_t blocks = (total + kAlign - 1) / kAlign;
   auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  pool->ParallelFor(blocks, cost * kAlign,
-                    [&fn, total](int64_t first, int64_t last) {
-                      fn(first * kAlign, std::min(total, last * kAlign));
-                    });
+  auto shard = [&fn, total](int64_t first, int64_t last) {
+    fn(first * kAlign, std::min(total, last * kAlign));
+  };
+  if (max_shards > 0) {
+    const int64_t per_shard = (blocks + max_shards - 1) / max_shards;
+    pool->ParallelFor(blocks, thread::ThreadPool::SchedulingParams::Fixed(per_shard),
+                      shard);
+  } else {
+    pool->ParallelFor(
+        blocks, thread::ThreadPool::SchedulingParams::Adaptive(cost * kAlign),
+        shard);
+  }
 }
 
 class PackOp : public OpKernel {
@@ -77,7 +86,7 @@ class PackOp : public OpKernel {
     const DType out = ToDType(out_type_);
     void* dst = packed->data();
     const float scale = scale_;
-    ParallelRange(ctx, offsets[n], CostPerElement(1, in_type, out_type_),
+    ParallelRange(ctx, offsets[n], CostPerElement(1, in_type, out_type_), 0,
                   [&](int64_t begin, int64_t end) {
                     ::smdist::PackRange(srcs.data(), offsets.data(), n, in,
                                         dst, out, scale, begin, end);
@@ -138,7 +147,7 @@ class UnpackOp : public OpKernel {
     const DType out = ToDType(out_type_);
     const void* src = packed.data();
     ParallelRange(ctx, offsets_.back(),
-                  CostPerElement(1, packed.dtype(), out_type_),
+                  CostPerElement(1, packed.dtype(), out_type_), 0,
                   [&](int64_t begin, int64_t end) {
                     ::smdist::UnpackRange(src, in, dsts.data(),
                                           offsets_.data(), n, out, begin, end);
@@ -156,6 +165,7 @@ class HostReduceOp : public OpKernel {
   explicit HostReduceOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("out_type", &out_type_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("max_threads", &max_threads_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -185,7 +195,7 @@ class HostReduceOp : public OpKernel {
     void* dst = output->data();
     const float scale = scale_;
     ParallelRange(ctx, shape.num_elements(),
-                  CostPerElement(n, in_type, out_type_),
+                  CostPerElement(n, in_type, out_type_), max_threads_,
                   [&](int64_t begin, int64_t end) {
                     ::smdist::ReduceRange(srcs.data(), n, in, dst, out, scale,
                                           begin, end);
@@ -195,6 +205,7 @@ class HostReduceOp : public OpKernel {
  private:
   float scale_;
   DataType out_type_;
+  int max_threads_;
 };
 
 REGISTER_KERNEL_BUILDER(Name("SmdistPack").Device(DEVICE_CPU), PackOp);

@@ -110,10 +110,12 @@ REGISTER_OP("SmdistHostReduce")
     .Attr("T: {float, half, bfloat16}")
     .Attr("scale: float = 1.0")
     .Attr("out_type: {float, half, bfloat16}")
+    .Attr("max_threads: int >= 0 = 0")
     .SetShapeFn(smdist::HostReduceShape)
     .Doc(R"doc(
 `scale` times the elementwise sum of `inputs` (all of one shape), accumulated
 in float32 whatever T is, computed on the host over the CPU worker threads.
+max_threads: at most this many threads work on it; 0: the whole pool.
 )doc");
 
 }  // namespace tensorflow

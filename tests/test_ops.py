@@ -321,3 +321,17 @@ def test_fuzz_pack_unpack_reduce(shapes, src, out, scale, seed):
     same = [_random(rng, shapes[0], src) for _ in range(len(shapes))]
     got = smd.host_reduce(same, scale=scale, out_type=DTYPES[out][0]).numpy()
     np.testing.assert_array_equal(_bits(got), _bits(_ref_reduce(same, scale, out)))
+
+
+@pytest.mark.parametrize("max_threads", [0, 1, 2, 3, 7, 64])
+def test_host_reduce_max_threads_gives_the_same_result(max_threads):
+    rng = np.random.default_rng(7)
+    arrays = [_random(rng, [100_003], "float32") for _ in range(3)]
+    got = smd.host_reduce(arrays, scale=0.5, max_threads=max_threads).numpy()
+    np.testing.assert_array_equal(got, _ref_reduce(arrays, 0.5, "float32"))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_host_reduce_bad_max_threads_is_an_error(bad):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_threads"):
+        smd.host_reduce([tf.zeros([3])], max_threads=bad)

@@ -149,7 +149,11 @@ def unpack(
 
 
 def host_reduce(
-    inputs: Sequence[tf.Tensor], *, scale: float = 1.0, out_type: Any = None
+    inputs: Sequence[tf.Tensor],
+    *,
+    scale: float = 1.0,
+    out_type: Any = None,
+    max_threads: int = 0,
 ) -> tf.Tensor:
     """Returns `scale * sum(inputs)`, accumulated in float32.
 
@@ -160,6 +164,8 @@ def host_reduce(
         inputs: a non-empty list of tensors of one dtype and one shape.
         scale: multiplies the sum (1/N gives the mean). Defaults to `1.0`.
         out_type: dtype of the result. Defaults to the inputs' dtype.
+        max_threads: at most this many CPU worker threads work on it, each
+            on one contiguous shard; 0 uses the whole pool. Defaults to `0`.
 
     Example:
     >>> host_reduce([tf.ones([3]), tf.ones([3])], scale=0.5).numpy()
@@ -167,7 +173,16 @@ def host_reduce(
     """
     inputs = _tensor_list(inputs, "inputs")
     out = _dtype(out_type if out_type is not None else inputs[0].dtype, "out_type")
-    return load_library().smdist_host_reduce(inputs, scale=float(scale), out_type=out)
+    if isinstance(max_threads, bool) or not isinstance(max_threads, int) or (
+        max_threads < 0
+    ):
+        raise _invalid(
+            "`max_threads` must be an integer >= 0. "
+            f"Received: max_threads={max_threads!r}"
+        )
+    return load_library().smdist_host_reduce(
+        inputs, scale=float(scale), out_type=out, max_threads=max_threads
+    )
 
 
 def _split_dynamic(flat: tf.Tensor, like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
