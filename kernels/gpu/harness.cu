@@ -744,8 +744,8 @@ void RunBench(bool tune) {
     for (double mib : {4.0, 25.0, 100.0}) {
       for (const auto& pr : pairs) {
         const int64_t def = DefaultChunkElems(Bytes(pr.first), Bytes(pr.second));
-        for (int64_t chunk : {def, 2 * def}) {
-          for (int grid : {resident, 2 * resident, 4 * resident, 1 << 30}) {
+        for (int64_t chunk : {def / 2, def, 2 * def}) {
+          for (int grid : {2 * resident, 1 << 30}) {
             PlanVariant pv = {chunk, grid, ""};
             BenchCopy(&timer, true, pr.first, pr.second, mib, true, &a, &b,
                       &pv, false, &tuned);

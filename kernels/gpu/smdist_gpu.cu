@@ -44,36 +44,33 @@ struct Conv<__nv_bfloat16> {
   }
 };
 
-// Elements per vector: 16 bytes of the narrower type, so that loads and stores
-// are both whole 16-byte words (float -> half: 8 elements, 32 B in, 16 B out).
+// Elements per vector: 16 bytes of the WIDER type, so that the wide side
+// moves 16-byte words and the narrow side 8-byte words, each warp access
+// covering a contiguous span (float <-> half: 4 elements, 16 B and 8 B).
 template <typename In, typename Out>
 struct VecTraits {
-  static constexpr int kInAlign = 16 / static_cast<int>(sizeof(In));
-  static constexpr int kOutAlign = 16 / static_cast<int>(sizeof(Out));
-  static constexpr int kElems = kInAlign > kOutAlign ? kInAlign : kOutAlign;
+  static constexpr int kElems =
+      16 / static_cast<int>(sizeof(In) > sizeof(Out) ? sizeof(In)
+                                                     : sizeof(Out));
 };
 
 template <typename T, int N>
-struct alignas(16) Vec {
+struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
 // The first element index h (0 <= h < kElems) at which both `src + h` and
-// `dst + h` are 16-byte aligned, or -1 if no such index exists (then no
-// index does, and the scalar path runs).
+// `dst + h` are aligned to a whole vector, or -1 if no such index exists
+// (then the scalar path runs).
 template <typename In, typename Out>
 __host__ __device__ __forceinline__ int CoAlignedHead(uintptr_t src,
                                                       uintptr_t dst) {
-  using VT = VecTraits<In, Out>;
+  constexpr int V = VecTraits<In, Out>::kElems;
   if (src % sizeof(In) != 0 || dst % sizeof(Out) != 0) return -1;
-  const int a_in = static_cast<int>((src % 16) / sizeof(In));
-  const int a_out = static_cast<int>((dst % 16) / sizeof(Out));
-  const int h_in = (VT::kInAlign - a_in) % VT::kInAlign;
-  const int h_out = (VT::kOutAlign - a_out) % VT::kOutAlign;
-  if (VT::kInAlign >= VT::kOutAlign) {
-    return h_in % VT::kOutAlign == h_out ? h_in : -1;
-  }
-  return h_out % VT::kInAlign == h_in ? h_out : -1;
+  const int phase_in = static_cast<int>((src / sizeof(In)) % V);
+  const int phase_out = static_cast<int>((dst / sizeof(Out)) % V);
+  if (phase_in != phase_out) return -1;
+  return (V - phase_in) % V;
 }
 
 // ------------------------------------------------------- segmented copy ---
@@ -103,25 +100,55 @@ constexpr int kScalarUnroll = 8;
 #define SMDIST_STREAMING_LOADS 1
 #endif
 
-// A 16- or 32-byte vector load. Streaming (evict-first) by default: every
-// element is read once, and the segment table should stay in L1.
-template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> LoadVec(const Vec<T, N>* p) {
-  constexpr int kWords = static_cast<int>(sizeof(Vec<T, N>) / 16);
+// Raw words of 2, 4, 8 and 16 bytes, for loads and stores that name the
+// global space (pointers read from the segment table would otherwise compile
+// to generic accesses).
+template <int kBytes>
+struct Word;
+template <>
+struct Word<2> {
+  using type = unsigned short;
+};
+template <>
+struct Word<4> {
+  using type = unsigned int;
+};
+template <>
+struct Word<8> {
+  using type = uint2;
+};
+template <>
+struct Word<16> {
+  using type = uint4;
+};
+
+// A global load of an element or vector. Streaming (evict-first) by default:
+// every element is read once, and the segment table should stay in L1.
+template <typename T>
+__device__ __forceinline__ T LoadGlobal(const T* p) {
+  using W = typename Word<static_cast<int>(sizeof(T))>::type;
   union {
-    Vec<T, N> v;
-    uint4 w[kWords];
+    T v;
+    W w;
   } u;
-  const uint4* q = reinterpret_cast<const uint4*>(p);
-#pragma unroll
-  for (int k = 0; k < kWords; ++k) {
 #if SMDIST_STREAMING_LOADS
-    u.w[k] = __ldcs(q + k);
+  u.w = __ldcs(reinterpret_cast<const W*>(p));
 #else
-    u.w[k] = q[k];
+  u.w = __ldg(reinterpret_cast<const W*>(p));
 #endif
-  }
   return u.v;
+}
+
+// A global store of an element or vector (write-back, the default policy).
+template <typename T>
+__device__ __forceinline__ void StoreGlobal(T* p, const T& value) {
+  using W = typename Word<static_cast<int>(sizeof(T))>::type;
+  union {
+    T v;
+    W w;
+  } u;
+  u.v = value;
+  __stwb(reinterpret_cast<W*>(p), u.w);
 }
 
 // Where one chunk's elements are: [begin, end) of `src` and `dst`.
@@ -133,27 +160,44 @@ struct ChunkRef {
 };
 
 // The chunk's segment is the last one whose first chunk is <= chunk (empty
-// segments own no chunk, so they are skipped).
+// segments own no chunk, so they are skipped). Each warp searches on its own,
+// its 32 lanes probing 32 evenly spaced table entries per round: one round of
+// loads for up to 32 segments, two for up to 1024. Needs all 32 lanes.
 __device__ __forceinline__ ChunkRef Locate(const Segment* __restrict__ segments,
                                           int num_segments, int64_t chunk,
                                           int64_t chunk_elems) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
   int lo = 0;
   int hi = num_segments - 1;
-  while (lo < hi) {
-    const int mid = lo + ((hi - lo + 1) >> 1);
-    if (segments[mid].first_chunk <= chunk) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
+  for (;;) {
+    const int step = (hi - lo + 32) >> 5;  // ceil(span / 32)
+    const int p = lo + lane * step;
+    Segment seg = {nullptr, nullptr, 0, 0};
+    bool ok = false;
+    if (p <= hi) {
+      seg = segments[p];
+      ok = seg.first_chunk <= chunk;
     }
+    // Lane 0 probes `lo`, which always qualifies, so the mask is non-zero.
+    const unsigned mask = __ballot_sync(0xffffffffu, ok);
+    const int best = 31 - __clz(mask);
+    if (step == 1) {
+      ChunkRef ref;
+      ref.src = reinterpret_cast<const void*>(__shfl_sync(
+          0xffffffffu, reinterpret_cast<unsigned long long>(seg.src), best));
+      ref.dst = reinterpret_cast<void*>(__shfl_sync(
+          0xffffffffu, reinterpret_cast<unsigned long long>(seg.dst), best));
+      const long long size = __shfl_sync(
+          0xffffffffu, static_cast<long long>(seg.size), best);
+      const long long first = __shfl_sync(
+          0xffffffffu, static_cast<long long>(seg.first_chunk), best);
+      ref.begin = (chunk - first) * chunk_elems;
+      ref.end = min(ref.begin + chunk_elems, static_cast<int64_t>(size));
+      return ref;
+    }
+    lo += best * step;
+    hi = min(hi, lo + step - 1);
   }
-  const Segment& seg = segments[lo];
-  ChunkRef ref;
-  ref.src = seg.src;
-  ref.dst = seg.dst;
-  ref.begin = (chunk - seg.first_chunk) * chunk_elems;
-  ref.end = min(ref.begin + chunk_elems, seg.size);
-  return ref;
 }
 
 // Copies one chunk; calls `after_first_loads()` exactly once, right after the
@@ -179,10 +223,12 @@ __device__ __forceinline__ void CopyChunk(const ChunkRef& ref, float scale,
     const int64_t nvec = (end - vbegin) / V;
     const int64_t vend = vbegin + nvec * V;
     if (t < vbegin - begin) {
-      dst[begin + t] = Convert<In, Out, kMode>(src[begin + t], scale);
+      StoreGlobal(dst + begin + t,
+                  Convert<In, Out, kMode>(LoadGlobal(src + begin + t), scale));
     }
     if (t < end - vend) {
-      dst[vend + t] = Convert<In, Out, kMode>(src[vend + t], scale);
+      StoreGlobal(dst + vend + t,
+                  Convert<In, Out, kMode>(LoadGlobal(src + vend + t), scale));
     }
     const InVec* vsrc = reinterpret_cast<const InVec*>(src + vbegin);
     OutVec* vdst = reinterpret_cast<OutVec*>(dst + vbegin);
@@ -192,7 +238,7 @@ __device__ __forceinline__ void CopyChunk(const ChunkRef& ref, float scale,
 #pragma unroll
       for (int u = 0; u < kVecUnroll; ++u) {
         const int64_t j = base + u * kThreadsPerBlock + t;
-        if (j < nvec) x[u] = LoadVec(vsrc + j);
+        if (j < nvec) x[u] = LoadGlobal(vsrc + j);
       }
       if (base == 0) after_first_loads();
 #pragma unroll
@@ -204,7 +250,7 @@ __device__ __forceinline__ void CopyChunk(const ChunkRef& ref, float scale,
           for (int k = 0; k < V; ++k) {
             y.v[k] = Convert<In, Out, kMode>(x[u].v[k], scale);
           }
-          vdst[j] = y;
+          StoreGlobal(vdst + j, y);
         }
       }
       if (base + kStep >= nvec) break;
@@ -216,13 +262,15 @@ __device__ __forceinline__ void CopyChunk(const ChunkRef& ref, float scale,
 #pragma unroll
       for (int u = 0; u < kScalarUnroll; ++u) {
         const int64_t i = base + u * kThreadsPerBlock + t;
-        if (i < end) x[u] = src[i];
+        if (i < end) x[u] = LoadGlobal(src + i);
       }
       if (base == begin) after_first_loads();
 #pragma unroll
       for (int u = 0; u < kScalarUnroll; ++u) {
         const int64_t i = base + u * kThreadsPerBlock + t;
-        if (i < end) dst[i] = Convert<In, Out, kMode>(x[u], scale);
+        if (i < end) {
+          StoreGlobal(dst + i, Convert<In, Out, kMode>(x[u], scale));
+        }
       }
       if (base + kStep >= end) break;
     }
@@ -401,18 +449,18 @@ int ResidentBlocks(int device) {
 
 namespace {
 #ifndef SMDIST_GRID_WAVES
-#define SMDIST_GRID_WAVES 2
+#define SMDIST_GRID_WAVES 32
 #endif
-// The grid holds at most this many device-fills of blocks.
+// The grid holds at most this many device-fills of blocks (measured on an
+// H200: one chunk per block, leaving the balance to the block scheduler,
+// beat persistent grids of 1, 2 and 4 fills).
 constexpr int64_t kMaxGridWaves = SMDIST_GRID_WAVES;
 }  // namespace
 
 int64_t DefaultChunkElems(size_t in_elem_bytes, size_t out_elem_bytes) {
-  const int64_t narrow =
-      static_cast<int64_t>(std::max<size_t>(1, std::min(in_elem_bytes,
-                                                        out_elem_bytes)));
-  const int64_t vec = 16 / std::min<int64_t>(narrow, 16);
-  return kThreadsPerBlock * vec * kVecUnroll;
+  const int64_t wide = static_cast<int64_t>(std::min<size_t>(
+      16, std::max<size_t>(1, std::max(in_elem_bytes, out_elem_bytes))));
+  return kThreadsPerBlock * (16 / wide) * kVecUnroll;
 }
 
 CopyPlan PlanSegments(Segment* segments, int num_segments,

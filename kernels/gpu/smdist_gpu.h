@@ -11,9 +11,10 @@
 // `size` elements read from `src` and written, cast (and scaled), to `dst`. The
 // table lives in device memory and the whole bucket runs as ONE launch: every
 // segment is cut into chunks of `plan.chunk_elems` elements and the blocks walk
-// the chunks with a grid-stride loop. Inside a chunk, 16-byte vector loads and
-// stores are used when `src` and `dst` can be brought to a 16-byte boundary at
-// the same element; otherwise a coalesced scalar path runs.
+// the chunks with a grid-stride loop. Inside a chunk, vector loads and stores
+// (16 bytes on the wider side, 8 on the narrower) are used when `src` and `dst`
+// reach a vector boundary at the same element; otherwise a coalesced scalar
+// path runs.
 //
 // Example (pack three device tensors into one float16 buffer, scaled by 0.5):
 //
@@ -75,14 +76,15 @@ int ResidentBlocks(int device);
 
 // Default chunk size (elements) for a copy from `in_elem_bytes`-wide to
 // `out_elem_bytes`-wide elements: one pass of a block at 4 vectors a thread
-// (4096 for float -> float, 8192 when either side is 16-bit).
+// (4096 when either side is float, 8192 for 16-bit pairs).
 int64_t DefaultChunkElems(size_t in_elem_bytes, size_t out_elem_bytes);
 
 // Host side: fills `segments[i].first_chunk` and returns the plan for a copy
 // between elements `in_elem_bytes` and `out_elem_bytes` wide on `device`.
 // `chunk_elems` > 0 overrides the chunk size (rounded up to a multiple of 8)
 // and `grid` > 0 the number of blocks (capped at the number of chunks); 0
-// takes DefaultChunkElems and twice the device's resident blocks.
+// takes DefaultChunkElems and one block per chunk, up to 32 times the
+// device's resident blocks (then the grid-stride loop takes the rest).
 CopyPlan PlanSegments(Segment* segments, int num_segments,
                       size_t in_elem_bytes, size_t out_elem_bytes, int device,
                       int64_t chunk_elems = 0, int grid = 0);
