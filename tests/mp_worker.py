@@ -87,14 +87,15 @@ def custom(strategy: smd.DataParallelStrategy, compression: bool = False) -> Non
 
 def fit(strategy: smd.DataParallelStrategy, epochs: int = 2,
         callbacks: list | None = None, steps_note: str = "final") -> None:
+    init_name = "init" if steps_note == "final" else f"{steps_note}_init"
     with strategy.scope():
         model = make_model()
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-    save("init", model)
+    save(init_name, model)
     x, y = data()
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
     history = model.fit(ds, epochs=epochs, verbose=0, callbacks=callbacks or [])
-    np.save(os.path.join(OUT, f"rank{cluster.rank()}_loss.npy"),
+    np.save(os.path.join(OUT, f"rank{cluster.rank()}_{steps_note}_loss.npy"),
             np.array(history.history["loss"]))
     save(steps_note, model)
 
@@ -112,12 +113,17 @@ def main() -> None:
             model.compile(optimizer="sgd", loss="mse")
         x, y = data()
         model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)
-    elif MODE == "stall":
+    elif MODE == "equiv":
+        custom(strategy)
+        fit(strategy, steps_note="fit_final")
+    elif MODE == "stall" or MODE == "die":
         with strategy.scope():
             model = make_model()
             model.compile(optimizer="sgd", loss="mse")
         x, y = data()
         model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)
+        if rank == 1 and MODE == "die":
+            os.kill(os.getpid(), 9)
         if rank == 1:
             time.sleep(600)  # a stalled rank (the test kills the job)
         model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)
@@ -142,7 +148,8 @@ def main() -> None:
         callbacks = [keras.callbacks.BackupAndRestore(backup),
                      keras.callbacks.ModelCheckpoint(
                          os.path.join(OUT, "ckpt.weights.h5"), save_weights_only=True)]
-        fit(strategy, epochs=3, callbacks=callbacks + [Interrupt()])
+        fit(strategy, epochs=3,
+            callbacks=cluster.rank_zero_writes(callbacks) + [Interrupt()])
     else:
         raise SystemExit(f"unknown mode {MODE}")
 

@@ -35,7 +35,7 @@ __all__ = ["build_command", "main", "parse_hosts"]
 
 _log = logging.getLogger("tf_smdist.launch")
 
-_TAG = re.compile(r"^\[(\d+),(\d+)\]<(stdout|stderr)>:(.*)$", re.DOTALL)
+_TAG_ANY = re.compile(r"\[(\d+),(\d+)\]<(stdout|stderr)>:")
 _FAILED_RANK = re.compile(
     r"Process name:\s*\[\[\d+,\d+\],(\d+)\]\s*\n\s*Exit code:\s*(\d+)")
 _SIGNALED_RANK = re.compile(
@@ -224,25 +224,53 @@ def _kill_leftovers() -> None:
                 break
 
 
-def _pump(stream: IO[str], default_out: IO[str], tail: list[str],
-          lock: threading.Lock) -> None:
-    for line in stream:
-        m = _TAG.match(line)
-        if m:
-            out = sys.stdout if m.group(3) == "stdout" else sys.stderr
-            # A line written in several pieces carries the tag once per piece.
-            tag = f"[{m.group(1)},{m.group(2)}]<{m.group(3)}>:"
-            text = f"[rank {m.group(2)}] {m.group(4).replace(tag, '')}"
-        else:
-            out, text = default_out, line
-            with lock:
-                tail.append(line)
-                del tail[:-200]
-        if not text.endswith("\n"):
-            text += "\n"
-        with lock:
+class _Demux:
+    """Turns mpirun's tagged output into whole lines prefixed with the rank.
+
+    mpirun tags every chunk a rank writes (`[job,rank]<stdout>:`), so a line
+    written in pieces arrives with several tags, possibly interleaved with
+    another rank's pieces; the pieces are joined per (rank, stream) and each
+    line is written once it is complete.
+    """
+
+    def __init__(self, lock: threading.Lock, tail: list[str]) -> None:
+        self._lock = lock
+        self._tail = tail
+        self._partial: dict[tuple[str, str], str] = {}
+
+    def feed(self, line: str, default_out: IO[str]) -> None:
+        pieces = _TAG_ANY.split(line)
+        # re.split with 3 groups: [untagged, job, rank, stream, text, ...]
+        if pieces[0]:
+            self._emit(default_out, pieces[0], record=True)
+        for k in range(1, len(pieces), 4):
+            rank, stream, text = pieces[k + 1], pieces[k + 2], pieces[k + 3]
+            buf = self._partial.pop((rank, stream), "") + text
+            *complete, rest = buf.split("\n")
+            out = sys.stdout if stream == "stdout" else sys.stderr
+            for c in complete:
+                self._emit(out, f"[rank {rank}] {c}\n")
+            if rest:
+                self._partial[(rank, stream)] = rest
+
+    def flush(self) -> None:
+        for (rank, stream), rest in sorted(self._partial.items()):
+            out = sys.stdout if stream == "stdout" else sys.stderr
+            self._emit(out, f"[rank {rank}] {rest}\n")
+        self._partial.clear()
+
+    def _emit(self, out: IO[str], text: str, record: bool = False) -> None:
+        with self._lock:
+            if record:
+                self._tail.append(text)
+                del self._tail[:-200]
             out.write(text)
             out.flush()
+
+
+def _pump(stream: IO[str], default_out: IO[str], demux: _Demux) -> None:
+    for line in stream:
+        demux.feed(line, default_out)
 
 
 def _failed_rank(mpirun_output: str) -> tuple[int, int] | None:
@@ -267,12 +295,12 @@ def run(argv: Sequence[str], env: dict[str, str]) -> int:
     proc = subprocess.Popen(
         list(argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, bufsize=1, start_new_session=True)
-    lock = threading.Lock()
     tail: list[str] = []
+    demux = _Demux(threading.Lock(), tail)
     pumps = [
-        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, tail, lock),
+        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, demux),
                          daemon=True),
-        threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, tail, lock),
+        threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, demux),
                          daemon=True),
     ]
     for t in pumps:
@@ -304,6 +332,7 @@ def run(argv: Sequence[str], env: dict[str, str]) -> int:
             signal.signal(s, h)
         for t in pumps:
             t.join(timeout=5)
+        demux.flush()
         _kill_leftovers()
     output = "".join(tail)
     failed = _failed_rank(output)

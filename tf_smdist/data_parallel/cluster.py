@@ -31,6 +31,7 @@ __all__ = [
     "initialize",
     "is_multiprocess",
     "rank",
+    "rank_zero_writes",
     "size",
 ]
 
@@ -320,3 +321,45 @@ def allreduce_numpy(value: Any, *, reduction: str = "sum") -> np.ndarray:
     from tf_smdist import _mpi_ops  # noqa: PLC0415
 
     return _mpi_ops.allreduce_array(array, reduction=reduction)
+
+
+def _no_write(*args: Any, **kwargs: Any) -> None:
+    del args, kwargs
+
+
+def rank_zero_writes(callbacks: Iterable[Any]) -> list[Any]:
+    """Makes checkpoint callbacks write files on rank 0 only.
+
+    Every rank runs the same callbacks, so without this every rank would
+    write the same checkpoint files at the same time. On ranks other than 0,
+    `keras.callbacks.ModelCheckpoint` and `keras.callbacks.BackupAndRestore`
+    stop writing (and never delete the backup); `BackupAndRestore` still
+    restores on every rank at the start of `fit`, so the backup directory must
+    be readable by every rank (same host or a shared file system). Rank 0
+    writes as usual. Other callbacks are returned unchanged. In a single
+    process this returns the callbacks unchanged.
+
+    Args:
+        callbacks: the Keras callbacks passed to `fit`.
+
+    Returns:
+        The same callback objects, in a list.
+
+    Example:
+    >>> import keras
+    >>> cbs = rank_zero_writes([keras.callbacks.BackupAndRestore("/tmp/backup")])
+    >>> len(cbs)
+    1
+    """
+    import keras  # noqa: PLC0415
+
+    callbacks = list(callbacks)
+    if size() <= 1 or rank() == 0:
+        return callbacks
+    for cb in callbacks:
+        if isinstance(cb, keras.callbacks.BackupAndRestore):
+            cb._save_model = _no_write  # pylint: disable=protected-access
+            cb.delete_checkpoint = False
+        elif isinstance(cb, keras.callbacks.ModelCheckpoint):
+            cb._save_model = _no_write  # pylint: disable=protected-access
+    return callbacks

@@ -269,6 +269,7 @@ class MultiProcessExtended(_DataParallelExtended):
                 replica_id, device, primary_var, **kwargs)
         initial_value = kwargs["initial_value"]
         dtype = kwargs.get("dtype", None)
+        name = kwargs.get("name", None) or "variable"
 
         def broadcast_initial_value() -> tf.Tensor:
             value = initial_value() if callable(initial_value) else initial_value
@@ -276,6 +277,11 @@ class MultiProcessExtended(_DataParallelExtended):
             value = tf.convert_to_tensor(value, dtype=dtype)
             if value.dtype.base_dtype not in (*_ALLREDUCIBLE, tf.uint8, tf.bool):
                 return value
+            # Same shape and dtype everywhere, else the broadcast cannot match.
+            cluster.handshake(
+                what=f"variable {name!r}",
+                digest=f"{value.shape.as_list()}:{value.dtype.name}",
+                summary="")
             return _mpi_ops.broadcast(value, root=0)
 
         return broadcast_initial_value
