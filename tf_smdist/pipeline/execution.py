@@ -138,7 +138,7 @@ def run_forward(
         with tf.name_scope(task_scope("F", s, m)), tf.device(stages[s].device):
             with tf.control_dependencies(chain.deps(dev)):
                 inputs = [tf.identity(t) for t in inputs]
-            outputs = stages[s](inputs, training=training)
+                outputs = stages[s](inputs, training=training)
         chain.done(dev, outputs)
         acts[(s, m)] = outputs
     return [acts[(last, m)] for m in range(schedule.num_microbatches)]
@@ -194,18 +194,16 @@ def run_train(
                 inputs = micro_inputs[m] if s == 0 else acts.pop((s - 1, m))
                 with tf.control_dependencies(chain.deps(dev)):
                     inputs = [tf.identity(t) for t in inputs]
-                if recompute:
-                    outputs, loss = forward(s, m, inputs)
-                    saved[(s, m)] = (inputs, None, None)
-                else:
-                    with tf.GradientTape() as tape:
-                        tape.watch([t for t in inputs if _differentiable(t)])
+                    if recompute:
                         outputs, loss = forward(s, m, inputs)
-                    saved[(s, m)] = (inputs, outputs, loss, tape)
-                if s < last:
-                    acts[(s, m)] = outputs
-                else:
-                    acts[(s, m)] = outputs
+                        saved[(s, m)] = (inputs, None, None, None)
+                    else:
+                        with tf.GradientTape() as tape:
+                            tape.watch([t for t in inputs if _differentiable(t)])
+                            outputs, loss = forward(s, m, inputs)
+                        saved[(s, m)] = (inputs, outputs, loss, tape)
+                acts[(s, m)] = outputs
+                if s == last:
                     losses[m] = loss
                 chain.done(dev, outputs + ([loss] if loss is not None else []))
                 continue

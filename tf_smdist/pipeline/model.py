@@ -336,12 +336,13 @@ class PipelineModel(keras.Model):
         return [x]
 
     def _pack_outputs(self, flat: list[tf.Tensor]) -> Any:
-        return keras.tree.pack_sequence_as(
-            self.wrapped_model._outputs_struct
-            if hasattr(self.wrapped_model, "_outputs_struct")
-            else self.wrapped_model.outputs,
-            flat,
-        )
+        # A functional model keeps the nesting of its outputs in
+        # `_outputs_struct`; a Sequential model returns one tensor.
+        struct = getattr(self.wrapped_model, "_outputs_struct", None)
+        if struct is None:
+            outputs = self.wrapped_model.outputs
+            struct = outputs[0] if len(outputs) == 1 else outputs
+        return keras.tree.pack_sequence_as(struct, flat)
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         """Runs the pipeline's forward tasks on `inputs`, micro-batched.

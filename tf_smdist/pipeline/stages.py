@@ -172,18 +172,17 @@ class Stage:
 
     A stage receives every tensor live across the cut before it and returns
     every tensor live across the cut after it; tensors that skip the stage
-    are passed through on its device.
+    are passed through on its device. It runs the wrapped model's own graph
+    nodes (no layer is copied or called symbolically again, so the wrapped
+    model stays exactly as it was and still saves as before).
 
     Attributes:
         index: the stage number, from 0.
         device: the TensorFlow device its ops and variables live on.
         layer_names: the layers it computes.
-        num_inputs: how many tensors it receives.
-        num_outputs: how many tensors it returns.
-        submodel: the functional model computing its new tensors, or `None`.
-        feed: positions of the inputs that `submodel` consumes.
-        sources: per output, `("pass", i)` for input `i`, or `("new", j)` for
-            output `j` of `submodel`.
+        nodes: the Keras graph nodes it runs, in topological order.
+        in_keys: the ids of the symbolic tensors it receives.
+        out_keys: the ids of the symbolic tensors it returns.
         layers: the Keras layers it holds.
 
     Example:
@@ -197,12 +196,31 @@ class Stage:
     index: int
     device: str
     layer_names: tuple[str, ...]
-    num_inputs: int
-    num_outputs: int
-    submodel: keras.Model | None
-    feed: tuple[int, ...]
-    sources: tuple[tuple[str, int], ...]
+    nodes: tuple[Any, ...]
+    in_keys: tuple[int, ...]
+    out_keys: tuple[int, ...]
     layers: tuple[keras.layers.Layer, ...]
+
+    @property
+    def num_inputs(self) -> int:
+        """How many tensors the stage receives."""
+        return len(self.in_keys)
+
+    @property
+    def num_outputs(self) -> int:
+        """How many tensors the stage returns."""
+        return len(self.out_keys)
+
+    @property
+    def sources(self) -> tuple[tuple[str, int], ...]:
+        """Per output, `("pass", i)` for input `i` passed through, or
+        `("new", j)` for the `j`-th tensor the stage computes."""
+        new = [k for k in self.out_keys if k not in self.in_keys]
+        return tuple(
+            ("pass", self.in_keys.index(k)) if k in self.in_keys
+            else ("new", new.index(k))
+            for k in self.out_keys
+        )
 
     @property
     def variables(self) -> list[Any]:
@@ -218,14 +236,22 @@ class Stage:
         self, inputs: Sequence[tf.Tensor], training: bool | None = None
     ) -> list[tf.Tensor]:
         """Runs the stage on its inputs; returns its outputs in order."""
-        new: list[tf.Tensor] = []
-        if self.submodel is not None:
-            fed = [inputs[i] for i in self.feed]
-            new = self.submodel(fed, training=training)
-            new = list(new) if isinstance(new, (list, tuple)) else [new]
+        values = dict(zip(self.in_keys, inputs))
+        for node in self.nodes:
+            args, kwargs = node.arguments.fill_in(values)
+            op = node.operation
+            # As Keras' functional models do: pass `training` to the layers
+            # that take it.
+            if training is not None and "training" in getattr(
+                op, "_call_context_args", ()
+            ):
+                kwargs["training"] = training
+            outputs = keras.tree.flatten(op(*args, **kwargs))
+            for symbolic, value in zip(node.outputs, outputs):
+                values[id(symbolic)] = value
         return [
-            tf.identity(inputs[i]) if kind == "pass" else new[i]
-            for kind, i in self.sources
+            tf.identity(values[k]) if k in self.in_keys else values[k]
+            for k in self.out_keys
         ]
 
     def __repr__(self) -> str:
@@ -302,22 +328,7 @@ def split_model(
     for s in range(num_stages):
         ins = [id(t) for t in graph.inputs] if s == 0 else live(s - 1)
         outs = [id(t) for t in graph.outputs] if s == num_stages - 1 else live(s)
-        new = [t for t in outs if t not in ins]
-        stage_nodes = [n for n in nodes if node_stage[id(n)] == s]
-        consumed = {id(t) for n in stage_nodes for t in n.arguments.keras_tensors}
-        feed = [i for i, t in enumerate(ins) if t in consumed]
-        submodel = None
-        if new:
-            with tf.device(devices[s]):
-                submodel = keras.Model(
-                    [tensors[ins[i]] for i in feed],
-                    [tensors[t] for t in new],
-                    name=f"{graph.name}_stage{s}",
-                )
-        sources = tuple(
-            ("pass", ins.index(t)) if t in ins else ("new", new.index(t))
-            for t in outs
-        )
+        stage_nodes = tuple(n for n in nodes if node_stage[id(n)] == s)
         layers = tuple(
             n.operation
             for n in stage_nodes
@@ -328,11 +339,9 @@ def split_model(
                 index=s,
                 device=devices[s],
                 layer_names=tuple(names[s]),
-                num_inputs=len(ins),
-                num_outputs=len(outs),
-                submodel=submodel,
-                feed=tuple(feed),
-                sources=sources,
+                nodes=stage_nodes,
+                in_keys=tuple(ins),
+                out_keys=tuple(outs),
                 layers=layers,
             )
         )

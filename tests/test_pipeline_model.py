@@ -1,0 +1,405 @@
+"""PipelineModel against the plain model: loss, outputs, gradients, weights."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_smdist.pipeline import execution
+from tf_smdist.pipeline.model import PipelineModel
+from tf_smdist.pipeline.schedule import Task
+from tf_smdist.pipeline.stages import layer_order
+
+RTOL, ATOL = 1e-5, 1e-6
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+BATCH = 16
+
+
+def sequential_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((6,))]
+    layers += [keras.layers.Dense(5, activation="tanh") for _ in range(7)]
+    layers += [keras.layers.Dense(3)]
+    return keras.Sequential(layers)
+
+
+def functional_model(seed=0):
+    """Skips cross stage cuts: `h0` through an op, `h1` through a layer, and
+    the second input `z` goes straight to the last layer."""
+    keras.utils.set_random_seed(seed)
+    x_in = keras.Input((6,), name="x")
+    z_in = keras.Input((2,), name="z")
+    dense = [keras.layers.Dense(5, activation="tanh") for _ in range(6)]
+    h0 = dense[0](x_in)
+    h1 = dense[1](h0)
+    h2 = dense[2](h1)
+    h3 = dense[3](h2) + h0
+    h4 = dense[4](h3)
+    h5 = keras.layers.Concatenate()([h4, h1])
+    h6 = dense[5](h5)
+    out = keras.layers.Dense(3)(keras.layers.Concatenate()([h6, z_in]))
+    return keras.Model([x_in, z_in], out)
+
+
+MODELS = {"sequential": sequential_model, "functional": functional_model}
+
+
+def data(kind, batch=BATCH):
+    rng = np.random.RandomState(7)
+    x = rng.randn(batch, 6).astype("float32")
+    y = rng.randn(batch, 3).astype("float32")
+    if kind == "functional":
+        return [x, rng.randn(batch, 2).astype("float32")], y
+    return x, y
+
+
+def pipeline(kind, k, m, schedule, **kwargs):
+    """A fresh plain model and a pipeline around an identical copy."""
+    plain = MODELS[kind]()
+    copy = MODELS[kind](seed=1)
+    copy.set_weights(plain.get_weights())
+    pipe = PipelineModel(
+        copy, num_stages=k, microbatches=m, schedule=schedule, **kwargs
+    )
+    return plain, pipe
+
+
+def plain_gradients(model, x, y):
+    with tf.GradientTape() as tape:
+        y_pred = model(x, training=True)
+        loss = keras.losses.MeanSquaredError()(y, y_pred)
+    return loss, y_pred, tape.gradient(loss, model.trainable_variables)
+
+
+def assert_close(actual, expected):
+    np.testing.assert_allclose(
+        np.asarray(actual), np.asarray(expected), rtol=RTOL, atol=ATOL
+    )
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_loss_outputs_gradients_and_weights_equal_plain_model(kind, k):
+    """Every M in (1, 2, 4, 8) and every schedule, run eagerly (the same code
+    builds the graph in `tf.function`): the first step's loss, outputs and
+    gradients, then the weights after 3 SGD steps, equal the plain model's."""
+    for m in (1, 2, 4, 8):
+        for schedule in SCHEDULES:
+            if schedule == "interleaved" and m % k:
+                continue
+            plain, pipe = pipeline(kind, k, m, schedule)
+            pipe.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+            opt = keras.optimizers.SGD(0.1)
+            x, y = data(kind)
+            for step in range(3):
+                loss, y_pred, grads = plain_gradients(plain, x, y)
+                p_loss, p_pred, p_grads = pipe.compute_gradients(x, y)
+                if step == 0:
+                    assert len(p_grads) == len(grads) > 0, (m, schedule)
+                    assert_close(p_loss, loss)
+                    assert_close(p_pred, y_pred)
+                    for g, pg in zip(grads, p_grads):
+                        assert_close(pg, g)
+                opt.apply(grads, plain.trainable_variables)
+                pipe.optimizer.apply(p_grads, pipe.trainable_variables)
+            for w, pw in zip(plain.get_weights(), pipe.get_weights()):
+                assert_close(pw, w)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_fit_evaluate_predict_equal_plain_model(schedule):
+    plain, pipe = pipeline("functional", 2, 4, schedule)
+    x, y = data("functional", batch=32)
+    for model in (plain, pipe):
+        model.compile(
+            optimizer=keras.optimizers.Adam(0.01),
+            loss="mse",
+            metrics=["mae"],
+            jit_compile=False,
+        )
+    h_plain = plain.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    h_pipe = pipe.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    for key in ("loss", "mae"):
+        assert_close(h_pipe.history[key], h_plain.history[key])
+    for w, pw in zip(plain.get_weights(), pipe.get_weights()):
+        assert_close(pw, w)
+    assert_close(pipe.evaluate(x, y, verbose=0), plain.evaluate(x, y, verbose=0))
+    assert_close(pipe.predict(x, verbose=0), plain.predict(x, verbose=0))
+
+
+def test_fit_runs_callbacks_with_pipelined_loss():
+    plain, pipe = pipeline("sequential", 2, 2, "1f1b")
+    pipe.compile(optimizer="sgd", loss="mse")
+    seen = []
+    callback = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: seen.append(logs["loss"])
+    )
+    x, y = data("sequential")
+    pipe.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+             callbacks=[callback])
+    assert len(seen) == 2
+    plain_loss = keras.losses.MeanSquaredError()(y[:8], plain(x[:8]))
+    assert_close(seen[0], plain_loss)
+
+
+def test_gradient_tape_custom_loop_equals_plain_model():
+    plain, pipe = pipeline("functional", 3, 4, "gpipe")
+    x, y = data("functional")
+    loss, _, grads = plain_gradients(plain, x, y)
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            y_pred = pipe(x, training=True)
+            loss = keras.losses.MeanSquaredError()(y, y_pred)
+        return loss, tape.gradient(loss, pipe.trainable_variables)
+
+    p_loss, p_grads = step(x, y)
+    assert_close(p_loss, loss)
+    for g, pg in zip(grads, p_grads):
+        assert_close(pg, g)
+
+
+def test_compute_gradients_in_tf_function_equals_eager():
+    _, pipe = pipeline("functional", 2, 4, "1f1b")
+    pipe.compile(optimizer="sgd", loss="mse")
+    x, y = data("functional")
+    eager = pipe.compute_gradients(x, y)
+    traced = tf.function(pipe.compute_gradients)(x, y)
+    assert_close(traced[0], eager[0])
+    for g, tg in zip(eager[2], traced[2]):
+        assert_close(tg, g)
+
+
+def test_recompute_gives_the_same_gradients():
+    for schedule in SCHEDULES:
+        plain, pipe = pipeline("functional", 2, 4, schedule, recompute=True)
+        pipe.compile(optimizer="sgd", loss="mse")
+        x, y = data("functional")
+        loss, _, grads = plain_gradients(plain, x, y)
+        p_loss, _, p_grads = tf.function(pipe.compute_gradients)(x, y)
+        assert_close(p_loss, loss)
+        for g, pg in zip(grads, p_grads):
+            assert_close(pg, g)
+
+
+def test_sum_reduced_loss_adds_microbatch_losses():
+    plain, pipe = pipeline("sequential", 2, 4, "1f1b")
+    loss_fn = keras.losses.MeanSquaredError(reduction="sum")
+    pipe.compile(optimizer="sgd", loss=loss_fn)
+    x, y = data("sequential")
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, plain(x))
+    grads = tape.gradient(loss, plain.trainable_variables)
+    p_loss, _, p_grads = pipe.compute_gradients(x, y)
+    assert_close(p_loss, loss)
+    for g, pg in zip(grads, p_grads):
+        assert_close(pg, g)
+
+
+def test_sample_weights_are_split_with_the_batch():
+    plain, pipe = pipeline("sequential", 2, 4, "gpipe")
+    pipe.compile(optimizer="sgd", loss="mse")
+    x, y = data("sequential")
+    w = np.linspace(0.0, 2.0, BATCH).astype("float32")
+    with tf.GradientTape() as tape:
+        loss = keras.losses.MeanSquaredError()(y, plain(x), sample_weight=w)
+    grads = tape.gradient(loss, plain.trainable_variables)
+    p_loss, _, p_grads = pipe.compute_gradients(x, y, w)
+    assert_close(p_loss, loss)
+    for g, pg in zip(grads, p_grads):
+        assert_close(pg, g)
+
+
+def test_stage_variables_live_on_their_devices():
+    _, pipe = pipeline("functional", 4, 2, "1f1b")
+    for stage in pipe.stages:
+        assert stage.device == f"/device:CPU:{stage.index}"
+        for v in stage.variables:
+            assert v.value.device.endswith(f"CPU:{stage.index}")
+
+
+def test_interleaved_stages_cycle_over_devices():
+    _, pipe = pipeline("sequential", 2, 2, "interleaved", virtual_stages=2)
+    assert [s.device for s in pipe.stages] == [
+        "/device:CPU:0", "/device:CPU:1", "/device:CPU:0", "/device:CPU:1"
+    ]
+
+
+def test_skip_connections_are_carried_across_cuts():
+    _, pipe = pipeline("functional", 4, 1, "gpipe", partition=[2, 2, 2, 3])
+    # Cuts carry: (z, h0, h1), (z, h1, h3), (z, h5); z skips to the end.
+    assert [s.num_inputs for s in pipe.stages] == [2, 3, 3, 2]
+    assert [s.num_outputs for s in pipe.stages] == [3, 3, 2, 1]
+    assert pipe.stages[1].sources[0] == ("pass", 0)
+
+
+def test_partition_by_layer_names():
+    model = sequential_model()
+    names = layer_order(model)
+    pipe = PipelineModel(
+        model, num_stages=2, microbatches=2, partition=[names[:6], names[6:]]
+    )
+    assert [len(s.layer_names) for s in pipe.stages] == [6, 2]
+
+
+def test_graph_orders_each_devices_ops_as_the_schedule_says():
+    _, pipe = pipeline("functional", 3, 4, "1f1b")
+    pipe.compile(optimizer="sgd", loss="mse")
+    x, y = data("functional")
+    graph = tf.function(pipe.compute_gradients).get_concrete_function(x, y).graph
+    task_ops: dict = {}
+    for op in graph.get_operations():
+        parts = op.name.split("/")
+        # A backward's gradient ops are named after the forward they differentiate.
+        scope = "B" + parts[1][1:] if parts[0] == "gradient_tape" else parts[0]
+        task_ops.setdefault(scope, []).append(op)
+
+    ancestors: dict = {}
+
+    def ancestors_of(op):
+        if op.name not in ancestors:
+            found, stack = set(), list(op.inputs) + list(op.control_inputs)
+            while stack:
+                item = stack.pop()
+                parent = item.op if hasattr(item, "op") else item
+                if parent.name not in found:
+                    found.add(parent.name)
+                    stack.extend(list(parent.inputs) + list(parent.control_inputs))
+            ancestors[op.name] = found
+        return ancestors[op.name]
+
+    sched = pipe.pipeline_schedule
+    for device, order in enumerate(sched.device_orders):
+        for prev, task in zip(order, order[1:]):
+            scope = execution.task_scope(task.kind, task.stage, task.microbatch)
+            prev_scope = execution.task_scope(prev.kind, prev.stage, prev.microbatch)
+            done = prev_scope + "/done"
+            skip = ("Const", "NoOp", "Placeholder")
+            ops = [o for o in task_ops[scope] if o.type not in skip]
+            assert ops, scope
+            for op in ops:
+                assert done in ancestors_of(op), (prev, task, op.name)
+                if op.type != "ReadVariableOp":  # placed with its variable
+                    assert op.device.endswith(f"CPU:{device}"), op.name
+    assert Task("F", 0, 0) in sched.device_orders[0]
+
+
+def test_get_and_set_weights_use_wrapped_model_order():
+    plain, pipe = pipeline("functional", 3, 2, "1f1b")
+    for w, pw in zip(plain.get_weights(), pipe.get_weights()):
+        np.testing.assert_array_equal(pw, w)
+    new = [np.full_like(w, i) for i, w in enumerate(plain.get_weights())]
+    pipe.set_weights(new)
+    for w, pw in zip(new, pipe.wrapped_model.get_weights()):
+        np.testing.assert_array_equal(pw, w)
+
+
+def test_save_exports_a_plain_keras_model(tmp_path):
+    _, pipe = pipeline("functional", 2, 2, "1f1b")
+    pipe.compile(optimizer="sgd", loss="mse")
+    x, y = data("functional")
+    pipe.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    path = str(tmp_path / "model.keras")
+    pipe.save(path)
+    loaded = keras.models.load_model(path)
+    assert not isinstance(loaded, PipelineModel)
+    assert_close(loaded.predict(x, verbose=0), pipe.predict(x, verbose=0))
+
+
+def test_batch_not_divisible_by_microbatches_is_an_error():
+    _, pipe = pipeline("sequential", 2, 4, "1f1b")
+    pipe.compile(optimizer="sgd", loss="mse")
+    x, y = data("sequential", batch=10)
+    with pytest.raises(ValueError, match="batch size 10 with microbatches=4"):
+        pipe.compute_gradients(x, y)
+    with pytest.raises(ValueError, match="batch size 10 with microbatches=4"):
+        pipe.fit(x, y, batch_size=10, epochs=1, verbose=0)
+    spec = tf.TensorSpec([None, None], tf.float32)
+    step = tf.function(pipe.compute_gradients, input_signature=[spec, spec])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="multiple of"):
+        step(x, y)
+
+
+def test_predict_accepts_batches_not_divisible_by_microbatches():
+    plain, pipe = pipeline("sequential", 2, 4, "1f1b")
+    x, _ = data("sequential", batch=10)
+    assert_close(pipe(x), plain(x))
+
+
+def test_more_stages_than_layers_is_an_error():
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Dense(3)(inputs)))
+    with pytest.raises(ValueError, match="num_stages=3 for a model with 2 layers"):
+        PipelineModel(model, num_stages=3, microbatches=2)
+
+
+def test_fewer_devices_than_stages_is_an_error():
+    with pytest.raises(ValueError, match="fewer devices than pipeline stages"):
+        PipelineModel(sequential_model(), num_stages=5, microbatches=2)
+    with pytest.raises(ValueError, match="fewer devices than pipeline stages"):
+        PipelineModel(
+            sequential_model(), num_stages=2, microbatches=2, devices=["/CPU:0"]
+        )
+
+
+def test_wrong_stage_sizes_are_an_error():
+    with pytest.raises(ValueError, match="add up to the number of layers"):
+        PipelineModel(sequential_model(), num_stages=2, microbatches=2,
+                      partition=[3, 3])
+
+
+def test_unknown_schedule_is_an_error():
+    with pytest.raises(ValueError, match="schedule='zigzag'"):
+        PipelineModel(sequential_model(), num_stages=2, microbatches=2,
+                      schedule="zigzag")
+
+
+def test_batch_normalization_warns_about_microbatch_statistics():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.Dense(3),
+        keras.layers.BatchNormalization(),
+        keras.layers.Dense(2),
+    ])
+    with pytest.warns(UserWarning, match="normalises each micro-batch"):
+        PipelineModel(model, num_stages=2, microbatches=2)
+    with pytest.raises(ValueError, match="recompute=True"):
+        PipelineModel(model, num_stages=2, microbatches=2, recompute=True)
+
+
+def test_batch_normalization_with_one_microbatch_matches_plain_model():
+    keras.utils.set_random_seed(0)
+
+    def make():
+        return keras.Sequential([
+            keras.Input((4,)), keras.layers.Dense(3),
+            keras.layers.BatchNormalization(), keras.layers.Dense(2),
+        ])
+
+    plain, copy = make(), make()
+    copy.set_weights(plain.get_weights())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = PipelineModel(copy, num_stages=2, microbatches=1)
+    pipe.compile(optimizer="sgd", loss="mse")
+    x = np.random.RandomState(0).randn(8, 4).astype("float32")
+    y = np.random.RandomState(1).randn(8, 2).astype("float32")
+    loss, _, grads = plain_gradients(plain, x, y)
+    p_loss, _, p_grads = pipe.compute_gradients(x, y)
+    assert_close(p_loss, loss)
+    for g, pg in zip(grads, p_grads):
+        assert_close(pg, g)
+    for w, pw in zip(plain.get_weights(), pipe.get_weights()):
+        assert_close(pw, w)  # moving statistics updated identically
+
+
+def test_partition_report_lists_each_stage():
+    _, pipe = pipeline("sequential", 2, 4, "gpipe")
+    report = pipe.partition_report()
+    assert "stage 0 on /device:CPU:0: 4 layers" in report
+    assert "stage 1 on /device:CPU:1: 4 layers" in report
+    assert "bubble 0.200" in report
