@@ -1,0 +1,64 @@
+"""Helpers of the multi-process tests: run the launcher with a deadline."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(REPO, "tests")
+
+
+def mpi_available() -> bool:
+    return (shutil.which("mpirun") is not None
+            and os.path.exists(os.path.join(REPO, "tf_smdist", "libsmdist_mpi.so")))
+
+
+requires_mpi = pytest.mark.skipif(
+    not mpi_available(),
+    reason="needs Open MPI (apt-get install openmpi-bin libopenmpi-dev) and the "
+           "MPI op library (python setup.py build_ext --inplace)")
+
+
+def launch(
+    args: Sequence[str],
+    *,
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Runs `python -m tf_smdist.launch ARGS`; kills its session on timeout."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    full_env.update(env or {})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tf_smdist.launch", *args], cwd=REPO, env=full_env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"launcher did not finish within {timeout} s\n{out}\n{err}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def pids_alive(pids: Sequence[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            if state != "Z":
+                alive.append(pid)
+        except OSError:
+            pass
+    return alive

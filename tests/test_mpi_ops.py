@@ -1,0 +1,149 @@
+"""The MPI op library: collectives across processes, ordering, watchdog, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tensorflow as tf
+from mp_util import TESTS, launch, requires_mpi
+
+from tf_smdist.data_parallel import cluster
+
+WORKER = os.path.join(TESTS, "mp_ops_worker.py")
+
+
+def _results(out_dir: str, size: int) -> list[dict]:
+    results = []
+    for r in range(size):
+        with open(os.path.join(out_dir, f"rank{r}.json")) as f:
+            results.append(json.load(f))
+    return results
+
+
+def _expected_sum(dtype: str, size: int) -> np.ndarray:
+    base = np.arange(1000, dtype=np.float64) / 7.0
+    if dtype.startswith("int"):
+        return sum(np.arange(1000) * (r + 1) for r in range(size)).astype(np.float64)
+    np_type = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    parts = [(base * (r + 1)).astype(np_type) for r in range(size)]
+    if dtype in ("float16", "bfloat16"):
+        # Summed in float32 pairwise, rounded to the 16-bit type after each add.
+        acc = parts[0]
+        for p in parts[1:]:
+            acc = (acc.astype(np.float32) + p.astype(np.float32)).astype(np_type)
+        return acc.astype(np.float64)
+    return sum(p.astype(np.float64) for p in parts)
+
+
+@pytest.mark.slow
+@requires_mpi
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_collectives_across_processes(tmp_path, nproc):
+    proc = launch(["--nproc", str(nproc), WORKER, "collectives", str(tmp_path)],
+                  timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = _results(str(tmp_path), nproc)
+    for r, res in enumerate(results):
+        assert (res["rank"], res["size"]) == (r, nproc)
+        for dtype in ("float32", "float64", "int32", "int64"):
+            np.testing.assert_allclose(res[f"sum_{dtype}"],
+                                       _expected_sum(dtype, nproc), rtol=1e-6)
+        for dtype in ("float16", "bfloat16"):
+            np.testing.assert_array_equal(res[f"sum_{dtype}"],
+                                          _expected_sum(dtype, nproc))
+        assert res["min"] == [0.0, -(nproc - 1.0), 5.0]
+        assert res["max"] == [nproc - 1.0, 0.0, 5.0]
+        assert res["empty"] == [0]
+        assert res["bcast"] == [float(nproc - 1 + 10)] * 3
+        assert res["bcast_bool"] == [True, False]
+        assert res["gather"] == [f"r{i}" for i in range(nproc)]
+        assert res["bcast_bytes"] == "from 1from 1"
+        assert res["np_sum"] == [sum(range(nproc)), nproc]
+        ranks = sum(range(nproc))
+        for k, (a, b, c) in enumerate(res["steps"]):
+            assert a == [nproc * k + ranks] * 4
+            assert b == [2.0 * k * nproc] * 300
+            assert c == [k * ranks] * 7
+        assert res["native_ok"]
+        assert "only reduction='sum'" in res["fp16_min_error"]
+
+
+@pytest.mark.slow
+@requires_mpi
+def test_watchdog_names_the_stalled_rank(tmp_path):
+    proc = launch(["--nproc", "2", WORKER, "stall", str(tmp_path)], timeout=120,
+                  env={"SMDIST_MPI_TIMEOUT": "4"})
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    with open(tmp_path / "rank0.json") as f:
+        res = json.load(f)
+    assert "did not complete within 4 s on rank 0 of 2" in res["message"]
+    assert "Rank 1 is alive but has not joined this collective" in res["message"]
+    assert 4.0 <= res["seconds"] < 15.0
+    assert "rank 0 failed with exit status 3" in proc.stderr
+
+
+def test_env_rank_and_size_reads_each_launcher():
+    assert cluster.env_rank_and_size({}) == (0, 1)
+    assert cluster.env_rank_and_size(
+        {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4"}) == (2, 4)
+    assert cluster.env_rank_and_size({"PMI_RANK": "1", "PMI_SIZE": "3"}) == (1, 3)
+    assert cluster.env_rank_and_size(
+        {"PMIX_RANK": "5", "SLURM_NTASKS": "8"}) == (5, 8)
+    assert cluster.env_rank_and_size(
+        {"OMPI_COMM_WORLD_RANK": "x", "OMPI_COMM_WORLD_SIZE": "2"}) == (0, 1)
+
+
+def test_single_process_cluster_is_a_no_op():
+    assert not cluster.is_multiprocess()
+    assert cluster.initialize() == (0, 1)
+    assert (cluster.rank(), cluster.size()) == (0, 1)
+    cluster.handshake(what="bucket plan", digest="abc")
+    v = tf.Variable([1.0, 2.0])
+    cluster.broadcast_variables([v])
+    np.testing.assert_array_equal(v.numpy(), [1.0, 2.0])
+    np.testing.assert_array_equal(cluster.allreduce_numpy(np.array([3])), [3])
+    cbs = [object()]
+    assert cluster.rank_zero_writes(cbs) == cbs
+
+
+def test_bad_timeout_from_env_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("SMDIST_MPI_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="SMDIST_MPI_TIMEOUT=.soon."):
+        cluster._timeout_from_env()
+    monkeypatch.setenv("SMDIST_MPI_TIMEOUT", "7.5")
+    assert cluster._timeout_from_env() == 7.5
+
+
+@requires_mpi
+def test_allreduce_before_initialisation_is_a_clear_error():
+    from tf_smdist import _mpi_ops
+
+    with pytest.raises(tf.errors.FailedPreconditionError, match="not initialised"):
+        _mpi_ops.host_allreduce(tf.ones([3]))
+
+
+@requires_mpi
+def test_allreduce_argument_errors():
+    from tf_smdist import _mpi_ops
+
+    with pytest.raises(ValueError, match="Received: reduction='prod'"):
+        _mpi_ops.host_allreduce(tf.ones([3]), reduction="prod")
+    with pytest.raises(ValueError, match="Received: group=64"):
+        _mpi_ops.host_allreduce(tf.ones([3]), group=64)
+    with pytest.raises(ValueError, match="Received: index=2, group_size=2"):
+        _mpi_ops.host_allreduce(tf.ones([3]), index=2, group_size=2)
+    with pytest.raises(TypeError, match="Received: dtype=complex64"):
+        _mpi_ops.allreduce_array(np.ones(2, np.complex64))
+
+
+def test_missing_library_names_the_packages_to_install(monkeypatch, tmp_path):
+    from tf_smdist import _mpi_ops
+
+    monkeypatch.setattr(_mpi_ops, "_ops", None)
+    monkeypatch.setattr(_mpi_ops, "_path", lambda: str(tmp_path / "missing.so"))
+    with pytest.raises(ImportError, match="apt-get install openmpi-bin libopenmpi-dev"):
+        _mpi_ops.load_library()
