@@ -12,10 +12,15 @@ layer sequence:
 
 For each split it prints the predicted time of every stage (cost model:
 profiled layer times plus transfers) and the measured time: each stage's
-layers run forward and backward on this CPU as one `tf.function`, fed with
-the tensors live across the cut before it and back-propagating into every
-tensor live across the cut after it; the median of `--repeats` timed calls
-after warm-up, less the cost of an empty `tf.function` call. The bottleneck
+layers run forward and backward on this CPU as one `tf.function`
+(`tf_smdist.pipeline.profiler.stage_step`), fed with the tensors it consumes
+from earlier stages and back-propagating from every tensor it produces that
+later stages use; the median of `--repeats` timed calls
+after warm-up, less the cost of an empty `tf.function` call, timed round-robin
+(every stage once per round). By default both the profile and the
+measurements use this process's CPU time (`--clock cpu`): TensorFlow runs on
+one thread here, and CPU time does not count the waits that other jobs on a
+shared machine cause (`--clock wall` for wall time). The bottleneck
 is the slowest stage; it sets a pipeline's steady-state throughput. Stages
 run one after another here (one process, 1 intra-op thread), so measured
 times are compute only; the predicted transfer share is printed apart.
@@ -27,7 +32,6 @@ times are compute only; the predicted transfer share is printed apart.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import time
@@ -40,7 +44,8 @@ import tensorflow as tf  # noqa: E402
 
 import tf_smdist as smd  # noqa: E402
 from tf_smdist.pipeline import solve_partition  # noqa: E402
-from tf_smdist.pipeline.graph import LayerGraph, flatten_model  # noqa: E402
+from tf_smdist.pipeline.graph import flatten_model  # noqa: E402
+from tf_smdist.pipeline.profiler import stage_step  # noqa: E402
 
 
 def build_model(blocks: int, *, dim: int = 128, classes: int = 1024) -> keras.Model:
@@ -86,50 +91,7 @@ def equal_param_sizes(profile: smd.Profile, k: int) -> list[int]:
     return solve_partition(params, k)
 
 
-class StageTimer:
-    """Times one stage of the flattened graph forward + backward."""
-
-    def __init__(self, graph: LayerGraph, values: dict, start: int, stop: int):
-        live = graph.live_after()
-        self.in_keys = list(graph.inputs) if start == 0 else list(live[start - 1])
-        out_keys = list(graph.outputs) if stop == len(graph.nodes) else live[stop - 1]
-        self.inputs = [values[k] for k in self.in_keys]
-        variables, seen = [], set()
-        for node in graph.nodes[start:stop]:
-            for v in node.operation.trainable_weights if node.is_layer else []:
-                if id(v) not in seen:
-                    seen.add(id(v))
-                    variables.append(v)
-        in_keys = self.in_keys
-
-        @tf.function
-        def step(*xs):
-            floating = [x for x in xs if x.dtype.is_floating]
-            with tf.GradientTape() as tape:
-                for x in floating:
-                    tape.watch(x)
-                known = graph.run(
-                    [],
-                    start=start,
-                    stop=stop,
-                    values=dict(zip(in_keys, xs)),
-                    training=True,
-                )
-            targets = [known[k] for k in out_keys if known[k].dtype.is_floating]
-            grads = tape.gradient(
-                targets,
-                floating + variables,
-                output_gradients=[tf.ones_like(t) for t in targets],
-            )
-            return [g for g in grads if g is not None]
-
-        self.step = step
-
-    def __call__(self) -> None:
-        self.step(*self.inputs)
-
-
-def median_times(fns, repeats: int, warmup: int = 2) -> list[float]:
+def median_times(fns, repeats: int, clock, warmup: int = 2) -> list[float]:
     """Median seconds of each fn, timed round-robin (one call each per round)."""
     for fn in fns:
         for _ in range(warmup):
@@ -137,9 +99,9 @@ def median_times(fns, repeats: int, warmup: int = 2) -> list[float]:
     samples = [[] for _ in fns]
     for _ in range(repeats):
         for fn, times in zip(fns, samples):
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return [statistics.median(times) for times in samples]
 
 
@@ -150,22 +112,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--stages", default="2,4,8")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     model = build_model(args.blocks)
     model.compile(optimizer="adam", loss="mse")
     x = np.random.default_rng(0).normal(size=(args.batch, 32, 32, 3))
     x = x.astype("float32")
     profile = smd.profile_model(
-        model, x, warmup=2, repeats=args.repeats, time_budget=600.0
+        model, x, warmup=2, repeats=args.repeats, time_budget=600.0, clock=clock
     )
     n = len(profile)
     print(
         f"model: {n} layers, {profile.param_bytes / 2**20:.1f} MiB params, "
-        f"batch {args.batch}, intra-op threads {args.threads}; profiled "
+        f"batch {args.batch}, intra-op threads {args.threads}, {args.clock} "
+        f"clock; profiled "
         f"sum of layer times {profile.total_time * 1e3:.2f} ms"
     )
 
@@ -177,26 +142,25 @@ def main() -> None:
         return t
 
     tiny = tf.zeros([1])
-    whole = StageTimer(graph, values, 0, n)
-    overhead, whole_time = median_times([lambda: empty(tiny), whole], args.repeats)
+    whole = stage_step(graph, values, 0, n)
+    overhead, whole_time = median_times(
+        [lambda: empty(tiny), whole], args.repeats, clock
+    )
     whole_time -= overhead
     print(
         f"whole model fwd+bwd measured {whole_time * 1e3:.2f} ms "
         f"(profile sum / measured = {profile.total_time / whole_time:.3f})"
     )
 
-    errors = {"profile": [], "window": []}
-    bottleneck_errors = []
-    summary = []
+    errors, bottleneck_errors, summary = [], [], []
     header = (
         f"{'K':>2}  {'split':<7} {'stage sizes':<30} {'pred ms':>8} "
-        f"{'(xfer)':>7} {'window':>8} {'meas ms':>8}  {'meas / ours':>11}"
+        f"{'(xfer)':>7} {'meas ms':>8}  {'meas / ours':>11}"
     )
     print()
     print(f"bottleneck stage, fwd+bwd ms per batch of {args.batch} samples")
     print(header)
     print("-" * len(header))
-    singles = [StageTimer(graph, values, i, i + 1) for i in range(n)]
     for k in [int(v) for v in args.stages.split(",")]:
         ours = smd.partition(profile, k)
         splits = {
@@ -208,46 +172,30 @@ def main() -> None:
         for sizes in splits.values():
             bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
             for s in range(k):
-                timers.append(StageTimer(graph, values, bounds[s], bounds[s + 1]))
-        # Stages and single layers timed in the same rounds, so that both see
-        # the same load on this shared machine.
+                timers.append(stage_step(graph, values, bounds[s], bounds[s + 1]))
         overhead, *times = median_times(
-            [lambda: empty(tiny), *singles, *timers], args.repeats
+            [lambda: empty(tiny), *timers], args.repeats, clock
         )
-        window = smd.Profile(
-            [
-                dataclasses.replace(layer, time=max(t - overhead, 0.0))
-                for layer, t in zip(profile.layers, times[:n])
-            ],
-            batch_size=profile.batch_size,
-            input_bytes=profile.input_bytes,
-            device_kind=profile.device_kind,
-        )
-        times = times[n:]
         measured = {}
         for i, (name, sizes) in enumerate(splits.items()):
             measured[name] = [t - overhead for t in times[i * k : (i + 1) * k]]
             part = smd.partition(profile, k, stage_sizes=sizes)
-            now = smd.partition(window, k, stage_sizes=sizes)
-            for e, w, m in zip(part.estimates, now.estimates, measured[name]):
-                errors["profile"].append((e.compute_time - m) / m)
-                errors["window"].append((w.compute_time - m) / m)
-            slowest = int(np.argmax(now.stage_times))
+            for e, m in zip(part.estimates, measured[name]):
+                errors.append((e.compute_time - m) / m)
+            slowest = int(np.argmax(measured[name]))
             bottleneck_errors.append(
-                (now.estimates[slowest].compute_time - measured[name][slowest])
+                (part.estimates[slowest].compute_time - measured[name][slowest])
                 / measured[name][slowest]
             )
             ratio = max(measured[name]) / max(measured["ours"])
             print(
                 f"{k:>2}  {name:<7} {str(sizes):<30} {part.bottleneck * 1e3:8.2f} "
                 f"{part.estimates[slowest].transfer_time * 1e3:7.3f} "
-                f"{now.bottleneck * 1e3:8.2f} "
                 f"{max(measured[name]) * 1e3:8.2f}  {ratio:11.2f}"
             )
             if args.verbose:
                 for label, values_ms in (
-                    ("profile", [e.compute_time for e in part.estimates]),
-                    ("window", [e.compute_time for e in now.estimates]),
+                    ("predicted", [e.compute_time for e in part.estimates]),
                     ("measured", measured[name]),
                 ):
                     cells = " ".join(f"{v * 1e3:6.1f}" for v in values_ms)
@@ -266,14 +214,13 @@ def main() -> None:
             f"equal-params / ours = {params:.2f}x (measured)"
         )
     for label, values_ in (
-        ("from the profile used to partition", errors["profile"]),
-        ("from layer times measured alongside", errors["window"]),
-        ("bottleneck stages only, alongside", bottleneck_errors),
+        ("all stages", errors),
+        ("measured-slowest stage of each split", bottleneck_errors),
     ):
         abs_errors = sorted(abs(e) for e in values_)
         print(
-            f"per-stage compute prediction error, {label}: {len(abs_errors)} "
-            f"stages, median {100 * statistics.median(abs_errors):.1f}%, 90th pct "
+            f"stage compute prediction error, {label}: {len(abs_errors)} stages, "
+            f"median {100 * statistics.median(abs_errors):.1f}%, 90th pct "
             f"{100 * abs_errors[int(0.9 * (len(abs_errors) - 1))]:.1f}%, max "
             f"{100 * abs_errors[-1]:.1f}%"
         )

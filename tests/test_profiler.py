@@ -8,7 +8,7 @@ import pytest
 
 import tf_smdist as smd
 from tf_smdist.pipeline.graph import SubclassedModelError, flatten_model
-from tf_smdist.pipeline.profiler import optimizer_slots_per_parameter
+from tf_smdist.pipeline.profiler import optimizer_slots_per_parameter, stage_step
 
 FAST = {"warmup": 1, "repeats": 2, "time_budget": 0.05}
 
@@ -323,3 +323,32 @@ def test_profiling_callback_profiles_during_fit(tmp_path):
 def test_profiling_callback_rejects_unknown_options():
     with pytest.raises(TypeError, match="repeat"):
         smd.ProfilingCallback(repeat=3)
+
+
+def test_stage_step_runs_forward_and_backward_like_the_model():
+    import tensorflow as tf
+
+    model = residual_model()
+    x = tf.constant(np.random.default_rng(2).normal(size=(2, 8, 8, 4)), tf.float32)
+    graph = flatten_model(model)
+    values = graph.run([x], training=True)
+    grads = stage_step(graph, values, 0, len(graph.nodes))()
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = model(x, training=True)
+    expected = tape.gradient(y, [x, *model.trainable_variables])
+    assert len(grads) == len(expected)
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_profile_rejects_bad_timing_options():
+    with pytest.raises(ValueError, match="chunk=0"):
+        smd.profile_model(mlp(), np.zeros((2, 16), "float32"), chunk=0)
+    with pytest.raises(ValueError, match="repeats=0"):
+        smd.profile_model(mlp(), np.zeros((2, 16), "float32"), repeats=0)
+
+
+def test_profile_without_calibration():
+    profile = smd.profile_model(mlp(), np.zeros((2, 16), "float32"), chunk=1, **FAST)
+    assert all(layer.time >= 0 for layer in profile.layers)

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_smdist.pipeline.graph import GraphNode, LayerGraph, flatten_model
+from tf_smdist.pipeline.graph import LayerGraph, flatten_model
 
 __all__ = [
     "LayerProfile",
@@ -25,6 +25,7 @@ __all__ = [
     "ProfilingCallback",
     "optimizer_slots_per_parameter",
     "profile_model",
+    "stage_step",
 ]
 
 logger = logging.getLogger(__name__)
@@ -465,6 +466,7 @@ def _timed_rounds(
     repeats: int,
     budget: float,
     sync: bool,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[float]:
     """Median seconds of each `fn()`, timed in rounds that visit every fn once.
 
@@ -482,36 +484,81 @@ def _timed_rounds(
     spent = 0.0
     for _ in range(repeats):
         for fn, times in zip(fns, samples):
-            start = time.perf_counter()
+            start = clock()
             fn()
             if sync:
                 tf.test.experimental.sync_devices()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
             spent += times[-1]
         if spent >= budget:
             break
     return [statistics.median(times) for times in samples]
 
 
-def _step_fn(node: GraphNode, values: dict[str, tf.Tensor]) -> Callable[[], Any]:
-    """A tf.function running the node forward and backward on fixed inputs."""
-    floating = [k for k in node.inputs if values[k].dtype.is_floating]
-    variables = list(node.operation.trainable_weights) if node.is_layer else []
-    inputs = [values[k] for k in node.inputs]
+def stage_step(
+    graph: LayerGraph,
+    values: dict[str, tf.Tensor],
+    start: int,
+    stop: int,
+    *,
+    live: Sequence[Sequence[str]] | None = None,
+) -> Callable[[], Any]:
+    """A callable running nodes `[start, stop)` forward and backward, as a stage.
+
+    The nodes run in one `tf.function`, on fixed inputs: the tensors they
+    consume that earlier nodes produce (taken from `values`). Backward
+    starts from ones at every tensor they produce that is live after `stop`
+    and reaches their trainable variables and floating inputs, as a pipeline
+    stage's backward pass would.
+
+    Args:
+        graph: The model's `LayerGraph`.
+        values: Every tensor of one forward pass, by key (`graph.run(...)`).
+        start: First node.
+        stop: One past the last node.
+        live: `graph.live_after()`, if already computed. Defaults to `None`.
+
+    Returns:
+        A no-argument callable that runs the step once.
+
+    Example:
+
+    >>> graph = flatten_model(model)
+    >>> values = graph.run([x], training=True)
+    >>> step = stage_step(graph, values, 0, 3)
+    >>> step()  # forward + backward of nodes 0, 1 and 2
+    """
+    live = graph.live_after() if live is None else live
+    nodes = graph.nodes[start:stop]
+    produced = [k for node in nodes for k in node.outputs]
+    produced_set = set(produced)
+    needed = list(
+        dict.fromkeys(k for node in nodes for k in node.inputs if k not in produced_set)
+    )
+    targets = [k for k in live[stop - 1] if k in produced_set] or produced
+    targets = [k for k in targets if values[k].dtype.is_floating]
+    floating = [k for k in needed if values[k].dtype.is_floating]
+    variables, seen = [], set()
+    for node in nodes:
+        for variable in node.operation.trainable_weights if node.is_layer else []:
+            if id(variable) not in seen:
+                seen.add(id(variable))
+                variables.append(variable)
+    inputs = [values[k] for k in needed]
 
     @tf.function
     def step(*tensors: tf.Tensor) -> list[tf.Tensor]:
-        known = dict(zip(node.inputs, tensors))
+        known = dict(zip(needed, tensors))
         with tf.GradientTape() as tape:
             for key in floating:
                 tape.watch(known[key])
-            outputs = node.call(known, training=True)
-        targets = [o for o in outputs if o.dtype.is_floating]
+            known = graph.run([], start=start, stop=stop, values=known, training=True)
+        outputs = [known[k] for k in targets]
         sources = [known[k] for k in floating] + variables
-        if not targets or not sources:
-            return outputs
+        if not outputs or not sources:
+            return [known[k] for k in produced]
         grads = tape.gradient(
-            targets, sources, output_gradients=[tf.ones_like(t) for t in targets]
+            outputs, sources, output_gradients=[tf.ones_like(t) for t in outputs]
         )
         return [g for g in grads if g is not None] or outputs
 
@@ -528,6 +575,8 @@ def profile_model(
     time_budget: float = 60.0,
     device: str | None = None,
     expand_nested: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
+    chunk: int = 8,
 ) -> Profile:
     """Measures each layer of a Sequential or functional model.
 
@@ -540,7 +589,10 @@ def profile_model(
     load on the machine spoils one sample of each layer, not all samples of
     one), stopping after the round in which `time_budget` is spent (at least
     one round). The median, less the cost of an empty `tf.function` call, is
-    the layer's time. Sizes are exact:
+    the layer's own time; chunks of `chunk` consecutive layers, timed in the
+    same rounds as one step each, then rescale their layers' times to their
+    measured sum (see `chunk`), so that runs of layers, such as pipeline
+    stages, are predicted as they run. Sizes are exact:
     parameter bytes from the variables, activation bytes from the outputs.
     Non-trainable state the run touches (batch-norm statistics, random
     seeds) is restored afterwards.
@@ -561,6 +613,16 @@ def profile_model(
         expand_nested: Whether nested Sequential and functional models are
             profiled layer by layer (named `outer/inner`) rather than as one
             layer each. Defaults to `True`.
+        clock: The clock, in seconds. Defaults to `time.perf_counter` (wall
+            time). `time.process_time` (this process's CPU time) is steadier
+            on a CPU shared with other jobs when TensorFlow runs its ops on
+            one thread; it is wrong for GPUs, whose work is not CPU time.
+        chunk: Layers per calibration chunk: consecutive chunks of this many
+            layers are also timed as one step each, and each layer's time is
+            scaled so its chunk's layers add up to the chunk's time (this
+            accounts for costs that isolated layers do not show, such as
+            activations evicted from cache between forward and backward).
+            `1` turns calibration off. Defaults to `8`.
 
     Returns:
         A `Profile`.
@@ -579,10 +641,11 @@ def profile_model(
     >>> profile.layers[0].param_bytes
     66560
     """
-    if warmup < 0 or repeats < 1 or time_budget < 0:
+    if warmup < 0 or repeats < 1 or time_budget < 0 or chunk < 1:
         raise ValueError(
-            "Need warmup >= 0, repeats >= 1 and time_budget >= 0. Received: "
-            f"warmup={warmup}, repeats={repeats}, time_budget={time_budget}"
+            "Need warmup >= 0, repeats >= 1, time_budget >= 0 and chunk >= 1. "
+            f"Received: warmup={warmup}, repeats={repeats}, "
+            f"time_budget={time_budget}, chunk={chunk}"
         )
     graph = _graph_of(model, sample_batch, expand_nested)
     inputs = _sample_inputs(model, sample_batch)
@@ -610,6 +673,8 @@ def profile_model(
                 repeats=repeats,
                 time_budget=time_budget,
                 sync=sync,
+                clock=clock,
+                chunk=chunk,
             )
     finally:
         for variable, value in state:
@@ -642,6 +707,8 @@ def _measure(
     repeats: int,
     time_budget: float,
     sync: bool,
+    clock: Callable[[], float],
+    chunk: int,
 ) -> tuple[list[LayerProfile], float]:
     values = graph.run(inputs, training=True)
     live = graph.live_after()
@@ -651,10 +718,32 @@ def _measure(
         return x
 
     tiny = tf.zeros([1])
-    fns = [lambda: empty(tiny)] + [_step_fn(node, values) for node in graph.nodes]
+    n = len(graph.nodes)
+    singles = [stage_step(graph, values, i, i + 1, live=live) for i in range(n)]
+    bounds = list(range(0, n, chunk)) + [n] if chunk > 1 else []
+    chunks = [
+        stage_step(graph, values, bounds[c], bounds[c + 1], live=live)
+        for c in range(len(bounds) - 1)
+    ]
     overhead, *seconds = _timed_rounds(
-        fns, warmup=max(warmup, 1), repeats=repeats, budget=time_budget, sync=sync
+        [lambda: empty(tiny), *singles, *chunks],
+        warmup=max(warmup, 1),
+        repeats=repeats,
+        budget=time_budget,
+        sync=sync,
+        clock=clock,
     )
+    times = [max(t - overhead, 0.0) for t in seconds[:n]]
+    # Calibrate: a chunk of consecutive layers run as one step also pays for
+    # what isolated layers do not (activations evicted from cache between
+    # forward and backward, gradient sums of tensors used twice); spread each
+    # chunk's measured time over its layers in proportion to their own.
+    for c, fused in enumerate(seconds[n:]):
+        a, b = bounds[c], bounds[c + 1]
+        fused = max(fused - overhead, 0.0)
+        alone = math.fsum(times[a:b])
+        for i in range(a, b):
+            times[i] = fused * times[i] / alone if alone > 0 else fused / (b - a)
     seen: set[int] = set()
     layers = []
     for position, node in enumerate(graph.nodes):
@@ -681,7 +770,7 @@ def _measure(
                 name=node.name,
                 class_name=type(node.operation).__name__,
                 inputs=node.inputs,
-                time=max(seconds[position] - overhead, 0.0),
+                time=times[position],
                 param_bytes=param,
                 trainable_bytes=trainable,
                 optimizer_bytes=int(round(slots * trainable)),
@@ -690,7 +779,7 @@ def _measure(
                 is_layer=node.is_layer,
             )
         )
-        logger.debug("Profiled %s: %.3f ms", node.name, seconds[position] * 1e3)
+        logger.debug("Profiled %s: %.3f ms", node.name, times[position] * 1e3)
     return layers, overhead
 
 
@@ -716,7 +805,8 @@ class ProfilingCallback(keras.callbacks.Callback):
         model: The model to profile. Defaults to `None` (the model `fit`
             runs, or its `profiled_model` attribute when it has one).
         **profile_kwargs: Passed to `profile_model` (`warmup`, `repeats`,
-            `time_budget`, `device`, `optimizer`, `expand_nested`).
+            `time_budget`, `device`, `optimizer`, `expand_nested`, `clock`,
+            `chunk`).
 
     Example:
 
@@ -749,6 +839,8 @@ class ProfilingCallback(keras.callbacks.Callback):
             "device",
             "optimizer",
             "expand_nested",
+            "clock",
+            "chunk",
         }
         if unknown:
             raise TypeError(
