@@ -75,8 +75,8 @@ const DeviceInfo& GetDeviceInfo(int device);
 int ResidentBlocks(int device);
 
 // Default chunk size (elements) for a copy from `in_elem_bytes`-wide to
-// `out_elem_bytes`-wide elements: one pass of a block at 4 vectors a thread
-// (4096 when either side is float, 8192 for 16-bit pairs).
+// `out_elem_bytes`-wide elements: 16 KiB of input (4096 float or 8192 16-bit
+// elements).
 int64_t DefaultChunkElems(size_t in_elem_bytes, size_t out_elem_bytes);
 
 // Host side: fills `segments[i].first_chunk` and returns the plan for a copy
