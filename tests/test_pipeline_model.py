@@ -403,3 +403,37 @@ def test_partition_report_lists_each_stage():
     assert "stage 0 on /device:CPU:0: 4 layers" in report
     assert "stage 1 on /device:CPU:1: 4 layers" in report
     assert "bubble 0.200" in report
+
+
+def test_auto_partition_profiles_on_first_batch_and_continues_exactly():
+    from tf_smdist.pipeline.profiler import ProfilingCallback
+
+    plain, pipe = pipeline("functional", 2, 2, "1f1b")
+    assert pipe.profiled_model is pipe.wrapped_model
+    x, y = data("functional", batch=32)
+    for model in (plain, pipe):
+        model.compile(optimizer="sgd", loss="mse", jit_compile=False)
+    seen = []
+    callback = ProfilingCallback(
+        batch_size=8, on_profile=seen.append, warmup=1, repeats=2
+    )
+    h_plain = plain.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    h_pipe = pipe.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+                      callbacks=[callback])
+    assert len(seen) == 1
+    names = [list(s.layer_names) for s in pipe.stages]
+    assert names == pipe._partition.stage_layer_names
+    assert "stage 1" in pipe.partition_report()
+    assert_close(h_pipe.history["loss"], h_plain.history["loss"])
+    for w, pw in zip(plain.get_weights(), pipe.get_weights()):
+        assert_close(pw, w)
+
+
+def test_auto_partition_before_training():
+    _, pipe = pipeline("sequential", 2, 2, "gpipe")
+    x, _ = data("sequential")
+    part = pipe.auto_partition(x)
+    assert [list(s.layer_names) for s in pipe.stages] == part.stage_layer_names
+    for stage in pipe.stages:
+        for v in stage.variables:
+            assert v.value.device.endswith(f"CPU:{stage.index}")

@@ -94,8 +94,9 @@ class PipelineModel(keras.Model):
         partition: `"auto"`, a `Partition`, stage sizes (layers per stage in
             `layer_order(model)`), or one list of layer names per stage; with
             `"interleaved"`, `K * virtual_stages` entries. Defaults to
-            `"auto"`, which balances the layers by count until a profile is
-            available (see `ProfilingCallback`).
+            `"auto"`: an equal split by layer count until the first batch
+            of `fit` (or `auto_partition`) profiles the model and
+            `smd.partition` chooses the split (see `ProfilingCallback`).
         virtual_stages: stages per device for `"interleaved"`. Defaults to `2`.
         recompute: drop each stage's intermediate activations after its
             forward and recompute them in its backward. Defaults to `False`.
@@ -174,6 +175,7 @@ class PipelineModel(keras.Model):
                 layer_order(model), self._schedule.num_stages
             )
         self._stages: tuple[Stage, ...] = ()
+        self._partition: Any = None
         self.repartition(partition)
         self.built = True
 
@@ -229,12 +231,107 @@ class PipelineModel(keras.Model):
         for stage in stages:
             place_variables(stage)
         self._stages = tuple(stages)
-        self._pending_auto = False if partition != "auto" else self._pending_auto
-        # Force Keras to trace new functions around the new stages.
-        self.train_function = None
+        self._partition = partition if hasattr(partition, "report") else None
+        self._rekey_optimizer()
+        # Trace new functions around the new stages; `fit` calls
+        # `self.train_function` each step, so replace it while it runs.
+        if self.train_function is not None:
+            self.make_train_function(force=True)
         self.test_function = None
         self.predict_function = None
         logger.info("Pipeline partition:\n%s", self.partition_report())
+
+    def _rekey_optimizer(self) -> None:
+        optimizer = getattr(self, "optimizer", None)
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+        if optimizer is None or not getattr(optimizer, "built", False):
+            return
+        # A built Keras optimizer finds each variable's state by the id of
+        # the TensorFlow variable behind it (`_var_key`), which moving the
+        # variable changed; its state keeps its values (and device).
+        optimizer._trainable_variables_indices = {
+            optimizer._var_key(v): i
+            for i, v in enumerate(optimizer._trainable_variables)
+        }
+
+    @property
+    def profiled_model(self) -> keras.Model:
+        """The model a `ProfilingCallback` measures: the wrapped model."""
+        return self.wrapped_model
+
+    def _partition_from_profile(self, profile: Any, **kwargs: Any) -> Any:
+        from tf_smdist.pipeline.partition import partition as solve
+
+        kwargs.setdefault("microbatches", self._microbatches)
+        kwargs.setdefault(
+            "schedule", "gpipe" if self._schedule_name == "gpipe" else "1f1b"
+        )
+        part = solve(profile, self._schedule.num_stages, **kwargs)
+        self._pending_auto = False
+        self.repartition(part)
+        return part
+
+    def auto_partition(self, sample_batch: Any, **kwargs: Any) -> Any:
+        """Profiles the wrapped model on `sample_batch` and re-cuts the stages.
+
+        This is what `partition="auto"` does on the first batch of `fit`;
+        call it before training to partition up front.
+
+        Args:
+            sample_batch: inputs `x` of one batch.
+            **kwargs: passed to `smd.partition` (`optimize`,
+                `memory_capacity`, `bandwidth`, ...).
+
+        Returns:
+            The `Partition` now in use.
+
+        Example:
+        ```python
+        part = pipe.auto_partition(x_train[:64], optimize="speed")
+        print(part.report())
+        ```
+        """
+        from tf_smdist.pipeline.profiler import profile_model
+
+        profile = profile_model(
+            self.wrapped_model,
+            sample_batch,
+            optimizer=getattr(self, "optimizer", None),
+        )
+        return self._partition_from_profile(profile, **kwargs)
+
+    def fit(self, *args: Any, **kwargs: Any) -> Any:
+        """Trains like `keras.Model.fit`, pipelined.
+
+        With a `smd.ProfilingCallback` among the callbacks, or with
+        `partition="auto"` and no partition chosen yet (a callback is then
+        added), the first training batch runs on the current split; the
+        wrapped model is then profiled, partitioned, the train function is
+        rebuilt, training continues pipelined, and the partition report is
+        logged.
+        """
+        from tf_smdist.pipeline.profiler import ProfilingCallback
+
+        callbacks = list(kwargs.get("callbacks") or [])
+        profilers = [c for c in callbacks if isinstance(c, ProfilingCallback)]
+        if not profilers and self._pending_auto:
+            batch_size = kwargs.get("batch_size") or 32
+            profilers = [ProfilingCallback(batch_size=batch_size)]
+            callbacks += profilers
+        for callback in profilers:
+            if getattr(callback, "_pipeline_hooked", False):
+                continue
+            user_hook = callback.on_profile
+
+            def hook(profile: Any, user_hook: Any = user_hook) -> None:
+                if user_hook is not None:
+                    user_hook(profile)
+                self._partition_from_profile(profile)
+
+            callback.on_profile = hook
+            callback._pipeline_hooked = True
+        kwargs["callbacks"] = callbacks
+        return super().fit(*args, **kwargs)
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -273,6 +370,8 @@ class PipelineModel(keras.Model):
                 f"({stage.layer_names[0]} .. {stage.layer_names[-1]}), "
                 f"{params} parameters, carries {stage.num_outputs} tensor(s)"
             )
+        if self._partition is not None:
+            lines.append(self._partition.report())
         return "\n".join(lines)
 
     # -- Keras API -------------------------------------------------------
