@@ -131,12 +131,9 @@ __device__ __forceinline__ void ConvertVec(const Vec<In, V>& x, Vec<Out, V>* y,
   }
 }
 
-// Scalars per thread per pass of the misaligned path: 32 bytes of
-// independent loads in flight before the first store.
-template <typename In>
-constexpr int ScalarUnroll() {
-  return 32 / static_cast<int>(sizeof(In));
-}
+// Bytes of independent scalar loads per thread per pass of the misaligned
+// path, in flight before the first store.
+constexpr int kScalarBytesInFlight = 32;
 
 #ifndef SMDIST_STREAMING_LOADS
 #define SMDIST_STREAMING_LOADS 1
@@ -295,7 +292,8 @@ __device__ __forceinline__ void CopyChunk(const ChunkRef& ref, float scale,
       if (base + kStep >= nvec) break;
     }
   } else {
-    constexpr int kScalarUnroll = ScalarUnroll<In>();
+    constexpr int kScalarUnroll =
+        kScalarBytesInFlight / static_cast<int>(sizeof(In));
     constexpr int64_t kStep = kThreadsPerBlock * kScalarUnroll;
     for (int64_t base = begin;; base += kStep) {
       In x[kScalarUnroll];
