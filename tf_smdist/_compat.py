@@ -32,3 +32,16 @@ from tensorflow.python.distribute import device_util  # noqa: E402
 # rebatching of the global batch) is what MultiWorkerMirroredStrategy does;
 # the helpers that do it are not exported publicly.
 from tensorflow.python.distribute import input_util  # noqa: E402
+
+
+# --- pipeline parallel ----------------------------------------------------
+def xplane_pb2() -> object:
+    """The XSpace protobuf module of TensorFlow's profiler traces.
+
+    `tf.profiler.experimental` writes `*.xplane.pb` files but exports no
+    reader; the generated protobuf module ships only under `tensorflow.tsl`.
+    Imported lazily: only timeline tracing needs it.
+    """
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2 as module
+
+    return module
