@@ -437,3 +437,40 @@ def test_auto_partition_before_training():
     for stage in pipe.stages:
         for v in stage.variables:
             assert v.value.device.endswith(f"CPU:{stage.index}")
+
+
+def test_plot_schedule_draws_every_task(tmp_path):
+    import tf_smdist as smd
+    from tf_smdist.pipeline.schedule import interleaved_1f1b
+
+    schedule = interleaved_1f1b(2, 4, 2)
+    path = tmp_path / "schedule.png"
+    fig = smd.plot_schedule(schedule, path=str(path))
+    assert path.stat().st_size > 0
+    assert len(fig.axes[0].patches) == 2 * 4 * 4  # F and B of 4 stages x 4
+
+
+def test_trace_timeline_measures_every_task_and_writes_chrome_trace(tmp_path):
+    import json
+
+    import tf_smdist as smd
+    from tf_smdist.pipeline.plot import trace_timeline
+
+    _, pipe = pipeline("sequential", 2, 2, "1f1b")
+    pipe.compile(optimizer="sgd", loss="mse")
+    x, y = data("sequential")
+    timeline = trace_timeline(pipe, x, y)
+    assert set(timeline.spans) == {
+        t for order in pipe.pipeline_schedule.device_orders for t in order
+    }
+    for order in pipe.pipeline_schedule.device_orders:
+        ends = [timeline.spans[t][2] for t in order]
+        starts = [timeline.spans[t][1] for t in order]
+        # Each device ran its tasks in the schedule's order.
+        assert all(s >= e for s, e in zip(starts[1:], ends[:-1]))
+    assert 0.0 <= timeline.bubble_fraction < 1.0
+    path = tmp_path / "trace.json"
+    timeline.save_chrome_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    assert {e["name"] for e in events if e.get("tid") == 0} >= {"F(s0,m0)"}
+    smd.plot_schedule(timeline, path=str(tmp_path / "measured.png"))

@@ -17,10 +17,13 @@ from tf_smdist.data_parallel.strategy import DataParallelStrategy
 # --- pipeline parallel --------------------------------------------------
 from tf_smdist.pipeline.partition import Partition, partition
 from tf_smdist.pipeline.profiler import Profile, ProfilingCallback, profile_model
+from tf_smdist.pipeline.model import PipelineModel
+from tf_smdist.pipeline.plot import plot_schedule
 
 __all__ = [
     "DataParallelStrategy",
     "Partition",
+    "PipelineModel",
     "Profile",
     "ProfilingCallback",
     "__version__",
@@ -28,6 +31,7 @@ __all__ = [
     "host_reduce",
     "pack",
     "partition",
+    "plot_schedule",
     "profile_model",
     "unpack",
 ]
