@@ -72,11 +72,13 @@ def test_gradients_pass_through_the_custom_ops_on_their_devices():
     packs = _ops_of_type(graph, "SmdistPack")
     reduces = _ops_of_type(graph, "SmdistHostReduce")
     unpacks = _ops_of_type(graph, "SmdistUnpack")
-    assert (len(packs), len(reduces), len(unpacks)) == (2 * n_vars, n_vars, 2 * n_vars)
+    assert (len(packs), len(reduces)) == (2 * n_vars, n_vars)
     assert all(op.device.endswith("device:CPU:0") for op in reduces)
-    expected_devices = sorted(["CPU:0", "CPU:1"] * n_vars)
-    assert sorted(op.device[-5:] for op in packs) == expected_devices
-    assert sorted(op.device[-5:] for op in unpacks) == expected_devices
+    assert sorted(op.device[-5:] for op in packs) == sorted(["CPU:0", "CPU:1"] * n_vars)
+    # Logical CPU devices share the host's memory: each bucket is unpacked
+    # once, on the host, and every replica reads the same buffers.
+    assert len(unpacks) == n_vars
+    assert all(op.device.endswith("device:CPU:0") for op in unpacks)
     # Every gradient of every replica is an input of exactly one pack.
     packed_inputs = {t.ref() for op in packs for t in op.inputs}
     for grads in recorded:
@@ -140,3 +142,32 @@ def test_keras_fit_traces_the_custom_ops(monkeypatch):
         ("host_reduce", "SmdistHostReduce"),
         ("unpack", "SmdistUnpack"),
     }
+
+
+def test_devices_with_their_own_memory_unpack_on_each_device(monkeypatch):
+    # As on GPUs: the reduced bucket is copied to and unpacked on each device.
+    monkeypatch.setattr(
+        smd.data_parallel.HostReduceCrossDeviceOps, "_in_host_memory", lambda *a: False
+    )
+    strategy = smd.DataParallelStrategy(DEVICES, bucket_cap_mb=1e-6)
+    graph, recorded, model = _trace(strategy)
+    n_vars = len(model.trainable_variables)
+    unpacks = _ops_of_type(graph, "SmdistUnpack")
+    assert sorted(op.device[-5:] for op in unpacks) == sorted(
+        ["CPU:0", "CPU:1"] * n_vars
+    )
+
+    @tf.function
+    def step():
+        def fn():
+            r = tf.distribute.get_replica_context().replica_id_in_sync_group
+            v = [tf.fill([2, 3], tf.cast(r, tf.float32) + 1.0), tf.constant([5.0])]
+            return tf.distribute.get_replica_context().all_reduce("mean", v)
+
+        return strategy.run(fn)
+
+    a, b = step()
+    for t in strategy.experimental_local_results(a):
+        np.testing.assert_array_equal(t, np.full([2, 3], 1.5, np.float32))
+    for t in strategy.experimental_local_results(b):
+        np.testing.assert_array_equal(t, [5.0])

@@ -113,7 +113,7 @@ class HostReduceCrossDeviceOps(tf.distribute.CrossDeviceOps):
         self._bucket_cap_mb = _check_bucket_cap(bucket_cap_mb)
         self._compression = compression
         self._transfer_dtype = _check_compression(compression)
-        self._host_device = host_device
+        self._host_device = _compat.device_util.canonicalize(host_device)
         self._plans: dict[tuple, BucketPlan] = {}
         self._fallback = tf.distribute.ReductionToOneDevice(
             reduce_to_device=host_device
@@ -340,11 +340,35 @@ class HostReduceCrossDeviceOps(tf.distribute.CrossDeviceOps):
                 host = self._reduce_bucket_on_host(
                     packed, scale=scale, out_type=transfer, bucket=bucket
                 )
+            if self._in_host_memory(dest_devices):
+                # The destinations share the host's memory (logical CPU
+                # devices): unpack once and hand every device the same
+                # buffers (identity ops, no copies).
+                with tf.device(self._host_device):
+                    shared = _ops.unpack(host, bucket.shapes, out_type=dtype)
+                outs = []
+                for dev in dest_devices:
+                    with tf.device(dev):
+                        outs.append([tf.identity(t) for t in shared])
+                return outs
             outs = []
             for dev in dest_devices:
                 with tf.device(dev):
                     outs.append(_ops.unpack(host, bucket.shapes, out_type=dtype))
         return outs
+
+    def _in_host_memory(self, devices: Sequence[str]) -> bool:
+        """Whether all `devices` are CPU devices of the host device's process."""
+        host = tf.DeviceSpec.from_string(self._host_device)
+        for d in devices:
+            spec = tf.DeviceSpec.from_string(d)
+            if (spec.device_type or "").upper() != "CPU" or (
+                spec.job,
+                spec.replica,
+                spec.task,
+            ) != (host.job, host.replica, host.task):
+                return False
+        return True
 
     def _gather_slices_on_host(
         self, parts: Sequence[tf.IndexedSlices], *, scale: float
