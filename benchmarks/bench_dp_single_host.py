@@ -240,7 +240,8 @@ def bench_allreduce(name, devices, repeats=30):
         "Mirrored (ReductionToOneDevice)",
     ):
         print(
-            f"RATIO all-reduce {name}: {peer} / smd(cap=25MB) = {medians[peer] / ours:.3f}"
+            f"RATIO all-reduce {name}: {peer} / smd(cap=25MB) = "
+            f"{medians[peer] / ours:.3f}"
         )
 
 

@@ -9,23 +9,29 @@ public TensorFlow and Keras APIs plus the names below.
 # differs from MirroredStrategy's (needed to route reductions and updates to
 # our cross-device ops and to reject variables created outside the scope).
 from tensorflow.python.distribute.mirrored_strategy import (  # noqa: E402
-    MirroredExtended,
+    MirroredExtended as MirroredExtended,
 )
 
 # Mirrored / PerReplica values have no public constructor; a CrossDeviceOps
 # subclass must return them (the public base class expects these types).
-from tensorflow.python.distribute import values as distribute_values  # noqa: E402
+from tensorflow.python.distribute import (  # noqa: E402, F401
+    values as distribute_values,
+)
 
 # `regroup` turns per-device results into Mirrored values the way the built-in
 # CrossDeviceOps do; not exported publicly.
-from tensorflow.python.distribute.distribute_utils import regroup  # noqa: E402
+from tensorflow.python.distribute.distribute_utils import (  # noqa: E402
+    regroup as regroup,
+)
 
 # Device lists of DistributedValues / variables / strings, canonicalised the
 # way the built-in CrossDeviceOps compare them; not exported publicly.
 from tensorflow.python.distribute.cross_device_ops import (  # noqa: E402
-    get_devices_from,
+    get_devices_from as get_devices_from,
 )
-from tensorflow.python.distribute import device_util  # noqa: E402
+from tensorflow.python.distribute import (  # noqa: E402
+    device_util as device_util,
+)
 
 # --- multi-process data parallel -----------------------------------------
 # Building a distributed dataset with an InputContext (rank sharding plus
