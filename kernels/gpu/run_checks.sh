@@ -7,11 +7,12 @@
 #   kernels/gpu/run_checks.sh --compile-only   build only (no GPU needed)
 #   kernels/gpu/run_checks.sh --no-bench       build and check only
 # Other arguments go to the harness (--seed N, --reps N, --tune).
-# NVCC overrides the compiler; SMDIST_GENCODE overrides the targets.
+# NVCC overrides the compiler, SMDIST_GENCODE the targets and SMDIST_GPU_BUILD_DIR
+# the build folder (default kernels/gpu/build).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-build="${here}/build"
+build="${SMDIST_GPU_BUILD_DIR:-${here}/build}"
 nvcc="${NVCC:-nvcc}"
 gencode="${SMDIST_GENCODE:--gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_90,code=compute_90}"
 
