@@ -63,6 +63,45 @@ def mpi_build_flags() -> tuple[list[str], list[str]] | None:
 
 _MPI_FLAGS = mpi_build_flags()
 
+# CUDA kernels of SmdistPack and SmdistUnpack, linked into the core op
+# library only when nvcc and a CUDA-enabled TensorFlow are both present.
+GPU_CUDA_SOURCES = ["kernels/gpu/smdist_gpu.cu"]
+GPU_OPS_SOURCES = ["ops/smdist_kernels_gpu.cc"]
+NVCC_FLAGS = [
+    "-O3", "-std=c++17", "-DNDEBUG", "--threads", "0", "-Xcompiler", "-fPIC",
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_90,code=compute_90",
+]
+
+
+def cuda_toolkit(tf_built_with_cuda: bool) -> tuple[tuple[str, str] | None, str]:
+    """Returns ((nvcc, CUDA root), "") for a GPU build, or (None, why not).
+
+    nvcc is `$NVCC`, else `nvcc` on PATH, else `$CUDA_HOME/bin/nvcc`; the
+    CUDA root (headers, libcudart) is `$CUDA_HOME`, else the folder above
+    nvcc's real location, else /usr/local/cuda.
+    """
+    if not tf_built_with_cuda:
+        return None, ("the installed TensorFlow is not built with CUDA "
+                      "(tf.test.is_built_with_cuda() is False)")
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if nvcc is None and cuda_home:
+        candidate = os.path.join(cuda_home, "bin", "nvcc")
+        nvcc = candidate if os.path.isfile(candidate) else None
+    if nvcc is None:
+        return None, "nvcc was not found (put CUDA's bin on PATH or set CUDA_HOME)"
+    roots = [cuda_home, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+             "/usr/local/cuda"]
+    for root in roots:
+        if root and os.path.isfile(os.path.join(root, "include",
+                                                "cuda_runtime_api.h")):
+            return (nvcc, root), ""
+    return None, (f"no CUDA headers next to {nvcc} (set CUDA_HOME to the "
+                  "CUDA toolkit)")
+
+
 _PROBE = (
     "import json, tensorflow as tf; print(json.dumps({"
     "'version': tf.__version__, "
@@ -148,6 +187,10 @@ class BuildOps(build_ext):
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             objects = list(pool.map(compile_one, ext.sources))
+        if ext.name == "tf_smdist.libsmdist_ops":
+            gpu_objects, gpu_lflags = self._build_gpu(cxx, cflags, tmp)
+            objects += gpu_objects
+            extra_lflags = list(extra_lflags) + gpu_lflags
         cmd = ([cxx, "-shared", "-o", target] + objects + self._tf["lflags"]
                + extra_lflags)
         print(" ".join(cmd))
@@ -157,12 +200,47 @@ class BuildOps(build_ext):
         for package_dir in {os.path.dirname(target), os.path.join(HERE, "tf_smdist")}:
             self._write_build_info(package_dir)
 
+    def _build_gpu(self, cxx: str, cflags: list[str],
+                   tmp: str) -> tuple[list[str], list[str]]:
+        """Compiles the CUDA kernels and GPU OpKernels, or says why it skips.
+
+        Returns the objects and link flags to add to the core op library.
+        """
+        toolkit, reason = cuda_toolkit(bool(self._tf["cuda"]))
+        if toolkit is None:
+            print(f"tf_smdist: GPU kernels skipped: {reason}. The op library "
+                  "gets CPU kernels only.", file=sys.stderr)
+            return [], []
+        nvcc, root = toolkit
+        print(f"tf_smdist: building GPU kernels with {nvcc} (CUDA at {root})")
+        abi = [f for f in self._tf["cflags"]
+               if f.startswith("-D_GLIBCXX_USE_CXX11_ABI")]
+        objects = []
+        for src in GPU_CUDA_SOURCES:
+            obj = os.path.join(tmp, os.path.basename(src) + ".o")
+            cmd = ([nvcc, "-c", os.path.join(HERE, src), "-o", obj, "-I" + HERE]
+                   + NVCC_FLAGS + abi)
+            print(" ".join(cmd))
+            subprocess.run(cmd, check=True)
+            objects.append(obj)
+        for src in GPU_OPS_SOURCES:
+            obj = os.path.join(tmp, os.path.basename(src) + ".o")
+            cmd = ([cxx, "-c", os.path.join(HERE, src), "-o", obj] + cflags
+                   + ["-DGOOGLE_CUDA=1", "-I" + os.path.join(root, "include")])
+            print(" ".join(cmd))
+            subprocess.run(cmd, check=True)
+            objects.append(obj)
+        self._gpu_kernels = True
+        lib = os.path.join(root, "lib64")
+        return objects, ["-L" + lib, "-lcudart", "-Wl,-rpath," + lib]
+
     def _write_build_info(self, package_dir: str) -> None:
         with open(os.path.join(package_dir, "_build_info.py"), "w") as f:
             f.write('"""Written by setup.py: what the op library was built '
                     'against."""\n\n')
             f.write(f"TF_VERSION = {self._tf['version']!r}\n")
             f.write(f"TF_CUDA = {bool(self._tf['cuda'])!r}\n")
+            f.write(f"GPU_KERNELS = {getattr(self, '_gpu_kernels', False)!r}\n")
 
 
 def _read_version() -> str:
