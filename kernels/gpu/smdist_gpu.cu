@@ -474,7 +474,7 @@ const DeviceInfo& GetDeviceInfo(int device) {
           std::max(kThreadsPerBlock, prop.maxThreadsPerMultiProcessor);
       infos[device].l2_bytes = prop.l2CacheSize;
     } else {
-      (void)cudaGetLastError();  // clear the sticky-free error state
+      (void)cudaGetLastError();  // reset the (non-sticky) error
       infos[device] = kFallback;
     }
   });
