@@ -474,3 +474,102 @@ def test_trace_timeline_measures_every_task_and_writes_chrome_trace(tmp_path):
     events = json.loads(path.read_text())["traceEvents"]
     assert {e["name"] for e in events if e.get("tid") == 0} >= {"F(s0,m0)"}
     smd.plot_schedule(timeline, path=str(tmp_path / "measured.png"))
+
+
+_REMOTE_CLIENT = r'''
+import json, os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+sys.path.insert(0, sys.argv[2])
+import tensorflow as tf
+workers = json.loads(sys.argv[1])
+tf.config.experimental_connect_to_cluster(tf.train.ClusterSpec({"worker": workers}))
+import keras, numpy as np
+import tf_smdist as smd
+
+def make():
+    keras.utils.set_random_seed(0)
+    x_in = keras.Input((6,))
+    h0 = keras.layers.Dense(5, activation="tanh")(x_in)
+    h1 = keras.layers.Dense(5, activation="tanh")(h0)
+    h2 = keras.layers.Dense(5, activation="tanh")(h1) + h0
+    return keras.Model(x_in, keras.layers.Dense(3)(h2))
+
+plain, copy = make(), make()
+copy.set_weights(plain.get_weights())
+devices = [f"/job:worker/replica:0/task:{i}/device:CPU:0" for i in range(2)]
+pipe = smd.PipelineModel(copy, num_stages=2, microbatches=4, devices=devices,
+                         partition=[2, 2])
+pipe.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+rng = np.random.RandomState(0)
+x = rng.randn(16, 6).astype("float32")
+y = rng.randn(16, 3).astype("float32")
+with tf.GradientTape() as tape:
+    loss = keras.losses.MeanSquaredError()(y, plain(x))
+grads = tape.gradient(loss, plain.trainable_variables)
+p_loss, _, p_grads = tf.function(pipe.compute_gradients)(x, y)
+history = pipe.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+print(json.dumps({
+    "loss": float(loss),
+    "p_loss": float(p_loss),
+    "grads": [np.asarray(g).tolist() for g in grads],
+    "p_grads": [np.asarray(g).tolist() for g in p_grads],
+    "devices": [[v.value.device for v in s.variables] for s in pipe.stages],
+    "fit_loss": history.history["loss"],
+}))
+'''
+
+_REMOTE_SERVER = (
+    "import json, os, sys; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '2'; "
+    "import tensorflow as tf; "
+    "tf.distribute.Server(tf.train.ClusterSpec({'worker': json.loads(sys.argv[1])}),"
+    " job_name='worker', task_index=int(sys.argv[2]), start=True).join()"
+)
+
+
+@pytest.mark.slow
+def test_remote_stages_on_two_worker_processes(tmp_path):
+    """Stages on two localhost TensorFlow servers through the distributed
+    runtime: variables live there and the results equal the plain model's."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            return s.getsockname()[1]
+
+    workers = [f"localhost:{free_port()}" for _ in range(2)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    client = tmp_path / "client.py"
+    client.write_text(_REMOTE_CLIENT)
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _REMOTE_SERVER, json.dumps(workers), str(i)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for i in range(2)
+    ]
+    try:
+        out = subprocess.run(
+            [sys.executable, str(client), json.dumps(workers), root],
+            capture_output=True, text=True, timeout=300, check=False,
+        )
+    finally:
+        for server in servers:
+            server.kill()
+        for server in servers:
+            server.wait(timeout=30)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for i, devices in enumerate(result["devices"]):
+        assert devices and all(
+            d == f"/job:worker/replica:0/task:{i}/device:CPU:0" for d in devices
+        )
+    assert_close(result["p_loss"], result["loss"])
+    for g, pg in zip(result["grads"], result["p_grads"]):
+        assert_close(pg, g)
+    assert_close(result["fit_loss"][0], result["loss"])
+    assert result["fit_loss"][1] < result["fit_loss"][0]

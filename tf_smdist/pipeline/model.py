@@ -100,6 +100,9 @@ class PipelineModel(keras.Model):
         virtual_stages: stages per device for `"interleaved"`. Defaults to `2`.
         recompute: drop each stage's intermediate activations after its
             forward and recompute them in its backward. Defaults to `False`.
+        partition_options: keyword arguments for `smd.partition` when the
+            partition is chosen automatically (`optimize`,
+            `memory_capacity`, `bandwidth`, ...). Defaults to `None`.
         name: the model's name. Defaults to `None`.
 
     Example:
@@ -131,6 +134,7 @@ class PipelineModel(keras.Model):
         partition: Any = "auto",
         virtual_stages: int = 2,
         recompute: bool = False,
+        partition_options: dict[str, Any] | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__(name=name or f"pipeline_{model.name}")
@@ -150,6 +154,7 @@ class PipelineModel(keras.Model):
         self._schedule_name = schedule
         self._virtual = virtual_stages if schedule == "interleaved" else 1
         self._recompute = bool(recompute)
+        self._partition_options = dict(partition_options or {})
         if devices is None:
             devices = _default_devices(num_stages)
         devices = list(devices)
@@ -262,6 +267,7 @@ class PipelineModel(keras.Model):
     def _partition_from_profile(self, profile: Any, **kwargs: Any) -> Any:
         from tf_smdist.pipeline.partition import partition as solve
 
+        kwargs = {**self._partition_options, **kwargs}
         kwargs.setdefault("microbatches", self._microbatches)
         kwargs.setdefault(
             "schedule", "gpipe" if self._schedule_name == "gpipe" else "1f1b"

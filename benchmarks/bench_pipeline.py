@@ -1,0 +1,233 @@
+"""Pipeline throughput, bubble and memory against the plain model on one core.
+
+Two pipeline stages on truly parallel hardware: one process, two logical CPU
+devices, one intra-op thread and two inter-op threads, pinned to two cores
+(each device's ops run one at a time, the two devices at once). The peer is
+the plain model in its own process pinned to one core with one thread. Both
+run the same balanced MLP's training step (forward, backward, SGD update) in
+a `tf.function`.
+
+Reported per configuration (GPipe and 1F1B, M = 1, 2, 4, 8):
+- throughput ratio: plain step time / pipelined step time (medians of
+  rounds); the issue's target is >= 1.6 at M = 8;
+- measured bubble: from one profiled step, `1 - busy / (K * span)` where
+  `busy` is the time each device spent in its tasks' ops, against the
+  formula `(K - 1) / (M + K - 1)`;
+- CPU time per step (all threads): pipelining's own overhead;
+- peak memory (the TensorFlow CPU allocator is shared by the logical devices
+  of one process, so one number covers both stages) and the micro-batches
+  in flight per stage that the schedule allows.
+
+Configurations run round-robin in two long-lived worker processes (one per
+thread setting), so a change in machine load hits every configuration alike.
+
+Usage:
+    python benchmarks/bench_pipeline.py [--width 1024] [--layers 8]
+        [--batch 256] [--steps 5] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    """A long-lived worker: builds each configuration once, times on request.
+
+    Commands arrive as JSON lines on stdin (`{"config": [mode, M]}` times
+    one round of `--steps` steps; `{"details": [mode, M]}` measures memory
+    and the bubble); answers are JSON lines on stdout.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    plain = args.mode == "plain"
+    os.sched_setaffinity(0, cores[:1] if plain else cores[:2])
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path.insert(0, ROOT)
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1 if plain else 2)
+    import keras
+    import numpy as np
+
+    import tf_smdist as smd
+    from tf_smdist.pipeline.plot import trace_timeline
+
+    smd.configure_cpu_devices(2)
+    x = np.random.RandomState(0).randn(args.batch, args.width).astype("float32")
+    y = np.random.RandomState(1).randn(args.batch, args.width).astype("float32")
+    data = (tf.constant(x), tf.constant(y))
+    built: dict = {}
+
+    def build(mode: str, m: int):
+        keras.utils.set_random_seed(0)
+        layers = [keras.Input((args.width,))]
+        layers += [
+            keras.layers.Dense(args.width, activation="tanh")
+            for _ in range(args.layers)
+        ]
+        net = keras.Sequential(layers)
+        if mode != "plain":
+            half = args.layers // 2
+            net = smd.PipelineModel(
+                net, num_stages=2, microbatches=m, schedule=mode,
+                partition=[half, args.layers - half],
+            )
+        net.compile(
+            optimizer=keras.optimizers.SGD(1e-4), loss="mse", jit_compile=False
+        )
+        step = tf.function(net.train_step)
+        for _ in range(3):
+            float(step(data)["loss"])
+        return net, step
+
+    for line in sys.stdin:
+        command = json.loads(line)
+        key = tuple(command.get("config") or command["details"])
+        if key not in built:
+            built[key] = build(*key)
+        net, step = built[key]
+        if "config" in command:
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(args.steps):
+                out = step(data)
+            float(out["loss"])
+            answer = {
+                "step_s": (time.perf_counter() - wall) / args.steps,
+                "cpu_s": (time.process_time() - cpu) / args.steps,
+            }
+        else:
+            devices = ["CPU:0"] if plain else ["CPU:0", "CPU:1"]
+            for d in devices:
+                tf.config.experimental.reset_memory_stats(d)
+            float(step(data)["loss"])
+            answer = {
+                "peak_mb": [
+                    tf.config.experimental.get_memory_info(d)["peak"] / 2**20
+                    for d in devices
+                ]
+            }
+            if not plain:
+                timelines = [
+                    trace_timeline(step, data, schedule=net.pipeline_schedule)
+                    for _ in range(3)
+                ]
+                answer["bubble"] = statistics.median(
+                    t.bubble_fraction for t in timelines
+                )
+                answer["busy_s"] = statistics.median(
+                    max(t.busy) for t in timelines
+                )
+                answer["in_flight"] = [
+                    net.pipeline_schedule.in_flight(s) for s in range(2)
+                ]
+        print(json.dumps(answer), flush=True)
+
+
+class _Worker:
+    def __init__(self, mode: str, args: argparse.Namespace) -> None:
+        cmd = [
+            sys.executable, os.path.abspath(__file__), "--serve",
+            "--mode", mode, "--width", str(args.width),
+            "--layers", str(args.layers), "--batch", str(args.batch),
+            "--steps", str(args.steps),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True,
+        )
+
+    def ask(self, command: dict) -> dict:
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker died on {command}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="plain", help=argparse.SUPPRESS)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--microbatch-list", default="1,2,4,8")
+    args = parser.parse_args()
+    if args.serve:
+        _serve(args)
+        return
+    ms = [int(v) for v in args.microbatch_list.split(",")]
+    configs = [("plain", 1)] + [(mode, m) for m in ms for mode in ("gpipe", "1f1b")]
+    workers = {"plain": _Worker("plain", args), "pipe": _Worker("pipe", args)}
+    try:
+        times: dict = {c: [] for c in configs}
+        cpu: dict = {c: [] for c in configs}
+        for _ in range(args.rounds):  # round-robin: load changes hit all alike
+            for c in configs:
+                w = workers["plain" if c[0] == "plain" else "pipe"]
+                answer = w.ask({"config": list(c)})
+                times[c].append(answer["step_s"])
+                cpu[c].append(answer["cpu_s"])
+        details = {
+            c: workers["plain" if c[0] == "plain" else "pipe"].ask(
+                {"details": list(c)}
+            )
+            for c in configs
+        }
+    finally:
+        for w in workers.values():
+            w.close()
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[0]
+    med = {c: statistics.median(v) for c, v in times.items()}
+    base = med[("plain", 1)]
+    print(
+        f"MLP {args.layers} x Dense({args.width}), batch {args.batch}: 2 stages "
+        "(2 logical CPU devices, intra-op 1, inter-op 2, 2 cores) vs the plain "
+        f"model (1 core, 1 thread); medians of {args.rounds} round-robin rounds "
+        f"of {args.steps} steps; load average {load}"
+    )
+    print(
+        f"plain 1 core: {base * 1e3:.1f} ms/step, CPU "
+        f"{statistics.median(cpu[('plain', 1)]) * 1e3:.1f} ms/step, peak "
+        f"{details[('plain', 1)]['peak_mb'][0]:.0f} MB"
+    )
+    print(
+        "| schedule | M | ms/step | RATIO vs plain 1 core | CPU ms/step "
+        "| busiest device ms | measured bubble | (K-1)/(M+K-1) "
+        "| peak MB (both devices) | in flight s0/s1 |"
+    )
+    print("|" + "---|" * 10)
+    for c in configs[1:]:
+        d = details[c]
+        print(
+            f"| {c[0]} | {c[1]} | {med[c] * 1e3:.1f} | {base / med[c]:.2f}x | "
+            f"{statistics.median(cpu[c]) * 1e3:.1f} | {d['busy_s'] * 1e3:.1f} | "
+            f"{d['bubble']:.3f} | {1 / (c[1] + 1):.3f} | {d['peak_mb'][0]:.0f} | "
+            f"{d['in_flight'][0]}/{d['in_flight'][1]} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
