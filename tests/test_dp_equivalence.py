@@ -90,12 +90,25 @@ def _train(strategy, kind, optimizer, n):
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("kind", ["dense", "embedding"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-@pytest.mark.parametrize("bucket_cap_mb", [1e-6, 25.0])
-def test_fit_matches_mirrored_strategy(n, kind, optimizer, bucket_cap_mb):
+@pytest.mark.parametrize(
+    "path, bucket_cap_mb",
+    # "packed": pack / host reduce / unpack, as for devices with their own
+    # memory (GPUs) and across processes; "in place": logical CPU devices.
+    [("packed", 1e-6), ("packed", 25.0), ("in place", 25.0)],
+)
+def test_fit_matches_mirrored_strategy(
+    n, kind, optimizer, path, bucket_cap_mb, monkeypatch
+):
     key = (n, kind, optimizer)
-    if key not in _EXPECTED:  # one MirroredStrategy run serves both caps
+    if key not in _EXPECTED:  # one MirroredStrategy run serves every variant
         _EXPECTED[key] = _train(_mirrored(_devices(n)), kind, optimizer, n)
     expected = _EXPECTED[key]
+    if path == "packed":
+        monkeypatch.setattr(
+            smd.data_parallel.HostReduceCrossDeviceOps,
+            "_skips_packing",
+            lambda *a: False,
+        )
     strategy = smd.DataParallelStrategy(_devices(n), bucket_cap_mb=bucket_cap_mb)
     got = _train(strategy, kind, optimizer, n)
     assert len(got) == len(expected)
@@ -111,6 +124,7 @@ def test_fit_matches_mirrored_strategy(n, kind, optimizer, bucket_cap_mb):
     assert len(plans) == 1, "the gradients did not go through the bucketed path"
     sizes = [len(b.tensor_indices) for b in plans[0].buckets]
     assert sizes == ([num_dense] if bucket_cap_mb == 25.0 else [1] * num_dense)
+
 
 def test_fp16_compression_stays_close_to_mirrored():
     n = 2

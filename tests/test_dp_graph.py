@@ -61,11 +61,24 @@ def _ancestors(op):
     return seen
 
 
+def _force_packing(monkeypatch):
+    """Takes the pack path that devices with their own memory (GPUs) take.
+
+    Logical CPU devices share the host's memory, so by default each tensor is
+    summed in place; packing is what moves buckets to the host and between
+    processes.
+    """
+    monkeypatch.setattr(
+        smd.data_parallel.HostReduceCrossDeviceOps, "_skips_packing", lambda *a: False
+    )
+
+
 def _ops_of_type(graph, op_type):
     return [op for op in graph.get_operations() if op.type == op_type]
 
 
-def test_gradients_pass_through_the_custom_ops_on_their_devices():
+def test_gradients_pass_through_the_custom_ops_on_their_devices(monkeypatch):
+    _force_packing(monkeypatch)
     strategy = smd.DataParallelStrategy(DEVICES, bucket_cap_mb=1e-6)
     graph, recorded, model = _trace(strategy)
     n_vars = len(model.trainable_variables)
@@ -86,7 +99,8 @@ def test_gradients_pass_through_the_custom_ops_on_their_devices():
             assert g.ref() in packed_inputs
 
 
-def test_each_bucket_depends_only_on_its_own_gradients():
+def test_each_bucket_depends_only_on_its_own_gradients(monkeypatch):
+    _force_packing(monkeypatch)
     # Gradients: [k0 (5x4), b0 (4), k1 (4x3), b1 (3), k2 (3x2), b2 (2)] float32;
     # a 64-byte cap gives buckets (b2, k2, b1) 44 B, (k1, b0) 64 B, (k0) 80 B.
     strategy = smd.DataParallelStrategy(DEVICES, bucket_cap_mb=64 / MIB)
@@ -118,6 +132,28 @@ def test_each_bucket_depends_only_on_its_own_gradients():
     assert not any(g[0].op in _ancestors(first) for g in recorded)
 
 
+def test_logical_cpu_devices_sum_each_gradient_in_place():
+    strategy = smd.DataParallelStrategy(DEVICES, bucket_cap_mb=64 / MIB)
+    graph, recorded, model = _trace(strategy)
+    n_vars = len(model.trainable_variables)
+    assert _ops_of_type(graph, "SmdistPack") == []
+    assert _ops_of_type(graph, "SmdistUnpack") == []
+    reduces = _ops_of_type(graph, "SmdistHostReduce")
+    assert len(reduces) == n_vars
+    assert all(op.device.endswith("device:CPU:0") for op in reduces)
+    # Each reduction reads one gradient of every replica, in replica order.
+    inputs = sorted(tuple(t.ref() for t in op.inputs) for op in reduces)
+    expected = sorted(
+        tuple(recorded[r][i].ref() for r in range(len(DEVICES))) for i in range(n_vars)
+    )
+    assert inputs == expected
+    # Grouped by bucket (name scopes follow the plan), first bucket first.
+    plan = next(iter(strategy.cross_device_ops._plans.values()))
+    for bucket in plan.buckets:
+        scoped = [op for op in reduces if f"smdist_bucket_{bucket.index}/" in op.name]
+        assert len(scoped) == len(bucket.tensor_indices)
+
+
 def test_keras_fit_traces_the_custom_ops(monkeypatch):
     traced = []
     for name in ("pack", "host_reduce", "unpack"):
@@ -131,6 +167,7 @@ def test_keras_fit_traces_the_custom_ops(monkeypatch):
             return out
 
         monkeypatch.setattr(_ops, name, spy)
+    _force_packing(monkeypatch)
     strategy = smd.DataParallelStrategy(DEVICES)
     with strategy.scope():
         model = _model()

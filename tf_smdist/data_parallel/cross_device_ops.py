@@ -64,7 +64,8 @@ class HostReduceCrossDeviceOps(tf.distribute.CrossDeviceOps):
        with the scale `1/N` fused in for `MEAN`; `_reduce_bucket_on_host` is
        this step, and the place where a cross-process all-reduce plugs in.
     3. `SmdistUnpack` on each destination device restores the shapes and
-       dtypes.
+       dtypes. Destinations that share the host's memory (logical CPU
+       devices) are served by one unpack on the host, without copies.
 
     Each bucket's chain depends only on its own tensors, so inside a
     `tf.function` early buckets are reduced while later gradients are still
@@ -93,6 +94,8 @@ class HostReduceCrossDeviceOps(tf.distribute.CrossDeviceOps):
         compression: `None`, `"fp16"` or `"bf16"`: the dtype float32 buffers
             travel in (the host still accumulates in float32).
             Defaults to `None`.
+        host_threads: the most threads one host reduction uses; `None` uses
+            TensorFlow's CPU worker thread pool. Defaults to `None`.
 
     Example:
     >>> ops = HostReduceCrossDeviceOps(bucket_cap_mb=4.0)
@@ -202,10 +205,15 @@ class HostReduceCrossDeviceOps(tf.distribute.CrossDeviceOps):
             The reduced tensor on the host device.
         """
         del bucket
+        return self._host_reduce(packed, scale=scale, out_type=out_type)
+
+    def _host_reduce(
+        self, inputs: Sequence[tf.Tensor], *, scale: float, out_type: tf.DType
+    ) -> tf.Tensor:
         if self._host_threads is None:
-            return _ops.host_reduce(packed, scale=scale, out_type=out_type)
+            return _ops.host_reduce(inputs, scale=scale, out_type=out_type)
         return _ops.host_reduce(
-            packed, scale=scale, out_type=out_type, max_threads=self._host_threads
+            inputs, scale=scale, out_type=out_type, max_threads=self._host_threads
         )
 
     # -- CrossDeviceOps implementation --------------------------------------
@@ -250,7 +258,7 @@ class HostReduceCrossDeviceOps(tf.distribute.CrossDeviceOps):
     ) -> list[Any]:
         """Reduces several PerReplica values to `destinations`, bucketed."""
         reduce_op = (
-            tf.distribute.ReduceOp(reduce_op)
+            tf.distribute.ReduceOp(reduce_op.upper())
             if isinstance(reduce_op, str)
             else reduce_op
         )
@@ -330,6 +338,8 @@ class HostReduceCrossDeviceOps(tf.distribute.CrossDeviceOps):
         if self._transfer_dtype is not None and dtype == tf.float32:
             transfer = self._transfer_dtype
         num_local = len(parts[bucket.tensor_indices[0]])
+        if self._skips_packing(parts, bucket, dest_devices):
+            return self._reduce_in_host_memory(bucket, parts, scale, dest_devices)
         packed = []
         with tf.name_scope(f"smdist_bucket_{bucket.index}"):
             for r in range(num_local):
@@ -357,6 +367,51 @@ class HostReduceCrossDeviceOps(tf.distribute.CrossDeviceOps):
                     outs.append(_ops.unpack(host, bucket.shapes, out_type=dtype))
         return outs
 
+    def _skips_packing(
+        self,
+        parts: Sequence[Sequence[tf.Tensor]],
+        bucket: Bucket,
+        dest_devices: Sequence[str],
+    ) -> bool:
+        """Whether a bucket can be summed in place, without pack and unpack.
+
+        Packing makes one contiguous buffer per bucket for the transfer to
+        the host and for the cross-process step. When every replica's tensors
+        already live in host memory (logical CPU devices), nothing is
+        transferred, so in a single process without compression each tensor
+        is summed straight from the replicas' buffers by `SmdistHostReduce`:
+        one read of every input and one write, as with an `add_n`.
+        """
+        if self._num_between_graph_workers != 1 or self._transfer_dtype is not None:
+            return False
+        sources = [
+            parts[k][r].device
+            for k in bucket.tensor_indices
+            for r in range(len(parts[k]))
+        ]
+        return self._in_host_memory(list(sources) + list(dest_devices))
+
+    def _reduce_in_host_memory(
+        self,
+        bucket: Bucket,
+        parts: Sequence[Sequence[tf.Tensor]],
+        scale: float,
+        dest_devices: Sequence[str],
+    ) -> list[list[tf.Tensor]]:
+        dtype = tf.as_dtype(bucket.dtype)
+        shared = []
+        with tf.name_scope(f"smdist_bucket_{bucket.index}"):
+            with tf.device(self._host_device):
+                for k in bucket.tensor_indices:
+                    shared.append(
+                        self._host_reduce(parts[k], scale=scale, out_type=dtype)
+                    )
+            outs = []
+            for dev in dest_devices:
+                with tf.device(dev):
+                    outs.append([tf.identity(t) for t in shared])
+        return outs
+
     def _in_host_memory(self, devices: Sequence[str]) -> bool:
         """Whether all `devices` are CPU devices of the host device's process."""
         host = tf.DeviceSpec.from_string(self._host_device)
@@ -379,7 +434,10 @@ class HostReduceCrossDeviceOps(tf.distribute.CrossDeviceOps):
         overrides this to all-gather both across processes.
         """
         values = _ops.pack([p.values for p in parts], scale=scale)
-        indices = tf.concat([p.indices for p in parts], axis=0)
+        indices = [p.indices for p in parts]
+        if len({i.dtype for i in indices}) > 1:
+            indices = [tf.cast(i, tf.int64) for i in indices]
+        indices = tf.concat(indices, axis=0)
         return values, indices
 
     def _reduce_sparse(
