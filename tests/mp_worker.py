@@ -147,7 +147,8 @@ def main() -> None:
 
         callbacks = [keras.callbacks.BackupAndRestore(backup),
                      keras.callbacks.ModelCheckpoint(
-                         os.path.join(OUT, "ckpt.weights.h5"), save_weights_only=True)]
+                         os.path.join(OUT, f"ckpt_rank{rank}.weights.h5"),
+                         save_weights_only=True)]
         fit(strategy, epochs=3,
             callbacks=cluster.rank_zero_writes(callbacks) + [Interrupt()])
     else:

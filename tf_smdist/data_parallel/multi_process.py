@@ -221,6 +221,27 @@ class MultiProcessExtended(_DataParallelExtended):
     def should_save_summary(self) -> bool:
         return self._smd_rank == 0
 
+    def _reduce_to(
+        self, reduce_op: Any, value: Any, destinations: Any, options: Any
+    ) -> Any:
+        # Like MultiWorkerMirroredStrategy: a value that is not distributed
+        # (one local replica, or a cross-replica tensor) is this process's
+        # contribution, reduced across the processes.
+        reduce_op = tf.distribute.ReduceOp(reduce_op) if isinstance(
+            reduce_op, str) else reduce_op
+        if (isinstance(value, _compat.distribute_values.Mirrored)
+                and reduce_op == tf.distribute.ReduceOp.MEAN):
+            return value
+        if not isinstance(value, tf.distribute.DistributedValues):
+            if tf.nest.is_nested(value):
+                # Keras reduces a whole data batch (keras-team/keras#20585).
+                return tf.nest.map_structure(
+                    lambda v: self._reduce_to(reduce_op, v, destinations, options),
+                    value)
+            value = tf.convert_to_tensor(value)
+        return self._get_cross_device_ops(value).reduce(
+            reduce_op, value, destinations=destinations, options=options)
+
     # -- input ---------------------------------------------------------------
 
     def _make_input_context(self) -> tf.distribute.InputContext:

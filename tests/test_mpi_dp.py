@@ -1,0 +1,175 @@
+"""Multi-process DataParallelStrategy against single-process MirroredStrategy."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from mp_util import TESTS, launch, requires_mpi
+
+WORKER = os.path.join(TESTS, "mp_worker.py")
+GLOBAL_BATCH = 24
+NUM_SAMPLES = 96
+
+pytestmark = [pytest.mark.slow, requires_mpi]
+
+
+def _data(num_samples: int = NUM_SAMPLES) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)  # as in mp_worker.py
+    x = rng.standard_normal((num_samples, 6)).astype(np.float32)
+    y = rng.standard_normal((num_samples, 3)).astype(np.float32)
+    return x, y
+
+
+def _weights(path) -> list[np.ndarray]:
+    with np.load(path) as z:
+        return [z[f"arr_{i}"] for i in range(len(z.files))]
+
+
+def _model() -> keras.Model:
+    return keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(16, activation="tanh"),
+        keras.layers.Dense(3),
+    ])
+
+
+def _mirrored() -> tf.distribute.MirroredStrategy:
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+def _reference_custom(init: list[np.ndarray]) -> tuple[list[np.ndarray], list[float]]:
+    strategy = _mirrored()
+    with strategy.scope():
+        model = _model()
+        optimizer = keras.optimizers.SGD(0.1)
+    model.set_weights(init)
+    x, y = _data()
+    dist = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH))
+
+    @tf.function
+    def step(batch):
+        def replica_step(xb, yb):
+            with tf.GradientTape() as tape:
+                per_example = tf.reduce_sum(tf.square(model(xb) - yb), axis=-1)
+                loss = tf.nn.compute_average_loss(
+                    per_example, global_batch_size=GLOBAL_BATCH)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        return strategy.reduce("SUM", strategy.run(replica_step, args=batch),
+                               axis=None)
+
+    losses = [float(step(b)) for b in dist]
+    return model.get_weights(), losses
+
+
+def _reference_fit(init: list[np.ndarray], *, epochs: int,
+                   num_samples: int = NUM_SAMPLES) -> tuple[list[np.ndarray], list]:
+    strategy = _mirrored()
+    with strategy.scope():
+        model = _model()
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    model.set_weights(init)
+    x, y = _data(num_samples)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+    history = model.fit(ds, epochs=epochs, verbose=0)
+    return model.get_weights(), history.history["loss"]
+
+
+def _assert_close(actual: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(a, e, rtol=0, atol=1e-5)
+
+
+def _assert_same_on_every_rank(out, name: str, nproc: int) -> list[np.ndarray]:
+    first = _weights(out / f"rank0_{name}.npz")
+    for r in range(1, nproc):
+        for a, b in zip(first, _weights(out / f"rank{r}_{name}.npz")):
+            np.testing.assert_array_equal(a, b)
+    return first
+
+
+@pytest.mark.parametrize("nproc,local", [(2, 1), (2, 2), (3, 1), (3, 2)])
+def test_custom_loop_and_fit_equal_mirrored_strategy(tmp_path, nproc, local):
+    proc = launch(["--nproc", str(nproc), WORKER, "equiv", str(local), str(tmp_path)],
+                  timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Each rank seeded its model differently: equal values mean rank 0's
+    # initial weights were broadcast.
+    init = _assert_same_on_every_rank(tmp_path, "init", nproc)
+    final = _assert_same_on_every_rank(tmp_path, "final", nproc)
+    ref_weights, ref_losses = _reference_custom(init)
+    _assert_close(final, ref_weights)
+    assert not np.allclose(final[0], init[0])  # training moved the weights
+    for r in range(nproc):
+        np.testing.assert_allclose(
+            np.load(tmp_path / f"rank{r}_losses.npy"), ref_losses, atol=1e-5)
+
+    fit_init = _assert_same_on_every_rank(tmp_path, "fit_final_init", nproc)
+    fit_final = _assert_same_on_every_rank(tmp_path, "fit_final", nproc)
+    ref_weights, ref_history = _reference_fit(fit_init, epochs=2)
+    _assert_close(fit_final, ref_weights)
+    for r in range(nproc):
+        np.testing.assert_allclose(
+            np.load(tmp_path / f"rank{r}_fit_final_loss.npy"), ref_history, atol=1e-5)
+
+
+def test_uneven_last_batch_is_split_without_hanging(tmp_path):
+    # 5 full global batches and one of 8 samples: every rank runs 6 steps.
+    start = time.monotonic()
+    proc = launch(["--nproc", "2", WORKER, "uneven", "1", str(tmp_path)],
+                  timeout=300, env={"SMDIST_MPI_TIMEOUT": "20"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert time.monotonic() - start < 200
+    init = _assert_same_on_every_rank(tmp_path, "init", 2)
+    final = _assert_same_on_every_rank(tmp_path, "final", 2)
+    ref_weights, _ = _reference_fit(init, epochs=1, num_samples=GLOBAL_BATCH * 5 + 8)
+    _assert_close(final, ref_weights)
+
+
+def test_backup_and_restore_resumes_to_the_uninterrupted_weights(tmp_path):
+    backup = str(tmp_path / "backup")
+    first = launch(["--nproc", "2", WORKER, "checkpoint", "1", str(tmp_path),
+                    backup, "1"], timeout=300)
+    assert first.returncode == 17, first.stdout + first.stderr  # stopped after epoch 1
+    assert os.path.exists(os.path.join(backup, "latest.weights.h5"))
+    second = launch(["--nproc", "2", WORKER, "checkpoint", "1", str(tmp_path),
+                     backup], timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    # Files are written by rank 0 only.
+    assert os.path.exists(tmp_path / "ckpt_rank0.weights.h5")
+    assert not os.path.exists(tmp_path / "ckpt_rank1.weights.h5")
+    init = _assert_same_on_every_rank(tmp_path, "init", 2)
+    final = _assert_same_on_every_rank(tmp_path, "final", 2)
+    ref_weights, ref_history = _reference_fit(init, epochs=3)
+    _assert_close(final, ref_weights)
+    # The resumed run trained the last epoch only.
+    np.testing.assert_allclose(
+        np.load(tmp_path / "rank0_final_loss.npy"), ref_history[2:], atol=1e-5)
+
+
+def test_different_models_fail_on_every_rank_naming_the_shapes(tmp_path):
+    proc = launch(["--nproc", "2", WORKER, "mismatch", "1", str(tmp_path)],
+                  timeout=300)
+    assert proc.returncode == 1
+    message = ("differs across ranks, so their all-reduces would not match. "
+               "Received: rank 0: [6, 16]:float32")
+    assert "[rank 0] ValueError: The variable 'kernel' " + message in proc.stderr
+    assert "[rank 1] ValueError: The variable 'kernel' " + message in proc.stderr
+
+
+def test_killed_rank_stops_the_job_and_is_named(tmp_path):
+    start = time.monotonic()
+    proc = launch(["--nproc", "2", WORKER, "die", "1", str(tmp_path)], timeout=300,
+                  env={"SMDIST_MPI_TIMEOUT": "20"})
+    assert proc.returncode == 137, proc.stdout + proc.stderr
+    assert "rank 1 failed with exit status 137" in proc.stderr
+    assert time.monotonic() - start < 200
