@@ -266,6 +266,7 @@ setup(
         [OpLibrary("tf_smdist.libsmdist_mpi", MPI_SOURCES, _MPI_FLAGS)]
         if _MPI_FLAGS is not None else []),
     cmdclass={"build_ext": BuildOps},
+    entry_points={"console_scripts": ["tf-smdist-launch = tf_smdist.launch:main"]},
     install_requires=["numpy", "absl-py"],
     extras_require={
         "cpu": ["tensorflow-cpu" + TF_RANGE],
