@@ -208,3 +208,18 @@ def test_devices_with_their_own_memory_unpack_on_each_device(monkeypatch):
         np.testing.assert_array_equal(t, np.full([2, 3], 1.5, np.float32))
     for t in strategy.experimental_local_results(b):
         np.testing.assert_array_equal(t, [5.0])
+
+
+def test_host_threads_caps_every_host_reduction(monkeypatch):
+    for force_packing in (False, True):
+        if force_packing:
+            _force_packing(monkeypatch)
+        strategy = smd.DataParallelStrategy(DEVICES, host_threads=1)
+        assert strategy.host_threads == 1
+        graph, _, _ = _trace(strategy)
+        reduces = _ops_of_type(graph, "SmdistHostReduce")
+        assert reduces
+        assert {op.get_attr("max_threads") for op in reduces} == {1}
+    default_graph, _, _ = _trace(smd.DataParallelStrategy(DEVICES))
+    reduces = _ops_of_type(default_graph, "SmdistHostReduce")
+    assert {op.get_attr("max_threads") for op in reduces} == {0}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -197,13 +196,6 @@ class DataParallelStrategy(tf.distribute.MirroredStrategy):
                 raise ValueError(
                     "`host_threads` must be None or a positive integer. "
                     f"Received: host_threads={host_threads!r}."
-                )
-            if "max_threads" not in inspect.signature(_ops.host_reduce).parameters:
-                raise NotImplementedError(
-                    "This build's host-reduce op cannot cap its threads. Received: "
-                    f"host_threads={host_threads}. Pass host_threads=None (the op "
-                    "uses TensorFlow's CPU worker pool; size it with "
-                    "`tf.config.threading.set_intra_op_parallelism_threads`)."
                 )
         devices = resolve_devices(devices)
         _ops.load_library()  # fail early, with build instructions, if missing
