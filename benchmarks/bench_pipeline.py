@@ -14,9 +14,10 @@ Reported per configuration (GPipe and 1F1B, M = 1, 2, 4, 8):
   `busy` is the time each device spent in its tasks' ops, against the
   formula `(K - 1) / (M + K - 1)`;
 - CPU time per step (all threads): pipelining's own overhead;
-- peak memory (the TensorFlow CPU allocator is shared by the logical devices
-  of one process, so one number covers both stages) and the micro-batches
-  in flight per stage that the schedule allows.
+- the step's peak memory above the resident weights (the TensorFlow CPU
+  allocator is shared by the logical devices of one process, so one number
+  covers both stages) and the micro-batches in flight per stage that the
+  schedule allows.
 
 Configurations run round-robin in two long-lived worker processes (one per
 thread setting), so a change in machine load hits every configuration alike.
@@ -109,11 +110,18 @@ def _serve(args: argparse.Namespace) -> None:
             devices = ["CPU:0"] if plain else ["CPU:0", "CPU:1"]
             for d in devices:
                 tf.config.experimental.reset_memory_stats(d)
+            before = [
+                tf.config.experimental.get_memory_info(d)["current"]
+                for d in devices
+            ]
             float(step(data)["loss"])
+            # The step's own peak: activations, gradients, temporaries (the
+            # worker keeps every configuration's weights, so subtract them).
             answer = {
                 "peak_mb": [
-                    tf.config.experimental.get_memory_info(d)["peak"] / 2**20
-                    for d in devices
+                    (tf.config.experimental.get_memory_info(d)["peak"] - b)
+                    / 2**20
+                    for d, b in zip(devices, before)
                 ]
             }
             if not plain:
@@ -210,13 +218,13 @@ def main() -> None:
     )
     print(
         f"plain 1 core: {base * 1e3:.1f} ms/step, CPU "
-        f"{statistics.median(cpu[('plain', 1)]) * 1e3:.1f} ms/step, peak "
+        f"{statistics.median(cpu[('plain', 1)]) * 1e3:.1f} ms/step, step peak "
         f"{details[('plain', 1)]['peak_mb'][0]:.0f} MB"
     )
     print(
         "| schedule | M | ms/step | RATIO vs plain 1 core | CPU ms/step "
         "| busiest device ms | measured bubble | (K-1)/(M+K-1) "
-        "| peak MB (both devices) | in flight s0/s1 |"
+        "| step peak MB (both devices) | in flight s0/s1 |"
     )
     print("|" + "---|" * 10)
     for c in configs[1:]:

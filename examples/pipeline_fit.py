@@ -74,6 +74,7 @@ def main() -> None:
         batch_size=128,
         epochs=args.epochs,
         callbacks=[smd.ProfilingCallback(batch_size=128)],
+        verbose=2,
     )
     print(pipe.partition_report())
     print(pipe.pipeline_schedule.table())
