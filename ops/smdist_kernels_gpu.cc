@@ -1,7 +1,6 @@
 // GPU OpKernels of SmdistPack and SmdistUnpack: input validation and the
-// segment table (kernel parameters for up to 32 tensors, device memory
-// beyond); the copy itself is one launch of kernels/gpu/smdist_gpu.cu per op
-// call, on the op's CUDA stream. Built only when TensorFlow was built
+// segment table; the copy itself is one launch of kernels/gpu/smdist_gpu.cu
+// per op call, on the op's CUDA stream. Built only when TensorFlow was built
 // with CUDA and nvcc is present (setup.py defines GOOGLE_CUDA for this file).
 #if GOOGLE_CUDA
 
@@ -45,32 +44,26 @@ Status CudaError(const char* op, const char* what, cudaError_t err) {
                           " (", cudaGetErrorString(err), ")");
 }
 
-// Plans the copy described by `segments` on the current device. A table of
-// up to kInlineSegments segments travels in the kernel's parameters
-// (`*device_table` stays null); a larger one is copied into a device
-// temporary `table` on `stream`, from pageable host memory, which the CUDA
-// driver stages before cudaMemcpyAsync returns, so `segments` may go out of
-// scope after the launch.
-Status PlanSegments(OpKernelContext* ctx, const char* op,
-                    std::vector<::smdist::gpu::Segment>* segments,
-                    size_t in_bytes, size_t out_bytes, cudaStream_t stream,
-                    Tensor* table, const ::smdist::gpu::Segment** device_table,
-                    ::smdist::gpu::CopyPlan* plan) {
+// Plans the copy described by `segments` on the current device, copies the
+// table into a device temporary on `stream` and returns it and the plan.
+// The table is copied from pageable host memory, which the CUDA driver
+// stages before cudaMemcpyAsync returns, so `segments` may go out of scope.
+Status UploadSegments(OpKernelContext* ctx, const char* op,
+                      std::vector<::smdist::gpu::Segment>* segments,
+                      size_t in_bytes, size_t out_bytes, cudaStream_t stream,
+                      Tensor* table, ::smdist::gpu::CopyPlan* plan) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return CudaError(op, "cudaGetDevice", err);
   const int n = static_cast<int>(segments->size());
   *plan = ::smdist::gpu::PlanSegments(segments->data(), n, in_bytes, out_bytes,
                                       device);
-  *device_table = nullptr;
-  if (n <= ::smdist::gpu::kInlineSegments) return OkStatus();
   const int64_t bytes =
       static_cast<int64_t>(sizeof(::smdist::gpu::Segment)) * n;
   TF_RETURN_IF_ERROR(ctx->allocate_temp(DT_INT8, TensorShape({bytes}), table));
   err = cudaMemcpyAsync(table->data(), segments->data(), bytes,
                         cudaMemcpyHostToDevice, stream);
   if (err != cudaSuccess) return CudaError(op, "segment table upload", err);
-  *device_table = reinterpret_cast<const ::smdist::gpu::Segment*>(table->data());
   return OkStatus();
 }
 
@@ -107,16 +100,14 @@ class PackGpuOp : public OpKernel {
                                     segments.data());
     const cudaStream_t stream = ctx->eigen_gpu_device().stream();
     Tensor table;
-    const ::smdist::gpu::Segment* device_table = nullptr;
     ::smdist::gpu::CopyPlan plan;
-    OP_REQUIRES_OK(ctx, PlanSegments(ctx, "SmdistPack", &segments, sizeof(T),
-                                     sizeof(OutT), stream, &table,
-                                     &device_table, &plan));
+    OP_REQUIRES_OK(ctx, UploadSegments(ctx, "SmdistPack", &segments, sizeof(T),
+                                       sizeof(OutT), stream, &table, &plan));
     const cudaError_t err =
         ::smdist::gpu::LaunchPack<typename CudaType<T>::type,
                                   typename CudaType<OutT>::type>(
-            device_table, n, plan, scale_, stream,
-            device_table == nullptr ? segments.data() : nullptr);
+            reinterpret_cast<const ::smdist::gpu::Segment*>(table.data()), n,
+            plan, scale_, stream);
     OP_REQUIRES(ctx, err == cudaSuccess,
                 CudaError("SmdistPack", "kernel launch", err));
   }
@@ -177,16 +168,15 @@ class UnpackGpuOp : public OpKernel {
                                       sizes_.data(), n, segments.data());
     const cudaStream_t stream = ctx->eigen_gpu_device().stream();
     Tensor table;
-    const ::smdist::gpu::Segment* device_table = nullptr;
     ::smdist::gpu::CopyPlan plan;
-    OP_REQUIRES_OK(ctx, PlanSegments(ctx, "SmdistUnpack", &segments, sizeof(T),
-                                     sizeof(OutT), stream, &table,
-                                     &device_table, &plan));
+    OP_REQUIRES_OK(ctx, UploadSegments(ctx, "SmdistUnpack", &segments,
+                                       sizeof(T), sizeof(OutT), stream, &table,
+                                       &plan));
     const cudaError_t err =
         ::smdist::gpu::LaunchUnpack<typename CudaType<T>::type,
                                     typename CudaType<OutT>::type>(
-            device_table, n, plan, stream,
-            device_table == nullptr ? segments.data() : nullptr);
+            reinterpret_cast<const ::smdist::gpu::Segment*>(table.data()), n,
+            plan, stream);
     OP_REQUIRES(ctx, err == cudaSuccess,
                 CudaError("SmdistUnpack", "kernel launch", err));
   }

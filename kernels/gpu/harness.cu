@@ -289,13 +289,10 @@ struct PlanVariant {
   int64_t chunk_elems;
   int grid;
   const char* name;
-  bool param_table;  // table in the kernel's parameters when n is small
 };
 const PlanVariant kPlanVariants[] = {
-    {0, 0, "auto", false},           {0, 0, "auto", true},
-    {8, 0, "chunk8", false},         {8, 0, "chunk8", true},
-    {24, 3, "chunk24-grid3", false}, {24, 3, "chunk24-grid3", true},
-    {2048, 1, "grid1", false},       {0, 2, "grid2", true}};
+    {0, 0, "auto"}, {8, 0, "chunk8"}, {24, 3, "chunk24-grid3"},
+    {2048, 1, "grid1"}, {0, 2, "grid2"}};
 
 // Pack (is_pack) or unpack one random bucket; checks the whole output arena.
 void CheckCopy(bool is_pack, DT in, DT out, std::vector<int64_t> sizes,
@@ -364,18 +361,13 @@ void CheckCopy(bool is_pack, DT in, DT out, std::vector<int64_t> sizes,
   DeviceBuffer d_table(sizeof(Segment) * std::max(n, 1));
   CHECK_CUDA(cudaMemcpy(d_table.ptr, segs.data(), sizeof(Segment) * n,
                         cudaMemcpyHostToDevice));
-  const bool param_table = pv.param_table && n <= kInlineSegments;
   cudaError_t err = cudaSuccess;
   Dispatch(in, out, [&](auto ti, auto to) {
     using In = typename decltype(ti)::type;
     using Out = typename decltype(to)::type;
-    // A parameter table leaves the device table unused: pass none.
-    const Segment* table = param_table
-                               ? nullptr
-                               : static_cast<const Segment*>(d_table.ptr);
-    const Segment* host = param_table ? segs.data() : nullptr;
-    err = is_pack ? LaunchPack<In, Out>(table, n, plan, scale, nullptr, host)
-                  : LaunchUnpack<In, Out>(table, n, plan, nullptr, host);
+    const Segment* table = static_cast<const Segment*>(d_table.ptr);
+    err = is_pack ? LaunchPack<In, Out>(table, n, plan, scale, nullptr)
+                  : LaunchUnpack<In, Out>(table, n, plan, nullptr);
   });
   CHECK_CUDA(err);
   CHECK_CUDA(cudaDeviceSynchronize());
@@ -412,11 +404,10 @@ void CheckCopy(bool is_pack, DT in, DT out, std::vector<int64_t> sizes,
   }
   char label[256];
   std::snprintf(label, sizeof(label),
-                "%s %s->%s n=%d total=%lld scale=%g plan=%s table=%s "
-                "(chunk=%lld chunks=%lld grid=%d): %lld bad elements",
+                "%s %s->%s n=%d total=%lld scale=%g plan=%s (chunk=%lld "
+                "chunks=%lld grid=%d): %lld bad elements",
                 is_pack ? "pack" : "unpack", Name(in), Name(out), n,
                 static_cast<long long>(total), scale, pv.name,
-                param_table ? "param" : "device",
                 static_cast<long long>(plan.chunk_elems),
                 static_cast<long long>(plan.num_chunks), plan.grid,
                 static_cast<long long>(bad));
@@ -503,12 +494,10 @@ void RunChecks() {
         // One segment; one bucket of about 3.5 M elements (auto plan uses the
         // largest chunks); empty segments only.
         CheckCopy(is_pack, in, out, {RandInt(1, 100) * 2 + 1}, 0.5f,
-                  kPlanVariants[1]);
-        for (int v = 0; v < 2; ++v) {  // device and parameter tables
-          CheckCopy(is_pack, in, out,
-                    {1000003, 7, 0, 2500000 + RandInt(0, 16), 1, 24},
-                    is_pack ? -3.0f : 1.0f, kPlanVariants[v]);
-        }
+                  kPlanVariants[0]);
+        CheckCopy(is_pack, in, out,
+                  {1000003, 7, 0, 2500000 + RandInt(0, 16), 1, 24},
+                  is_pack ? -3.0f : 1.0f, kPlanVariants[0]);
         CheckCopy(is_pack, in, out, {0, 0, 5, 0}, 2.0f, kPlanVariants[0]);
       }
       for (int n = 1; n <= kMaxReduceInputs; ++n) {
@@ -559,11 +548,10 @@ float Median(std::vector<float> v) {
 }
 
 struct Row {
-  std::string op, types, layout, table;
+  std::string op, types, layout;
   double mib;
   int segs;
   double kernel_us, gbps, copy_gbps, ratio;
-  bool forced_device = false;  // device table although n <= kInlineSegments
 };
 
 int reps = 30;
@@ -621,7 +609,7 @@ std::vector<Row> rows;
 void BenchCopy(Timer* timer, bool is_pack, DT in, DT out, double mib,
                bool aligned, DeviceBuffer* scratch_a, DeviceBuffer* scratch_b,
                const PlanVariant* pv = nullptr, bool with_upload = false,
-               std::vector<Row>* sink = nullptr, bool device_table = false) {
+               std::vector<Row>* sink = nullptr) {
   const int64_t total =
       static_cast<int64_t>(mib * (1 << 20)) / static_cast<int64_t>(Bytes(in));
   const std::vector<int64_t> sizes = BucketSizes(total, aligned);
@@ -657,26 +645,20 @@ void BenchCopy(Timer* timer, bool is_pack, DT in, DT out, double mib,
   CHECK_CUDA(cudaMemcpy(d_table.ptr, segs.data(), sizeof(Segment) * n,
                         cudaMemcpyHostToDevice));
   const float scale = is_pack ? 0.5f : 1.0f;
-  // As the GPU OpKernels do: small tables travel as kernel parameters.
-  const bool param_table = n <= kInlineSegments && !with_upload &&
-                           !device_table && (pv == nullptr || pv->param_table);
   std::function<void()> fn;
   Dispatch(in, out, [&](auto ti, auto to) {
     using In = typename decltype(ti)::type;
     using Out = typename decltype(to)::type;
     const Segment* table = static_cast<const Segment*>(d_table.ptr);
     const Segment* host = segs.data();
-    const Segment* inline_host = param_table ? host : nullptr;
     fn = [=]() {
       if (with_upload) {  // what an adapter does per call: pageable H2D copy
         CHECK_CUDA(cudaMemcpyAsync(const_cast<Segment*>(table), host,
                                    sizeof(Segment) * n,
                                    cudaMemcpyHostToDevice));
       }
-      CHECK_CUDA(is_pack ? LaunchPack<In, Out>(table, n, plan, scale, nullptr,
-                                               inline_host)
-                         : LaunchUnpack<In, Out>(table, n, plan, nullptr,
-                                                 inline_host));
+      CHECK_CUDA(is_pack ? LaunchPack<In, Out>(table, n, plan, scale, nullptr)
+                         : LaunchUnpack<In, Out>(table, n, plan, nullptr));
     };
   });
   const int64_t traffic = total * static_cast<int64_t>(Bytes(in) + Bytes(out));
@@ -685,8 +667,6 @@ void BenchCopy(Timer* timer, bool is_pack, DT in, DT out, double mib,
            (with_upload ? "+H2D-table" : "");
   row.types = std::string(Name(in)) + "->" + Name(out);
   row.layout = aligned ? "aligned" : "odd";
-  row.table = param_table ? "param" : "device";
-  row.forced_device = device_table && n <= kInlineSegments;
   if (pv) {
     char buf[64];
     std::snprintf(buf, sizeof(buf), "c%lld/g%d", (long long)plan.chunk_elems,
@@ -723,20 +703,18 @@ void BenchReduce(Timer* timer, DT in, DT out, int num_inputs, double mib,
   row.op = "reduce";
   row.types = std::string(Name(in)) + "->" + Name(out);
   row.layout = "N=" + std::to_string(num_inputs);
-  row.table = "-";
   row.mib = mib;
   row.segs = num_inputs;
   rows.push_back(row);
 }
 
 void PrintRows(const std::vector<Row>& rs) {
-  std::printf("%-15s %-10s %-16s %-6s %6s %5s %10s %8s %11s %6s\n", "op",
-              "types", "layout", "table", "MiB", "segs", "kernel_us", "GB/s",
-              "memcpy_GB/s", "ratio");
+  std::printf("%-17s %-10s %-16s %7s %5s %10s %9s %11s %6s\n", "op", "types",
+              "layout", "MiB", "segs", "kernel_us", "GB/s", "memcpy_GB/s",
+              "ratio");
   for (const Row& r : rs) {
-    std::printf("%-15s %-10s %-16s %-6s %6.1f %5d %10.2f %8.1f %11.1f %6.3f\n",
-                r.op.c_str(), r.types.c_str(), r.layout.c_str(),
-                r.table.c_str(), r.mib, r.segs,
+    std::printf("%-17s %-10s %-16s %7.1f %5d %10.2f %9.1f %11.1f %6.3f\n",
+                r.op.c_str(), r.types.c_str(), r.layout.c_str(), r.mib, r.segs,
                 r.kernel_us, r.gbps, r.copy_gbps, r.ratio);
   }
 }
@@ -807,14 +785,6 @@ void RunBench(bool tune) {
     BenchCopy(&timer, true, DT::kF32, DT::kF32, mib, true, &a, &b, nullptr,
               true);
   }
-  // The same 4 MiB buckets with the table in device memory (small tables
-  // above travel as kernel parameters).
-  for (DT out : kAllTypes) {
-    BenchCopy(&timer, true, DT::kF32, out, 4.0, true, &a, &b, nullptr, false,
-              nullptr, true);
-    BenchCopy(&timer, false, DT::kF32, out, 4.0, true, &a, &b, nullptr, false,
-              nullptr, true);
-  }
   const std::pair<DT, DT> reduce_pairs[] = {{DT::kF32, DT::kF32},
                                             {DT::kF16, DT::kF16},
                                             {DT::kBF16, DT::kBF16},
@@ -838,20 +808,16 @@ void RunBench(bool tune) {
               prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20,
               driver, runtime, reps, kWarmup);
   PrintRows(rows);
-  // As the OpKernels run them (tables of up to kInlineSegments segments as
-  // kernel parameters), and with every table in device memory.
-  double worst = 1e9, worst_device = 1e9;
+  double worst = 1e9;
   for (const Row& r : rows) {
     if ((r.op == "pack" || r.op == "unpack") && r.layout == "aligned" &&
         r.mib >= 4.0) {
-      if (!r.forced_device) worst = std::min(worst, r.ratio);
-      if (r.table == "device") worst_device = std::min(worst_device, r.ratio);
+      worst = std::min(worst, r.ratio);
     }
   }
   std::printf("TARGET pack/unpack >= 0.85x memcpy for buckets >= 4 MiB "
-              "(aligned layout): %s (lowest ratio %.3f; rows with a device "
-              "table only: %.3f)\n",
-              worst >= 0.85 ? "MET" : "MISSED", worst, worst_device);
+              "(aligned layout): %s (lowest ratio %.4f)\n",
+              worst >= 0.85 ? "MET" : "MISSED", worst);
 }
 
 // CPU only: the reference conversions against cuda_fp16.h / cuda_bf16.h host

@@ -315,52 +315,25 @@ __device__ __forceinline__ void CopyChunk(const ChunkRef& ref, float scale,
   }
 }
 
-// A small segment table carried in the kernel's parameters.
-struct InlineTable {
-  Segment segments[kInlineSegments];
-};
-
-// Binary search over a table in the kernel's parameter space: every probe is
-// warp-uniform, so the constant cache broadcasts it.
-__device__ __forceinline__ ChunkRef LocateInline(const Segment* segments,
-                                                int num_segments,
-                                                int64_t chunk,
-                                                int64_t chunk_elems) {
-  int lo = 0;
-  int hi = num_segments - 1;
-  while (lo < hi) {
-    const int mid = lo + ((hi - lo + 1) >> 1);
-    if (segments[mid].first_chunk <= chunk) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  const Segment& seg = segments[lo];
-  ChunkRef ref;
-  ref.src = seg.src;
-  ref.dst = seg.dst;
-  ref.begin = (chunk - seg.first_chunk) * chunk_elems;
-  ref.end = min(ref.begin + chunk_elems, seg.size);
-  return ref;
-}
-
 // One launch per bucket: blocks walk the chunks of all segments with a
-// grid-stride loop; each chunk finds its segment with `locate`, and the
-// search for a block's next chunk overlaps the loads of its current one.
-// Warps never wait for each other (no barriers).
-template <typename In, typename Out, int kMode, typename LocateFn>
-__device__ __forceinline__ void CopyChunks(int64_t num_chunks, float scale,
-                                           const LocateFn& locate) {
+// grid-stride loop; each chunk finds its segment by binary search over
+// `first_chunk`, and the search for a block's next chunk overlaps the loads
+// of its current one. Warps never wait for each other (no barriers).
+template <typename In, typename Out, int kMode>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    SegmentedCopyKernel(const Segment* __restrict__ segments, int num_segments,
+                        int64_t num_chunks, int64_t chunk_elems, float scale) {
   int64_t chunk = blockIdx.x;
   if (chunk >= num_chunks) return;
-  ChunkRef cur = locate(chunk);
+  ChunkRef cur = Locate(segments, num_segments, chunk, chunk_elems);
   for (;;) {
     const int64_t next = chunk + gridDim.x;
     const bool has_next = next < num_chunks;
     ChunkRef upcoming = cur;
     CopyChunk<In, Out, kMode>(cur, scale, [&]() {
-      if (has_next) upcoming = locate(next);
+      if (has_next) {
+        upcoming = Locate(segments, num_segments, next, chunk_elems);
+      }
     });
     if (!has_next) break;
     cur = upcoming;
@@ -368,72 +341,32 @@ __device__ __forceinline__ void CopyChunks(int64_t num_chunks, float scale,
   }
 }
 
-// The segment table in device memory.
-template <typename In, typename Out, int kMode>
-__global__ void __launch_bounds__(kThreadsPerBlock)
-    SegmentedCopyKernel(const Segment* __restrict__ segments, int num_segments,
-                        int64_t num_chunks, int64_t chunk_elems, float scale) {
-  CopyChunks<In, Out, kMode>(num_chunks, scale, [&](int64_t chunk) {
-    return Locate(segments, num_segments, chunk, chunk_elems);
-  });
-}
-
-// The segment table in the kernel's parameters (at most kInlineSegments).
-template <typename In, typename Out, int kMode>
-__global__ void __launch_bounds__(kThreadsPerBlock)
-    SegmentedCopyInlineKernel(const __grid_constant__ InlineTable table,
-                              int num_segments, int64_t num_chunks,
-                              int64_t chunk_elems, float scale) {
-  CopyChunks<In, Out, kMode>(num_chunks, scale, [&](int64_t chunk) {
-    return LocateInline(table.segments, num_segments, chunk, chunk_elems);
-  });
-}
-
-template <typename In, typename Out, int kMode>
-void LaunchCopyMode(const Segment* segments, const Segment* host_segments,
-                    int num_segments, const CopyPlan& plan, float scale,
-                    cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(plan.grid));
-  const dim3 block(kThreadsPerBlock);
-  if (host_segments != nullptr) {
-    InlineTable table = {};
-    std::copy(host_segments, host_segments + num_segments, table.segments);
-    SegmentedCopyInlineKernel<In, Out, kMode><<<grid, block, 0, stream>>>(
-        table, num_segments, plan.num_chunks, plan.chunk_elems, scale);
-  } else {
-    SegmentedCopyKernel<In, Out, kMode><<<grid, block, 0, stream>>>(
-        segments, num_segments, plan.num_chunks, plan.chunk_elems, scale);
-  }
-}
-
 template <typename In, typename Out>
 cudaError_t LaunchCopy(const Segment* segments, int num_segments,
-                       const CopyPlan& plan, float scale, cudaStream_t stream,
-                       const Segment* host_segments) {
+                       const CopyPlan& plan, float scale, cudaStream_t stream) {
   if (plan.num_chunks == 0) return cudaSuccess;
-  if (host_segments != nullptr && num_segments > kInlineSegments) {
-    host_segments = nullptr;  // too many to travel as parameters
-  }
-  if ((segments == nullptr && host_segments == nullptr) || num_segments <= 0 ||
-      plan.num_chunks < 0 || plan.grid <= 0 || plan.chunk_elems <= 0 ||
+  if (segments == nullptr || num_segments <= 0 || plan.num_chunks < 0 ||
+      plan.grid <= 0 || plan.chunk_elems <= 0 ||
       plan.chunk_elems % VecTraits<In, Out>::kElems != 0) {
     return cudaErrorInvalidValue;
   }
+  const dim3 grid(static_cast<unsigned>(plan.grid));
+  const dim3 block(kThreadsPerBlock);
   if constexpr (std::is_same<In, Out>::value) {
     if (scale == 1.0f) {
-      LaunchCopyMode<In, Out, kRawCopy>(segments, host_segments, num_segments,
-                                        plan, scale, stream);
+      SegmentedCopyKernel<In, Out, kRawCopy><<<grid, block, 0, stream>>>(
+          segments, num_segments, plan.num_chunks, plan.chunk_elems, scale);
     } else {
-      LaunchCopyMode<In, Out, kCastScale>(segments, host_segments,
-                                          num_segments, plan, scale, stream);
+      SegmentedCopyKernel<In, Out, kCastScale><<<grid, block, 0, stream>>>(
+          segments, num_segments, plan.num_chunks, plan.chunk_elems, scale);
     }
   } else {
     if (scale == 1.0f) {
-      LaunchCopyMode<In, Out, kCast>(segments, host_segments, num_segments,
-                                     plan, scale, stream);
+      SegmentedCopyKernel<In, Out, kCast><<<grid, block, 0, stream>>>(
+          segments, num_segments, plan.num_chunks, plan.chunk_elems, scale);
     } else {
-      LaunchCopyMode<In, Out, kCastScale>(segments, host_segments,
-                                          num_segments, plan, scale, stream);
+      SegmentedCopyKernel<In, Out, kCastScale><<<grid, block, 0, stream>>>(
+          segments, num_segments, plan.num_chunks, plan.chunk_elems, scale);
     }
   }
   return cudaGetLastError();
@@ -631,18 +564,14 @@ void FillUnpackSegments(const void* packed, size_t in_elem_bytes,
 
 template <typename In, typename Out>
 cudaError_t LaunchPack(const Segment* segments, int num_segments,
-                       const CopyPlan& plan, float scale, cudaStream_t stream,
-                       const Segment* host_segments) {
-  return LaunchCopy<In, Out>(segments, num_segments, plan, scale, stream,
-                             host_segments);
+                       const CopyPlan& plan, float scale, cudaStream_t stream) {
+  return LaunchCopy<In, Out>(segments, num_segments, plan, scale, stream);
 }
 
 template <typename In, typename Out>
 cudaError_t LaunchUnpack(const Segment* segments, int num_segments,
-                         const CopyPlan& plan, cudaStream_t stream,
-                         const Segment* host_segments) {
-  return LaunchCopy<In, Out>(segments, num_segments, plan, 1.0f, stream,
-                             host_segments);
+                         const CopyPlan& plan, cudaStream_t stream) {
+  return LaunchCopy<In, Out>(segments, num_segments, plan, 1.0f, stream);
 }
 
 template <typename In, typename Out>
@@ -698,10 +627,9 @@ cudaError_t LaunchReduce(const In* const* inputs, int num_inputs, Out* output,
 #define SMDIST_INSTANTIATE_GPU(In, Out)                                     \
   template cudaError_t LaunchPack<In, Out>(const Segment*, int,             \
                                            const CopyPlan&, float,          \
-                                           cudaStream_t, const Segment*);   \
+                                           cudaStream_t);                   \
   template cudaError_t LaunchUnpack<In, Out>(const Segment*, int,           \
-                                             const CopyPlan&, cudaStream_t, \
-                                             const Segment*);               \
+                                             const CopyPlan&, cudaStream_t); \
   template cudaError_t LaunchReduce<In, Out>(const In* const*, int, Out*,   \
                                              int64_t, float, cudaStream_t);
 

@@ -42,9 +42,6 @@ namespace gpu {
 constexpr int kThreadsPerBlock = 256;
 // Most inputs one LaunchReduce call takes (they travel as kernel arguments).
 constexpr int kMaxReduceInputs = 16;
-// Segment tables up to this size may travel in the kernel's parameters
-// instead of device memory (LaunchPack / LaunchUnpack `host_segments`).
-constexpr int kInlineSegments = 32;
 
 // One tensor's part of a bucket: `size` elements from `src` to `dst`.
 // `first_chunk` is filled by PlanSegments.
@@ -103,24 +100,16 @@ void FillUnpackSegments(const void* packed, size_t in_elem_bytes,
                         void* const* dsts, const int64_t* sizes, int n,
                         Segment* segments);
 
-// dst[i] = Out(float(src[i]) * scale) for every segment of the table (the
-// multiplication is skipped when scale == 1). One launch. The table is
-// `segments`, in device memory; or, when `host_segments` is given and
-// num_segments <= kInlineSegments, the host table itself, which then travels
-// in the kernel's parameters (no upload, and no table read before the first
-// load: this saves about one memory round trip on small buckets), and
-// `segments` may be null.
+// dst[i] = Out(float(src[i]) * scale) for every segment of the device table
+// `segments` (the multiplication is skipped when scale == 1). One launch.
 template <typename In, typename Out>
 cudaError_t LaunchPack(const Segment* segments, int num_segments,
-                       const CopyPlan& plan, float scale, cudaStream_t stream,
-                       const Segment* host_segments = nullptr);
+                       const CopyPlan& plan, float scale, cudaStream_t stream);
 
-// dst[i] = Out(src[i]) for every segment of the table. One launch. The table
-// is given as for LaunchPack.
+// dst[i] = Out(src[i]) for every segment of the device table. One launch.
 template <typename In, typename Out>
 cudaError_t LaunchUnpack(const Segment* segments, int num_segments,
-                         const CopyPlan& plan, cudaStream_t stream,
-                         const Segment* host_segments = nullptr);
+                         const CopyPlan& plan, cudaStream_t stream);
 
 // output[i] = Out(scale * sum_j float(inputs[j][i])), summed in float32 in the
 // order j = 0..num_inputs-1. `inputs` is a HOST array of `num_inputs`
