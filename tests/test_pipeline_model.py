@@ -573,3 +573,19 @@ def test_remote_stages_on_two_worker_processes(tmp_path):
         assert_close(pg, g)
     assert_close(result["fit_loss"][0], result["loss"])
     assert result["fit_loss"][1] < result["fit_loss"][0]
+
+
+def test_partition_against_data_flow_is_an_error():
+    model = sequential_model()
+    names = layer_order(model)
+    with pytest.raises(ValueError, match="not in the model's data-flow order"):
+        PipelineModel(model, num_stages=2, microbatches=2,
+                      partition=[names[4:], names[:4]])
+
+
+def test_shared_layers_are_refused():
+    inputs = keras.Input((4,))
+    shared = keras.layers.Dense(4)
+    model = keras.Model(inputs, keras.layers.Dense(2)(shared(shared(inputs))))
+    with pytest.raises(NotImplementedError, match="shared layers"):
+        PipelineModel(model, num_stages=2, microbatches=2)
