@@ -318,6 +318,12 @@ void Communicator::ThreadMain() {
   int flag = 0;
   MPI_Initialized(&flag);
   if (!flag) {
+    // Open MPI's non-blocking all-reduce (coll/libnbc) picks binomial /
+    // recursive doubling for few processes, about 2x slower than the blocking
+    // MPI_Allreduce from 256 KB up; its ring algorithm matches the blocking
+    // one (measured: 16 MB, 2 processes, 3.4 ms vs 13.1 ms). Respect a value
+    // the user set.
+    setenv("OMPI_MCA_coll_libnbc_iallreduce_algorithm", "1", 0);
     int provided = 0;
     int err = MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
     if (err != MPI_SUCCESS) {
@@ -465,7 +471,14 @@ void Communicator::ThreadMain() {
     Fail(s);
   };
 
+  // While collectives are in flight the thread polls MPI_Test (MPI only
+  // progresses non-blocking collectives inside MPI calls), yielding the core
+  // between polls; a large transfer keeps it polling for about as long as the
+  // transfer should take, then it backs off to short sleeps.
+  double spin_until = 0;
   auto start = [&](Group& g, int gi, Request r, double now) {
+    double bytes = static_cast<double>(r.count) * DataTypeSize(r.dtype);
+    spin_until = std::max(spin_until, now + im.spin_s + bytes * 5e-9);
     InFlight f;
     f.start = now;
     f.seq = ++g.started;
@@ -686,7 +699,7 @@ void Communicator::ThreadMain() {
     }
     if (stop && idle) break;
     if (inflight) {
-      if (now - last_activity < im.spin_s) {
+      if (now - last_activity < im.spin_s || now < spin_until) {
         sched_yield();
       } else {
         std::this_thread::sleep_for(std::chrono::microseconds(50));

@@ -221,6 +221,12 @@ class MultiProcessExtended(_DataParallelExtended):
     def should_save_summary(self) -> bool:
         return self._smd_rank == 0
 
+    def _get_cross_device_ops(self, value: Any) -> MpiHostReduceCrossDeviceOps:
+        # MirroredExtended sends int32 values (and XLA) to process-local
+        # reductions; across processes every reduction must take our ops.
+        del value
+        return self._cross_device_ops
+
     def _reduce_to(
         self, reduce_op: Any, value: Any, destinations: Any, options: Any
     ) -> Any:
