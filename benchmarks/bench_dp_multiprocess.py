@@ -189,14 +189,22 @@ def _allreduce_worker(args: argparse.Namespace, rank: int) -> None:
 # -- driver side -----------------------------------------------------------------
 
 
+def _package_parent() -> str:
+    # The ranks import the tf_smdist this driver imports (checkout or install).
+    sys.path.insert(0, REPO)
+    import tf_smdist
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(tf_smdist.__file__)))
+
+
 def _launch(nproc: int, worker_args: list[str], timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "tf_smdist.launch", "--nproc", str(nproc),
                "--cpus-per-proc", "1", os.path.abspath(__file__), "--worker",
                "--out", out, *worker_args]
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get(
-            "PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="2")
+        env = dict(os.environ, PYTHONPATH=_package_parent() + os.pathsep
+                   + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="2")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
                               timeout=timeout)
         if proc.returncode != 0:

@@ -11,13 +11,19 @@ from collections.abc import Sequence
 
 import pytest
 
+import tf_smdist
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
+# Where the tested tf_smdist lives (the source tree, or site-packages after
+# `pip install .`): the ranks import the same one.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(tf_smdist.__file__)))
 
 
 def mpi_available() -> bool:
     return (shutil.which("mpirun") is not None
-            and os.path.exists(os.path.join(REPO, "tf_smdist", "libsmdist_mpi.so")))
+            and os.path.exists(os.path.join(PACKAGE_PARENT, "tf_smdist",
+                                            "libsmdist_mpi.so")))
 
 
 requires_mpi = pytest.mark.skipif(
@@ -34,11 +40,12 @@ def launch(
 ) -> subprocess.CompletedProcess:
     """Runs `python -m tf_smdist.launch ARGS`; kills its session on timeout."""
     full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env["PYTHONPATH"] = (
+        PACKAGE_PARENT + os.pathsep + full_env.get("PYTHONPATH", ""))
     full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     full_env.update(env or {})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tf_smdist.launch", *args], cwd=REPO, env=full_env,
+        [sys.executable, "-m", "tf_smdist.launch", *args], cwd=TESTS, env=full_env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     try:

@@ -46,13 +46,14 @@ _FORWARD_PREFIXES = ("SMDIST_", "TF_", "PYTHON", "OMP_", "KERAS_", "CUDA_",
 _FORWARD_NAMES = ("PATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "HOME")
 _GRACE_S = 10.0
 # Each rank runs the script with line-buffered output, so that mpirun reads
-# (and tags) whole lines, and with the script as `__main__` and `sys.argv`.
+# (and tags) whole lines, and as `python script.py` would: the script as
+# `__main__`, its arguments in `sys.argv`, its directory first on `sys.path`.
 _RANK_BOOT = (
     "import runpy, sys; sys.argv = sys.argv[1:]; "
     "sys.stdout.reconfigure(line_buffering=True); "
     "sys.stderr.reconfigure(line_buffering=True); "
-    "sys.path.insert(0, __import__('os').path.dirname("
-    "__import__('os').path.abspath(sys.argv[0]))); "
+    "sys.path[0] = __import__('os').path.dirname("
+    "__import__('os').path.abspath(sys.argv[0])); "
     "runpy.run_path(sys.argv[0], run_name='__main__')"
 )
 
