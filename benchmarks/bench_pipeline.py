@@ -22,9 +22,15 @@ Reported per configuration (GPipe and 1F1B, M = 1, 2, 4, 8):
 Configurations run round-robin in two long-lived worker processes (one per
 thread setting), so a change in machine load hits every configuration alike.
 
+With `--remote` the two stages run instead in two `tf.distribute.Server`
+processes pinned to one core each (one thread each), driven over TensorFlow's
+distributed runtime; the client's profiler cannot see the workers' ops, so
+the bubble is then inferred from the step time (`1 - RATIO / K`, which also
+counts transfers and gradient accumulation).
+
 Usage:
     python benchmarks/bench_pipeline.py [--width 1024] [--layers 8]
-        [--batch 256] [--steps 5] [--rounds 7]
+        [--batch 256] [--steps 5] [--rounds 7] [--remote]
 """
 
 from __future__ import annotations
@@ -50,9 +56,13 @@ def _serve(args: argparse.Namespace) -> None:
     """
     cores = sorted(os.sched_getaffinity(0))
     plain = args.mode == "plain"
+    remote = args.mode == "remote"
     os.sched_setaffinity(0, cores[:1] if plain else cores[:2])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, ROOT)
+    servers = []
+    if remote:
+        servers, workers = _start_servers(cores[:2])
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
@@ -63,11 +73,17 @@ def _serve(args: argparse.Namespace) -> None:
     import tf_smdist as smd
     from tf_smdist.pipeline.plot import trace_timeline
 
-    smd.configure_cpu_devices(2)
+    devices = None
+    if remote:
+        tf.config.experimental_connect_to_cluster(
+            tf.train.ClusterSpec({"worker": workers})
+        )
+        devices = [f"/job:worker/replica:0/task:{i}/device:CPU:0" for i in (0, 1)]
+    else:
+        smd.configure_cpu_devices(2)
     x = np.random.RandomState(0).randn(args.batch, args.width).astype("float32")
     y = np.random.RandomState(1).randn(args.batch, args.width).astype("float32")
     data = (tf.constant(x), tf.constant(y))
-    built: dict = {}
 
     def build(mode: str, m: int):
         keras.utils.set_random_seed(0)
@@ -81,7 +97,7 @@ def _serve(args: argparse.Namespace) -> None:
             half = args.layers // 2
             net = smd.PipelineModel(
                 net, num_stages=2, microbatches=m, schedule=mode,
-                partition=[half, args.layers - half],
+                partition=[half, args.layers - half], devices=devices,
             )
         net.compile(
             optimizer=keras.optimizers.SGD(1e-4), loss="mse", jit_compile=False
@@ -91,6 +107,47 @@ def _serve(args: argparse.Namespace) -> None:
             float(step(data)["loss"])
         return net, step
 
+    try:
+        _loop(args, build, data, trace_timeline, tf)
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait(timeout=30)
+
+
+_SERVER = (
+    "import json, os, sys; os.sched_setaffinity(0, [int(sys.argv[3])]); "
+    "os.environ['TF_CPP_MIN_LOG_LEVEL'] = '2'; import tensorflow as tf; "
+    "tf.distribute.Server(tf.train.ClusterSpec({'worker': json.loads(sys.argv[1])}),"
+    " job_name='worker', task_index=int(sys.argv[2]), config=tf.compat.v1."
+    "ConfigProto(intra_op_parallelism_threads=1, inter_op_parallelism_threads=1),"
+    " start=True).join()"
+)
+
+
+def _start_servers(cores: list[int]) -> tuple[list, list[str]]:
+    """Two TensorFlow servers on free localhost ports, one core each."""
+    import socket
+
+    ports = []
+    for _ in cores:
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            ports.append(s.getsockname()[1])
+    workers = [f"localhost:{p}" for p in ports]
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SERVER, json.dumps(workers), str(i), str(c)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for i, c in enumerate(cores)
+    ]
+    return servers, workers
+
+
+def _loop(args, build, data, trace_timeline, tf) -> None:  # noqa: ANN001
+    plain = args.mode == "plain"
+    built: dict = {}
     for line in sys.stdin:
         command = json.loads(line)
         key = tuple(command.get("config") or command["details"])
@@ -106,6 +163,8 @@ def _serve(args: argparse.Namespace) -> None:
                 "step_s": (time.perf_counter() - wall) / args.steps,
                 "cpu_s": (time.process_time() - cpu) / args.steps,
             }
+        elif args.mode == "remote":
+            answer = {}  # the client's profiler cannot see the workers' ops
         else:
             devices = ["CPU:0"] if plain else ["CPU:0", "CPU:1"]
             for d in devices:
@@ -181,13 +240,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--microbatch-list", default="1,2,4,8")
+    parser.add_argument(
+        "--remote", action="store_true",
+        help="run the stages in 2 TensorFlow server processes pinned to one "
+        "core each (the distributed runtime), instead of 2 logical devices",
+    )
     args = parser.parse_args()
     if args.serve:
         _serve(args)
         return
     ms = [int(v) for v in args.microbatch_list.split(",")]
     configs = [("plain", 1)] + [(mode, m) for m in ms for mode in ("gpipe", "1f1b")]
-    workers = {"plain": _Worker("plain", args), "pipe": _Worker("pipe", args)}
+    workers = {
+        "plain": _Worker("plain", args),
+        "pipe": _Worker("remote" if args.remote else "pipe", args),
+    }
     try:
         times: dict = {c: [] for c in configs}
         cpu: dict = {c: [] for c in configs}
@@ -210,9 +277,14 @@ def main() -> None:
         load = f.read().split()[0]
     med = {c: statistics.median(v) for c, v in times.items()}
     base = med[("plain", 1)]
+    where = (
+        "2 TensorFlow server processes pinned to one core each, 1 thread each"
+        if args.remote
+        else "2 logical CPU devices, intra-op 1, inter-op 2, 2 cores"
+    )
     print(
         f"MLP {args.layers} x Dense({args.width}), batch {args.batch}: 2 stages "
-        "(2 logical CPU devices, intra-op 1, inter-op 2, 2 cores) vs the plain "
+        f"({where}) vs the plain "
         f"model (1 core, 1 thread); medians of {args.rounds} round-robin rounds "
         f"of {args.steps} steps; load average {load}"
     )
@@ -221,6 +293,22 @@ def main() -> None:
         f"{statistics.median(cpu[('plain', 1)]) * 1e3:.1f} ms/step, step peak "
         f"{details[('plain', 1)]['peak_mb'][0]:.0f} MB"
     )
+    if args.remote:
+        # With balanced stages and no overhead, step = (M + K - 1) / M x
+        # plain / K, so 1 - RATIO / K is the bubble the step time implies
+        # (transfers and accumulation included).
+        print(
+            "| schedule | M | ms/step | RATIO vs plain 1 core "
+            "| implied bubble 1 - RATIO/K | (K-1)/(M+K-1) |"
+        )
+        print("|---|---|---|---|---|---|")
+        for c in configs[1:]:
+            ratio = base / med[c]
+            print(
+                f"| {c[0]} | {c[1]} | {med[c] * 1e3:.1f} | {ratio:.2f}x | "
+                f"{1 - ratio / 2:.3f} | {1 / (c[1] + 1):.3f} |"
+            )
+        return
     print(
         "| schedule | M | ms/step | RATIO vs plain 1 core | CPU ms/step "
         "| busiest device ms | measured bubble | (K-1)/(M+K-1) "
