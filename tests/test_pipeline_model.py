@@ -245,8 +245,9 @@ def test_partition_by_layer_names():
     assert [len(s.layer_names) for s in pipe.stages] == [6, 2]
 
 
-def test_graph_orders_each_devices_ops_as_the_schedule_says():
-    _, pipe = pipeline("functional", 3, 4, "1f1b")
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_graph_orders_each_devices_ops_as_the_schedule_says(schedule):
+    _, pipe = pipeline("functional", 3 if schedule == "1f1b" else 2, 4, schedule)
     pipe.compile(optimizer="sgd", loss="mse")
     x, y = data("functional")
     graph = tf.function(pipe.compute_gradients).get_concrete_function(x, y).graph
