@@ -22,7 +22,12 @@ LossFn = Callable[[int, list[tf.Tensor]], tf.Tensor]
 
 
 def task_scope(kind: str, stage: int, microbatch: int) -> str:
-    """The name scope of a task's ops, e.g. `"F_s0_m1"`."""
+    """The name scope of a task's ops.
+
+    Example:
+    >>> task_scope("F", 0, 1)
+    'F_s0_m1'
+    """
     return f"{kind}_s{stage}_m{microbatch}"
 
 
@@ -125,6 +130,12 @@ def run_forward(
 
     Returns:
         Per micro-batch, the last stage's outputs.
+
+    Example:
+    ```python
+    micro = split_microbatches([x], pipe.microbatches)
+    outs = run_forward(pipe.stages, pipe.pipeline_schedule, micro)
+    ```
     """
     chain = _DeviceChain()
     acts: dict[tuple[int, int], list[tf.Tensor]] = {}
@@ -172,6 +183,17 @@ def run_train(
         `(outputs, losses, grads)`: per micro-batch the last stage's outputs,
         per micro-batch the loss, and per stage the summed gradients of its
         `trainable_variables` (zeros where a variable gets no gradient).
+
+    Example:
+    ```python
+    mse = keras.losses.MeanSquaredError()
+    micro_x = split_microbatches([x], 4)
+    micro_y = split_microbatches([y], 4)
+    outs, losses, grads = run_train(
+        stages, schedule, micro_x,
+        lambda m, out: mse(micro_y[m][0], out[0]) / 4,
+    )
+    ```
     """
     chain = _DeviceChain()
     last = len(stages) - 1
