@@ -92,3 +92,14 @@ def test_one_device_strategy_trains():
         model.compile(optimizer="sgd", loss="mse")
     model.fit(np.ones((4, 3)), np.ones((4, 1)), batch_size=2, verbose=0)
     assert int(model.optimizer.iterations.numpy()) == 2
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from tf_smdist.data_parallel import cross_device_ops, strategy
+
+    for module in (cross_device_ops, strategy):
+        failures, tried = doctest.testmod(module)
+        assert tried > 0
+        assert failures == 0, module.__name__

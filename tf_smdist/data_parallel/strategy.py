@@ -168,6 +168,7 @@ class DataParallelStrategy(tf.distribute.MirroredStrategy):
 
     Example:
     >>> import keras
+    >>> import numpy as np
     >>> import tf_smdist as smd
     >>> strategy = smd.DataParallelStrategy(bucket_cap_mb=4.0)
     >>> with strategy.scope():
