@@ -590,3 +590,29 @@ def test_shared_layers_are_refused():
     model = keras.Model(inputs, keras.layers.Dense(2)(shared(shared(inputs))))
     with pytest.raises(NotImplementedError, match="shared layers"):
         PipelineModel(model, num_stages=2, microbatches=2)
+
+
+def test_optimizer_state_and_updates_live_on_stage_devices():
+    _, pipe = pipeline("sequential", 2, 2, "1f1b")
+    pipe.compile(optimizer="adam", loss="mse")
+    x, y = data("sequential")
+    step = tf.function(pipe.train_step)
+    graph = step.get_concrete_function((tf.constant(x), tf.constant(y))).graph
+    for stage in pipe.stages:
+        for v in stage.trainable_variables:
+            key = v.path.replace("/", "_") + "_"
+            slots = [s for s in pipe.optimizer.variables if key in s.path]
+            assert len(slots) == 2  # Adam's two moments
+            for slot in slots:
+                assert slot.value.device.endswith(f"CPU:{stage.index}")
+    updates = [o for o in graph.get_operations()
+               if o.name.startswith("adam/") and o.type == "Sqrt"]
+    assert {o.device[-5:] for o in updates} == {"CPU:0", "CPU:1"}
+    pipe.repartition([6, 2])  # moves layers and their optimizer state
+    for stage in pipe.stages:
+        for v in stage.trainable_variables:
+            key = v.path.replace("/", "_") + "_"
+            for slot in pipe.optimizer.variables:
+                if key in slot.path:
+                    assert slot.value.device.endswith(f"CPU:{stage.index}")
+    pipe.fit(x, y, batch_size=8, epochs=1, verbose=0)

@@ -258,6 +258,24 @@ class PipelineModel(keras.Model):
             optimizer._var_key(v): i
             for i, v in enumerate(optimizer._trainable_variables)
         }
+        # Move each variable's optimizer state (named after the variable's
+        # path by `add_variable_from_reference`) next to it.
+        by_key = {
+            v.path.replace("/", "_") + "_": v for v in self.trainable_variables
+        }
+        for slot in optimizer.variables:
+            name = slot.path.split("/", 1)[-1]
+            owner = next(
+                (v for key, v in by_key.items() if name.startswith(key)), None
+            )
+            if owner is None or slot.value.device == owner.value.device:
+                continue
+            with tf.init_scope(), tf.device(owner.value.device):
+                moved = tf.Variable(
+                    tf.identity(slot.value), trainable=False,
+                    name=slot.value.name.split(":")[0],
+                )
+            slot._initialize(moved)  # see `stages.place_variables`
 
     @property
     def profiled_model(self) -> keras.Model:
@@ -315,6 +333,11 @@ class PipelineModel(keras.Model):
         wrapped model is then profiled, partitioned, the train function is
         rebuilt, training continues pipelined, and the partition report is
         logged.
+
+        Example:
+        ```python
+        pipe.fit(x, y, batch_size=64, callbacks=[smd.ProfilingCallback()])
+        ```
         """
         from tf_smdist.pipeline.profiler import ProfilingCallback
 
@@ -388,6 +411,11 @@ class PipelineModel(keras.Model):
         A pipeline places its ops on several devices, which a single XLA
         cluster cannot, so `jit_compile` is always `False`. Only mean-reduced
         (`"sum_over_batch_size"`) or sum-reduced losses are accepted.
+
+        Example:
+        ```python
+        pipe.compile(optimizer="adam", loss="mse", metrics=["mae"])
+        ```
         """
         kwargs["jit_compile"] = False
         loss = kwargs.get("loss", args[1] if len(args) > 1 else None)
@@ -401,21 +429,65 @@ class PipelineModel(keras.Model):
             )
         self._loss_is_sum = reductions == {"sum"}
         super().compile(*args, **kwargs)
+        self._build_optimizer_on_stages()
+
+    def _build_optimizer_on_stages(self) -> None:
+        """Builds the optimizer with each variable's state on its device.
+
+        `add_variable_from_reference` is the hook Keras optimizers use to
+        create per-variable state; wrapping it while building puts each
+        slot next to its variable (Keras would put them all on the caller's
+        device, so remote stages would fetch them over the network).
+        """
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        if optimizer is None or optimizer.built:
+            return
+        create = optimizer.add_variable_from_reference
+
+        def placed(reference_variable: Any, *args: Any, **kwargs: Any) -> Any:
+            device = getattr(reference_variable, "value", reference_variable).device
+            with tf.device(device or None):
+                return create(reference_variable, *args, **kwargs)
+
+        optimizer.add_variable_from_reference = placed
+        try:
+            optimizer.build(self.trainable_variables)
+        finally:
+            del optimizer.add_variable_from_reference
 
     @property
     def layers(self) -> list[keras.layers.Layer]:
         return self.wrapped_model.layers
 
     def get_weights(self) -> list[Any]:
-        """The wrapped model's weights, in its own order."""
+        """The wrapped model's weights, in its own order.
+
+        Example:
+        ```python
+        plain_model.set_weights(pipe.get_weights())
+        ```
+        """
         return self.wrapped_model.get_weights()
 
     def set_weights(self, weights: Sequence[Any]) -> None:
-        """Sets the wrapped model's weights, given in its own order."""
+        """Sets the wrapped model's weights, given in its own order.
+
+        Example:
+        ```python
+        pipe.set_weights(plain_model.get_weights())
+        ```
+        """
         self.wrapped_model.set_weights(weights)
 
     def save(self, filepath: str, *args: Any, **kwargs: Any) -> None:
-        """Saves the wrapped (unpartitioned) model, loadable by plain Keras."""
+        """Saves the wrapped (unpartitioned) model, loadable by plain Keras.
+
+        Example:
+        ```python
+        pipe.save("model.keras")
+        model = keras.models.load_model("model.keras")  # a plain model
+        ```
+        """
         self.wrapped_model.save(filepath, *args, **kwargs)
 
     def save_weights(self, filepath: str, *args: Any, **kwargs: Any) -> None:
@@ -556,5 +628,28 @@ class PipelineModel(keras.Model):
             tracker.update_state(
                 loss, sample_weight=tf.shape(self._flat_inputs(x)[0])[0]
             )
+        self._place_optimizer_updates()
         self.optimizer.apply(grads, self.trainable_variables)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _place_optimizer_updates(self) -> None:
+        """Runs each variable's update on the variable's (stage's) device.
+
+        Keras' optimizers build every update under the caller's device, so
+        the gradients of all stages would travel to one device (over the
+        network for remote stages) and back. `update_step(gradient, variable,
+        learning_rate)` is the per-variable hook Keras optimizers define;
+        wrapping it on this optimizer instance places each update.
+        """
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        if getattr(optimizer, "_pipeline_placed", False):
+            return
+        update_step = optimizer.update_step
+
+        def placed_update_step(gradient: Any, variable: Any, lr: Any) -> Any:
+            device = getattr(variable, "device", None) or None
+            with tf.device(device):
+                return update_step(gradient, variable, lr)
+
+        optimizer.update_step = placed_update_step
+        optimizer._pipeline_placed = True
