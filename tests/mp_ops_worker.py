@@ -3,13 +3,15 @@
 Usage: python mp_ops_worker.py MODE OUT_DIR
 
 MODE: collectives (writes OUT_DIR/rank{r}.json with every result), stall
-(rank 1 stops issuing collectives; the others must fail naming it).
+(rank 1 stops issuing collectives; the others must fail naming it), stop
+(rank 1 is stopped with SIGSTOP: no heartbeats either).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -76,6 +78,8 @@ def collectives() -> dict:
 def stall() -> None:
     rank, _ = cluster.initialize()
     _mpi_ops.host_allreduce(tf.ones([8]))
+    if rank == 1 and MODE == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)  # the whole process, comm thread too
     if rank == 1:
         time.sleep(600)
     start = time.monotonic()
@@ -94,7 +98,7 @@ if __name__ == "__main__":
         result = collectives()
         with open(os.path.join(OUT, f"rank{result['rank']}.json"), "w") as f:
             json.dump(result, f)
-    elif MODE == "stall":
+    elif MODE in ("stall", "stop"):
         stall()
     else:
         raise SystemExit(f"unknown mode {MODE}")

@@ -86,6 +86,19 @@ def test_watchdog_names_the_stalled_rank(tmp_path):
     assert "rank 0 failed with exit status 3" in proc.stderr
 
 
+@pytest.mark.slow
+@requires_mpi
+def test_watchdog_names_a_stopped_rank_by_its_missing_heartbeats(tmp_path):
+    proc = launch(["--nproc", "2", WORKER, "stop", str(tmp_path)], timeout=120,
+                  env={"SMDIST_MPI_TIMEOUT": "5"})
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    with open(tmp_path / "rank0.json") as f:
+        res = json.load(f)
+    assert "did not complete within 5 s on rank 0 of 2" in res["message"]
+    assert "Rank 1 sent no heartbeat for" in res["message"]
+    assert "it is dead or stopped" in res["message"]
+
+
 def test_env_rank_and_size_reads_each_launcher():
     assert cluster.env_rank_and_size({}) == (0, 1)
     assert cluster.env_rank_and_size(
