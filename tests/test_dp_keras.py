@@ -17,7 +17,7 @@ _KEY_BASES = itertools.count(1)
 
 def _mirrored():
     class _Mirrored(tf.distribute.MirroredStrategy):
-        _collective_key_base = 5000 + 1000 * next(_KEY_BASES)
+        _collective_key_base = 200_000 + 1000 * next(_KEY_BASES)
 
     return _Mirrored(DEVICES)
 
