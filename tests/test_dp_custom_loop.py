@@ -175,3 +175,20 @@ def test_compression_casts_for_the_transfer_only(compression, expected):
     for out in strategy.experimental_local_results(step(values)):
         assert out.dtype == tf.float32
         np.testing.assert_array_equal(out, np.array(expected, np.float32))
+
+
+def test_all_reduce_in_an_eager_strategy_run():
+    strategy = smd.DataParallelStrategy(DEVICES)
+
+    def fn(v):
+        ctx = tf.distribute.get_replica_context()
+        return ctx.all_reduce("sum", v), ctx.all_reduce("mean", v)
+
+    values = _replica_values(strategy, lambda r: tf.constant([2.0, 4.0]) * (r + 1.0))
+    total, mean = strategy.run(fn, args=(values,))
+    for t, m in zip(
+        strategy.experimental_local_results(total),
+        strategy.experimental_local_results(mean),
+    ):
+        np.testing.assert_array_equal(t, [6.0, 12.0])
+        np.testing.assert_array_equal(m, [3.0, 6.0])
