@@ -103,3 +103,12 @@ def test_docstring_examples_run():
         failures, tried = doctest.testmod(module)
         assert tried > 0
         assert failures == 0, module.__name__
+
+
+def test_xla_compiled_reduction_is_a_clear_error(monkeypatch):
+    # Under XLA on GPUs MirroredStrategy switches to NCCL collectives; ours
+    # refuses instead of silently bypassing the host reduction.
+    strategy = smd.DataParallelStrategy(["/cpu:0", "/cpu:1"])
+    monkeypatch.setattr(type(strategy.extended), "_use_merge_call", lambda self: False)
+    with pytest.raises(ValueError, match="jit_compile=False"):
+        strategy.extended._get_cross_device_ops(tf.constant(1.0))

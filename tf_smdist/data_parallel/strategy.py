@@ -106,6 +106,17 @@ class _DataParallelExtended(_compat.MirroredExtended):
             )
         return super()._reduce_to(reduce_op, value, destinations, options)
 
+    def _get_cross_device_ops(self, value: Any) -> Any:
+        if not self._use_merge_call():
+            # MirroredExtended would silently switch to NCCL collectives here.
+            raise ValueError(
+                "DataParallelStrategy cannot reduce inside an XLA-compiled "
+                "function: its host-reduce ops have no XLA kernels. Received: "
+                "a replica function compiled with jit_compile=True. Compile "
+                "with jit_compile=False (Keras' default under tf.distribute)."
+            )
+        return super()._get_cross_device_ops(value)
+
     def _update(self, var: Any, fn: Any, args: Any, kwargs: Any, group: bool) -> Any:
         if not isinstance(var, _compat.distribute_values.DistributedVariable):
             raise ValueError(
@@ -207,9 +218,13 @@ class DataParallelStrategy(tf.distribute.MirroredStrategy):
             from tf_smdist.data_parallel import multi_process  # noqa: PLC0415
 
             multi_process.setup(
-                self, devices, host_device=_host_device_for(devices),
-                bucket_cap_mb=bucket_cap_mb, compression=compression,
-                host_threads=host_threads)
+                self,
+                devices,
+                host_device=_host_device_for(devices),
+                bucket_cap_mb=bucket_cap_mb,
+                compression=compression,
+                host_threads=host_threads,
+            )
             self._host_threads = host_threads
             return
         cross_device_ops = HostReduceCrossDeviceOps(
