@@ -605,8 +605,7 @@ def test_optimizer_state_and_updates_live_on_stage_devices():
             assert len(slots) == 2  # Adam's two moments
             for slot in slots:
                 assert slot.value.device.endswith(f"CPU:{stage.index}")
-    updates = [o for o in graph.get_operations()
-               if o.name.startswith("adam/") and o.type == "Sqrt"]
+    updates = [o for o in graph.get_operations() if o.type == "Sqrt"]  # Adam's
     assert {o.device[-5:] for o in updates} == {"CPU:0", "CPU:1"}
     pipe.repartition([6, 2])  # moves layers and their optimizer state
     for stage in pipe.stages:
