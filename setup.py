@@ -271,7 +271,8 @@ setup(
     extras_require={
         "cpu": ["tensorflow-cpu" + TF_RANGE],
         "gpu": ["tensorflow[and-cuda]" + TF_RANGE],
-        "test": ["pytest>=7", "pytest-timeout", "hypothesis", "ruff"],
+        "test": ["pytest>=7", "pytest-timeout", "hypothesis", "ruff",
+                 "scikit-learn", "tensorboard", "matplotlib"],
     },
     zip_safe=False,
 )

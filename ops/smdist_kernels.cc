@@ -27,7 +27,7 @@ DType ToDType(DataType dtype) {
 }
 
 // Cost per element for the thread pool's sharding: the loops are memory
-// bound, so a few cycles per byte moved.
+// bound, so the bytes moved per element.
 int64_t CostPerElement(int num_reads, DataType in, DataType out) {
   return num_reads * DataTypeSize(in) + DataTypeSize(out);
 }
@@ -40,6 +40,13 @@ template <typename Fn>
 void ParallelRange(OpKernelContext* ctx, int64_t total, int64_t cost,
                    int max_shards, const Fn& fn) {
   if (total <= 0) return;
+  // Below this many bytes moved, waking worker threads costs more than the
+  // work itself: run inline on the calling thread.
+  constexpr int64_t kInlineBytes = 256 << 10;
+  if (total * cost <= kInlineBytes || max_shards == 1) {
+    fn(0, total);
+    return;
+  }
   constexpr int64_t kAlign = 16;
   const int64_t blocks = (total + kAlign - 1) / kAlign;
   auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
@@ -187,9 +194,19 @@ class HostReduceOp : public OpKernel {
                       "; all inputs must have one shape"));
       srcs[i] = inputs[i].data();
     }
+    // Reuse an input's buffer for the output where TensorFlow allows it (no
+    // other reader): the sum is computed chunk by chunk, each chunk read in
+    // full before it is written, so writing over an input is safe.
     Tensor* output = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &output));
     const DataType in_type = inputs[0].dtype();
+    if (in_type == out_type_) {
+      std::vector<int> candidates(n);
+      for (int i = 0; i < n; ++i) candidates[i] = i;
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                              candidates, 0, shape, &output));
+    } else {
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &output));
+    }
     const DType in = ToDType(in_type);
     const DType out = ToDType(out_type_);
     void* dst = output->data();

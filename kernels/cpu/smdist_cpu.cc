@@ -174,8 +174,9 @@ SMDIST_CLONES void StoreChunk(const float* __restrict acc,
 }
 
 // Two inputs straight into a float32 output: the common case, one pass.
-SMDIST_CLONES void Sum2F32(const float* __restrict a, const float* __restrict b,
-                           float* __restrict out, int64_t n, float scale) {
+// `out` may be `a` or `b` (the op reuses an input's buffer), so no restrict.
+SMDIST_CLONES void Sum2F32(const float* a, const float* b, float* out,
+                           int64_t n, float scale) {
   for (int64_t j = 0; j < n; ++j) out[j] = (a[j] + b[j]) * scale;
 }
 

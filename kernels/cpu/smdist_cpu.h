@@ -30,7 +30,8 @@ void UnpackRange(const void* packed, DType in_type, void* const* dsts,
                  int64_t begin, int64_t end);
 
 // out[i] = cast<out>(scale * sum_k srcs[k][i]) for i in [begin, end),
-// summed in float32 in input order.
+// summed in float32 in input order. `out` may be one of `srcs` when the
+// types are equal: every element is read before it is written.
 void ReduceRange(const void* const* srcs, int num_srcs, DType in_type,
                  void* out, DType out_type, float scale, int64_t begin,
                  int64_t end);
