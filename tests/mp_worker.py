@@ -5,7 +5,8 @@ Usage: python mp_worker.py MODE LOCAL_DEVICES OUT_DIR [extra...]
 MODE: custom (custom loop), fit, checkpoint (fit with BackupAndRestore,
 optionally interrupted), mismatch (rank 1 builds another model), stall
 (rank 1 stops joining after one step), uneven (a dataset whose batch count
-does not divide by the ranks), mix (fp16 compression). Each rank writes its
+does not divide by the ranks), compress (custom loop, fp16 transfers),
+equiv (custom loop then fit), die (rank 1 kills itself). Each rank writes its
 weights to OUT_DIR/rank{r}_*.npz.
 """
 
@@ -101,9 +102,11 @@ def fit(strategy: smd.DataParallelStrategy, epochs: int = 2,
 
 
 def main() -> None:
-    strategy = smd.DataParallelStrategy(bucket_cap_mb=1e-4)  # a bucket per tensor
+    strategy = smd.DataParallelStrategy(
+        bucket_cap_mb=1e-4,  # a bucket per tensor
+        compression="fp16" if MODE == "compress" else None)
     rank = cluster.rank()
-    if MODE == "custom":
+    if MODE in ("custom", "compress"):
         custom(strategy)
     elif MODE == "fit":
         fit(strategy)

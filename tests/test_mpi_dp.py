@@ -42,8 +42,10 @@ def _mirrored() -> tf.distribute.MirroredStrategy:
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 
-def _reference_custom(init: list[np.ndarray]) -> tuple[list[np.ndarray], list[float]]:
-    strategy = _mirrored()
+def _reference_custom(
+    init: list[np.ndarray], strategy: tf.distribute.Strategy | None = None
+) -> tuple[list[np.ndarray], list[float]]:
+    strategy = strategy or _mirrored()
     with strategy.scope():
         model = _model()
         optimizer = keras.optimizers.SGD(0.1)
@@ -120,6 +122,26 @@ def test_custom_loop_and_fit_equal_mirrored_strategy(tmp_path, nproc, local):
     for r in range(nproc):
         np.testing.assert_allclose(
             np.load(tmp_path / f"rank{r}_fit_final_loss.npy"), ref_history, atol=1e-5)
+
+
+def test_fp16_transfers_match_one_process_with_the_same_compression(tmp_path):
+    # 2 processes x 1 device against one process x 2 devices, both sending
+    # float16 buffers: the cross-process sum runs in float32, so the results
+    # are bit-identical (the SUM of two float16 values is exact in float32).
+    proc = launch(["--nproc", "2", WORKER, "compress", "1", str(tmp_path)],
+                  timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import tf_smdist as smd
+
+    init = _assert_same_on_every_rank(tmp_path, "init", 2)
+    final = _assert_same_on_every_rank(tmp_path, "final", 2)
+    local = smd.DataParallelStrategy(["/cpu:0", "/cpu:1"], bucket_cap_mb=1e-4,
+                                     compression="fp16")
+    ref_weights, _ = _reference_custom(init, local)
+    for a, e in zip(final, ref_weights):
+        np.testing.assert_array_equal(a, e)
+    fp32_weights, _ = _reference_custom(init)
+    assert any(not np.array_equal(a, e) for a, e in zip(final, fp32_weights))
 
 
 def test_uneven_last_batch_is_split_without_hanging(tmp_path):
