@@ -92,8 +92,10 @@ class MpiHostReduceCrossDeviceOps(HostReduceCrossDeviceOps):
     def __init__(self, *, world_size: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._world_size = int(world_size)
-        self._groups: dict[str, tuple[int, int]] = {}
-        self._current: tuple[int, int] = (0, 1)
+        # Per plan fingerprint: (group, {bucket index: position}, positions).
+        # Empty buckets never reach the host, so they take no position.
+        self._groups: dict[str, tuple[int, dict[int, int], int]] = {}
+        self._current: tuple[int, dict[int, int], int] = (0, {}, 1)
         self._misc_group = cluster.allocate_group()
         self._fallback = _CrossProcessFallback(self)
 
@@ -127,8 +129,11 @@ class MpiHostReduceCrossDeviceOps(HostReduceCrossDeviceOps):
             what="bucket plan", digest=plan.fingerprint(),
             summary=f"{plan.num_buckets} buckets, {plan.num_tensors} tensors")
         if plan.fingerprint() not in self._groups:
+            positions = {
+                b.index: k for k, b in enumerate(
+                    b for b in plan.buckets if b.num_elements > 0)}
             self._groups[plan.fingerprint()] = (
-                cluster.allocate_group(), plan.num_buckets)
+                cluster.allocate_group(), positions, max(1, len(positions)))
 
     def _reduce_bucket_on_host(
         self,
@@ -144,8 +149,8 @@ class MpiHostReduceCrossDeviceOps(HostReduceCrossDeviceOps):
         if bucket is None:
             group, index, size = self._misc_group, 0, 1
         else:
-            group, size = self._current
-            index = bucket.index
+            group, positions, size = self._current
+            index = positions[bucket.index]
         total = _mpi_ops.host_allreduce(
             host, group=group, index=index, group_size=size)
         return total if wide == out_type else tf.cast(total, out_type)
