@@ -6,7 +6,8 @@ MODE: custom (custom loop), fit, checkpoint (fit with BackupAndRestore,
 optionally interrupted), mismatch (rank 1 builds another model), stall
 (rank 1 stops joining after one step), uneven (a dataset whose batch count
 does not divide by the ranks), compress (custom loop, fp16 transfers),
-equiv (custom loop then fit), die (rank 1 kills itself). Each rank writes its
+equiv (custom loop then fit), die (rank 1 kills itself), mixed (fit with
+mixed_float16 and bf16 transfers). Each rank writes its
 weights to OUT_DIR/rank{r}_*.npz.
 """
 
@@ -102,13 +103,15 @@ def fit(strategy: smd.DataParallelStrategy, epochs: int = 2,
 
 
 def main() -> None:
+    if MODE == "mixed":
+        keras.mixed_precision.set_global_policy("mixed_float16")
     strategy = smd.DataParallelStrategy(
         bucket_cap_mb=1e-4,  # a bucket per tensor
-        compression="fp16" if MODE == "compress" else None)
+        compression={"compress": "fp16", "mixed": "bf16"}.get(MODE))
     rank = cluster.rank()
     if MODE in ("custom", "compress"):
         custom(strategy)
-    elif MODE == "fit":
+    elif MODE in ("fit", "mixed"):
         fit(strategy)
     elif MODE == "mismatch":
         with strategy.scope():

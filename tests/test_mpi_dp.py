@@ -73,8 +73,10 @@ def _reference_custom(
 
 
 def _reference_fit(init: list[np.ndarray], *, epochs: int,
-                   num_samples: int = NUM_SAMPLES) -> tuple[list[np.ndarray], list]:
-    strategy = _mirrored()
+                   num_samples: int = NUM_SAMPLES,
+                   strategy: tf.distribute.Strategy | None = None,
+                   ) -> tuple[list[np.ndarray], list]:
+    strategy = strategy or _mirrored()
     with strategy.scope():
         model = _model()
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
@@ -142,6 +144,27 @@ def test_fp16_transfers_match_one_process_with_the_same_compression(tmp_path):
         np.testing.assert_array_equal(a, e)
     fp32_weights, _ = _reference_custom(init)
     assert any(not np.array_equal(a, e) for a, e in zip(final, fp32_weights))
+
+
+def test_mixed_precision_fit_with_bf16_transfers_matches_one_process(tmp_path):
+    proc = launch(["--nproc", "2", WORKER, "mixed", "1", str(tmp_path)],
+                  timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import tf_smdist as smd
+
+    init = _assert_same_on_every_rank(tmp_path, "init", 2)
+    final = _assert_same_on_every_rank(tmp_path, "final", 2)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        local = smd.DataParallelStrategy(["/cpu:0", "/cpu:1"], bucket_cap_mb=1e-4,
+                                         compression="bf16")
+        ref_weights, ref_history = _reference_fit(init, epochs=2, strategy=local)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    for a, e in zip(final, ref_weights):
+        np.testing.assert_array_equal(a, e)
+    np.testing.assert_allclose(np.load(tmp_path / "rank1_final_loss.npy"),
+                               ref_history, atol=1e-6)
 
 
 def test_uneven_last_batch_is_split_without_hanging(tmp_path):
