@@ -25,6 +25,7 @@ from tf_smdist._version import __version__
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "allocate_group",
+    "allreduce_numpy",
     "broadcast_variables",
     "env_rank_and_size",
     "handshake",

@@ -185,6 +185,12 @@ class MultiProcessExtended(_DataParallelExtended):
     FILE, else DATA), each global batch split across all replicas. Variables
     created in the scope take rank 0's initial value. Only rank 0 writes
     checkpoints and summaries (`should_checkpoint`).
+
+    Example:
+    >>> # in a process started by `python -m tf_smdist.launch --nproc 2 ...`
+    >>> strategy = smd.DataParallelStrategy()  # doctest: +SKIP
+    >>> strategy.num_replicas_in_sync  # doctest: +SKIP
+    2
     """
 
     def __init__(
