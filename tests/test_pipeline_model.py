@@ -615,3 +615,29 @@ def test_optimizer_state_and_updates_live_on_stage_devices():
                 if key in slot.path:
                     assert slot.value.device.endswith(f"CPU:{stage.index}")
     pipe.fit(x, y, batch_size=8, epochs=1, verbose=0)
+
+
+def test_auto_partition_keeps_nested_models_whole():
+    def make(seed):
+        keras.utils.set_random_seed(seed)
+        inner = keras.Sequential(
+            [keras.Input((5,)), keras.layers.Dense(5, activation="tanh"),
+             keras.layers.Dense(5, activation="tanh")], name="inner")
+        return keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(5, activation="tanh"), inner,
+             keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(3)])
+
+    plain, copy = make(0), make(1)
+    copy.set_weights(plain.get_weights())
+    pipe = PipelineModel(copy, num_stages=2, microbatches=2, schedule="1f1b")
+    x, y = data("sequential", batch=32)
+    part = pipe.auto_partition(x[:8])
+    assert sum(part.stage_layer_names, []) == [layer.name for layer in copy.layers]
+    assert "inner" in sum(part.stage_layer_names, [])
+    for model in (plain, pipe):
+        model.compile(optimizer="sgd", loss="mse", jit_compile=False)
+    h_plain = plain.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    h_pipe = pipe.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    assert_close(h_pipe.history["loss"], h_plain.history["loss"])
+    for w, pw in zip(plain.get_weights(), pipe.get_weights()):
+        assert_close(pw, w)

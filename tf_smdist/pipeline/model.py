@@ -317,10 +317,12 @@ class PipelineModel(keras.Model):
         """
         from tf_smdist.pipeline.profiler import profile_model
 
+        # Stages keep nested models whole, so profile them whole too.
         profile = profile_model(
             self.wrapped_model,
             sample_batch,
             optimizer=getattr(self, "optimizer", None),
+            expand_nested=False,
         )
         return self._partition_from_profile(profile, **kwargs)
 
@@ -350,6 +352,14 @@ class PipelineModel(keras.Model):
         for callback in profilers:
             if getattr(callback, "_pipeline_hooked", False):
                 continue
+            # Stages keep nested models whole: profile them as one layer each.
+            if callback.profile_kwargs.get("expand_nested"):
+                logger.warning(
+                    "ProfilingCallback(expand_nested=True) under PipelineModel: "
+                    "nested models are profiled whole, since a stage keeps "
+                    "each nested model whole."
+                )
+            callback.profile_kwargs["expand_nested"] = False
             user_hook = callback.on_profile
 
             def hook(profile: Any, user_hook: Any = user_hook) -> None:
