@@ -182,3 +182,11 @@ def test_sigterm_is_forwarded_and_no_rank_survives(script, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
+
+
+def test_launch_docstring_examples_run():
+    import doctest
+
+    failures, tried = doctest.testmod(launcher)
+    assert tried > 0
+    assert failures == 0

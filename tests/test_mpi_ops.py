@@ -160,3 +160,12 @@ def test_missing_library_names_the_packages_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(_mpi_ops, "_path", lambda: str(tmp_path / "missing.so"))
     with pytest.raises(ImportError, match="apt-get install openmpi-bin libopenmpi-dev"):
         _mpi_ops.load_library()
+
+
+def test_cluster_docstring_examples_run():
+    import doctest
+
+    failures, tried = doctest.testmod(
+        cluster, extraglobs={"np": np, "tf": tf}, optionflags=doctest.ELLIPSIS)
+    assert tried > 0
+    assert failures == 0
