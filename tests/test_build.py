@@ -81,6 +81,8 @@ def test_quickstart_runs(tmp_path):
     out = subprocess.run([sys.executable, script], cwd=tmp_path, text=True,
                          capture_output=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "largest weight difference from MirroredStrategy" in out.stdout
+    assert "PipelineModel, 2 stages" in out.stdout
     assert "matches NumPy" in out.stdout
     assert np.isfinite(float(out.stdout.split("GB/s")[0].split()[-1]))
     assert smd.__version__
