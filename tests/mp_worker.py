@@ -7,7 +7,8 @@ optionally interrupted), mismatch (rank 1 builds another model), stall
 (rank 1 stops joining after one step), uneven (a dataset whose batch count
 does not divide by the ranks), compress (custom loop, fp16 transfers),
 equiv (custom loop then fit), die (rank 1 kills itself), mixed (fit with
-mixed_float16 and bf16 transfers). Each rank writes its
+mixed_float16 and bf16 transfers), embedding (an Embedding model: one
+reduction of its IndexedSlices gradient, then fit with Adam). Each rank writes its
 weights to OUT_DIR/rank{r}_*.npz.
 """
 
@@ -102,6 +103,71 @@ def fit(strategy: smd.DataParallelStrategy, epochs: int = 2,
     save(steps_note, model)
 
 
+VOCAB, USED_VOCAB = 40, 25  # token ids >= USED_VOCAB never occur
+
+
+def embedding_data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, USED_VOCAB, size=(NUM_SAMPLES, 3)).astype(np.int32)
+    y = rng.standard_normal((NUM_SAMPLES, 2)).astype(np.float32)
+    return x, y
+
+
+def make_embedding_model() -> keras.Model:
+    keras.utils.set_random_seed(1 + cluster.env_rank_and_size()[0])  # differ per rank
+    return keras.Sequential([
+        keras.Input((3,), dtype="int32"),
+        keras.layers.Embedding(VOCAB, 4),
+        keras.layers.Flatten(),
+        keras.layers.Dense(2),
+    ])
+
+
+def embedding(strategy: smd.DataParallelStrategy) -> None:
+    with strategy.scope():
+        model = make_embedding_model()
+        model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    save("init", model)
+    x, y = embedding_data()
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+
+    # The first batch's embedding gradient, MEAN-reduced across replicas.
+    @tf.function
+    def reduced_gradient(batch: tuple) -> tf.IndexedSlices:
+        def replica_grad(xb: tf.Tensor, yb: tf.Tensor) -> tf.IndexedSlices:
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(xb) - yb))
+            return tape.gradient(loss, model.trainable_variables[0])
+
+        grads = strategy.run(replica_grad, args=batch)
+        return strategy.reduce("MEAN", grads, axis=None)
+
+    grad = reduced_gradient(next(iter(strategy.experimental_distribute_dataset(ds))))
+    np.savez(os.path.join(OUT, f"rank{cluster.rank()}_grad.npz"),
+             values=grad.values.numpy(), indices=grad.indices.numpy(),
+             is_slices=isinstance(grad, tf.IndexedSlices))
+    model.fit(ds, epochs=2, verbose=0)
+    save("final", model)
+
+    # Indices beyond float32's exact range, a different row count per
+    # replica (global replica g sends g + 1 rows of value g + 1).
+    @tf.function
+    def large_indices(reduce_op: str) -> tf.IndexedSlices:
+        def replica_slices() -> tf.IndexedSlices:
+            g = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group,
+                        tf.int64)
+            indices = 2**40 + 1000 * g + tf.range(g + 1)
+            values = tf.fill([g + 1, 2], tf.cast(g + 1, tf.float32))
+            return tf.IndexedSlices(values, indices, tf.constant([2**41, 2], tf.int64))
+
+        return strategy.reduce(reduce_op, strategy.run(replica_slices), axis=None)
+
+    for reduce_op in ("SUM", "MEAN"):
+        big = large_indices(reduce_op)
+        np.savez(os.path.join(OUT, f"rank{cluster.rank()}_large_{reduce_op}.npz"),
+                 values=big.values.numpy(), indices=big.indices.numpy())
+
+
 def main() -> None:
     if MODE == "mixed":
         keras.mixed_precision.set_global_policy("mixed_float16")
@@ -119,6 +185,8 @@ def main() -> None:
             model.compile(optimizer="sgd", loss="mse")
         x, y = data()
         model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)
+    elif MODE == "embedding":
+        embedding(strategy)
     elif MODE == "equiv":
         custom(strategy)
         fit(strategy, steps_note="fit_final")

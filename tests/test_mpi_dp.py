@@ -218,3 +218,94 @@ def test_killed_rank_stops_the_job_and_is_named(tmp_path):
     assert proc.returncode == 137, proc.stdout + proc.stderr
     assert "rank 1 failed with exit status 137" in proc.stderr
     assert time.monotonic() - start < 200
+
+
+
+VOCAB, USED_VOCAB = 40, 25  # as in mp_worker.py: ids >= USED_VOCAB never occur
+
+
+def _embedding_data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(11)  # as in mp_worker.py
+    x = rng.integers(0, USED_VOCAB, size=(NUM_SAMPLES, 3)).astype(np.int32)
+    y = rng.standard_normal((NUM_SAMPLES, 2)).astype(np.float32)
+    return x, y
+
+
+def _reference_embedding(init: list[np.ndarray], num_devices: int):
+    # ReductionToOneDevice: MirroredStrategy's CPU collectives reuse group
+    # keys across strategies of different sizes in one process.
+    strategy = tf.distribute.MirroredStrategy(
+        [f"/cpu:{i}" for i in range(num_devices)],
+        cross_device_ops=tf.distribute.ReductionToOneDevice())
+    with strategy.scope():
+        model = keras.Sequential([
+            keras.Input((3,), dtype="int32"),
+            keras.layers.Embedding(VOCAB, 4),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2),
+        ])
+        model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    model.set_weights(init)
+    x, y = _embedding_data()
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+
+    @tf.function
+    def reduced_gradient(batch):
+        def replica_grad(xb, yb):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(xb) - yb))
+            return tape.gradient(loss, model.trainable_variables[0])
+
+        return strategy.reduce("MEAN", strategy.run(replica_grad, args=batch),
+                               axis=None)
+
+    grad = reduced_gradient(next(iter(strategy.experimental_distribute_dataset(ds))))
+    model.fit(ds, epochs=2, verbose=0)
+    return grad, model.get_weights()
+
+
+@pytest.mark.parametrize("local", [1, 2])
+def test_embedding_gradients_are_gathered_across_processes_like_mirrored(
+        tmp_path, local):
+    # IndexedSlices are concatenated across processes in global replica
+    # order (not summed into a dense buffer), so Adam with 2 processes
+    # updates exactly the rows MirroredStrategy updates with the same
+    # global batch, and never-seen rows stay untouched.
+    proc = launch(["--nproc", "2", WORKER, "embedding", str(local), str(tmp_path)],
+                  timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    init = _assert_same_on_every_rank(tmp_path, "init", 2)
+    final = _assert_same_on_every_rank(tmp_path, "final", 2)
+    ref_grad, ref_weights = _reference_embedding(init, 2 * local)
+    assert isinstance(ref_grad, tf.IndexedSlices)
+
+    def rows(indices, values):
+        # The rows as a multiset: with 2 local replicas the input sharding
+        # hands a rank other samples of the global batch than
+        # MirroredStrategy's replicas get, so only the order differs.
+        table = np.concatenate([indices[:, None].astype(np.float64), values], 1)
+        return table[np.lexsort(table.T[::-1])]
+
+    expected = rows(ref_grad.indices.numpy(), ref_grad.values.numpy())
+    for r in range(2):
+        with np.load(tmp_path / f"rank{r}_grad.npz") as z:
+            assert bool(z["is_slices"])
+            assert z["indices"].shape == (GLOBAL_BATCH * 3,)  # one row per token
+            got = rows(z["indices"], z["values"])
+        np.testing.assert_array_equal(got[:, 0], expected[:, 0])  # exact indices
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7)
+    _assert_close(final, ref_weights)
+    np.testing.assert_array_equal(final[0][USED_VOCAB:], init[0][USED_VOCAB:])
+    assert not np.allclose(final[0][:USED_VOCAB], init[0][:USED_VOCAB])
+    # Exact int64 indices beyond 2**24, uneven row counts, global replica order.
+    replicas = 2 * local
+    indices = [2**40 + 1000 * g + j for g in range(replicas) for j in range(g + 1)]
+    counts = np.arange(1, replicas + 1)
+    values = np.repeat(counts.astype(np.float32), counts)[:, None].repeat(2, axis=1)
+    for r in range(2):
+        with np.load(tmp_path / f"rank{r}_large_SUM.npz") as z:
+            np.testing.assert_array_equal(z["indices"], indices)
+            np.testing.assert_array_equal(z["values"], values)
+        with np.load(tmp_path / f"rank{r}_large_MEAN.npz") as z:
+            np.testing.assert_array_equal(z["indices"], indices)
+            np.testing.assert_allclose(z["values"], values / replicas, rtol=1e-7)

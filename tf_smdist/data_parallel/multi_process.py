@@ -78,7 +78,10 @@ class MpiHostReduceCrossDeviceOps(HostReduceCrossDeviceOps):
     the communication thread, strictly in plan order. float16/bfloat16
     transfers are summed across processes in float32. Each new bucket plan
     is checked across ranks (same fingerprint, same tf_smdist version) and
-    given its own ordering group.
+    given its own ordering group. `tf.IndexedSlices` (e.g. `Embedding`
+    gradients) are all-gathered across processes, concatenated in global
+    replica order exactly as `MirroredStrategy` does in one process, so
+    only the rows present in some replica's batch are updated.
 
     Args:
         world_size: the number of processes in the job.
@@ -158,23 +161,42 @@ class MpiHostReduceCrossDeviceOps(HostReduceCrossDeviceOps):
     def _gather_slices_on_host(
         self, parts: Sequence[tf.IndexedSlices], *, scale: float
     ) -> tuple[tf.Tensor, tf.Tensor]:
-        # Across processes the slices are summed into a dense buffer (the
-        # processes' row sets differ); every row is then present in the
-        # result.
+        # All-gather of the processes' slices, concatenated in rank order
+        # (= global replica order, as MirroredStrategy concatenates), with
+        # two all-reduces of the misc group (program order, the same on
+        # every rank): the per-rank row counts, then a zero
+        # [world, max rows, words] int32 buffer holding this rank's rows in
+        # its slot. Rows travel as bit patterns (values bitcast, int64
+        # indices split in two int32 words): summing zeros into them is exact.
         values, indices = super()._gather_slices_on_host(parts, scale=scale)
         row_shape = parts[0].values.shape[1:]
         if not row_shape.is_fully_defined():
             raise ValueError(
                 "Sparse gradients need a static row shape across processes. "
                 f"Received: row shape={row_shape}.")
-        rows = tf.cast(parts[0].dense_shape[0], tf.int32)
-        dense = tf.math.unsorted_segment_sum(
-            tf.reshape(values, [-1] + row_shape.as_list()), indices, rows)
-        wide = tf.float32 if dense.dtype in (tf.float16, tf.bfloat16) else dense.dtype
-        total = _mpi_ops.host_allreduce(
-            tf.reshape(tf.cast(dense, wide), [-1]), group=self._misc_group)
-        return (tf.cast(total, values.dtype),
-                tf.range(tf.cast(rows, indices.dtype), dtype=indices.dtype))
+        width = row_shape.num_elements()
+        rank, world = cluster.rank(), self._world_size
+        count = tf.shape(indices, out_type=tf.int32)[0]
+        counts = _mpi_ops.host_allreduce(
+            tf.one_hot(rank, world, dtype=tf.int32) * count, group=self._misc_group)
+        most = tf.reduce_max(counts)
+
+        wide = values if values.dtype == tf.float32 else tf.cast(values, tf.float32)
+        rows = tf.concat([
+            tf.bitcast(tf.reshape(wide, [-1, width]), tf.int32),
+            tf.reshape(tf.bitcast(tf.cast(indices, tf.int64), tf.int32), [-1, 2]),
+        ], axis=1)  # [count, width + 2]
+        rows = tf.pad(rows, [[0, most - count], [0, 0]])
+        slots = tf.pad(rows[tf.newaxis], [[rank, world - 1 - rank], [0, 0], [0, 0]])
+        gathered = _mpi_ops.host_allreduce(slots, group=self._misc_group)
+        valid = tf.range(most)[tf.newaxis, :] < counts[:, tf.newaxis]
+        rows = tf.boolean_mask(gathered, valid)  # [sum(counts), width + 2]
+        all_values = tf.bitcast(rows[:, :width], tf.float32)
+        if values.dtype != tf.float32:  # float16/bfloat16: exact in float32
+            all_values = tf.cast(all_values, values.dtype)
+        all_indices = tf.bitcast(rows[:, width:], tf.int64)
+        return (tf.reshape(all_values, [-1]),
+                tf.cast(all_indices, indices.dtype))
 
 
 class MultiProcessExtended(_DataParallelExtended):
@@ -255,7 +277,8 @@ class MultiProcessExtended(_DataParallelExtended):
                 return tf.nest.map_structure(
                     lambda v: self._reduce_to(reduce_op, v, destinations, options),
                     value)
-            value = tf.convert_to_tensor(value)
+            if not isinstance(value, tf.IndexedSlices):  # stays sparse
+                value = tf.convert_to_tensor(value)
         return self._get_cross_device_ops(value).reduce(
             reduce_op, value, destinations=destinations, options=options)
 
