@@ -4,6 +4,16 @@ Version workarounds live here too, so the rest of the package uses only
 public TensorFlow and Keras APIs plus the names below.
 """
 
+__all__ = [
+    "MirroredExtended",
+    "device_util",
+    "distribute_values",
+    "get_devices_from",
+    "input_util",
+    "regroup",
+    "xplane_pb2",
+]
+
 # --- data parallel ------------------------------------------------------
 # tf.distribute has no public way to build a strategy whose extended object
 # differs from MirroredStrategy's (needed to route reductions and updates to
