@@ -39,6 +39,9 @@ from tensorflow.python.distribute.distribute_utils import (  # noqa: E402
 from tensorflow.python.distribute.cross_device_ops import (  # noqa: E402
     get_devices_from as get_devices_from,
 )
+
+# Canonical device names (resolving partial specs against a default device),
+# as tf.distribute itself compares them; no public equivalent.
 from tensorflow.python.distribute import (  # noqa: E402
     device_util as device_util,
 )
