@@ -32,10 +32,10 @@ int64_t CostPerElement(int num_reads, DataType in, DataType out) {
   return num_reads * DataTypeSize(in) + DataTypeSize(out);
 }
 
-// Runs fn(begin, end) over [0, total) on the CPU worker threads, in
-// contiguous shards whose boundaries are multiples of 16 elements (whole
-// cache lines for float32), so no two threads share a cache line of output.
-// max_shards > 0 caps the number of shards, and so of threads at work.
+// Runs fn(begin, end) over [0, total) on the CPU worker threads, one
+// contiguous shard per thread, shard boundaries at multiples of 16 elements
+// (whole cache lines for float32) so no two threads share a cache line of
+// output. max_shards > 0 caps the number of shards, and so of threads at work.
 template <typename Fn>
 void ParallelRange(OpKernelContext* ctx, int64_t total, int64_t cost,
                    int max_shards, const Fn& fn) {
@@ -53,15 +53,13 @@ void ParallelRange(OpKernelContext* ctx, int64_t total, int64_t cost,
   auto shard = [&fn, total](int64_t first, int64_t last) {
     fn(first * kAlign, std::min(total, last * kAlign));
   };
-  if (max_shards > 0) {
-    const int64_t per_shard = (blocks + max_shards - 1) / max_shards;
-    pool->ParallelFor(blocks, thread::ThreadPool::SchedulingParams::Fixed(per_shard),
-                      shard);
-  } else {
-    pool->ParallelFor(
-        blocks, thread::ThreadPool::SchedulingParams::Adaptive(cost * kAlign),
-        shard);
-  }
+  // One contiguous shard per thread (or per allowed thread).
+  const int64_t shards =
+      max_shards > 0 ? std::min<int64_t>(max_shards, pool->NumThreads())
+                     : pool->NumThreads();
+  const int64_t per_shard = (blocks + shards - 1) / std::max<int64_t>(shards, 1);
+  pool->ParallelFor(blocks, thread::ThreadPool::SchedulingParams::Fixed(per_shard),
+                    shard);
 }
 
 class PackOp : public OpKernel {

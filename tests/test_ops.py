@@ -99,6 +99,16 @@ def test_host_reduce_matches_float32_accumulation(src, out, n):
     np.testing.assert_array_equal(_bits(got), _bits(_ref_reduce(arrays, 1.0 / n, out)))
 
 
+@pytest.mark.parametrize("src,out", [("float32", "float32"), ("float16", "bfloat16"),
+                                     ("bfloat16", "float32")])
+@pytest.mark.parametrize("n", [9, 16, 17, 30])
+def test_host_reduce_many_inputs_sum_in_input_order(src, out, n):
+    rng = np.random.default_rng(n)
+    arrays = [_random(rng, [5000], src) for _ in range(n)]
+    got = smd.host_reduce(arrays, scale=0.3, out_type=DTYPES[out][0]).numpy()
+    np.testing.assert_array_equal(_bits(got), _bits(_ref_reduce(arrays, 0.3, out)))
+
+
 @pytest.mark.parametrize("src", ["float16", "bfloat16"])
 @pytest.mark.parametrize("n", [2, 8])
 def test_host_reduce_low_precision_inputs_accumulate_in_float32(src, n):

@@ -19,7 +19,7 @@
 namespace smdist {
 namespace {
 
-constexpr int64_t kChunk = 1024;  // elements per inner pass (4 KiB of fp32)
+constexpr int64_t kChunk = 2048;  // elements per pass over > 8 inputs (8 KiB)
 
 inline uint32_t FloatBits(float f) {
   uint32_t u;
@@ -153,45 +153,100 @@ CastFn PickCast(DType in, DType out) {
   }
 }
 
-// acc[j] (+)= In(src[j]) for j in [0, n), n <= kChunk.
-template <typename In>
-SMDIST_CLONES void LoadChunk(const typename In::Storage* __restrict src,
-                             float* __restrict acc, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) acc[j] = In::Load(src[j]);
+// One pass over K inputs at once: dst[j] = Out(scale * (((s0 + s1) + s2) ..))
+// for j in [begin, end), every input a sequential stream. `dst` may be one of
+// the inputs (the op reuses an input's buffer): element j is read before it
+// is written and no iteration touches another's elements, so there is no
+// loop-carried dependence (ivdep).
+template <typename In, typename Out, int K>
+SMDIST_CLONES void SumFixed(const void* const* srcs, void* out, float scale,
+                            int64_t begin, int64_t end) {
+  using SIn = typename In::Storage;
+  const SIn* p[K];
+  for (int k = 0; k < K; ++k) p[k] = static_cast<const SIn*>(srcs[k]);
+  auto* dst = static_cast<typename Out::Storage*>(out);
+#pragma GCC ivdep
+  for (int64_t j = begin; j < end; ++j) {
+    float acc = In::Load(p[0][j]);
+#pragma GCC unroll 8
+    for (int k = 1; k < K; ++k) acc += In::Load(p[k][j]);
+    dst[j] = Out::Store(acc * scale);
+  }
+}
+
+// acc[j] = ((acc[j] + s0[j]) + s1[j]) .. for j in [0, n): the next group of
+// up to 8 inputs added to a float32 chunk, in input order.
+template <typename In, int K>
+SMDIST_CLONES void AddFixed(const void* const* srcs, int64_t offset,
+                            float* __restrict acc, int64_t n) {
+  using SIn = typename In::Storage;
+  const SIn* p[K];
+  for (int k = 0; k < K; ++k) p[k] = static_cast<const SIn*>(srcs[k]) + offset;
+  for (int64_t j = 0; j < n; ++j) {
+    float a = acc[j];
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) a += In::Load(p[k][j]);
+    acc[j] = a;
+  }
+}
+
+constexpr int kMaxFixed = 8;
+
+template <typename In, typename Out>
+void SumUpTo8(const void* const* srcs, int k, void* out, float scale,
+              int64_t begin, int64_t end) {
+  switch (k) {
+    case 1: return SumFixed<In, Out, 1>(srcs, out, scale, begin, end);
+    case 2: return SumFixed<In, Out, 2>(srcs, out, scale, begin, end);
+    case 3: return SumFixed<In, Out, 3>(srcs, out, scale, begin, end);
+    case 4: return SumFixed<In, Out, 4>(srcs, out, scale, begin, end);
+    case 5: return SumFixed<In, Out, 5>(srcs, out, scale, begin, end);
+    case 6: return SumFixed<In, Out, 6>(srcs, out, scale, begin, end);
+    case 7: return SumFixed<In, Out, 7>(srcs, out, scale, begin, end);
+    default: return SumFixed<In, Out, 8>(srcs, out, scale, begin, end);
+  }
 }
 
 template <typename In>
-SMDIST_CLONES void AddChunk(const typename In::Storage* __restrict src,
-                            float* __restrict acc, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) acc[j] += In::Load(src[j]);
+void AddUpTo8(const void* const* srcs, int k, int64_t offset, float* acc,
+              int64_t n) {
+  switch (k) {
+    case 1: return AddFixed<In, 1>(srcs, offset, acc, n);
+    case 2: return AddFixed<In, 2>(srcs, offset, acc, n);
+    case 3: return AddFixed<In, 3>(srcs, offset, acc, n);
+    case 4: return AddFixed<In, 4>(srcs, offset, acc, n);
+    case 5: return AddFixed<In, 5>(srcs, offset, acc, n);
+    case 6: return AddFixed<In, 6>(srcs, offset, acc, n);
+    case 7: return AddFixed<In, 7>(srcs, offset, acc, n);
+    default: return AddFixed<In, 8>(srcs, offset, acc, n);
+  }
 }
 
 template <typename Out>
 SMDIST_CLONES void StoreChunk(const float* __restrict acc,
-                              typename Out::Storage* __restrict dst, int64_t n,
+                              typename Out::Storage* dst, int64_t n,
                               float scale) {
   for (int64_t j = 0; j < n; ++j) dst[j] = Out::Store(acc[j] * scale);
 }
 
-// Two inputs straight into a float32 output: the common case, one pass.
-// `out` may be `a` or `b` (the op reuses an input's buffer), so no restrict.
-SMDIST_CLONES void Sum2F32(const float* a, const float* b, float* out,
-                           int64_t n, float scale) {
-  for (int64_t j = 0; j < n; ++j) out[j] = (a[j] + b[j]) * scale;
-}
-
+// Up to 8 inputs: one streaming pass. More: a float32 chunk in L1 gets the
+// first 8, then each further group of up to 8, then is scaled and stored;
+// the additions stay in input order either way.
 template <typename In, typename Out>
 void Reduce(const void* const* srcs, int num_srcs, void* out, float scale,
             int64_t begin, int64_t end) {
-  using SIn = typename In::Storage;
-  using SOut = typename Out::Storage;
-  auto* dst = static_cast<SOut*>(out);
+  if (num_srcs <= kMaxFixed) {
+    SumUpTo8<In, Out>(srcs, num_srcs, out, scale, begin, end);
+    return;
+  }
+  auto* dst = static_cast<typename Out::Storage*>(out);
   alignas(64) float acc[kChunk];
   for (int64_t c = begin; c < end; c += kChunk) {
     const int64_t n = std::min(kChunk, end - c);
-    LoadChunk<In>(static_cast<const SIn*>(srcs[0]) + c, acc, n);
-    for (int k = 1; k < num_srcs; ++k) {
-      AddChunk<In>(static_cast<const SIn*>(srcs[k]) + c, acc, n);
+    // acc[j - c] = sum of the first 8 inputs at j, unscaled.
+    SumFixed<In, F32, kMaxFixed>(srcs, acc - c, 1.0f, c, c + n);
+    for (int k = kMaxFixed; k < num_srcs; k += kMaxFixed) {
+      AddUpTo8<In>(srcs + k, std::min(kMaxFixed, num_srcs - k), c, acc, n);
     }
     StoreChunk<Out>(acc, dst + c, n, scale);
   }
@@ -263,13 +318,6 @@ void ReduceRange(const void* const* srcs, int num_srcs, DType in_type,
                  void* out, DType out_type, float scale, int64_t begin,
                  int64_t end) {
   if (begin >= end || num_srcs <= 0) return;
-  if (num_srcs == 2 && in_type == DType::kFloat32 &&
-      out_type == DType::kFloat32) {
-    Sum2F32(static_cast<const float*>(srcs[0]) + begin,
-            static_cast<const float*>(srcs[1]) + begin,
-            static_cast<float*>(out) + begin, end - begin, scale);
-    return;
-  }
   ReduceFn fn;
   switch (in_type) {
     case DType::kFloat16:
