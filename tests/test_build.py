@@ -86,3 +86,20 @@ def test_quickstart_runs(tmp_path):
     assert "matches NumPy" in out.stdout
     assert np.isfinite(float(out.stdout.split("GB/s")[0].split()[-1]))
     assert smd.__version__
+
+
+def test_import_is_lazy_and_every_public_name_resolves(tmp_path):
+    code = (
+        "import sys, tf_smdist as smd\n"
+        "assert 'tensorflow' not in sys.modules, 'import started TensorFlow'\n"
+        "missing = [n for n in smd.__all__ if getattr(smd, n, None) is None]\n"
+        "assert not missing, missing\n"
+        "assert smd.pipeline.solve_partition and smd.data_parallel.plan_buckets\n"
+        "print('ok', len(smd.__all__))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, text=True,
+                         capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[0] == "ok"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        smd.nope  # noqa: B018

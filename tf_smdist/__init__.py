@@ -3,35 +3,52 @@
 Data parallelism with host-offloaded gradient aggregation
 (`DataParallelStrategy`) and pipeline model parallelism with automatic
 partitioning (`PipelineModel`).
+
+Names are imported on first use, so `import tf_smdist` (and the launcher,
+`python -m tf_smdist.launch`) does not start TensorFlow by itself.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from tf_smdist._version import __version__
-from tf_smdist.devices import configure_cpu_devices
 
-# --- op library ---------------------------------------------------------
-from tf_smdist._ops import host_reduce, pack, unpack
+# Public name -> the module that defines it.
+_EXPORTS = {
+    # devices
+    "configure_cpu_devices": "tf_smdist.devices",
+    # --- op library -----------------------------------------------------
+    "host_reduce": "tf_smdist._ops",
+    "pack": "tf_smdist._ops",
+    "unpack": "tf_smdist._ops",
+    # --- data parallel --------------------------------------------------
+    "DataParallelStrategy": "tf_smdist.data_parallel.strategy",
+    # --- pipeline parallel ----------------------------------------------
+    "Partition": "tf_smdist.pipeline.partition",
+    "partition": "tf_smdist.pipeline.partition",
+    "Profile": "tf_smdist.pipeline.profiler",
+    "ProfilingCallback": "tf_smdist.pipeline.profiler",
+    "profile_model": "tf_smdist.pipeline.profiler",
+    "PipelineModel": "tf_smdist.pipeline.model",
+    "plot_schedule": "tf_smdist.pipeline.plot",
+}
+_SUBPACKAGES = ("data_parallel", "pipeline", "launch", "devices")
 
-# --- data parallel ------------------------------------------------------
-from tf_smdist.data_parallel.strategy import DataParallelStrategy
+__all__ = ["__version__", *sorted(_EXPORTS)]
 
-# --- pipeline parallel --------------------------------------------------
-from tf_smdist.pipeline.partition import Partition, partition
-from tf_smdist.pipeline.profiler import Profile, ProfilingCallback, profile_model
-from tf_smdist.pipeline.model import PipelineModel
-from tf_smdist.pipeline.plot import plot_schedule
 
-__all__ = [
-    "DataParallelStrategy",
-    "Partition",
-    "PipelineModel",
-    "Profile",
-    "ProfilingCallback",
-    "__version__",
-    "configure_cpu_devices",
-    "host_reduce",
-    "pack",
-    "partition",
-    "plot_schedule",
-    "profile_model",
-    "unpack",
-]
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"tf_smdist.{name}")
+    else:
+        raise AttributeError(f"module 'tf_smdist' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))
