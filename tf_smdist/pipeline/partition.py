@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +11,7 @@ import numpy as np
 
 from tf_smdist.pipeline.cost_model import CostModel, StageEstimate
 from tf_smdist.pipeline.profiler import Profile, _format_bytes, _table
+from tf_smdist.pipeline.serialization import JsonSerializable
 from tf_smdist.pipeline.solver import min_max_partition
 
 __all__ = ["Partition", "partition"]
@@ -23,7 +22,7 @@ _FORMAT_VERSION = 1
 OPTIMIZE = ("speed", "memory")
 
 
-class Partition:
+class Partition(JsonSerializable):
     """A split of a model's layers into pipeline stages, with its estimates.
 
     Made by `smd.partition`. `stage_sizes` counts profile positions (layers
@@ -235,65 +234,6 @@ class Partition:
             [StageEstimate(**e) for e in data["estimates"]],
             data["settings"],
         )
-
-    def to_json(self) -> str:
-        """The partition as JSON text (see `from_json`).
-
-        Returns:
-            Indented JSON text.
-
-        Example:
-
-        >>> smd.Partition.from_json(part.to_json()) == part
-        True
-        """
-        return json.dumps(self.to_dict(), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> Partition:
-        """Parses a partition from `to_json()` text.
-
-        Args:
-            text: JSON text.
-
-        Returns:
-            The `Partition`.
-
-        Example:
-
-        >>> smd.Partition.from_json(part.to_json())
-        """
-        return cls.from_dict(json.loads(text))
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Writes the partition to a JSON file.
-
-        Args:
-            path: File to write.
-
-        Example:
-
-        >>> part.save("/tmp/partition.json")
-        """
-        with open(path, "w", encoding="utf-8") as file:
-            file.write(self.to_json())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Partition:
-        """Reads a partition written by `save`.
-
-        Args:
-            path: JSON file to read.
-
-        Returns:
-            The `Partition`.
-
-        Example:
-
-        >>> part = smd.Partition.load("/tmp/partition.json")
-        """
-        with open(path, encoding="utf-8") as file:
-            return cls.from_json(file.read())
 
 
 def _format_capacity(capacity: Any) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -18,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_smdist.pipeline.graph import LayerGraph, flatten_model
+from tf_smdist.pipeline.serialization import JsonSerializable
 
 __all__ = [
     "LayerProfile",
@@ -78,7 +78,7 @@ class LayerProfile:
         object.__setattr__(self, "inputs", tuple(self.inputs))
 
 
-class Profile:
+class Profile(JsonSerializable):
     """Per-layer costs of a model, in topological order; JSON serialisable.
 
     Build one with `profile_model` (or `ProfilingCallback` during `fit`), then
@@ -313,65 +313,6 @@ class Profile:
             model_name=data["model_name"],
             call_overhead=data["call_overhead"],
         )
-
-    def to_json(self) -> str:
-        """The profile as a JSON string (see `from_json`).
-
-        Returns:
-            Indented JSON text.
-
-        Example:
-
-        >>> smd.Profile.from_json(profile.to_json()) == profile
-        True
-        """
-        return json.dumps(self.to_dict(), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> Profile:
-        """Parses a profile from `to_json()` text.
-
-        Args:
-            text: JSON text.
-
-        Returns:
-            The `Profile`.
-
-        Example:
-
-        >>> smd.Profile.from_json(profile.to_json())
-        """
-        return cls.from_dict(json.loads(text))
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Writes the profile to a JSON file.
-
-        Args:
-            path: File to write.
-
-        Example:
-
-        >>> profile.save("/tmp/profile.json")
-        """
-        with open(path, "w", encoding="utf-8") as file:
-            file.write(self.to_json())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Profile:
-        """Reads a profile written by `save`.
-
-        Args:
-            path: JSON file to read.
-
-        Returns:
-            The `Profile`.
-
-        Example:
-
-        >>> profile = smd.Profile.load("/tmp/profile.json")
-        """
-        with open(path, encoding="utf-8") as file:
-            return cls.from_json(file.read())
 
 
 def _format_bytes(count: float) -> str:
