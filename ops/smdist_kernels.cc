@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "kernels/cpu/smdist_cpu.h"
+#include "ops/smdist_op_util.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
@@ -71,11 +72,7 @@ class PackOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     OpInputList tensors;
-    OP_REQUIRES_OK(ctx, ctx->input_list("tensors", &tensors));
-    OP_REQUIRES(ctx, tensors.size() >= 1,
-                errors::InvalidArgument(
-                    "SmdistPack: input `tensors` must hold at least one "
-                    "tensor, got 0"));
+    OP_REQUIRES_OK(ctx, GetPackInputs(ctx, &tensors));
     const int n = tensors.size();
     std::vector<const void*> srcs(n);
     std::vector<int64_t> offsets(n + 1, 0);
@@ -107,47 +104,15 @@ class UnpackOp : public OpKernel {
  public:
   explicit UnpackOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("out_type", &out_type_));
-    std::vector<PartialTensorShape> shapes;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("shapes", &shapes));
-    OP_REQUIRES(ctx, !shapes.empty(),
-                errors::InvalidArgument(
-                    "SmdistUnpack: attr `shapes` must not be empty"));
-    int num_outputs = 0;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &num_outputs));
-    OP_REQUIRES(ctx, num_outputs == static_cast<int>(shapes.size()),
-                errors::InvalidArgument(
-                    "SmdistUnpack: attr N (", num_outputs,
-                    ") must equal the number of `shapes` (", shapes.size(),
-                    ")"));
-    offsets_.push_back(0);
-    for (size_t i = 0; i < shapes.size(); ++i) {
-      TensorShape shape;
-      OP_REQUIRES(ctx, shapes[i].AsTensorShape(&shape),
-                  errors::InvalidArgument("SmdistUnpack: shapes[", i,
-                                          "] must be fully defined, got ",
-                                          shapes[i].DebugString()));
-      offsets_.push_back(offsets_.back() + shape.num_elements());
-      shapes_.push_back(shape);
-    }
+    OP_REQUIRES_OK(ctx, ReadUnpackShapes(ctx, &shapes_, &offsets_));
   }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& packed = ctx->input(0);
-    OP_REQUIRES(ctx, TensorShapeUtils::IsVector(packed.shape()),
-                errors::InvalidArgument(
-                    "SmdistUnpack: input `packed` must be 1-D, got shape ",
-                    packed.shape().DebugString()));
-    OP_REQUIRES(ctx, packed.NumElements() == offsets_.back(),
-                errors::InvalidArgument(
-                    "SmdistUnpack: input `packed` has ", packed.NumElements(),
-                    " elements but `shapes` add up to ", offsets_.back()));
+    OP_REQUIRES_OK(ctx, CheckPacked(packed, offsets_.back()));
     const int n = static_cast<int>(shapes_.size());
-    std::vector<void*> dsts(n);
-    for (int i = 0; i < n; ++i) {
-      Tensor* out = nullptr;
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(i, shapes_[i], &out));
-      dsts[i] = out->data();
-    }
+    std::vector<void*> dsts;
+    OP_REQUIRES_OK(ctx, AllocateUnpackOutputs(ctx, shapes_, &dsts));
     const DType in = ToDType(packed.dtype());
     const DType out = ToDType(out_type_);
     const void* src = packed.data();
