@@ -11,7 +11,7 @@ import numpy as np
 
 from tf_smdist.pipeline.cost_model import CostModel, StageEstimate
 from tf_smdist.pipeline.profiler import Profile, _format_bytes, _table
-from tf_smdist.pipeline.serialization import JsonSerializable
+from tf_smdist.pipeline.serialization import JsonSerializable, check_format_version
 from tf_smdist.pipeline.solver import min_max_partition
 
 __all__ = ["Partition", "partition"]
@@ -221,13 +221,9 @@ class Partition(JsonSerializable):
 
         >>> smd.Partition.from_dict(part.to_dict())
         """
-        version = data.get("format_version")
-        if version != _FORMAT_VERSION:
-            raise ValueError(
-                f"Unsupported partition format version {version!r}; this version "
-                f"of tf_smdist reads version {_FORMAT_VERSION}. "
-                f"Received: format_version={version!r}. Partition again."
-            )
+        check_format_version(
+            data, _FORMAT_VERSION, what="partition", remedy="Partition again."
+        )
         return cls(
             data["stage_node_names"],
             data["stage_layer_names"],

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_smdist.pipeline.graph import LayerGraph, flatten_model
-from tf_smdist.pipeline.serialization import JsonSerializable
+from tf_smdist.pipeline.serialization import JsonSerializable, check_format_version
 
 __all__ = [
     "LayerProfile",
@@ -297,13 +297,9 @@ class Profile(JsonSerializable):
 
         >>> smd.Profile.from_dict(profile.to_dict())
         """
-        version = data.get("format_version")
-        if version != _FORMAT_VERSION:
-            raise ValueError(
-                f"Unsupported profile format version {version!r}; this version "
-                f"of tf_smdist reads version {_FORMAT_VERSION}. "
-                f"Received: format_version={version!r}. Profile the model again."
-            )
+        check_format_version(
+            data, _FORMAT_VERSION, what="profile", remedy="Profile the model again."
+        )
         return cls(
             [LayerProfile(**layer) for layer in data["layers"]],
             batch_size=data["batch_size"],

@@ -6,9 +6,33 @@ import json
 import os
 from typing import Any, TypeVar
 
-__all__ = ["JsonSerializable"]
+__all__ = ["JsonSerializable", "check_format_version"]
 
 T = TypeVar("T", bound="JsonSerializable")
+
+
+def check_format_version(
+    data: dict[str, Any], supported: int, *, what: str, remedy: str
+) -> None:
+    """Raises ValueError unless `data["format_version"]` is `supported`.
+
+    Args:
+        data: the dict form being read.
+        supported: the format version this code reads.
+        what: the kind of object, for the message (e.g. "profile").
+        remedy: what to do instead (e.g. "Profile the model again.").
+
+    Example:
+
+    >>> check_format_version({"format_version": 1}, 1, what="profile", remedy="")
+    """
+    version = data.get("format_version")
+    if version != supported:
+        raise ValueError(
+            f"Unsupported {what} format version {version!r}; this version "
+            f"of tf_smdist reads version {supported}. "
+            f"Received: format_version={version!r}. {remedy}"
+        )
 
 
 class JsonSerializable:
