@@ -29,29 +29,18 @@ EXTRA = sys.argv[4:]
 smd.configure_cpu_devices(LOCAL)
 
 import keras  # noqa: E402
+import mp_common  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from mp_common import GLOBAL_BATCH, NUM_SAMPLES, custom_step, data  # noqa: E402
 
 from tf_smdist.data_parallel import cluster  # noqa: E402
 
-GLOBAL_BATCH = 24
-NUM_SAMPLES = 96
 STEPS = NUM_SAMPLES // GLOBAL_BATCH
-
-
-def data(num_samples: int = NUM_SAMPLES) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(7)
-    x = rng.standard_normal((num_samples, 6)).astype(np.float32)
-    y = rng.standard_normal((num_samples, 3)).astype(np.float32)
-    return x, y
 
 
 def make_model(hidden: int = 16) -> keras.Model:
     keras.utils.set_random_seed(1 + cluster.env_rank_and_size()[0])  # differ per rank
-    return keras.Sequential([
-        keras.Input((6,)),
-        keras.layers.Dense(hidden, activation="tanh"),
-        keras.layers.Dense(3),
-    ])
+    return mp_common.model(hidden)
 
 
 def save(name: str, model: keras.Model) -> None:
@@ -68,20 +57,7 @@ def custom(strategy: smd.DataParallelStrategy, compression: bool = False) -> Non
     x, y = data()
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
     dist = strategy.experimental_distribute_dataset(ds)
-
-    @tf.function
-    def step(batch: tuple) -> tf.Tensor:
-        def replica_step(xb: tf.Tensor, yb: tf.Tensor) -> tf.Tensor:
-            with tf.GradientTape() as tape:
-                per_example = tf.reduce_sum(tf.square(model(xb) - yb), axis=-1)
-                loss = tf.nn.compute_average_loss(
-                    per_example, global_batch_size=GLOBAL_BATCH)
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss
-
-        losses = strategy.run(replica_step, args=batch)
-        return strategy.reduce("SUM", losses, axis=None)
+    step = custom_step(strategy, model, optimizer)
 
     losses = [float(step(b)) for b in dist]
     np.save(os.path.join(OUT, f"rank{cluster.rank()}_losses.npy"), np.array(losses))

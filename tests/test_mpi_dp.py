@@ -9,33 +9,18 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from mp_common import GLOBAL_BATCH, NUM_SAMPLES, custom_step
+from mp_common import data as _data
+from mp_common import model as _model
 from mp_util import TESTS, launch, requires_mpi
 
 WORKER = os.path.join(TESTS, "mp_worker.py")
-GLOBAL_BATCH = 24
-NUM_SAMPLES = 96
-
 pytestmark = [pytest.mark.slow, requires_mpi]
-
-
-def _data(num_samples: int = NUM_SAMPLES) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(7)  # as in mp_worker.py
-    x = rng.standard_normal((num_samples, 6)).astype(np.float32)
-    y = rng.standard_normal((num_samples, 3)).astype(np.float32)
-    return x, y
 
 
 def _weights(path) -> list[np.ndarray]:
     with np.load(path) as z:
         return [z[f"arr_{i}"] for i in range(len(z.files))]
-
-
-def _model() -> keras.Model:
-    return keras.Sequential([
-        keras.Input((6,)),
-        keras.layers.Dense(16, activation="tanh"),
-        keras.layers.Dense(3),
-    ])
 
 
 def _mirrored() -> tf.distribute.MirroredStrategy:
@@ -53,21 +38,7 @@ def _reference_custom(
     x, y = _data()
     dist = strategy.experimental_distribute_dataset(
         tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH))
-
-    @tf.function
-    def step(batch):
-        def replica_step(xb, yb):
-            with tf.GradientTape() as tape:
-                per_example = tf.reduce_sum(tf.square(model(xb) - yb), axis=-1)
-                loss = tf.nn.compute_average_loss(
-                    per_example, global_batch_size=GLOBAL_BATCH)
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss
-
-        return strategy.reduce("SUM", strategy.run(replica_step, args=batch),
-                               axis=None)
-
+    step = custom_step(strategy, model, optimizer)
     losses = [float(step(b)) for b in dist]
     return model.get_weights(), losses
 
