@@ -14,6 +14,16 @@
 // are started strictly in index order, cycling (the bucket plan's order, which
 // is the same on every rank, so no negotiation round is needed). A group of
 // size 1 is started in arrival order.
+//
+// Communicators: `comm` 0 is the world. CreateComm makes a communicator over
+// a subset of the world's ranks (a pipeline stage's data-parallel group, a
+// Horovod process set); it has its own ordering groups (kMaxSubGroups of
+// them), so its collectives never interfere with the world's. Ranks inside
+// such a communicator are numbered 0..n-1 in the order of `ranks`.
+//
+// Point to point (kSend / kRecv) is started on arrival, never ordered: MPI
+// matches a send to a receive by (communicator, source, tag), so any issue
+// order on either side completes. `peer` is a rank of `comm`.
 #ifndef TF_SMDIST_KERNELS_MPI_COMM_H_
 #define TF_SMDIST_KERNELS_MPI_COMM_H_
 
@@ -40,11 +50,25 @@ enum class DataType : int {
   kInt32 = 4,
   kInt64 = 5,
   kUint8 = 6,
+  kInt8 = 7,
+  kInt16 = 8,
+  kUint16 = 9,
+  kBool = 10,  // one byte per element; sum/max = logical or, min/prod = and
 };
 
-enum class Reduction : int { kSum = 0, kMin = 1, kMax = 2 };
+enum class Reduction : int { kSum = 0, kMin = 1, kMax = 2, kProd = 3 };
 
-enum class Kind : int { kAllreduce = 0, kBroadcast = 1, kAllgather = 2, kBarrier = 3 };
+enum class Kind : int {
+  kAllreduce = 0,
+  kBroadcast = 1,
+  kAllgather = 2,      // `count` elements from every rank
+  kBarrier = 3,
+  kAllgatherv = 4,     // counts[r] elements from rank r, concatenated
+  kAlltoallv = 5,      // counts[r] elements to rank r; recv_counts[r] from r
+  kReduceScatter = 6,  // reduce count = sum(counts); rank r keeps counts[r]
+  kSend = 7,           // `count` elements of `send` to `peer` with `tag`
+  kRecv = 8,           // `count` elements into `recv` from `peer` with `tag`
+};
 
 // Error classes, mapped to TensorFlow / Python errors by the callers.
 enum class Code : int {
@@ -67,15 +91,23 @@ using DoneCallback = std::function<void(const Status&)>;
 struct Request {
   Kind kind = Kind::kAllreduce;
   std::string name;          // for error messages
-  int group = 0;             // selects the communicator, [0, kMaxGroups)
+  int comm = 0;              // communicator id: 0 = world, else from CreateComm
+  int group = 0;             // ordering group of `comm`: [0, kMaxGroups) for the
+                             // world, [0, kMaxSubGroups) for other communicators
   int index = 0;             // position inside the group's cycle
   int group_size = 1;        // length of the group's cycle
-  const void* send = nullptr;  // allgather only (may equal recv for others)
+  const void* send = nullptr;  // allgather(v), alltoallv, reduce-scatter, send
+                               // (may equal recv for allreduce/broadcast)
   void* recv = nullptr;        // in place for allreduce and broadcast
   int64_t count = 0;           // elements (per rank for allgather)
+  std::vector<int64_t> counts;       // per rank of `comm` (allgatherv,
+                                     // alltoallv send, reduce-scatter)
+  std::vector<int64_t> recv_counts;  // per rank of `comm` (alltoallv receive)
   DataType dtype = DataType::kFloat32;
   Reduction reduction = Reduction::kSum;
-  int root = 0;                // broadcast only
+  int root = 0;                // broadcast only: a rank of `comm`
+  int peer = -1;               // send / recv: a rank of `comm`
+  int tag = 0;                 // send / recv: in [0, 2^20)
   DoneCallback done;
 };
 
@@ -84,8 +116,12 @@ struct Options {
   double heartbeat_s = 1.0;   // heartbeat period
 };
 
-// Number of independent ordering groups (pre-created communicators).
+// Number of independent ordering groups (pre-created communicators) of the
+// world, and of each communicator made by CreateComm.
 constexpr int kMaxGroups = 64;
+constexpr int kMaxSubGroups = 8;
+// Largest point-to-point tag.
+constexpr int kMaxTag = (1 << 20) - 1;
 
 size_t DataTypeSize(DataType dtype);
 
@@ -108,6 +144,20 @@ class Communicator {
 
   // Runs `request` and waits for it (Python control plane).
   Status Run(Request request);
+
+  // Makes a communicator over `ranks` (world ranks, distinct, in the order
+  // that numbers them 0..n-1). Every rank of the world calls it, in the same
+  // order and with the same `ranks` (checked: a mismatch is an error on every
+  // rank). Sets `*id` to the new communicator's id (> 0) on its members and
+  // to -1 on the other ranks. Blocks.
+  Status CreateComm(const std::vector<int>& ranks, int* id);
+  // Frees a communicator made by CreateComm once its queued work is done.
+  // Every member calls it. Blocks.
+  Status DestroyComm(int id);
+  // This rank's rank in, and the size of, communicator `id` (-1 if unknown
+  // or not a member).
+  int CommRank(int id) const;
+  int CommSize(int id) const;
 
   // Completes queued work, drains heartbeats, finalises MPI and joins the
   // thread. After a watchdog failure MPI is not finalised: a collective in
