@@ -7,7 +7,8 @@ import pytest
 import tf_smdist as smd
 from tf_smdist.pipeline import solve_partition
 from tf_smdist.pipeline.cost_model import CostModel, in_flight_microbatches
-from tf_smdist.pipeline.profiler import LayerProfile, Profile
+from tf_smdist.pipeline.profile import LayerProfile, Profile
+from tf_smdist.pipeline.schedule import make_schedule
 
 
 def make_profile(times, *, live=None, params=None, outputs=None, ops=(), batch=8):
@@ -39,6 +40,44 @@ def test_in_flight_microbatches_per_schedule():
     assert [in_flight_microbatches(s, 4, 2, "1f1b") for s in range(4)] == [2, 2, 2, 1]
     with pytest.raises(ValueError, match="schedule='zigzag'"):
         in_flight_microbatches(0, 2, 2, "zigzag")
+
+
+def test_in_flight_is_the_schedules_own_count():
+    # 8 virtual stages on 4 devices: not what 1F1B over 8 stages holds.
+    counts = [
+        in_flight_microbatches(s, 8, 8, "interleaved", virtual_stages=2)
+        for s in range(8)
+    ]
+    assert counts == [8, 8, 7, 5, 4, 4, 3, 1]
+    plan = make_schedule("interleaved", 4, 8, virtual_stages=2)
+    assert counts == [plan.in_flight(s) for s in range(8)]
+    assert [in_flight_microbatches(s, 8, 8, "1f1b") for s in range(8)] == [
+        8, 7, 6, 5, 4, 3, 2, 1
+    ]
+    with pytest.raises(ValueError, match="virtual_stages=3"):
+        in_flight_microbatches(0, 8, 8, "interleaved", virtual_stages=3)
+
+
+def test_interleaved_memory_adds_up_a_devices_chunks():
+    profile = make_profile([1.0] * 8, outputs=[100] * 8, params=[10] * 8)
+    model = CostModel(
+        profile, 4, microbatches=4, schedule="interleaved", virtual_stages=2
+    )
+    estimates = model.estimate([2, 2, 2, 2])
+    assert [e.in_flight for e in estimates] == [4, 3, 2, 1]
+    # Device 0 holds stages 0 and 2, device 1 stages 1 and 3.
+    assert model.device_memory(estimates) == [
+        estimates[0].memory + estimates[2].memory,
+        estimates[1].memory + estimates[3].memory,
+    ]
+    capacity = max(model.device_memory(estimates)) * 1.5
+    part = smd.partition(
+        profile, 4, microbatches=4, schedule="interleaved", memory_capacity=capacity
+    )
+    assert part.settings["virtual_stages"] == 2
+    assert len(part.device_memory) == 2
+    assert all(m <= capacity for m in part.device_memory)
+    assert "2 stages per device" in part.report()
 
 
 def test_cost_model_estimates_are_exact():

@@ -407,7 +407,7 @@ def test_partition_report_lists_each_stage():
 
 
 def test_auto_partition_profiles_on_first_batch_and_continues_exactly():
-    from tf_smdist.pipeline.profiler import ProfilingCallback
+    from tf_smdist.pipeline.callback import ProfilingCallback
 
     plain, pipe = pipeline("functional", 2, 2, "1f1b")
     assert pipe.profiled_model is pipe.wrapped_model

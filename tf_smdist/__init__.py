@@ -28,8 +28,8 @@ _EXPORTS = {
     # --- pipeline parallel ----------------------------------------------
     "Partition": "tf_smdist.pipeline.partition",
     "partition": "tf_smdist.pipeline.partition",
-    "Profile": "tf_smdist.pipeline.profiler",
-    "ProfilingCallback": "tf_smdist.pipeline.profiler",
+    "Profile": "tf_smdist.pipeline.profile",
+    "ProfilingCallback": "tf_smdist.pipeline.callback",
     "profile_model": "tf_smdist.pipeline.profiler",
     "PipelineModel": "tf_smdist.pipeline.model",
     "plot_schedule": "tf_smdist.pipeline.plot",

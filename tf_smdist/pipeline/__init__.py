@@ -1,27 +1,50 @@
-"""Pipeline model parallelism: profiling, partitioning, schedules, execution."""
+"""Pipeline model parallelism: profiling, partitioning, schedules, execution.
 
-# --- profiling, cost model and partitioning ---
-from tf_smdist.pipeline.partition import Partition, partition  # noqa: F401
-from tf_smdist.pipeline.profiler import (  # noqa: F401
-    Profile,
-    ProfilingCallback,
-    profile_model,
-)
-from tf_smdist.pipeline.solver import solve_partition  # noqa: F401
+Names are imported on first use, so the pure planning modules
+(`schedule`, `solver`, `cost_model`, `partition`, `profile`) import without
+TensorFlow or Keras.
+"""
 
-# --- schedules and execution ---
-# isort: split
-from tf_smdist.pipeline.model import PipelineModel  # noqa: F401
-from tf_smdist.pipeline.plot import (  # noqa: F401
-    Timeline,
-    plot_schedule,
-    trace_timeline,
-)
-from tf_smdist.pipeline.schedule import (  # noqa: F401
-    Schedule,
-    Task,
-    gpipe,
-    interleaved_1f1b,
-    make_schedule,
-    one_f_one_b,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    # --- profiling, cost model and partitioning (pure, but `profile_model`
+    # and `ProfilingCallback`) ---
+    "LayerProfile": "tf_smdist.pipeline.profile",
+    "Profile": "tf_smdist.pipeline.profile",
+    "Partition": "tf_smdist.pipeline.partition",
+    "partition": "tf_smdist.pipeline.partition",
+    "solve_partition": "tf_smdist.pipeline.solver",
+    "profile_model": "tf_smdist.pipeline.profiler",
+    "ProfilingCallback": "tf_smdist.pipeline.callback",
+    # --- schedules (pure) ---
+    "Schedule": "tf_smdist.pipeline.schedule",
+    "Task": "tf_smdist.pipeline.schedule",
+    "gpipe": "tf_smdist.pipeline.schedule",
+    "interleaved_1f1b": "tf_smdist.pipeline.schedule",
+    "make_schedule": "tf_smdist.pipeline.schedule",
+    "one_f_one_b": "tf_smdist.pipeline.schedule",
+    # --- execution ---
+    "PipelineModel": "tf_smdist.pipeline.model",
+    "Timeline": "tf_smdist.pipeline.plot",
+    "plot_schedule": "tf_smdist.pipeline.plot",
+    "trace_timeline": "tf_smdist.pipeline.plot",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
 
-from tf_smdist.pipeline.profiler import Profile
+from tf_smdist.pipeline.profile import Profile
+from tf_smdist.pipeline.schedule import SCHEDULES, make_schedule
 
 __all__ = [
     "DEFAULT_BANDWIDTH",
@@ -22,23 +24,69 @@ __all__ = [
 DEFAULT_BANDWIDTH = {"GPU": 25e9, "CPU": 10e9}
 _FALLBACK_BANDWIDTH = 10e9
 
-SCHEDULES = ("1f1b", "gpipe")
+def _check_schedule(schedule: str, num_stages: int, virtual_stages: int) -> int:
+    """Validates the set-up; returns the stages per device `v` (1 unless
+    interleaved)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(
+            f"Unknown schedule {schedule!r}. Received: schedule={schedule!r}. "
+            f"Use one of {list(SCHEDULES)}."
+        )
+    if schedule != "interleaved":
+        return 1
+    if (
+        isinstance(virtual_stages, bool)
+        or not isinstance(virtual_stages, int)
+        or virtual_stages < 1
+        or num_stages % virtual_stages
+    ):
+        raise ValueError(
+            "The interleaved schedule needs `virtual_stages`, a positive int "
+            "dividing `num_stages` (its stages: devices x stages per device). "
+            f"Received: num_stages={num_stages}, virtual_stages={virtual_stages!r}. "
+            "Pass num_stages = devices * virtual_stages."
+        )
+    return virtual_stages
+
+
+@functools.lru_cache(maxsize=256)
+def _in_flight_table(
+    schedule: str, num_stages: int, microbatches: int, virtual_stages: int
+) -> tuple[int, ...]:
+    plan = make_schedule(
+        schedule,
+        num_stages // virtual_stages,
+        microbatches,
+        virtual_stages=virtual_stages,
+    )
+    return tuple(plan.in_flight(s) for s in range(num_stages))
 
 
 def in_flight_microbatches(
-    stage: int, num_stages: int, microbatches: int, schedule: str
+    stage: int,
+    num_stages: int,
+    microbatches: int,
+    schedule: str,
+    *,
+    virtual_stages: int = 2,
 ) -> int:
     """Micro-batches whose activations stage `stage` holds at its peak.
 
+    The count comes from the schedule itself (`Schedule.in_flight`): a
+    micro-batch is in flight on a stage from its forward to its backward.
     GPipe runs every forward before any backward, so each stage holds all
-    `M` micro-batches. 1F1B starts backward as soon as the last stage can, so
-    stage `s` of `K` holds at most `min(K - s, M)`.
+    `M`; 1F1B holds at most `min(K - s, M)` on stage `s` of `K`; interleaved
+    1F1B (stage `s` on device `s % (K / v)`) holds what its warm-up and
+    steady state leave in flight on each virtual stage.
 
     Args:
         stage: The stage index `s`, from 0.
-        num_stages: The number of stages `K`.
+        num_stages: The number of pipeline stages (`K`, or devices times
+            `virtual_stages` for `"interleaved"`).
         microbatches: Micro-batches per batch `M`.
-        schedule: `"1f1b"` or `"gpipe"`.
+        schedule: `"gpipe"`, `"1f1b"` or `"interleaved"`.
+        virtual_stages: Stages per device for `"interleaved"` (ignored for
+            the others). Defaults to `2`.
 
     Returns:
         The number of micro-batches in flight.
@@ -49,15 +97,11 @@ def in_flight_microbatches(
     4
     >>> in_flight_microbatches(0, 4, 8, "gpipe")
     8
+    >>> in_flight_microbatches(0, 4, 4, "interleaved")  # 2 devices, v=2
+    4
     """
-    if schedule == "gpipe":
-        return microbatches
-    if schedule == "1f1b":
-        return min(num_stages - stage, microbatches)
-    raise ValueError(
-        f"Unknown schedule {schedule!r}. Received: schedule={schedule!r}. "
-        f"Use one of {list(SCHEDULES)}."
-    )
+    v = _check_schedule(schedule, num_stages, virtual_stages)
+    return _in_flight_table(schedule, num_stages, microbatches, v)[stage]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,18 +157,29 @@ class CostModel:
     `bandwidth`, plus `latency` per transfer. Its memory: parameters,
     gradients and optimizer state of its layers, plus the activations it
     keeps per micro-batch (its layers' outputs and the tensors it receives)
-    times the micro-batches in flight on it (`in_flight_microbatches`).
+    times the micro-batches in flight on it (`in_flight_microbatches`, read
+    from the schedule).
+
+    With `schedule="interleaved"`, the `num_stages` stages are virtual:
+    device `d` of `num_stages / virtual_stages` holds stages `d`,
+    `d + K`, ... (`v` chunks of the model), each with its own in-flight count
+    from the interleaved schedule; `device_memory` adds up a device's
+    chunks.
 
     Args:
         profile: The model's `Profile`.
-        num_stages: Number of stages `K`.
+        num_stages: Number of stages (devices `K`, or `K * virtual_stages`
+            for `"interleaved"`).
         microbatches: Micro-batches per batch `M`. Defaults to `1`.
-        schedule: `"1f1b"` or `"gpipe"`. Defaults to `"1f1b"`.
+        schedule: `"1f1b"`, `"gpipe"` or `"interleaved"`. Defaults to
+            `"1f1b"`.
         batch_size: Samples per (whole) batch. Defaults to `None` (the
             profile's batch size).
         bandwidth: Bytes per second between stages. Defaults to `None`
             (`DEFAULT_BANDWIDTH` for the profile's device kind).
         latency: Seconds per transfer. Defaults to `0.0`.
+        virtual_stages: Stages per device for `"interleaved"` (ignored for
+            the others). Defaults to `2`.
 
     Example:
 
@@ -142,12 +197,9 @@ class CostModel:
         batch_size: int | None = None,
         bandwidth: float | None = None,
         latency: float = 0.0,
+        virtual_stages: int = 2,
     ) -> None:
-        if schedule not in SCHEDULES:
-            raise ValueError(
-                f"Unknown schedule {schedule!r}. Received: schedule={schedule!r}. "
-                f"Use one of {list(SCHEDULES)}."
-            )
+        self.virtual_stages = _check_schedule(schedule, num_stages, virtual_stages)
         if isinstance(microbatches, bool) or int(microbatches) != microbatches:
             raise TypeError(
                 "`microbatches` must be an int. "
@@ -177,7 +229,12 @@ class CostModel:
         self.batch_size = int(batch_size)
         self.bandwidth = float(bandwidth)
         self.latency = float(latency)
+        self.num_devices = self.num_stages // self.virtual_stages
         self.microbatch_size = self.batch_size / self.microbatches
+        # Micro-batches in flight on each stage at its peak, from the schedule.
+        self.in_flight = _in_flight_table(
+            schedule, self.num_stages, self.microbatches, self.virtual_stages
+        )
         layers = profile.layers
         scale = self.microbatch_size / profile.batch_size
         self.compute_costs = np.array([layer.time * scale for layer in layers])
@@ -250,9 +307,7 @@ class CostModel:
         >>> cost_model.stage_memory(0, np.array([0]), 3)
         """
         starts = np.asarray(starts)
-        in_flight = in_flight_microbatches(
-            stage, self.num_stages, self.microbatches, self.schedule
-        )
+        in_flight = self.in_flight[stage]
         activations = (
             self._output_prefix[end]
             - self._output_prefix[starts]
@@ -265,7 +320,8 @@ class CostModel:
         """Estimates every stage of a split.
 
         Args:
-            stage_sizes: Layers per stage, summing to the profile's length.
+            stage_sizes: Layers per stage (one entry per stage), summing to
+                the profile's length.
 
         Returns:
             One `StageEstimate` per stage.
@@ -274,15 +330,17 @@ class CostModel:
 
         >>> [round(e.time, 6) for e in cost_model.estimate([4, 4])]
         """
+        if len(stage_sizes) != self.num_stages:
+            raise ValueError(
+                f"Need one size per stage ({self.num_stages}). Received: "
+                f"stage_sizes={list(stage_sizes)}."
+            )
         estimates, a = [], 0
-        num_stages = len(stage_sizes)
         for s, size in enumerate(stage_sizes):
             b = a + size
             start = np.array([a])
             compute = float(self._compute_prefix[b] - self._compute_prefix[a])
-            in_flight = in_flight_microbatches(
-                s, num_stages, self.microbatches, self.schedule
-            )
+            in_flight = self.in_flight[s]
             activation = float(
                 self._output_prefix[b] - self._output_prefix[a] + self._in_bytes[a]
             )
@@ -305,3 +363,41 @@ class CostModel:
             )
             a = b
         return estimates
+
+    def device_of(self, stage: int) -> int:
+        """The device holding `stage` (`stage % num_devices`).
+
+        Args:
+            stage: A stage index.
+
+        Returns:
+            The device index.
+
+        Example:
+
+        >>> CostModel(profile, 4, microbatches=2, schedule="interleaved").device_of(3)
+        1
+        """
+        return stage % self.num_devices
+
+    def device_memory(self, estimates: Sequence[StageEstimate]) -> list[float]:
+        """Peak bytes of each device: the sum over the stages it holds.
+
+        A device's stages (one, or `virtual_stages` chunks with the
+        interleaved schedule) each count their own peak, so the sum bounds
+        the device's peak from above.
+
+        Args:
+            estimates: One `StageEstimate` per stage (from `estimate`).
+
+        Returns:
+            One byte count per device.
+
+        Example:
+
+        >>> cost_model.device_memory(cost_model.estimate([4, 4]))
+        """
+        memory = [0.0] * self.num_devices
+        for s, e in enumerate(estimates):
+            memory[self.device_of(s)] += e.memory
+        return memory

@@ -287,9 +287,8 @@ class PipelineModel(keras.Model):
 
         kwargs = {**self._partition_options, **kwargs}
         kwargs.setdefault("microbatches", self._microbatches)
-        kwargs.setdefault(
-            "schedule", "gpipe" if self._schedule_name == "gpipe" else "1f1b"
-        )
+        kwargs.setdefault("schedule", self._schedule_name)
+        kwargs.setdefault("virtual_stages", self._virtual)
         part = solve(profile, self._schedule.num_stages, **kwargs)
         self._pending_auto = False
         self.repartition(part)
@@ -341,7 +340,7 @@ class PipelineModel(keras.Model):
         pipe.fit(x, y, batch_size=64, callbacks=[smd.ProfilingCallback()])
         ```
         """
-        from tf_smdist.pipeline.profiler import ProfilingCallback
+        from tf_smdist.pipeline.callback import ProfilingCallback
 
         callbacks = list(kwargs.get("callbacks") or [])
         profilers = [c for c in callbacks if isinstance(c, ProfilingCallback)]

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from tf_smdist.pipeline.cost_model import CostModel, StageEstimate
-from tf_smdist.pipeline.profiler import Profile, _format_bytes, _table
+from tf_smdist.pipeline.profile import Profile, format_bytes, format_table
 from tf_smdist.pipeline.serialization import JsonSerializable, check_format_version
 from tf_smdist.pipeline.solver import min_max_partition
 
@@ -104,6 +104,19 @@ class Partition(JsonSerializable):
         return [e.memory for e in self._estimates]
 
     @property
+    def device_memory(self) -> list[float]:
+        """Estimated peak bytes of each device: the sum over its stages.
+
+        One entry per stage, except with the interleaved schedule, where
+        device `d` holds stages `d`, `d + K`, ... (`virtual_stages` each).
+        """
+        devices = self.num_stages // self._settings.get("virtual_stages", 1)
+        memory = [0.0] * devices
+        for s, e in enumerate(self._estimates):
+            memory[s % devices] += e.memory
+        return memory
+
+    @property
     def bottleneck(self) -> float:
         """Estimated seconds per micro-batch of the slowest stage."""
         return max(self.stage_times)
@@ -146,13 +159,13 @@ class Partition(JsonSerializable):
                 (
                     str(s),
                     f"{len(names)}: {span}",
-                    _format_bytes(e.param_bytes),
-                    _format_bytes(e.activations_in),
-                    _format_bytes(e.activations_out),
+                    format_bytes(e.param_bytes),
+                    format_bytes(e.activations_in),
+                    format_bytes(e.activations_out),
                     f"{e.compute_time * 1e3:.3f}",
                     f"{e.transfer_time * 1e3:.3f}",
                     f"{e.time * 1e3:.3f}",
-                    _format_bytes(e.memory),
+                    format_bytes(e.memory),
                     str(e.in_flight),
                 )
             )
@@ -169,23 +182,29 @@ class Partition(JsonSerializable):
             "in flight",
         )
         cfg = self._settings
-        m, k = cfg.get("microbatches", 1), self.num_stages
+        m, v = cfg.get("microbatches", 1), cfg.get("virtual_stages", 1)
+        k = self.num_stages // v
         slowest = int(np.argmax(self.stage_times))
         mode = "manual" if cfg.get("manual") else f"optimize={cfg.get('optimize')}"
+        chunks = f", {v} stages per device" if v > 1 else ""
         title = (
-            f"Partition into {k} stages ({mode}, schedule={cfg.get('schedule')}, "
+            f"Partition into {self.num_stages} stages ({mode}, "
+            f"schedule={cfg.get('schedule')}{chunks}, "
             f"{m} micro-batches of {cfg.get('microbatch_size', 0):g} samples)"
         )
+        # One clock per stage's micro-batch; (v M + K - 1) clocks per step.
+        formula = "(v M + K - 1)" if v > 1 else "(M + K - 1)"
         footer = (
             f"Slowest stage: {slowest}, {self.bottleneck * 1e3:.3f} ms per "
-            f"micro-batch; estimated step (M + K - 1) x slowest = "
-            f"{(m + k - 1) * self.bottleneck * 1e3:.3f} ms; "
-            f"peak stage memory {_format_bytes(max(self.stage_memory))}"
+            f"micro-batch; estimated step {formula} x slowest = "
+            f"{(v * m + k - 1) * self.bottleneck * 1e3:.3f} ms; "
+            f"peak {'device' if v > 1 else 'stage'} memory "
+            f"{format_bytes(max(self.device_memory))}"
         )
         capacity = cfg.get("memory_capacity")
         if capacity is not None:
             footer += f" (capacity {_format_capacity(capacity)})"
-        return "\n".join([title, _table(header, rows), footer])
+        return "\n".join([title, format_table(header, rows), footer])
 
     def to_dict(self) -> dict[str, Any]:
         """The partition as plain JSON-compatible data.
@@ -234,21 +253,24 @@ class Partition(JsonSerializable):
 
 def _format_capacity(capacity: Any) -> str:
     if isinstance(capacity, (list, tuple)):
-        return "[" + ", ".join(_format_bytes(c) for c in capacity) + "]"
-    return _format_bytes(capacity)
+        return "[" + ", ".join(format_bytes(c) for c in capacity) + "]"
+    return format_bytes(capacity)
 
 
-def _capacities(memory_capacity: Any, num_stages: int) -> np.ndarray | None:
+def _capacities(memory_capacity: Any, num_devices: int) -> np.ndarray | None:
+    """Bytes per device, one entry per device."""
     if memory_capacity is None:
         return None
     if isinstance(memory_capacity, (int, float, np.integer, np.floating)):
-        values = np.full(num_stages, float(memory_capacity))
+        values = np.full(num_devices, float(memory_capacity))
     else:
         values = np.asarray(memory_capacity, dtype=np.float64)
-        if values.shape != (num_stages,):
+        if values.shape != (num_devices,):
             raise ValueError(
                 "`memory_capacity` must be one number of bytes, or one per "
-                f"stage ({num_stages}). Received: memory_capacity={memory_capacity!r}"
+                "device, that is one per stage unless stages are interleaved "
+                f"({num_devices}). Received: "
+                f"memory_capacity={memory_capacity!r}"
             )
     if not np.all(values > 0):
         raise ValueError(
@@ -314,6 +336,7 @@ def partition(
     bandwidth: float | None = None,
     latency: float = 0.0,
     memory_capacity: float | Sequence[float] | None = None,
+    virtual_stages: int = 2,
 ) -> Partition:
     """Splits a profiled model into pipeline stages.
 
@@ -321,29 +344,37 @@ def partition(
     micro-batch (compute plus the transfer of every tensor live across its
     cuts), exactly, subject to each stage's peak memory (parameters,
     gradients, optimizer state, and activations of the micro-batches in
-    flight: `M` for GPipe, `min(K - s, M)` for 1F1B) fitting
-    `memory_capacity`. With `optimize="memory"`, it minimises the largest
+    flight, as the schedule runs them: `M` for GPipe, `min(K - s, M)` for
+    1F1B) fitting `memory_capacity`. With `schedule="interleaved"` the
+    `num_stages` stages are virtual, `virtual_stages` per device (device `d`
+    holds stages `d`, `d + K`, ...); each stage must then fit its device's
+    capacity divided by `virtual_stages`, so that the device's stages
+    together fit it. With `optimize="memory"`, it minimises the largest
     stage memory instead (SageMaker model parallelism's trade-off: more
     balanced memory, possibly slower). `stage_sizes` or `split_points`
     override the choice; the estimates are still computed.
 
     Args:
         profile: The model's `Profile`.
-        num_stages: Number of stages `K`.
+        num_stages: Number of stages (devices `K`, or `K * virtual_stages`
+            with `"interleaved"`).
         optimize: `"speed"` or `"memory"`. Defaults to `"speed"`.
         stage_sizes: Manual split: profile positions per stage. Defaults to
             `None`.
         split_points: Manual split: the `K - 1` layer names that start
             stages 1 to `K - 1`. Defaults to `None`.
         microbatches: Micro-batches per batch `M`. Defaults to `1`.
-        schedule: `"1f1b"` or `"gpipe"`. Defaults to `"1f1b"`.
+        schedule: `"1f1b"`, `"gpipe"` or `"interleaved"`. Defaults to
+            `"1f1b"`.
         batch_size: Samples per batch (split into `M` micro-batches).
             Defaults to `None` (the profile's batch size).
         bandwidth: Bytes per second between stages. Defaults to `None` (a
             default for the profile's device kind).
         latency: Seconds per transfer. Defaults to `0.0`.
-        memory_capacity: Bytes per device, one number or one per stage.
+        memory_capacity: Bytes per device, one number or one per device.
             Defaults to `None` (no limit).
+        virtual_stages: Stages per device with `"interleaved"` (ignored
+            for the others). Defaults to `2`.
 
     Returns:
         A `Partition`.
@@ -383,8 +414,9 @@ def partition(
         batch_size=batch_size,
         bandwidth=bandwidth,
         latency=latency,
+        virtual_stages=virtual_stages,
     )
-    capacity = _capacities(memory_capacity, num_stages)
+    capacity = _capacities(memory_capacity, model.num_devices)
     manual = stage_sizes is not None or split_points is not None
     if manual:
         sizes = _manual_sizes(profile, num_stages, stage_sizes, split_points)
@@ -392,14 +424,14 @@ def partition(
         sizes = _solve(model, num_stages, optimize, capacity)
     estimates = model.estimate(sizes)
     if manual and capacity is not None:
-        for s, e in enumerate(estimates):
-            if e.memory > capacity[s]:
+        for d, used in enumerate(model.device_memory(estimates)):
+            if used > capacity[d]:
                 logger.warning(
-                    "Stage %d of the manual partition needs %s, over its "
+                    "Device %d of the manual partition needs %s, over its "
                     "memory_capacity %s.",
-                    s,
-                    _format_bytes(e.memory),
-                    _format_bytes(capacity[s]),
+                    d,
+                    format_bytes(used),
+                    format_bytes(capacity[d]),
                 )
     bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     layers = profile.layers
@@ -407,6 +439,7 @@ def partition(
         "optimize": optimize,
         "manual": manual,
         "schedule": schedule,
+        "virtual_stages": model.virtual_stages,
         "microbatches": model.microbatches,
         "microbatch_size": model.microbatch_size,
         "bandwidth": model.bandwidth,
@@ -430,10 +463,19 @@ def partition(
 
 
 def _solve(
-    model: CostModel, num_stages: int, optimize: str, capacity: np.ndarray | None
+    model: CostModel, num_stages: int, optimize: str, device_capacity: np.ndarray | None
 ) -> list[int]:
+    """The best split; each stage within its share of its device's capacity."""
     n = model.num_layers
     objective = model.stage_time if optimize == "speed" else model.stage_memory
+    capacity = None
+    if device_capacity is not None:
+        capacity = np.array(
+            [
+                device_capacity[model.device_of(s)] / model.virtual_stages
+                for s in range(num_stages)
+            ]
+        )
 
     def fits(s: int, starts: np.ndarray, end: int) -> np.ndarray:
         return model.stage_memory(s, starts, end) <= capacity[s]  # type: ignore[index]
@@ -458,16 +500,21 @@ def _solve(
         advice = "the 1F1B schedule, " + advice
     a = sum(tight[:worst])
     b = a + tight[worst] - 1
+    share = (
+        f", 1/{model.virtual_stages} of device {model.device_of(worst)}'s capacity"
+        if model.virtual_stages > 1
+        else ""
+    )
     raise ValueError(
         f"No split into {num_stages} stages fits memory_capacity: even the split "
         f"that needs the least memory ({tight}) puts "
-        f"{_format_bytes(estimates[worst].memory)} on stage {worst} (layers "
-        f"{names[a]} .. {names[b]}: {_format_bytes(estimates[worst].static_bytes)} "
+        f"{format_bytes(estimates[worst].memory)} on stage {worst} (layers "
+        f"{names[a]} .. {names[b]}: {format_bytes(estimates[worst].static_bytes)} "
         f"parameters, gradients and optimizer state, and "
         f"{estimates[worst].in_flight} x "
-        f"{_format_bytes(estimates[worst].activation_bytes)} activations), over its "
-        f"{_format_bytes(capacity[worst])} ({worst_ratio:.2f}x). "
-        f"Received: memory_capacity={_format_capacity(list(capacity))}, "
+        f"{format_bytes(estimates[worst].activation_bytes)} activations), over its "
+        f"{format_bytes(capacity[worst])} ({worst_ratio:.2f}x){share}. "
+        f"Received: memory_capacity={_format_capacity(list(device_capacity))}, "
         f"num_stages={num_stages}, microbatches={model.microbatches}, "
         f"schedule={model.schedule!r}. Use more stages, {advice}devices with more "
         "memory."
