@@ -266,7 +266,12 @@ setup(
         [OpLibrary("tf_smdist.libsmdist_mpi", MPI_SOURCES, _MPI_FLAGS)]
         if _MPI_FLAGS is not None else []),
     cmdclass={"build_ext": BuildOps},
-    entry_points={"console_scripts": ["tf-smdist-launch = tf_smdist.launch:main"]},
+    entry_points={
+        "console_scripts": [
+            "tf-smdist-launch = tf_smdist.launch:main",
+            "tf-smdist-plan = tf_smdist.planner.cli:main",
+        ]
+    },
     install_requires=["numpy", "absl-py"],
     extras_require={
         "cpu": ["tensorflow-cpu" + TF_RANGE],

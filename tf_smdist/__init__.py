@@ -33,8 +33,11 @@ _EXPORTS = {
     "profile_model": "tf_smdist.pipeline.profiler",
     "PipelineModel": "tf_smdist.pipeline.model",
     "plot_schedule": "tf_smdist.pipeline.plot",
+    # --- layout planning ------------------------------------------------
+    "Cluster": "tf_smdist.planner.cluster",
+    "plan": "tf_smdist.planner.search",
 }
-_SUBPACKAGES = ("data_parallel", "pipeline", "launch", "devices")
+_SUBPACKAGES = ("data_parallel", "pipeline", "planner", "launch", "devices")
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 

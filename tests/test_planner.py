@@ -1,0 +1,444 @@
+"""The layout planner: cost arithmetic, search, errors, JSON, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tf_smdist.pipeline.profile import LayerProfile, Profile
+from tf_smdist.planner import Cluster, Plan, PlanRow, costs, plan
+from tf_smdist.planner.calibrate import _cluster_from, fit_alpha_beta
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_profile(
+    times=(1e-3, 1e-3, 1e-3, 1e-3),
+    *,
+    param_bytes=1000,
+    optimizer_bytes=0,
+    output_bytes=0,
+    live_bytes=0,
+    batch_size=8,
+    input_bytes=0,
+) -> Profile:
+    layers = [
+        LayerProfile(
+            name=f"l{i}", class_name="Dense", inputs=(), time=t,
+            param_bytes=param_bytes, trainable_bytes=param_bytes,
+            optimizer_bytes=optimizer_bytes, output_bytes=output_bytes,
+            live_bytes=live_bytes,
+        )
+        for i, t in enumerate(times)
+    ]
+    return Profile(layers, batch_size=batch_size, input_bytes=input_bytes,
+                   model_name="toy")
+
+
+def make_cluster(**changes) -> Cluster:
+    values = dict(nodes=1, devices_per_node=2, device_memory=1e12,
+                  intra_node_bandwidth=1e9, inter_node_bandwidth=1e9,
+                  latency=0.0, overlap=0.0)
+    values.update(changes)
+    return Cluster(**values)
+
+
+# -- α-β costs -----------------------------------------------------------------
+
+
+def test_ring_allreduce_formula():
+    # 2(p-1)/p n/B + 2(p-1) α = 1.5 * 4e6 / 1e9 + 6 * 1e-5
+    assert costs.ring_allreduce(4e6, 4, 1e9, 1e-5) == pytest.approx(6e-3 + 6e-5)
+    assert costs.ring_allreduce(4e6, 1, 1e9, 1e-5) == 0.0
+    assert costs.ring_allreduce(0, 4, 1e9, 1e-5) == 0.0
+
+
+def test_hierarchical_allreduce_formula_and_limits():
+    t = costs.hierarchical_allreduce(
+        8e6, 2, 4, intra_bandwidth=1e10, intra_latency=1e-6,
+        inter_bandwidth=1e9, inter_latency=1e-5)
+    # inside: 2*3/4 * 8e6/1e10 + 6e-6; across: 2*1/2 * 8e6/1e9 + 2e-5
+    assert t == pytest.approx(1.2e-3 + 6e-6 + 8e-3 + 2e-5)
+    one_node = costs.hierarchical_allreduce(
+        8e6, 1, 4, intra_bandwidth=1e10, intra_latency=1e-6,
+        inter_bandwidth=1e9, inter_latency=1e-5)
+    assert one_node == pytest.approx(costs.ring_allreduce(8e6, 4, 1e10, 1e-6))
+    one_each = costs.hierarchical_allreduce(
+        8e6, 4, 1, intra_bandwidth=1e10, intra_latency=1e-6,
+        inter_bandwidth=1e9, inter_latency=1e-5)
+    assert one_each == pytest.approx(costs.ring_allreduce(8e6, 4, 1e9, 1e-5))
+
+
+def test_host_sharded_formula():
+    t = costs.host_sharded_allreduce(
+        8e6, 2, 4, host_reduce_bandwidth=32e9, inter_bandwidth=1e9,
+        inter_latency=1e-5, device_host_bandwidth=8e9)
+    # copies 2 * 8e6/8e9, host sum 4 * 8e6/32e9, ring over 2 nodes
+    assert t == pytest.approx(2e-3 + 1e-3 + 8e-3 + 2e-5)
+
+
+def test_phases_pipeline_over_buckets():
+    assert costs.pipelined((1.0, 3.0, 2.0), 1) == pytest.approx(6.0)
+    assert costs.pipelined((1.0, 3.0, 2.0), 3) == pytest.approx(4.0)
+    one = costs.host_sharded_allreduce(
+        8e6, 2, 4, host_reduce_bandwidth=32e9, inter_bandwidth=1e9,
+        inter_latency=0.0, device_host_bandwidth=8e9)
+    four = costs.host_sharded_allreduce(
+        8e6, 2, 4, host_reduce_bandwidth=32e9, inter_bandwidth=1e9,
+        inter_latency=0.0, device_host_bandwidth=8e9, buckets=4)
+    assert four == pytest.approx(8e-3 + 3e-3 / 4) and one == pytest.approx(11e-3)
+
+
+def test_point_to_point():
+    assert costs.point_to_point(1e6, 1e9, 1e-5) == pytest.approx(1.01e-3)
+    assert costs.point_to_point(0, 1e9, 1e-5) == 0.0
+
+
+def test_overlapped_aggregation():
+    # Two-stage pipeline over 4 buckets: max(8 + 1, 2 + 4) - 8 hidden.
+    assert costs.overlapped_aggregation(4.0, 8.0, 4, 1.0) == pytest.approx(1.0)
+    # Aggregation longer than backward: max(2 + 2, 0.5 + 8) - 2.
+    assert costs.overlapped_aggregation(8.0, 2.0, 4, 1.0) == pytest.approx(6.5)
+    assert costs.overlapped_aggregation(4.0, 8.0, 4, 0.0) == pytest.approx(4.0)
+    assert costs.overlapped_aggregation(0.0, 8.0, 4, 1.0) == 0.0
+    assert costs.num_buckets(60e6, 25 * 2**20) == 3
+
+
+def test_fit_alpha_beta_exact_line():
+    a, b = fit_alpha_beta([4096, 1 << 20, 16 << 20],
+                          [1e-5 + 4096e-9, 1e-5 + (1 << 20) * 1e-9,
+                           1e-5 + (16 << 20) * 1e-9])
+    assert a == pytest.approx(1e-5, rel=1e-6)
+    assert b == pytest.approx(1e-9, rel=1e-9)
+
+
+def test_calibration_fit_inverts_ring_formula():
+    sizes = [4096, 1 << 20, 16 << 20]
+    ring = {str(s): costs.ring_allreduce(s, 4, 2e9, 3e-6) for s in sizes}
+    p2p = {str(s): costs.point_to_point(s, 5e9, 7e-6) for s in sizes}
+    raw = {"allreduce": ring, "p2p": p2p, "native_allreduce": ring,
+           "host_reduce_bandwidth": 1e9, "memory_bandwidth": 2e9,
+           "matmul_flops": 1e10, "call_overhead": 1e-4}
+    cluster = _cluster_from(raw, 4, cores=2)
+    assert cluster.intra_node_bandwidth == pytest.approx(2e9)
+    assert cluster.latency == pytest.approx(3e-6)
+    assert cluster.p2p(False) == pytest.approx((5e9, 7e-6))
+    assert cluster.compute_scale == 2.0  # 4 processes on 2 cores
+    assert cluster.devices_per_node == 4 and cluster.overlap == 0.0
+
+
+# -- step time and memory of a layout ------------------------------------------
+
+
+def test_pipeline_bubble_step_time():
+    # 4 layers of 1 ms per 8 samples; M = 4 micro-batches of 2 samples:
+    # a stage of 2 layers takes 0.5 ms per micro-batch; (M + K - 1) x 0.5 ms.
+    profile = make_profile()
+    for schedule in ("1f1b", "gpipe"):
+        row = plan(profile, make_cluster(), global_batch=8, pipeline_stages=2,
+                   microbatches=4, schedule=schedule).rows[0]
+        assert (row.data_parallel, row.stage_sizes) == (1, (2, 2))
+        assert row.step_time_s == pytest.approx(5 * 0.5e-3)
+        # One device would take 4 ms: efficiency 4 / (2 x 2.5).
+        assert row.efficiency == pytest.approx(0.8)
+
+
+def test_pipeline_transfer_cost_counts_both_directions():
+    # 100 live bytes per sample across the cut, 2 samples per micro-batch,
+    # 1e6 B/s and 1e-4 s per message: each way 2e-4 + 1e-4 s.
+    profile = make_profile(live_bytes=100)
+    cluster = make_cluster(p2p_bandwidth=1e6, p2p_latency=1e-4)
+    row = plan(profile, cluster, global_batch=8, pipeline_stages=2,
+               microbatches=4, schedule="1f1b").rows[0]
+    assert row.step_time_s == pytest.approx(5 * (0.5e-3 + 2 * 3e-4))
+
+
+def test_data_parallel_ring_without_overlap():
+    # D = 2, one stage: compute of 4 samples (2 ms) then a ring all-reduce of
+    # 4000 gradient bytes at 1e9 B/s: 2 * 1/2 * 4000 / 1e9.
+    profile = make_profile()
+    row = plan(profile, make_cluster(latency=1e-5), global_batch=8,
+               data_parallel=2, aggregation="ring").rows[0]
+    assert row.pipeline_stages == 1
+    assert row.aggregation_s == pytest.approx(4e-6 + 2e-5)
+    assert row.step_time_s == pytest.approx(2e-3 + 4e-6 + 2e-5)
+
+
+def test_optimizer_update_and_compute_scale():
+    profile = make_profile(optimizer_bytes=2000)
+    cluster = make_cluster(devices_per_node=1, memory_bandwidth=1e6,
+                           compute_scale=2.0)
+    row = plan(profile, cluster, global_batch=8).rows[0]
+    # Update streams 3 x 4000 + 2 x 8000 bytes at 1e6 B/s; compute 2 x 4 ms.
+    assert row.update_s == pytest.approx(28e-3)
+    assert row.step_time_s == pytest.approx(8e-3 + 28e-3)
+
+
+def test_memory_per_device_by_hand():
+    # Stage 0 of 2 (layers 0-1): params + grads + Adam-like state
+    # 2 x (1000 + 1000 + 500); activations per micro-batch of 2 samples:
+    # input 10 + outputs 2 x 20 bytes per sample; 1F1B keeps 2 in flight.
+    profile = make_profile(optimizer_bytes=500, output_bytes=20, input_bytes=10)
+    row = plan(profile, make_cluster(), global_batch=8, pipeline_stages=2,
+               microbatches=4, schedule="1f1b").rows[0]
+    stage0 = 2 * 2500 + 2 * (10 + 2 * 20) * 2
+    assert row.memory_per_device == pytest.approx(stage0)
+    gpipe = plan(profile, make_cluster(), global_batch=8, pipeline_stages=2,
+                 microbatches=4, schedule="gpipe").rows[0]
+    assert gpipe.memory_per_device == pytest.approx(2 * 2500 + 4 * (10 + 2 * 20) * 2)
+
+
+def test_infeasible_row_names_stage_and_bytes():
+    profile = make_profile(param_bytes=10_000)  # 20 kB per layer with grads
+    cluster = make_cluster(devices_per_node=1, device_memory=50_000)
+    result = plan(profile, cluster, global_batch=8)
+    row = result.rows[0]
+    assert not row.feasible
+    assert "stage 0" in row.why and "80000 bytes" in row.why
+    assert "device_memory 50000 bytes" in row.why
+    with pytest.raises(ValueError, match="No layout fits"):
+        _ = result.best
+    assert "NO" in result.table()
+
+
+def test_memory_limit_moves_the_split_before_giving_up():
+    # Layer 0 is heavy: the fastest split [1, 3] would put 3 x 20 kB on
+    # stage 1; a 45 kB device forces [2, 2] (40 kB each).
+    profile = make_profile(times=(4e-3, 1e-3, 1e-3, 1e-3), param_bytes=10_000)
+    free = plan(profile, make_cluster(), global_batch=8, pipeline_stages=2,
+                microbatches=1).rows[0]
+    assert free.stage_sizes == (1, 3)
+    tight = plan(profile, make_cluster(device_memory=45_000), global_batch=8,
+                 pipeline_stages=2, microbatches=1).rows[0]
+    assert tight.feasible and tight.stage_sizes == (2, 2)
+
+
+# -- the search ----------------------------------------------------------------
+
+
+def test_keyword_arguments_fix_dimensions():
+    profile = make_profile()
+    cluster = make_cluster(nodes=2, devices_per_node=4)
+    full = plan(profile, cluster, global_batch=64)
+    assert {(r.data_parallel, r.pipeline_stages) for r in full.rows} == {
+        (8, 1), (4, 2), (2, 4)}
+    assert {r.aggregation for r in full.rows if r.data_parallel > 1} == set(
+        costs.AGGREGATIONS)
+    fixed = plan(profile, cluster, global_batch=64, pipeline_stages=2,
+                 microbatches=4, schedule="gpipe", aggregation="hierarchical")
+    assert {(r.data_parallel, r.pipeline_stages, r.microbatches, r.schedule,
+             r.aggregation) for r in fixed.rows} == {(4, 2, 4, "gpipe",
+                                                       "hierarchical")}
+    assert {r.data_parallel for r in plan(profile, cluster, global_batch=64,
+                                          data_parallel=2).rows} == {2}
+    rows = plan(profile, cluster, global_batch=64).rows
+    assert list(rows) == sorted(rows, key=lambda r: (not r.feasible,
+                                                     -r.samples_per_s))
+
+
+def test_plan_argument_errors():
+    profile = make_profile()
+    cluster = make_cluster(devices_per_node=8)
+    with pytest.raises(ValueError, match="data_parallel=3"):
+        plan(profile, cluster, global_batch=48, data_parallel=3)
+    with pytest.raises(ValueError, match="schedule"):
+        plan(profile, cluster, global_batch=64, schedule="zigzag")
+    with pytest.raises(ValueError, match="aggregation"):
+        plan(profile, cluster, global_batch=64, aggregation="tree")
+    with pytest.raises(ValueError, match="pipeline_stages=5"):
+        plan(profile, cluster, global_batch=64, pipeline_stages=5)
+    with pytest.raises(ValueError, match="global_batch"):
+        plan(profile, cluster, global_batch=0)
+    with pytest.raises(ValueError, match="divisible"):
+        plan(profile, cluster, global_batch=3, data_parallel=8)
+    with pytest.raises(TypeError, match="cluster"):
+        plan(profile, {"nodes": 1}, global_batch=8)
+    with pytest.raises(ValueError, match="sample_batch"):
+        plan(object(), cluster, global_batch=8)
+
+
+# -- monotonicity --------------------------------------------------------------
+
+profiles = st.builds(
+    lambda times, params, live: make_profile(
+        tuple(times), param_bytes=params, live_bytes=live, output_bytes=live),
+    st.lists(st.floats(1e-5, 1e-2), min_size=2, max_size=6),
+    st.integers(1, 10**7),
+    st.integers(0, 10**5),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(profile=profiles, factor=st.floats(1.0, 100.0),
+       nodes=st.sampled_from([1, 2, 4]), latency=st.floats(0, 1e-4),
+       overlap=st.floats(0, 1))
+def test_more_bandwidth_never_predicts_slower(profile, factor, nodes, latency,
+                                              overlap):
+    slow = make_cluster(nodes=nodes, devices_per_node=2, latency=latency,
+                        overlap=overlap, intra_node_bandwidth=5e9,
+                        inter_node_bandwidth=1e9, host_reduce_bandwidth=2e9)
+    fast = slow.replace(intra_node_bandwidth=5e9 * factor,
+                        inter_node_bandwidth=1e9 * factor,
+                        host_reduce_bandwidth=2e9 * factor)
+    a = plan(profile, slow, global_batch=16 * nodes)
+    b = plan(profile, fast, global_batch=16 * nodes)
+    key = lambda r: (r.data_parallel, r.pipeline_stages, r.microbatches,  # noqa: E731
+                     r.schedule, r.aggregation)
+    slow_rows = {key(r): r for r in a.rows}
+    for r in b.rows:
+        assert r.step_time_s <= slow_rows[key(r)].step_time_s * (1 + 1e-9)
+    assert b.rows[0].step_time_s <= a.rows[0].step_time_s * (1 + 1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(profile=profiles, memory=st.floats(1e4, 1e8), factor=st.floats(1.0, 10.0))
+def test_more_memory_never_makes_a_layout_infeasible(profile, memory, factor):
+    small = make_cluster(devices_per_node=2, device_memory=memory)
+    large = small.replace(device_memory=memory * factor)
+    a = {(r.data_parallel, r.pipeline_stages, r.microbatches, r.schedule,
+          r.aggregation): r for r in plan(profile, small, global_batch=16).rows}
+    for r in plan(profile, large, global_batch=16).rows:
+        before = a[(r.data_parallel, r.pipeline_stages, r.microbatches,
+                    r.schedule, r.aggregation)]
+        if before.feasible:
+            assert r.feasible
+            assert r.step_time_s <= before.step_time_s * (1 + 1e-9)
+
+
+# -- the Cluster value object --------------------------------------------------
+
+
+def test_cluster_json_round_trip(tmp_path):
+    cluster = make_cluster(nodes=3, device_host_bandwidth=25e9,
+                           metadata={"note": "x"})
+    assert Cluster.from_json(cluster.to_json()) == cluster
+    path = tmp_path / "cluster.json"
+    cluster.save(path)
+    assert Cluster.load(path) == cluster
+    assert json.loads(path.read_text())["nodes"] == 3
+    assert cluster.num_devices == 6
+    assert cluster.replace(nodes=1).num_devices == 2
+
+
+def test_cluster_validation():
+    with pytest.raises(ValueError, match="inter_node_bandwidth=-1"):
+        make_cluster(inter_node_bandwidth=-1.0)
+    with pytest.raises(ValueError, match="nodes=0"):
+        make_cluster(nodes=0)
+    with pytest.raises(TypeError, match="device_memory='80GB'"):
+        make_cluster(device_memory="80GB")
+    with pytest.raises(ValueError, match="overlap=2"):
+        make_cluster(overlap=2.0)
+    with pytest.raises(ValueError, match="Unknown field"):
+        Cluster.from_dict({**make_cluster().to_dict(), "gpus": 8})
+    with pytest.raises(TypeError, match="Unknown Cluster field"):
+        make_cluster().replace(gpus=8)
+
+
+def test_plan_rows_and_plan_to_dict():
+    result = plan(make_profile(), make_cluster(), global_batch=8)
+    assert isinstance(result, Plan) and len(result) == len(result.rows)
+    row = result.rows[0]
+    assert PlanRow(**row.to_dict()) == row
+    data = json.loads(json.dumps(result.to_dict()))
+    assert Cluster.from_dict(data["cluster"]) == result.cluster
+    assert data["rows"][0]["step_time_s"] == row.step_time_s
+
+
+def test_top_level_lazy_exports():
+    import tf_smdist as smd
+
+    assert smd.Cluster is Cluster and smd.plan is plan
+    # The data-parallel cluster module keeps its own name.
+    from tf_smdist.data_parallel import cluster as dp_cluster
+
+    assert not hasattr(dp_cluster, "Cluster")
+
+
+def test_planner_imports_without_tensorflow():
+    code = ("import sys, tf_smdist as smd; smd.Cluster; smd.plan; "
+            "import tf_smdist.planner.cli; "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
+                   timeout=120)
+
+
+# -- the console script --------------------------------------------------------
+
+
+def test_cli_writes_table_and_png(tmp_path):
+    profile_path = tmp_path / "profile.json"
+    make_profile(live_bytes=64).save(profile_path)
+    cluster_path = tmp_path / "cluster.json"
+    make_cluster(nodes=4, devices_per_node=2).save(cluster_path)
+    png = tmp_path / "scaling.png"
+    out = subprocess.run(
+        [sys.executable, "-m", "tf_smdist.planner.cli", str(profile_path),
+         "--cluster", str(cluster_path), "--inter-node-bandwidth", "2e9",
+         "--global-batch", "64", "--png", str(png), "--json",
+         str(tmp_path / "plan.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Layouts for toy on 4 x 2 devices, global batch 64" in out.stdout
+    assert "aggregation" in out.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["cluster"]["inter_node_bandwidth"] == 2e9
+    bad = subprocess.run(
+        [sys.executable, "-m", "tf_smdist.planner.cli", str(profile_path),
+         "--nodes", "2", "--global-batch", "8"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--devices-per-node" in bad.stderr
+
+
+# -- published results ---------------------------------------------------------
+
+
+def test_published_reproductions():
+    from tf_smdist.planner import published
+
+    rows = published.reproduce()
+    sources = {r.source.split(" (")[0] for r in rows}
+    assert {"Horovod", "Herring", "GPipe", "torchgpipe docs"} <= sources
+    for r in rows:
+        assert r.error == pytest.approx(abs(r.predicted - r.published) / r.published)
+    # Uniform stages, no overhead: throughput(K, M) / throughput(2, 1) is
+    # K M / (M + K - 1), GPipe's bubble.
+    for r in rows:
+        if r.source.startswith("GPipe"):
+            k = int(r.setting.split("K=")[1].split(" ")[0])
+            m = int(r.setting.split("M=")[1])
+            assert r.predicted == pytest.approx(k * m / (m + k - 1))
+    efficiency = {r.setting.split(",")[0]: round(r.predicted, 2) for r in rows
+                  if "efficiency" in r.metric}
+    assert efficiency == {"Inception V3": 0.93, "ResNet-101": 0.92,
+                          "VGG-16": 0.78, "BERT-large": 0.98}
+    table = published.markdown(rows)
+    assert table.count("\n") == len(rows) + 1 and "| 0.68 | 0.78 | 15% |" in table
+
+
+# -- calibration on this machine (2 processes) ---------------------------------
+
+
+@pytest.mark.slow
+def test_calibrate_two_processes(tmp_path):
+    import mp_util
+    from mp_util import requires_mpi  # noqa: F401 - skip marker below
+
+    if not mp_util.mpi_available():
+        pytest.skip("needs Open MPI and the MPI op library")
+    path = tmp_path / "local.json"
+    cluster = Cluster.calibrate(processes=2, path=path, sizes=(4096, 262144),
+                                repeats=2, timeout=120)
+    assert Cluster.load(path) == cluster
+    assert cluster.nodes == 1 and cluster.devices_per_node == 2
+    assert math.isfinite(cluster.intra_node_bandwidth)
+    assert cluster.intra_node_bandwidth > 0 and cluster.host_reduce_bandwidth > 0
+    assert set(cluster.metadata["allreduce_s"]) == {"4096", "262144"}
