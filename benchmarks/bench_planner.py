@@ -189,7 +189,7 @@ def _launch(nproc: int, worker_args: list[str], timeout: float = 900) -> dict:
         cmd = [sys.executable, "-m", "tf_smdist.launch", "--nproc", str(nproc),
                os.path.abspath(__file__), "--worker", "--out", out, *worker_args]
         if nproc == 1:
-            cmd[4:4] = ["--cpus-per-proc", "1"]
+            cmd[5:5] = ["--cpus-per-proc", "1"]
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep
                    + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="2")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
@@ -212,7 +212,7 @@ def _clusters(directory: str | None):
         else:
             clusters[n] = smd.Cluster.calibrate(processes=n, path=path)
         print(f"calibrated {n} processes: {clusters[n]!r}", flush=True)
-    clusters[1] = clusters[2].replace(devices_per_node=1)
+    clusters[1] = clusters[2].replace(nodes=1)
     return clusters
 
 

@@ -127,11 +127,12 @@ def test_calibration_fit_inverts_ring_formula():
            "host_reduce_bandwidth": 1e9, "memory_bandwidth": 2e9,
            "matmul_flops": 1e10, "call_overhead": 1e-4}
     cluster = _cluster_from(raw, 4, cores=2)
-    assert cluster.intra_node_bandwidth == pytest.approx(2e9)
+    assert cluster.inter_node_bandwidth == pytest.approx(2e9)
     assert cluster.latency == pytest.approx(3e-6)
     assert cluster.p2p(False) == pytest.approx((5e9, 7e-6))
     assert cluster.compute_scale == 2.0  # 4 processes on 2 cores
-    assert cluster.devices_per_node == 4 and cluster.overlap == 0.0
+    assert (cluster.nodes, cluster.devices_per_node) == (4, 1)
+    assert cluster.overlap == 0.0 and cluster.device_host_bandwidth == 1e9
 
 
 # -- step time and memory of a layout ------------------------------------------
@@ -436,9 +437,9 @@ def test_calibrate_two_processes(tmp_path):
         pytest.skip("needs Open MPI and the MPI op library")
     path = tmp_path / "local.json"
     cluster = Cluster.calibrate(processes=2, path=path, sizes=(4096, 262144),
-                                repeats=2, timeout=120)
+                                repeats=2, host_bytes=1 << 20, timeout=120)
     assert Cluster.load(path) == cluster
-    assert cluster.nodes == 1 and cluster.devices_per_node == 2
+    assert cluster.nodes == 2 and cluster.devices_per_node == 1
     assert math.isfinite(cluster.intra_node_bandwidth)
     assert cluster.intra_node_bandwidth > 0 and cluster.host_reduce_bandwidth > 0
     assert set(cluster.metadata["allreduce_s"]) == {"4096", "262144"}

@@ -24,11 +24,37 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def _per_call(run, repeats: int, window: float) -> float:
+    """Median seconds per call of `run(iters)`, iterations sized to `window`.
+
+    Rank 0's probe sets the count for every rank (they must agree).
+    """
+    import numpy as np
+
+    from tf_smdist import _mpi_ops
+
+    _mpi_ops.barrier()
+    start = time.perf_counter()
+    run(1)
+    probe = np.array([time.perf_counter() - start], np.float64)
+    probe = _mpi_ops.allreduce_array(probe, reduction="max")[0]
+    iters = int(max(1, min(100, window / max(probe, 1e-7))))
+    samples = []
+    for _ in range(repeats):
+        _mpi_ops.barrier()
+        start = time.perf_counter()
+        run(iters)
+        samples.append((time.perf_counter() - start) / iters)
+    return statistics.median(samples)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--sizes", default="4096,65536,1048576,4194304,16777216")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--window", type=float, default=0.05,
+                        help="seconds per timed window")
     parser.add_argument("--host-bytes", type=int, default=16 << 20)
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -43,22 +69,19 @@ def main() -> None:
     for nbytes in sizes:
         array = np.ones(nbytes // 4, np.float32)
         payload = b"x" * nbytes
-        iters = max(3, min(200, (64 << 20) // max(nbytes, 1)))
 
-        def run_allreduce(array: np.ndarray = array, iters: int = iters) -> None:
+        def run_allreduce(iters: int, array: np.ndarray = array) -> None:
             for _ in range(iters):
                 _mpi_ops.allreduce_array(array)
 
-        def run_p2p(payload: bytes = payload, iters: int = iters) -> None:
+        def run_p2p(iters: int, payload: bytes = payload) -> None:
             for _ in range(iters):
                 _mpi_ops.broadcast_bytes(payload, root=0)
 
+        allreduce[nbytes] = _per_call(run_allreduce, args.repeats, args.window)
+        p2p[nbytes] = _per_call(run_p2p, args.repeats, args.window)
         _mpi_ops.barrier()
-        allreduce[nbytes] = _timed(run_allreduce, args.repeats) / iters
-        _mpi_ops.barrier()
-        p2p[nbytes] = _timed(run_p2p, args.repeats) / iters
-        _mpi_ops.barrier()
-        native[nbytes] = _mpi_ops.time_native_allreduce(nbytes // 4, iters)
+        native[nbytes] = _mpi_ops.time_native_allreduce(nbytes // 4, 3)
     # Every rank takes the slowest rank's time (the collective's pace).
     keys = list(sizes)
     for table in (allreduce, p2p, native):

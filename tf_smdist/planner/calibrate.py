@@ -64,8 +64,9 @@ def calibrate(
     path: str | os.PathLike | None = None,
     sizes: Sequence[int] = DEFAULT_SIZES,
     repeats: int = 5,
+    host_bytes: int = 16 << 20,
     cores: int | None = None,
-    timeout: float = 300.0,
+    timeout: float = 600.0,
 ) -> Cluster:
     """Measures this machine with `processes` processes as the devices.
 
@@ -75,7 +76,7 @@ def calibrate(
     from rank 0 to the others (`broadcast_bytes`, standing in for the
     point-to-point send between pipeline stages: between two processes it is
     one message; with more it is a tree, so it over-estimates). Rank 0 also
-    times the `host_reduce` op (two 16 MiB float32 buffers), a memory copy,
+    times the `host_reduce` op (two `host_bytes` float32 buffers), a memory copy,
     a 512×512 matmul and an empty `tf.function` call.
 
     The all-reduce times are fitted to the ring formula
@@ -92,13 +93,18 @@ def calibrate(
         sizes: Message sizes in bytes (multiples of 4). Defaults to
             4 KiB, 64 KiB, 1 MiB, 4 MiB and 16 MiB.
         repeats: Timed windows per size (the median counts). Defaults to `5`.
+        host_bytes: Bytes of each buffer the host-reduce and copy timings
+            use. Defaults to `16 MiB`.
         cores: Cores of this machine. Defaults to `None` (those this process
             may run on).
-        timeout: Seconds before the job is killed. Defaults to `300.0`.
+        timeout: Seconds before the job is killed. Defaults to `600.0`.
 
     Returns:
-        A one-node `Cluster` of `processes` devices; `metadata` keeps the raw
-        timings and the matmul speed (`matmul_flops`) to compare devices.
+        A `Cluster` of `processes` nodes of one device each (each process
+        has its own host buffers; MPI between them plays the network; the
+        bucket packing copies play the device-to-host copies); `metadata`
+        keeps the raw timings and the matmul speed (`matmul_flops`) to
+        compare devices.
 
     Raises:
         ValueError: for `processes < 2` or bad sizes.
@@ -127,14 +133,16 @@ def calibrate(
             if hasattr(os, "sched_getaffinity")
             else (os.cpu_count() or 1)
         )
-    raw = _run_job(processes, sizes, repeats, timeout)
+    raw = _run_job(processes, sizes, repeats, int(host_bytes), timeout)
     cluster = _cluster_from(raw, processes, cores)
     if path is not None:
         cluster.save(path)
     return cluster
 
 
-def _run_job(processes: int, sizes: list[int], repeats: int, timeout: float) -> dict:
+def _run_job(
+    processes: int, sizes: list[int], repeats: int, host_bytes: int, timeout: float
+) -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     worker = os.path.join(here, "_calibrate_worker.py")
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(worker)))
@@ -143,7 +151,7 @@ def _run_job(processes: int, sizes: list[int], repeats: int, timeout: float) -> 
         cmd = [
             sys.executable, "-m", "tf_smdist.launch", "--nproc", str(processes),
             worker, "--out", out, "--sizes", ",".join(map(str, sizes)),
-            "--repeats", str(repeats),
+            "--repeats", str(repeats), "--host-bytes", str(host_bytes),
         ]
         env = dict(os.environ)
         env["PYTHONPATH"] = package_parent + os.pathsep + env.get("PYTHONPATH", "")
@@ -181,14 +189,18 @@ def _cluster_from(raw: dict, processes: int, cores: int) -> Cluster:
     bandwidth = 2 * (p - 1) / p / b
     pa, pb = fit_alpha_beta(sizes, [raw["p2p"][str(s)] for s in sizes])
     memory = _total_memory()
+    # Each process is a "node" of one device: its host buffers are its own,
+    # and MPI between the processes plays the network.
     return Cluster(
-        nodes=1,
-        devices_per_node=p,
+        nodes=p,
+        devices_per_node=1,
         device_memory=memory / p,
         intra_node_bandwidth=bandwidth,
         inter_node_bandwidth=bandwidth,
         latency=latency,
         host_reduce_bandwidth=raw["host_reduce_bandwidth"],
+        # Packing a bucket into (and out of) its host buffer is a copy.
+        device_host_bandwidth=raw["memory_bandwidth"] / 2,
         p2p_bandwidth=1.0 / pb,
         p2p_latency=pa,
         memory_bandwidth=raw["memory_bandwidth"],

@@ -144,7 +144,8 @@ def host_sharded_allreduce(
 
     Each device copies its `n` bytes to host memory (`n/B_pcie`, the
     devices' copies in parallel); the host sums the `g` local buffers
-    (`g·n` bytes read at `host_reduce_bandwidth`); the nodes all-reduce the
+    (`g·n` bytes read at `host_reduce_bandwidth`; one buffer is still
+    scaled, read once); the nodes all-reduce the
     sums over the network (a ring across `N` nodes); each device copies the
     result back. The four phases use different engines (the copy engine's
     two directions, the CPUs, the network), so over `k` buckets they
@@ -173,7 +174,7 @@ def host_sharded_allreduce(
     if nbytes <= 0:
         return 0.0
     copy = nbytes / device_host_bandwidth if device_host_bandwidth else 0.0
-    local = per_node * nbytes / host_reduce_bandwidth if per_node > 1 else 0.0
+    local = per_node * nbytes / host_reduce_bandwidth
     across = ring_allreduce(nbytes, nodes, inter_bandwidth, inter_latency)
     return pipelined((copy, local, across, copy), buckets)
 

@@ -185,13 +185,10 @@ def aggregation_time(
     members = nodes * per_node
     if members <= 1:
         return 0.0
-    buckets = costs.num_buckets(nbytes, cluster.bucket_bytes)
-    if aggregation == "ring" or (
-        aggregation == "host_sharded" and cluster.device_host_bandwidth is None
-        and per_node > 1 and nodes == 1
-    ):
-        # Processes as devices on one host: the host buffers go straight
-        # into one MPI all-reduce between the processes.
+    # Phases on separate engines pipeline over the buckets; with one engine
+    # for everything (`overlap=0`) they run one after another.
+    buckets = costs.num_buckets(nbytes, cluster.bucket_bytes) if cluster.overlap else 1
+    if aggregation == "ring":
         if nodes > 1:
             bandwidth = min(cluster.intra_node_bandwidth, cluster.inter_node_bandwidth)
             return costs.ring_allreduce(nbytes, members, bandwidth, cluster.latency)
