@@ -13,7 +13,7 @@ time of each layout with `smd.plan`, then measures it:
     has the process-per-stage pipeline; otherwise those rows say
     "not measured".
 
-Models: "wide_mlp" (6.3 M parameters, batch 8 per process: little compute
+Models: "wide_mlp" (6.3 M parameters, batch 4 per process: little compute
 per parameter, so the gradient all-reduce dominates) and "convnet" (30 k
 parameters, ~0.15 GFLOP per sample: compute-bound).
 
@@ -40,7 +40,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 # Per-process batch and steps per timed window of each model.
-BATCH = {"wide_mlp": 8, "convnet": 16}
+BATCH = {"wide_mlp": 4, "convnet": 16}
 STEPS = {"wide_mlp": 10, "convnet": 3}
 MICROBATCHES = 4
 
@@ -132,24 +132,65 @@ def _dp_worker(args: argparse.Namespace, size: int) -> dict:
 
         return strategy.run(replica_step, args=batch)
 
-    return {"step_s": _time_steps(lambda: step(next(it)), args, strategy)}
+    # The same model alone (no strategy) on this process's share of a batch,
+    # timed in windows alternating with the data-parallel ones: what compute
+    # costs on this machine at this moment (its load changes by the minute).
+    local_model, _ = _model(args.model)
+    local_optimizer = keras.optimizers.SGD(0.01)
+    xb = tf.constant(x[:BATCH[args.model]])
+    yb = tf.constant(y[:BATCH[args.model]])
+
+    @tf.function
+    def local_step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(loss_fn(yb, local_model(xb, training=True)))
+        grads = tape.gradient(loss, local_model.trainable_variables)
+        local_optimizer.apply_gradients(zip(grads, local_model.trainable_variables))
+        return loss
+
+    barrier = None
+    if size > 1:
+        from tf_smdist import _mpi_ops
+
+        barrier = _mpi_ops.barrier
+    steps = STEPS[args.model]
+    for _ in range(args.warmup):
+        out = step(next(it))
+        local_step().numpy()
+    dp, local = [], []
+    for _ in range(args.windows):
+        if barrier:
+            barrier()
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = step(next(it))
+        for t in strategy.experimental_local_results(out):
+            t.numpy()
+        dp.append((time.perf_counter() - start) / steps)
+        if barrier:
+            barrier()
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = local_step()
+        loss.numpy()
+        local.append((time.perf_counter() - start) / steps)
+    return {"step_s": statistics.median(dp), "local_s": statistics.median(local)}
 
 
 def _pipe_worker(args: argparse.Namespace, size: int) -> dict:
     import keras
-    import tensorflow as tf
 
     import tf_smdist as smd
 
     global_batch = BATCH[args.model] * (size // 2) * MICROBATCHES
     model, shape = _model(args.model)
+    sizes = [int(s) for s in args.partition.split(",")]
     pipe = smd.PipelineModel(model, num_stages=2, microbatches=MICROBATCHES,
-                             schedule="1f1b")
+                             schedule="1f1b", partition=sizes)
     pipe.compile(optimizer=keras.optimizers.SGD(0.01),
                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    x, y = _data(shape, global_batch * 4)
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(
-        global_batch, drop_remainder=True).repeat()
+    steps = args.warmup + args.windows * STEPS[args.model]
+    x, y = _data(shape, global_batch * steps)
     times: list[float] = []
 
     class Timer(keras.callbacks.Callback):
@@ -159,25 +200,10 @@ def _pipe_worker(args: argparse.Namespace, size: int) -> dict:
         def on_train_batch_end(self, batch, logs=None):
             times.append(time.perf_counter() - self._start)
 
-    steps = args.warmup + args.windows * STEPS[args.model]
-    pipe.fit(ds, epochs=1, steps_per_epoch=steps, callbacks=[Timer()], verbose=0)
+    pipe.fit(x, y, batch_size=global_batch, epochs=1, shuffle=False,
+             callbacks=[Timer()], verbose=0)
     return {"step_s": statistics.median(times[args.warmup:]),
             "global_batch": global_batch}
-
-
-def _time_steps(run, args: argparse.Namespace, strategy) -> float:
-    steps = STEPS[args.model]
-    for _ in range(args.warmup):
-        out = run()
-    windows = []
-    for _ in range(args.windows):
-        start = time.perf_counter()
-        for _ in range(steps):
-            out = run()
-        for t in strategy.experimental_local_results(out):
-            t.numpy()
-        windows.append((time.perf_counter() - start) / steps)
-    return statistics.median(windows)
 
 
 # -- driver side ---------------------------------------------------------------------
@@ -194,7 +220,11 @@ def _launch(nproc: int, worker_args: list[str], timeout: float = 900) -> dict:
                    + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="2")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
                               timeout=timeout)
-        if proc.returncode != 0:
+        if proc.returncode != 0 and os.path.exists(out):
+            # The timings are written; only the job's end went wrong.
+            print(f"  (exit status {proc.returncode} after writing results: "
+                  f"{proc.stdout.strip().splitlines()[-1:]})", flush=True)
+        elif proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n"
                                f"{proc.stderr[-3000:]}")
         with open(out) as f:
@@ -216,8 +246,27 @@ def _clusters(directory: str | None):
     return clusters
 
 
-def _driver(args: argparse.Namespace) -> None:
+def _predict(profile, cluster, global_batch, d, k, m):
     import tf_smdist as smd
+
+    return smd.plan(
+        profile, cluster, global_batch=global_batch, data_parallel=d,
+        pipeline_stages=k, microbatches=m, schedule="1f1b",
+        aggregation="host_sharded", use_all_devices=False,
+    ).rows[0]
+
+
+def _run_scale(profile, cluster, batch: int, local_s: float) -> float:
+    """The compute_scale that makes the model's one-process step `local_s`."""
+    from tf_smdist.planner.model import single_device_step
+
+    one = cluster.replace(compute_scale=1.0)
+    compute = profile.total_time * batch / profile.batch_size
+    rest = single_device_step(profile, one, batch) - compute
+    return max(0.05, (local_s - rest) / compute)
+
+
+def _driver(args: argparse.Namespace) -> None:
     from tf_smdist.pipeline.profile import Profile
 
     clusters = _clusters(args.clusters)
@@ -229,45 +278,63 @@ def _driver(args: argparse.Namespace) -> None:
         b = BATCH[name]
         cases = [("DP", n, n, 1, 1) for n in (1, 2, 4)]
         if not args.skip_pipeline:
-            cases += [("PP 2", 2, 1, 2, MICROBATCHES), ("DP 2 x PP 2", 4, 2, 2,
-                                                        MICROBATCHES)]
+            cases += [("PP 2", 2, 1, 2, MICROBATCHES),
+                      ("DP 2 x PP 2", 4, 2, 2, MICROBATCHES)]
+        scales = {}
         for label, nproc, d, k, m in cases:
             global_batch = b * d * (m if k > 1 else 1)
-            predicted = smd.plan(
-                profile, clusters[nproc], global_batch=global_batch,
-                data_parallel=d, pipeline_stages=k, microbatches=m,
-                schedule="1f1b", aggregation="ring", use_all_devices=False,
-            ).rows[0].step_time_s
+            cluster = clusters[nproc]
+            row = _predict(profile, cluster, global_batch, d, k, m)
+            split = ",".join(map(str, row.stage_sizes))
             mode = "dp" if k == 1 else "pipe"
             try:
-                measured = _launch(nproc, ["--mode", mode, "--model", name,
-                                           *common])["step_s"]
+                result = _launch(nproc, ["--mode", mode, "--model", name,
+                                         "--partition", split, *common])
             except Exception as error:  # noqa: BLE001 - reported as a row
                 if k == 1:
                     raise
                 reason = str(error).strip().splitlines()
-                last = reason[-1] if reason else str(error)
-                print(f"  {name} {label}: not measured ({last})", flush=True)
-                measured = None
-            rows.append((name, label, nproc, global_batch, predicted, measured))
-            shown = "not measured" if measured is None else f"{measured * 1e3:.2f} ms"
+                print(f"  {name} {label}: not measured "
+                      f"({reason[-1] if reason else error})", flush=True)
+                result = {"step_s": None}
+            if "local_s" in result:
+                scales[nproc] = _run_scale(profile, cluster, b, result["local_s"])
+            scale = scales.get(nproc)
+            in_run = None
+            if scale is not None:
+                in_run = _predict(profile, cluster.replace(compute_scale=scale),
+                                  global_batch, d, k, m).step_time_s
+            rows.append((name, label, nproc, global_batch, row.step_time_s, in_run,
+                         scale, result["step_s"]))
+            shown = ("not measured" if result["step_s"] is None
+                     else f"{result['step_s'] * 1e3:.2f} ms")
             print(f"  {name:9s} {label:12s} {nproc} proc: predicted "
-                  f"{predicted * 1e3:.2f} ms, measured {shown}", flush=True)
+                  f"{row.step_time_s * 1e3:.2f} ms (compute as measured in the "
+                  f"run: {in_run * 1e3 if in_run else float('nan'):.2f} ms), "
+                  f"measured {shown}; load average {os.getloadavg()[0]:.1f}",
+                  flush=True)
+    print(f"\nload average at the end: {os.getloadavg()}")
     print()
-    print("| model | layout | processes | global batch | predicted ms | "
-          "measured ms | predicted / measured |")
-    print("|---|---|---|---|---|---|---|")
-    for name, label, nproc, gb, predicted, measured in rows:
+    print("| model | layout | processes | global batch | predicted ms "
+          "(calibration) | predicted ms (compute measured in the run, scale) | "
+          "measured ms | ratio (calibration) | ratio (compute in run) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, label, nproc, gb, predicted, in_run, scale, measured in rows:
+        run = f"{in_run * 1e3:.2f} ({scale:.2f})" if in_run else "-"
         if measured is None:
             print(f"| {name} | {label} | {nproc} | {gb} | {predicted * 1e3:.2f} | "
-                  "not measured | - |")
-        else:
-            print(f"| {name} | {label} | {nproc} | {gb} | {predicted * 1e3:.2f} | "
-                  f"{measured * 1e3:.2f} | {predicted / measured:.2f} |")
-    ratios = [p / m for *_, p, m in rows if m is not None]
-    inside = sum(0.8 <= r <= 1.2 for r in ratios)
-    print(f"\nRATIO predicted/measured: {inside} of {len(ratios)} measured rows "
-          f"within 20% (median {statistics.median(ratios):.2f})")
+                  f"{run} | not measured | - | - |")
+            continue
+        second = f"{in_run / measured:.2f}" if in_run else "-"
+        print(f"| {name} | {label} | {nproc} | {gb} | {predicted * 1e3:.2f} | "
+              f"{run} | {measured * 1e3:.2f} | {predicted / measured:.2f} | "
+              f"{second} |")
+    for column, title in ((4, "calibration"), (5, "compute measured in the run")):
+        ratios = [r[column] / r[7] for r in rows if r[7] and r[column]]
+        if ratios:
+            inside = sum(0.8 <= x <= 1.2 for x in ratios)
+            print(f"RATIO predicted/measured ({title}): {inside} of {len(ratios)} "
+                  f"rows within 20% (median {statistics.median(ratios):.2f})")
 
 
 def main() -> None:
@@ -276,6 +343,7 @@ def main() -> None:
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="dp", help=argparse.SUPPRESS)
     p.add_argument("--model", default="wide_mlp", help=argparse.SUPPRESS)
+    p.add_argument("--partition", default="", help=argparse.SUPPRESS)
     p.add_argument("--models", default="wide_mlp,convnet")
     p.add_argument("--windows", type=int, default=5, help="timed windows per run")
     p.add_argument("--warmup", type=int, default=3)

@@ -265,6 +265,21 @@ def test_plan_argument_errors():
         plan(object(), cluster, global_batch=8)
 
 
+def test_plan_profiles_a_keras_model():
+    import keras
+    import numpy as np
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+                              keras.layers.Dense(2)])
+    result = plan(model, make_cluster(), global_batch=8,
+                  sample_batch=np.zeros((4, 4), "float32"), pipeline_stages=2,
+                  microbatches=2)
+    row = result.rows[0]
+    assert row.stage_sizes == (1, 1) and row.feasible
+    # Parameters + gradients of the larger stage: 2 x (4 * 8 + 8) floats.
+    assert row.memory_per_device >= 2 * 40 * 4
+
+
 # -- monotonicity --------------------------------------------------------------
 
 profiles = st.builds(

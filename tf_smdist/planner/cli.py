@@ -76,6 +76,7 @@ def _plot(curves: dict[str, list[tuple[int, float]]], path: str, title: str) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for aggregation, points in curves.items():
@@ -83,6 +84,7 @@ def _plot(curves: dict[str, list[tuple[int, float]]], path: str, title: str) -> 
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o", label=aggregation)
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("devices")
     ax.set_ylabel("predicted scaling efficiency")
