@@ -37,6 +37,9 @@ MPI_SOURCES = [
     "ops/mpi/mpi_ops.cc",
     "kernels/mpi/comm.cc",
     "kernels/mpi/c_api.cc",
+    "ops/mpi/hvd_ops.cc",
+    "kernels/mpi/negotiator.cc",
+    "kernels/mpi/hvd_c_api.cc",
 ]
 
 

@@ -11,6 +11,7 @@ __all__ = [
     "get_devices_from",
     "input_util",
     "regroup",
+    "unordered_in_functions",
     "xplane_pb2",
 ]
 
@@ -64,3 +65,44 @@ def xplane_pb2() -> object:
     from tensorflow.tsl.profiler.protobuf import xplane_pb2 as module
 
     return module
+
+
+# --- Horovod-compatible collectives -----------------------------------------
+_unordered_types: set = set()
+
+
+def unordered_in_functions(op_types: frozenset) -> None:
+    """Lets stateful ops of `op_types` run in any order inside a tf.function.
+
+    tf.function's automatic control dependencies chain every stateful op
+    without resource inputs in program order, so each collective would wait
+    for the previous one to finish: no fusion, and no freedom of order that
+    name matching exists for. The ops stay stateful (never constant-folded,
+    deduplicated or pruned); each is given its own output as the only
+    "resource" it writes, so it is ordered against nothing. TensorFlow
+    exposes no public way to declare an op order-insensitive; the
+    resource-resolver registry is the hook its own collectives use.
+    Idempotent.
+
+    Args:
+        op_types: op type names, e.g. `{"SmdistHvdAllreduce"}`.
+    """
+    # The resolver registry (see the docstring) is not exported publicly.
+    from tensorflow.python.framework import auto_control_deps
+
+    first = not _unordered_types
+    _unordered_types.update(op_types)
+    if not first:
+        return
+
+    def _smdist_unordered_collectives(op, reads, writes) -> bool:
+        del reads
+        if op.type not in _unordered_types or not op.outputs:
+            return False
+        own = op.outputs[0]
+        if own in writes:
+            return False
+        writes.add(own)
+        return True
+
+    auto_control_deps.register_acd_resource_resolver(_smdist_unordered_collectives)

@@ -1,0 +1,219 @@
+// Name-matched collectives (Horovod semantics) over the MPI communication
+// thread (comm.h). Framework-free.
+//
+// Callers (the TensorFlow kernels) hand a Negotiator named requests in any
+// order. One thread per process set runs negotiation cycles: every member
+// gathers every member's announcements of the requests it received since the
+// last cycle, so each holds the same table of pending names and computes the
+// same decisions, in the same order, with no coordinator:
+//   * a name issued on every member (or on every member that has not joined)
+//     is ready; ready names are taken in the order they were first announced
+//     (cycle, then rank, then the rank's own order);
+//   * a ready name whose members disagree (collective, dtype, shape, reduce
+//     op, root, scale factors) fails on every member with an error that lists
+//     each rank's value;
+//   * consecutive ready all-reduces of one dtype and reduce op are fused into
+//     one buffer of at most the fusion threshold;
+//   * a name pending for longer than the stall timeout (the clock of the
+//     set's rank 0 decides, and announces it) fails, naming the ranks that
+//     did and did not issue it.
+// Decided collectives are queued, in decision order, on a data ordering group
+// of the set's communicator (arrival order). The negotiator thread never
+// calls MPI: it only queues requests on the communication thread.
+//
+// A member enters a cycle when it has new requests, or when the previous
+// cycle left names pending (the same on every member, so all continue
+// together). An idle member costs nothing; a member whose peers never issue
+// anything waits inside the cycle's gather, and the communication thread's
+// watchdog names both the waiting tensors and the ranks that did not come.
+#ifndef TF_SMDIST_KERNELS_MPI_NEGOTIATOR_H_
+#define TF_SMDIST_KERNELS_MPI_NEGOTIATOR_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernels/mpi/comm.h"
+
+namespace smdist {
+namespace hvd {
+
+enum class OpType : int {
+  kAllreduce = 0,
+  kAllgather = 1,
+  kBroadcast = 2,
+  kAlltoall = 3,
+  kReducescatter = 4,
+  kBarrier = 5,
+  kJoin = 6,
+};
+
+// Horovod's reduce op numbers.
+enum class ReduceOp : int {
+  kAverage = 0,
+  kSum = 1,
+  kAdasum = 2,
+  kMin = 3,
+  kMax = 4,
+  kProduct = 5,
+};
+
+// The name every rank's join request carries.
+constexpr char kJoinName[] = "__smdist_join__";
+
+const char* OpTypeName(OpType type);
+const char* ReduceOpName(ReduceOp op);
+
+// Allocates the output(s) once their shape is known (allgather, alltoall,
+// reduce-scatter). `recv_splits` is the alltoall's rows received from each
+// rank. Sets `*data` to the output buffer. Called on the negotiator thread.
+using AllocateFn = std::function<mpi::Status(const std::vector<int64_t>& shape,
+                                             const std::vector<int64_t>& recv_splits,
+                                             void** data)>;
+// Completion: status and, for join, the rank (of the set) that joined last.
+// Called on the communication or negotiator thread.
+using EntryDoneFn = std::function<void(const mpi::Status& status, int join_rank)>;
+
+// One named request of this rank.
+struct Entry {
+  std::string name;
+  OpType type = OpType::kAllreduce;
+  mpi::DataType dtype = mpi::DataType::kFloat32;
+  std::vector<int64_t> shape;
+  ReduceOp reduce_op = ReduceOp::kSum;  // allreduce / reduce-scatter
+  double prescale = 1.0;   // checked across ranks; applied by the caller
+  double postscale = 1.0;  // checked across ranks; applied by the caller
+  int root = 0;            // broadcast: a rank of the set
+  std::vector<int64_t> splits;  // alltoall: rows sent to each rank of the set
+  // allreduce / broadcast: the buffer reduced in place (holds this rank's
+  // values, prescaled); allgather / alltoall / reduce-scatter: `input` is
+  // sent and `allocate` provides the output.
+  const void* input = nullptr;
+  void* output = nullptr;
+  AllocateFn allocate;
+  EntryDoneFn done;
+};
+
+struct NegotiatorOptions {
+  double cycle_time_s = 0.001;          // pause between cycles
+  int64_t fusion_threshold = 64 << 20;  // bytes; 0 disables fusion
+  double stall_timeout_s = 60.0;        // a name pending longer fails
+};
+
+// Debug counters of one process set.
+struct Counters {
+  int64_t cycles = 0;
+  int64_t executions = 0;        // collectives queued on the data group
+  int64_t fused_executions = 0;  // all-reduces that carried > 1 tensor
+  int64_t fused_tensors = 0;     // tensors carried by those
+  int64_t mismatches = 0;
+  int64_t stalls = 0;
+};
+
+class Negotiator {
+ public:
+  // `comm` is the communicator (0: the world), with `rank` and `size` this
+  // rank's place in it; `nego_group` and `data_group` are two ordering
+  // groups of `comm` reserved for this negotiator.
+  Negotiator(int comm, int nego_group, int data_group, int rank, int size,
+             const NegotiatorOptions& options);
+  ~Negotiator();
+  Negotiator(const Negotiator&) = delete;
+  Negotiator& operator=(const Negotiator&) = delete;
+
+  // Queues `entry`. Fails (without calling `entry.done`) when a request of
+  // the same name is still pending on this rank, or after Stop.
+  mpi::Status Enqueue(Entry entry);
+  // Queues several entries at once: they are announced in the same cycle.
+  mpi::Status EnqueueGroup(std::vector<Entry> entries);
+  // Finishes the names pending on every member, fails local requests that
+  // can no longer complete, and joins the thread.
+  void Stop();
+
+  // "<kind>.eager.<n>": the name of this rank's n-th unnamed request of
+  // `kind` (eager calls, in program order, so the same on every rank).
+  std::string EagerName(const char* kind);
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  Counters counters() const;
+
+ private:
+  struct Meta;
+  struct Pending;
+  struct NameSet;
+  void Loop();
+  bool Cycle();  // one negotiation cycle; false when the thread must stop
+  mpi::Status Exchange(const std::string& mine, std::vector<std::string>* all);
+  void Decide(const std::vector<std::string>& records, double now);
+  void Execute(const std::vector<std::string>& names);
+  void FailLocal(const std::string& name, const mpi::Status& status);
+  void FailAll(const mpi::Status& status);
+  std::string CheckMismatch(const std::string& name, const Pending& p) const;
+
+  const int comm_;
+  const int nego_group_;
+  const int data_group_;
+  const int rank_;
+  const int size_;
+  const NegotiatorOptions options_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Entry> incoming_;
+  // Names pending on this rank; shared with completion callbacks, which may
+  // run after the negotiator is gone.
+  std::shared_ptr<NameSet> names_;
+  bool stop_ = false;
+  bool failed_ = false;
+  mpi::Status failure_;
+  Counters counters_;
+  std::map<std::string, int64_t> eager_counts_;
+
+  // Negotiator thread only.
+  std::map<std::string, Entry> local_;          // announced, not finished
+  std::map<std::string, std::unique_ptr<Pending>> table_;  // same on every member
+  int64_t next_order_ = 0;
+  int64_t cycle_ = 0;
+  std::thread thread_;
+};
+
+// Process sets: id 0 is the world; others are made by AddProcessSet.
+class Engine {
+ public:
+  static Engine& Get();
+  // Idempotent. Needs the communication thread (Communicator::Init).
+  mpi::Status Init(const NegotiatorOptions& options);
+  bool initialized() const;
+  // Every rank of the world calls it in the same order with the same ranks.
+  // Sets `*id` (the same on every rank); this rank may not be a member.
+  mpi::Status AddProcessSet(const std::vector<int>& ranks, int* id);
+  mpi::Status RemoveProcessSet(int id);
+  // The negotiator of set `id` on this rank, or null (unknown id, or this
+  // rank is not a member, or not initialised).
+  std::shared_ptr<Negotiator> Find(int id) const;
+  // Stops every negotiator (idempotent).
+  mpi::Status Shutdown();
+
+ private:
+  Engine() = default;
+  mutable std::mutex mu_;
+  bool initialized_ = false;
+  NegotiatorOptions options_;
+  int next_id_ = 1;
+  std::map<int, std::shared_ptr<Negotiator>> sets_;  // members only
+  std::map<int, int> comms_;                          // set id -> comm id
+};
+
+}  // namespace hvd
+}  // namespace smdist
+
+#endif  // TF_SMDIST_KERNELS_MPI_NEGOTIATOR_H_

@@ -1,0 +1,392 @@
+"""One rank of the Horovod-compatible collective tests (run by the launcher).
+
+Usage: python mp_hvd_worker.py OUT_DIR [--timings]
+
+Runs every check in the same order on every rank and writes
+OUT_DIR/rank{r}.json: {check name: "ok" or the failure text}, plus timings.
+Expected values are computed with NumPy from every rank's (deterministic)
+inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tf_smdist import _mpi_ops  # noqa: E402
+from tf_smdist.horovod import mpi_ops as hvd  # noqa: E402
+
+OUT = sys.argv[1]
+TIMINGS = "--timings" in sys.argv[2:]
+DTYPES = ["uint8", "int32", "int64", "float16", "bfloat16", "float32", "float64"]
+OPS = {"Sum": hvd.Sum, "Average": hvd.Average, "Min": hvd.Min, "Max": hvd.Max}
+# 16-bit floats: the communication thread reduces them by sum only.
+SUM_ONLY = ("float16", "bfloat16")
+results: dict = {}
+timings: dict = {}
+
+
+def np_dtype(name: str) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def value(rank: int, dtype: str, shape=(2, 3)) -> np.ndarray:
+    """Small exact values: products of 3 ranks stay in int8 range."""
+    n = int(np.prod(shape))
+    base = (np.arange(n) % 3 + rank + 1).reshape(shape)
+    if dtype == "bool":
+        return ((np.arange(n).reshape(shape) + rank) % 2).astype(bool)
+    if dtype.startswith("float") or dtype == "bfloat16":
+        return (base / 4.0).astype(np_dtype(dtype))
+    return base.astype(np_dtype(dtype))
+
+
+def expected_reduce(op: str, dtype: str, size: int) -> np.ndarray:
+    vals = [value(r, dtype).astype(np.float64) for r in range(size)]
+    if dtype == "bool":
+        vals = [v.astype(bool) for v in vals]
+        out = {"Sum": np.logical_or.reduce, "Max": np.logical_or.reduce,
+               "Min": np.logical_and.reduce, "Product": np.logical_and.reduce}[op](vals)
+        return out
+    if op in ("Sum", "Average"):
+        out = np.sum(vals, axis=0)
+    elif op == "Min":
+        out = np.min(vals, axis=0)
+    elif op == "Max":
+        out = np.max(vals, axis=0)
+    else:
+        out = np.prod(vals, axis=0)
+    if op == "Average":
+        out = out * (1.0 / size)
+        if not (dtype.startswith("float") or dtype == "bfloat16"):
+            out = np.trunc(out)
+    return out.astype(np_dtype(dtype))
+
+
+def check(name: str, fn) -> None:
+    try:
+        fn()
+        results[name] = "ok"
+    except Exception as e:  # noqa: BLE001 (reported to the test)
+        results[name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"
+
+
+def expect_error(fn, error_type, *needles: str) -> None:
+    try:
+        fn()
+    except error_type as e:
+        text = e.message if hasattr(e, "message") else str(e)
+        for needle in needles:
+            assert needle in text, f"{needle!r} not in {text!r}"
+        return
+    raise AssertionError(f"no {error_type.__name__} raised")
+
+
+def close(got, want, dtype: str) -> None:
+    got = np.asarray(got)
+    assert got.dtype == np_dtype(dtype) or dtype == "bool", (got.dtype, dtype)
+    if dtype in ("float16", "bfloat16"):
+        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64),
+                                   rtol=1e-2)
+    elif dtype.startswith("float"):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(got, want)
+
+
+def main() -> None:
+    hvd.init_engine()
+    rank, size = hvd.rank(), hvd.size()
+
+    # --- allreduce: every dtype and op, eager ------------------------------
+    for dtype in DTYPES:
+        for op_name, op in OPS.items():
+            if dtype == "bool" and op_name == "Average":
+                continue
+            if dtype in SUM_ONLY and op_name not in ("Sum", "Average"):
+                continue
+
+            def f(dtype=dtype, op_name=op_name, op=op):
+                got = hvd.allreduce(tf.constant(value(rank, dtype)), op=op)
+                close(got.numpy(), expected_reduce(op_name, dtype, size), dtype)
+            check(f"allreduce_{dtype}_{op_name}", f)
+
+    def scales():
+        x = tf.constant(value(rank, "float32"))
+        got = hvd.allreduce(x, op=hvd.Sum, prescale_factor=2.0, postscale_factor=0.25)
+        close(got.numpy(), expected_reduce("Sum", "float32", size) * 0.5, "float32")
+        got = hvd.allreduce(tf.constant(value(rank, "int32")), op=hvd.Average,
+                            postscale_factor=3.0)
+        want = np.trunc(expected_reduce("Sum", "int32", size) * (3.0 / size))
+        close(got.numpy(), want.astype(np.int32), "int32")
+    check("allreduce_scales", scales)
+
+    def empty():
+        assert hvd.allreduce(tf.zeros([0, 4]), op=hvd.Sum).shape == (0, 4)
+    check("allreduce_empty", empty)
+
+    # --- allgather (uneven first dimension), broadcast ---------------------
+    for dtype in DTYPES:
+        def g(dtype=dtype):
+            mine = np.concatenate([value(rank, dtype)] * (rank + 1))[: rank + 1]
+            got = hvd.allgather(tf.constant(mine)).numpy()
+            want = np.concatenate([
+                np.concatenate([value(r, dtype)] * (r + 1))[: r + 1]
+                for r in range(size)])
+            close(got, want, dtype)
+        check(f"allgather_{dtype}", g)
+
+        def b(dtype=dtype):
+            got = hvd.broadcast(tf.constant(value(rank, dtype)), size - 1).numpy()
+            close(got, value(size - 1, dtype), dtype)
+        check(f"broadcast_{dtype}", b)
+
+    def gather_even_and_empty():
+        got = hvd.allgather(tf.fill([2, 2], rank)).numpy()
+        np.testing.assert_array_equal(got, np.repeat(np.arange(size), 4).reshape(-1, 2))
+        got = hvd.allgather(tf.zeros([0 if rank == 0 else 1, 3])).numpy()
+        assert got.shape == (size - 1, 3), got.shape
+    check("allgather_even_and_empty", gather_even_and_empty)
+
+    # --- tf.function and tf.compat.v1 graphs --------------------------------
+    @tf.function
+    def fn_step(x):
+        a = hvd.allreduce(x, op=hvd.Sum)
+        b = hvd.allgather(x[:1])
+        c = hvd.broadcast(x, 0)
+        return a, b, c
+
+    def in_function():
+        for k in range(3):
+            x = tf.constant(value(rank, "float32") + k)
+            a, b, c = fn_step(x)
+            want_a = sum(value(r, "float32") + k for r in range(size))
+            close(a.numpy(), want_a, "float32")
+            close(b.numpy(), np.concatenate(
+                [(value(r, "float32") + k)[:1] for r in range(size)]), "float32")
+            close(c.numpy(), value(0, "float32") + k, "float32")
+    check("tf_function", in_function)
+
+    def graph_mode():
+        g = tf.Graph()
+        with g.as_default():
+            x = tf.compat.v1.placeholder(tf.float32, [2, 3])
+            a = hvd.allreduce(x, op=hvd.Average)
+            b = hvd.allgather(x)
+            with tf.compat.v1.Session(graph=g) as sess:
+                for k in range(2):
+                    got_a, got_b = sess.run([a, b], {x: value(rank, "float32") + k})
+                    want = sum(value(r, "float32") + k for r in range(size)) / size
+                    close(got_a, want, "float32")
+                    close(got_b, np.concatenate(
+                        [value(r, "float32") + k for r in range(size)]), "float32")
+    check("graph_mode", graph_mode)
+
+    # --- out of order inside one function -----------------------------------
+    def slow(t):
+        """`t` after a pause: forces the issue order without a data dependency."""
+        out = tf.py_function(lambda v: (time.sleep(0.3), v)[1], [t], t.dtype)
+        out.set_shape(t.shape)
+        return out
+
+    @tf.function
+    def reversed_order(x):
+        # Rank 0 issues 'ooo.a' before 'ooo.b', the others the reverse order.
+        if rank == 0:
+            a = hvd.allreduce(x, op=hvd.Sum, name="ooo.a")
+            b = hvd.allreduce(slow(x * 2), op=hvd.Sum, name="ooo.b")
+        else:
+            a = hvd.allreduce(slow(x), op=hvd.Sum, name="ooo.a")
+            b = hvd.allreduce(x * 2, op=hvd.Sum, name="ooo.b")
+        return a, b
+
+    def out_of_order():
+        x = tf.constant(value(rank, "float32"))
+        a, b = reversed_order(x)
+        want = expected_reduce("Sum", "float32", size)
+        close(a.numpy(), want, "float32")
+        close(b.numpy(), want * 2, "float32")
+    check("out_of_order", out_of_order)
+
+    # --- mismatches: the error on every rank ---------------------------------
+    def mismatch_shape():
+        x = tf.zeros([4, 2 + (rank % 2)])
+        expect_error(lambda: hvd.allreduce(x, name="mm.shape"),
+                     tf.errors.FailedPreconditionError, "mm.shape",
+                     "rank 0 has [4, 2]", "rank 1 has [4, 3]")
+    check("mismatch_shape", mismatch_shape)
+
+    def mismatch_dtype():
+        x = tf.zeros([3], tf.float32 if rank == 0 else tf.float64)
+        expect_error(lambda: hvd.allreduce(x, name="mm.dtype"),
+                     tf.errors.FailedPreconditionError, "mm.dtype",
+                     "rank 0 has float32", "rank 1 has float64")
+    check("mismatch_dtype", mismatch_dtype)
+
+    def mismatch_root():
+        expect_error(lambda: hvd.broadcast(tf.zeros([2]), rank % 2, name="mm.root"),
+                     tf.errors.FailedPreconditionError, "mm.root", "root ranks",
+                     "rank 0 has 0", "rank 1 has 1")
+    check("mismatch_root", mismatch_root)
+
+    def mismatch_op():
+        op = hvd.Sum if rank == 0 else hvd.Max
+        expect_error(lambda: hvd.allreduce(tf.zeros([2]), op=op, name="mm.op"),
+                     tf.errors.FailedPreconditionError, "mm.op", "rank 0 has Sum",
+                     "rank 1 has Max")
+    check("mismatch_op", mismatch_op)
+
+    def mismatch_kind():
+        fn = hvd.allgather if rank == 0 else hvd.allreduce
+        expect_error(lambda: fn(tf.zeros([2]), name="mm.kind"),
+                     tf.errors.FailedPreconditionError, "mm.kind",
+                     "rank 0 did allgather", "rank 1 did allreduce")
+    check("mismatch_kind", mismatch_kind)
+
+    def after_mismatch():
+        got = hvd.allreduce(tf.ones([2]), op=hvd.Sum)
+        close(got.numpy(), np.full([2], size, np.float32), "float32")
+    check("after_mismatch", after_mismatch)
+
+    # --- bad local input -------------------------------------------------------
+    def bad_input():
+        expect_error(lambda: hvd.broadcast(tf.zeros([2]), -1),
+                     tf.errors.InvalidArgumentError, "root_rank")
+
+        @tf.function
+        def twice(x):
+            return (hvd.allreduce(x, name="dup"),
+                    hvd.allreduce(x + 1, name="dup"))
+        expect_error(lambda: twice(tf.zeros([2])), tf.errors.InvalidArgumentError,
+                     "'dup' is already pending")
+        hvd.barrier()
+    check("bad_input", bad_input)
+
+    # --- grouped and fused ---------------------------------------------------------
+    def grouped():
+        xs = [tf.constant(value(rank, d)) for d in ("float32", "int32", "float32")]
+        got = hvd.grouped_allreduce(xs, op=hvd.Sum)
+        for t, d in zip(got, ("float32", "int32", "float32")):
+            close(t.numpy(), expected_reduce("Sum", d, size), d)
+    check("grouped", grouped)
+
+    @tf.function
+    def many(xs):
+        return [hvd.allreduce(x, op=hvd.Average) for x in xs]
+
+    def fusion():
+        before = hvd.debug_counters()
+        xs = [tf.fill([i + 1], float(rank + i)) for i in range(40)]
+        fused = many(xs)
+        one_by_one = [hvd.allreduce(x, op=hvd.Average) for x in xs]
+        after = hvd.debug_counters()
+        for a, b, i in zip(fused, one_by_one, range(40)):
+            want = np.full([i + 1], sum(r + i for r in range(size)) / size, np.float32)
+            close(a.numpy(), want, "float32")
+            close(b.numpy(), want, "float32")
+        n_fused = after["fused_executions"] - before["fused_executions"]
+        n_tensors = after["fused_tensors"] - before["fused_tensors"]
+        assert n_fused >= 1 and n_tensors >= 20, (before, after)
+        results["fusion_counts"] = [n_fused, n_tensors]
+    check("fusion", fusion)
+
+    # --- gradients -------------------------------------------------------------------
+    def gradients():
+        x = tf.Variable(value(rank, "float32"))
+        with tf.GradientTape(persistent=True) as tape:
+            y_avg = hvd.allreduce(x * (rank + 1.0), op=hvd.Average)
+            loss_avg = tf.reduce_sum(y_avg * y_avg)
+            gathered = hvd.allgather(x)
+            loss_gather = tf.reduce_sum(gathered * np.arange(size * 2, dtype=np.float32)
+                                        .repeat(3).reshape(-1, 3))
+            bcast = hvd.broadcast(x, 0)
+            loss_bcast = tf.reduce_sum(bcast * 3.0)
+        # d/dx_r sum(y^2) with y = mean_s((s+1) x_s): every rank's gradient
+        # (2y) averaged, times (r+1).
+        y = sum((r + 1.0) * value(r, "float32") for r in range(size)) / size
+        close(tape.gradient(loss_avg, x).numpy(),
+              (2 * y * (rank + 1.0)).astype(np.float32), "float32")
+        # Each rank's gather gradient is the same weights; summed over ranks.
+        w = np.arange(size * 2, dtype=np.float32).repeat(3).reshape(-1, 3)
+        close(tape.gradient(loss_gather, x).numpy(), size * w[2 * rank:2 * rank + 2],
+              "float32")
+        want_b = np.full([2, 3], 3.0 * size if rank == 0 else 0.0, np.float32)
+        close(tape.gradient(loss_bcast, x).numpy(), want_b, "float32")
+    check("gradients", gradients)
+
+    # --- join -------------------------------------------------------------------
+    def join():
+        if rank == 0:
+            last = int(hvd.join())
+        else:
+            got = hvd.allreduce(tf.fill([3], float(rank)), op=hvd.Sum, name="join.ar")
+            close(got.numpy(), np.full([3], sum(range(1, size)), np.float32), "float32")
+            got = hvd.allgather(tf.fill([1], float(rank)), name="join.ag")
+            close(got.numpy(), np.arange(1, size, dtype=np.float32), "float32")
+            last = int(hvd.join())
+        assert last != 0, last
+        results["join_last"] = last
+    check("join", join)
+
+    # --- latency ------------------------------------------------------------------
+    def latency():
+        x = tf.ones([4])
+        for _ in range(20):
+            hvd.allreduce(x, op=hvd.Sum)
+        n = 200
+        t0 = time.perf_counter()
+        for _ in range(n):
+            hvd.allreduce(x, op=hvd.Sum)
+        timings["eager_allreduce_4floats_s"] = (time.perf_counter() - t0) / n
+
+        @tf.function
+        def loop(x):
+            for _ in range(20):
+                x = hvd.allreduce(x, op=hvd.Sum) * (1.0 / size)
+            return x
+        loop(x)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            loop(x)
+        timings["function_allreduce_4floats_s"] = (time.perf_counter() - t0) / 200
+        timings["native_allreduce_4floats_s"] = _mpi_ops.time_native_allreduce(4, 200)
+        big = tf.ones([1 << 20])
+        hvd.allreduce(big, op=hvd.Sum)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            hvd.allreduce(big, op=hvd.Sum)
+        timings["eager_allreduce_4MB_s"] = (time.perf_counter() - t0) / 5
+        timings["native_allreduce_4MB_s"] = _mpi_ops.time_native_allreduce(1 << 20, 5)
+    if TIMINGS:
+        check("latency", latency)
+
+    # --- stall: names issued by some ranks only --------------------------------------
+    def stall():
+        hvd.shutdown_engine()
+        os.environ["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = "2"
+        hvd.init_engine()
+        mine = f"stall.r{rank}"
+        expect_error(lambda: hvd.allreduce(tf.ones([2]), name=mine),
+                     tf.errors.DeadlineExceededError, f"'{mine}' stalled",
+                     f"ranks {rank} issued it", "did not")
+        got = hvd.allreduce(tf.ones([2]), op=hvd.Sum, name="after.stall")
+        close(got.numpy(), np.full([2], size, np.float32), "float32")
+    check("stall", stall)
+
+    hvd.shutdown_engine()
+    with open(os.path.join(OUT, f"rank{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "size": size, "results": results,
+                   "timings": timings}, f)
+
+
+if __name__ == "__main__":
+    main()

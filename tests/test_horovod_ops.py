@@ -1,0 +1,117 @@
+"""Horovod-compatible raw collectives: single process, and 2 and 3 processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from mp_util import TESTS, launch, requires_mpi
+
+from tf_smdist.horovod import mpi_ops as hvd
+
+WORKER = os.path.join(TESTS, "mp_hvd_worker.py")
+logger = logging.getLogger(__name__)
+# Checks every rank must have run (and passed).
+REQUIRED = {
+    *(f"allreduce_{d}_{op}" for d in ("uint8", "int32", "int64", "float32", "float64")
+      for op in ("Sum", "Average", "Min", "Max")),
+    *(f"allreduce_{d}_{op}" for d in ("float16", "bfloat16")
+      for op in ("Sum", "Average")),
+    *(f"{kind}_{d}" for kind in ("allgather", "broadcast")
+      for d in ("uint8", "int32", "int64", "float16", "bfloat16", "float32",
+                "float64")),
+    "allreduce_scales", "allreduce_empty", "allgather_even_and_empty", "tf_function",
+    "graph_mode", "out_of_order", "mismatch_shape", "mismatch_dtype", "mismatch_root",
+    "mismatch_op", "mismatch_kind", "after_mismatch", "bad_input", "grouped", "fusion",
+    "gradients", "join", "stall",
+}
+
+
+def test_single_process_collectives_return_their_input():
+    hvd.init_engine()
+    assert (hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()) == (0, 1, 0, 1)
+    assert (hvd.cross_rank(), hvd.cross_size(), hvd.is_homogeneous()) == (0, 1, True)
+    x = tf.constant([[1, 2], [3, 4]])
+    np.testing.assert_array_equal(hvd.allreduce(x, op=hvd.Sum), x)
+    np.testing.assert_array_equal(
+        hvd.allreduce(x, op=hvd.Average, prescale_factor=3.0, postscale_factor=0.5),
+        [[1, 3], [4, 6]])
+    np.testing.assert_array_equal(hvd.allgather(x), x)
+    np.testing.assert_array_equal(hvd.broadcast(x, 0), x)
+    out, splits = hvd.alltoall(x)
+    np.testing.assert_array_equal(out, x)
+    np.testing.assert_array_equal(splits, [2])
+    np.testing.assert_array_equal(hvd.reducescatter(x, op=hvd.Sum), x)
+    assert int(hvd.join()) == 0
+    assert hvd.barrier() is None
+    grouped = hvd.grouped_allreduce([x, tf.ones([3])], op=hvd.Sum)
+    np.testing.assert_array_equal(grouped[1], np.ones(3))
+    v = tf.Variable([1.0, 2.0])
+    with tf.GradientTape() as tape:
+        y = tf.reduce_sum(hvd.allreduce(v * 3.0))
+    np.testing.assert_array_equal(tape.gradient(y, v), [3.0, 3.0])
+    ps = hvd.add_process_set([0])
+    assert hvd.process_set_ranks(ps) == [0]
+    np.testing.assert_array_equal(hvd.allreduce(x, process_set_id=ps), x)
+    hvd.remove_process_set(ps)
+    assert hvd.debug_counters()["fused_executions"] == 0
+
+
+def test_single_process_argument_errors():
+    hvd.init_engine()
+    with pytest.raises(NotImplementedError, match="Adasum"):
+        hvd.allreduce(tf.ones([2]), op=hvd.Adasum)
+    with pytest.raises(ValueError, match="op=7"):
+        hvd.allreduce(tf.ones([2]), op=7)
+    with pytest.raises(TypeError, match="dtype=string"):
+        hvd.allreduce(tf.constant(["a"]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="root_rank=1"):
+        hvd.broadcast(tf.ones([2]), 1)
+    with pytest.raises(ValueError, match="rank >= 1"):
+        hvd.allgather(tf.constant(1.0))
+    with pytest.raises(ValueError, match="ranks=\\[0, 3\\]"):
+        hvd.add_process_set([0, 3])
+    with pytest.raises(ValueError, match="process_set_id=5"):
+        hvd.allreduce(tf.ones([2]), process_set_id=5)
+
+
+def test_shutdown_then_queries_fail():
+    hvd.init_engine()
+    hvd.shutdown_engine()
+    assert not hvd.is_engine_initialized()
+    with pytest.raises(ValueError, match="hvd.init"):
+        hvd.rank()
+    hvd.init_engine()
+    assert hvd.is_engine_initialized()
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    failures, tried = doctest.testmod(hvd, extraglobs={"tf": tf})
+    assert tried > 20 and failures == 0
+
+
+@pytest.mark.slow
+@requires_mpi
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_collectives_across_processes(tmp_path, nproc):
+    args = ["--nproc", str(nproc), WORKER, str(tmp_path)]
+    args += ["--timings"] if nproc == 2 else []
+    proc = launch(args, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    for r in range(nproc):
+        with open(os.path.join(tmp_path, f"rank{r}.json")) as f:
+            res = json.load(f)
+        assert (res["rank"], res["size"]) == (r, nproc)
+        failed = {k: v for k, v in res["results"].items()
+                  if isinstance(v, str) and v != "ok"}
+        assert not failed, f"rank {r}: " + "\n".join(
+            f"{k}: {v}" for k, v in failed.items())
+        missing = REQUIRED - set(res["results"])
+        assert not missing, f"rank {r} did not run {sorted(missing)}"
+        logger.info("rank %d timings: %s", r, res["timings"])
