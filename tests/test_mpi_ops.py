@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
+from mp_ops_worker import DTYPES, REDUCTIONS, expected_reduction
 from mp_util import TESTS, launch, requires_mpi
 
 from tf_smdist.data_parallel import cluster
@@ -69,7 +70,87 @@ def test_collectives_across_processes(tmp_path, nproc):
             assert b == [2.0 * k * nproc] * 300
             assert c == [k * ranks] * 7
         assert res["native_ok"]
-        assert "only reduction='sum'" in res["fp16_min_error"]
+        _check_sub_communicators(res, r, nproc)
+        _check_point_to_point(res, r, nproc)
+        _check_gathers_and_scatters(res, r, nproc)
+        _check_reductions(res, nproc)
+
+
+def _check_sub_communicators(res: dict, r: int, n: int) -> None:
+    evens, odds = list(range(0, n, 2)), list(range(1, n, 2))
+    group = evens if r % 2 == 0 else odds
+    # Ids are handed out in call order on every rank; -1 off the members.
+    assert res["ids"] == [1 if r in evens else -1, 2 if r in odds else -1, 3]
+    assert res["comm_rank_size"] == [group.index(r), len(group), n - 1 - r, n, r, n]
+    assert res["sub_sum"] == [float(sum(k + 1 for k in group)), float(len(group))]
+    assert res["sub_bcast"] == [float(group[-1])]
+    assert res["sub_np"] == [max(group)]
+    assert res["sub_gather"] == [str(k) * (k + 1) for k in group]
+    assert res["sub_bcast_bytes"] == f"r{group[-1]}"
+    assert res["sub_fn"] == [[float(sum(group))], [float(sum(range(n)))],
+                             [2.0 * sum(range(n))]]
+    assert "`group` must be in [0, 8)" in res["bad_group"]
+    assert res["not_member"].startswith("InvalidArgumentError")
+    assert "Received: comm=-1" in res["not_member"]
+    # One rank passed another list: every rank names both lists.
+    assert ("different rank lists: rank 0 passed ranks=[1, 0] but rank "
+            f"{n - 1} passed ranks=[0, 1]") in res["mismatch"]
+    assert "Received: ranks=[0, 0]" in res["bad_ranks"]
+    assert res["destroyed"][0] == -1
+    assert "Received: comm=3" in res["destroyed"][1]
+    assert res["again"] == [4, [n]]
+
+
+def _check_point_to_point(res: dict, r: int, n: int) -> None:
+    ring = [float((r - 1) % n)] * 3
+    if r == 0:
+        assert res["p2p"] == [[[1.5, 1.5], [1.5, 1.5]], ring]
+        assert "from rank 1 with tag 10 expected 4 elements" in res["short"]
+        assert "the message holds 3 elements" in res["short"]
+        assert res["short"].startswith("InvalidArgumentError")
+    elif r == 1:
+        assert res["p2p"] == [[7.0, 8.0], 1.0, ring]
+        assert "from rank 0 with tag 9 expected 4 elements" in res["long"]
+        assert "the message is larger" in res["long"]
+        assert res["bytes"] == "hello"
+    else:
+        assert res["p2p"] == [ring]
+
+
+def _check_gathers_and_scatters(res: dict, r: int, n: int) -> None:
+    rows = [[float(k)] * 2 for k in range(n) for _ in range(k + 1)]
+    assert res["allgather"] == rows
+    assert res["allgather_fn"] == rows
+    assert res["allgather_empty"] == [n - 1, 3]
+    assert res["allgather_mismatch"].startswith("FailedPreconditionError")
+    assert "rank 0 has rank 2 and 3 elements per row, rank 1 has rank 2 and 2" in (
+        res["allgather_mismatch"])
+    # d/dx of sum(gathered * row index): every rank's rows, summed over ranks.
+    start = sum(k + 1 for k in range(r))
+    assert res["allgather_grad"] == [[float(n * i)] * 2
+                                     for i in range(start, start + r + 1)]
+    assert res["alltoallv"] == [k * 100 + r for k in range(n) for _ in range(r + 1 + k)]
+    counts = [k + 1 for k in range(n)]
+    mine = np.arange(sum(counts))[sum(counts[:r]):sum(counts[:r + 1])]
+    assert res["reduce_scatter"] == (mine * sum(range(1, n + 1))).tolist()
+    assert res["reduce_scatter_max"] == (mine * n).tolist()
+
+
+def _check_reductions(res: dict, n: int) -> None:
+    for dtype in DTYPES:
+        for reduction in REDUCTIONS:
+            op, arr, op_dtype, arr_dtype = res[f"{dtype}_{reduction}"]
+            expected = expected_reduction(dtype, reduction, n)
+            assert op == expected, (dtype, reduction)
+            assert arr == expected, (dtype, reduction)
+            assert op_dtype == dtype
+            assert arr_dtype == dtype
+    # One rounding to nearest even per product (rank 2 contributes ones).
+    a = np.array([1.1, 3.3, -7.7, 0.1], np.float32)
+    for dtype in ("float16", "bfloat16"):
+        t = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+        product = a.astype(t).astype(np.float32) * (a + 1).astype(t).astype(np.float32)
+        assert res[f"round_{dtype}"] == product.astype(t).astype(np.float64).tolist()
 
 
 @pytest.mark.slow
@@ -95,6 +176,20 @@ def test_watchdog_names_a_stopped_rank_by_its_missing_heartbeats(tmp_path):
     with open(tmp_path / "rank0.json") as f:
         res = json.load(f)
     assert "did not complete within 5 s on rank 0 of 2" in res["message"]
+    assert "Rank 1 sent no heartbeat for" in res["message"]
+    assert "it is dead or stopped" in res["message"]
+
+
+@pytest.mark.slow
+@requires_mpi
+def test_watchdog_names_the_stopped_peer_of_a_recv(tmp_path):
+    proc = launch(["--nproc", "2", WORKER, "stop_recv", str(tmp_path)], timeout=120,
+                  env={"SMDIST_MPI_TIMEOUT": "5"})
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    with open(tmp_path / "rank0.json") as f:
+        res = json.load(f)
+    assert ("recv 'SmdistMpiRecv' from rank 1 with tag 77 did not complete within 5 s "
+            "on rank 0 of 2") in res["message"]
     assert "Rank 1 sent no heartbeat for" in res["message"]
     assert "it is dead or stopped" in res["message"]
 
@@ -143,8 +238,8 @@ def test_allreduce_before_initialisation_is_a_clear_error():
 def test_allreduce_argument_errors():
     from tf_smdist import _mpi_ops
 
-    with pytest.raises(ValueError, match="Received: reduction='prod'"):
-        _mpi_ops.host_allreduce(tf.ones([3]), reduction="prod")
+    with pytest.raises(ValueError, match="Received: reduction='mean'"):
+        _mpi_ops.host_allreduce(tf.ones([3]), reduction="mean")
     with pytest.raises(ValueError, match="Received: group=64"):
         _mpi_ops.host_allreduce(tf.ones([3]), group=64)
     with pytest.raises(ValueError, match="Received: index=2, group_size=2"):

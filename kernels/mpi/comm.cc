@@ -1,4 +1,14 @@
 // Framework-free MPI communication thread for tf_smdist (see comm.h).
+//
+// The thread's state is `Communicator::Impl`. Its parts:
+//   * CommState / Group: the communicators (world, control, CreateComm's)
+//     and their ordering groups: the scheduler that starts each group's
+//     requests in index order and completes them in order;
+//   * point-to-point requests, started on arrival and completed in any order;
+//   * Heartbeats: liveness messages between ranks, whose payload also says
+//     how far each rank got in each world group (to name stalled ranks);
+//   * the watchdog (CheckDeadlines / PeersReport): fails everything with an
+//     error naming the dead, stopped or late ranks once a request is late.
 #include "kernels/mpi/comm.h"
 
 // The C API only: skip the deprecated C++ bindings (extra link symbols).
@@ -13,18 +23,24 @@
 #include <cstdlib>
 #include <cstring>
 #include <future>
+#include <list>
+#include <memory>
 #include <sstream>
+
+#include "kernels/common/fp16.h"
 
 namespace smdist {
 namespace mpi {
 
 namespace {
 
+constexpr int kControlComm = -1;  // internal: CreateComm's checks
 constexpr int kHeartbeatTag = 7;
 constexpr int64_t kHeartbeatMagic = 0x736d64697374LL;  // "smdist"
 constexpr int kHeartbeatHeader = 3;  // magic, rank, state
 constexpr int kHeartbeatLen = kHeartbeatHeader + kMaxGroups;
 constexpr int kMaxOutstandingHeartbeats = 8;
+constexpr int64_t kIntMax = 0x7fffffff;
 
 enum PeerState : int64_t { kRunning = 0, kFailed = 1, kFinishing = 2 };
 
@@ -47,90 +63,68 @@ const char* KindName(Kind kind) {
     case Kind::kBroadcast: return "broadcast";
     case Kind::kAllgather: return "allgather";
     case Kind::kBarrier: return "barrier";
+    case Kind::kAllgatherv: return "allgatherv";
+    case Kind::kAlltoallv: return "alltoallv";
+    case Kind::kReduceScatter: return "reduce-scatter";
+    case Kind::kSend: return "send";
+    case Kind::kRecv: return "recv";
+    case Kind::kBenchmark: return "benchmark";
   }
   return "collective";
 }
 
-// IEEE half <-> float, round to nearest even.
-float HalfToFloat(uint16_t h) {
-  uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1f;
-  uint32_t man = h & 0x3ff;
-  uint32_t bits;
-  if (exp == 0) {
-    if (man == 0) {
-      bits = sign;
-    } else {  // subnormal: normalise
-      int e = -1;
-      do {
-        ++e;
-        man <<= 1;
-      } while ((man & 0x400) == 0);
-      bits = sign | ((127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
-    }
-  } else if (exp == 0x1f) {
-    bits = sign | 0x7f800000 | (man << 13);
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+bool IsPointToPoint(Kind kind) { return kind == Kind::kSend || kind == Kind::kRecv; }
+
+std::string MpiErrorString(int err) {
+  char buf[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  if (MPI_Error_string(err, buf, &len) != MPI_SUCCESS) {
+    return "MPI error " + std::to_string(err);
   }
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
+  return std::string(buf, len);
 }
 
-uint16_t FloatToHalf(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, sizeof(x));
-  uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000);
-  uint32_t absx = x & 0x7fffffff;
-  if (absx >= 0x7f800000) {  // inf or nan
-    return sign | 0x7c00 | (absx > 0x7f800000 ? 0x200 : 0);
+Status MpiStatus(int err, const std::string& what) {
+  Status s;
+  if (err == MPI_SUCCESS) return s;
+  s.code = Code::kInternal;
+  s.message = "tf_smdist: " + what + " failed: " + MpiErrorString(err);
+  return s;
+}
+
+// --- 16-bit float reductions through float32 --------------------------------
+
+template <int kReduction>
+inline float Combine(float a, float b) {
+  switch (static_cast<Reduction>(kReduction)) {
+    case Reduction::kSum: return a + b;
+    case Reduction::kMin: return b < a ? b : a;
+    case Reduction::kMax: return b > a ? b : a;
+    case Reduction::kProd: return a * b;
   }
-  if (absx >= 0x477ff000) return sign | 0x7c00;  // overflow to inf
-  if (absx < 0x38800000) {  // subnormal or zero in half
-    float a;
-    std::memcpy(&a, &absx, sizeof(a));
-    // a * 2^24 rounded to nearest even gives the subnormal mantissa.
-    float scaled = a * 16777216.0f;
-    return sign | static_cast<uint16_t>(std::nearbyint(scaled));
-  }
-  uint32_t exp = (absx >> 23) - 127 + 15;
-  uint32_t man = absx & 0x7fffff;
-  uint32_t half = (exp << 10) | (man >> 13);
-  uint32_t rest = man & 0x1fff;
-  if (rest > 0x1000 || (rest == 0x1000 && (half & 1))) ++half;
-  return sign | static_cast<uint16_t>(half);
+  return a + b;
 }
 
-float BFloat16ToFloat(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-uint16_t FloatToBFloat16(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, sizeof(x));
-  if ((x & 0x7fffffff) > 0x7f800000) return static_cast<uint16_t>((x >> 16) | 0x40);
-  uint32_t lsb = (x >> 16) & 1;
-  x += 0x7fff + lsb;
-  return static_cast<uint16_t>(x >> 16);
-}
-
-void HalfSum(void* in, void* inout, int* len, MPI_Datatype*) {
-  const uint16_t* a = static_cast<const uint16_t*>(in);
-  uint16_t* b = static_cast<uint16_t*>(inout);
-  for (int i = 0; i < *len; ++i) b[i] = FloatToHalf(HalfToFloat(a[i]) + HalfToFloat(b[i]));
-}
-
-void BFloat16Sum(void* in, void* inout, int* len, MPI_Datatype*) {
+template <int kReduction, bool kBFloat16>
+void Reduce16(void* in, void* inout, int* len, MPI_Datatype*) {
   const uint16_t* a = static_cast<const uint16_t*>(in);
   uint16_t* b = static_cast<uint16_t*>(inout);
   for (int i = 0; i < *len; ++i) {
-    b[i] = FloatToBFloat16(BFloat16ToFloat(a[i]) + BFloat16ToFloat(b[i]));
+    if (kBFloat16) {
+      b[i] = fp16::FloatToBFloat16(
+          Combine<kReduction>(fp16::BFloat16ToFloat(b[i]), fp16::BFloat16ToFloat(a[i])));
+    } else {
+      b[i] = fp16::FloatToHalf(
+          Combine<kReduction>(fp16::HalfToFloat(b[i]), fp16::HalfToFloat(a[i])));
+    }
   }
 }
+
+using ReduceFn = void (*)(void*, void*, int*, MPI_Datatype*);
+constexpr ReduceFn kHalfOps[4] = {&Reduce16<0, false>, &Reduce16<1, false>,
+                                  &Reduce16<2, false>, &Reduce16<3, false>};
+constexpr ReduceFn kBFloat16Ops[4] = {&Reduce16<0, true>, &Reduce16<1, true>,
+                                      &Reduce16<2, true>, &Reduce16<3, true>};
 
 MPI_Datatype ToMpi(DataType dtype) {
   switch (dtype) {
@@ -141,15 +135,44 @@ MPI_Datatype ToMpi(DataType dtype) {
     case DataType::kInt32: return MPI_INT32_T;
     case DataType::kInt64: return MPI_INT64_T;
     case DataType::kUint8: return MPI_UINT8_T;
+    case DataType::kInt8: return MPI_INT8_T;
+    case DataType::kInt16: return MPI_INT16_T;
+    case DataType::kUint16: return MPI_UINT16_T;
+    case DataType::kBool: return MPI_UINT8_T;
   }
   return MPI_BYTE;
 }
 
-std::string MpiErrorString(int err) {
-  char buf[MPI_MAX_ERROR_STRING];
-  int len = 0;
-  MPI_Error_string(err, buf, &len);
-  return std::string(buf, len);
+bool ValidDataType(DataType d) {
+  int v = static_cast<int>(d);
+  return v >= 0 && v <= static_cast<int>(DataType::kBool);
+}
+
+bool ValidReduction(Reduction r) {
+  int v = static_cast<int>(r);
+  return v >= 0 && v <= static_cast<int>(Reduction::kProd);
+}
+
+std::string RankList(const int64_t* ranks, int64_t n) {
+  std::ostringstream os;
+  os << "[";
+  for (int64_t i = 0; i < n; ++i) os << (i ? ", " : "") << ranks[i];
+  os << "]";
+  return os.str();
+}
+
+// Prefix sums of `counts` as MPI's int counts and displacements; false when
+// a count or the total does not fit in an int.
+bool CountsAndDisplacements(const std::vector<int64_t>& counts, int* out_counts,
+                            int* out_displs) {
+  int64_t total = 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    if (counts[i] < 0 || counts[i] > kIntMax || total > kIntMax) return false;
+    out_counts[i] = static_cast<int>(counts[i]);
+    out_displs[i] = static_cast<int>(total);
+    total += counts[i];
+  }
+  return total <= kIntMax;
 }
 
 }  // namespace
@@ -163,52 +186,1053 @@ size_t DataTypeSize(DataType dtype) {
     case DataType::kInt32: return 4;
     case DataType::kInt64: return 8;
     case DataType::kUint8: return 1;
+    case DataType::kInt8: return 1;
+    case DataType::kInt16: return 2;
+    case DataType::kUint16: return 2;
+    case DataType::kBool: return 1;
   }
   return 1;
 }
+
+namespace {
 
 struct InFlight {
   Request request;
   MPI_Request mpi = MPI_REQUEST_NULL;
   double start = 0;
-  int64_t seq = 0;  // 1-based number of this collective in its group
+  int64_t seq = 0;        // 1-based number of this request in its group
+  std::vector<int> ints;  // MPI's counts and displacements (v-collectives)
 };
 
+// One ordering group of a communicator: requests start in index order.
 struct Group {
   MPI_Comm comm = MPI_COMM_NULL;
-  int cycle = 0;       // group_size seen first (0: none yet)
+  int cycle = 0;  // group_size seen first (0: none yet)
   int next_index = 0;
   std::map<int, std::deque<Request>> waiting;
   std::map<int, double> waiting_since;
   std::deque<InFlight> inflight;
   int64_t started = 0;
+  bool hold = false;  // a request with `then` is in flight: start nothing else
+
+  bool idle() const { return waiting.empty() && inflight.empty(); }
 };
 
-struct HeartbeatSend {
-  std::vector<int64_t> buf;
-  MPI_Request mpi = MPI_REQUEST_NULL;
-  int peer = 0;
+struct CommState {
+  int id = 0;
+  int rank = 0;
+  int size = 1;
+  std::vector<int> world_ranks;  // world rank of each rank of this comm
+  std::vector<Group> groups;
+  MPI_Comm p2p = MPI_COMM_NULL;  // point-to-point requests
+  std::list<InFlight> p2p_inflight;
+  bool destroying = false;
+  std::vector<std::shared_ptr<std::promise<Status>>> destroy_waiters;
+
+  bool idle() const {
+    if (!p2p_inflight.empty()) return false;
+    for (const Group& g : groups) {
+      if (!g.idle()) return false;
+    }
+    return true;
+  }
+  std::string Describe(int r) const {
+    if (id == 0 || r < 0 || r >= static_cast<int>(world_ranks.size())) {
+      return "rank " + std::to_string(r);
+    }
+    return "rank " + std::to_string(r) + " (world rank " + std::to_string(world_ranks[r]) +
+           ") of communicator " + std::to_string(id);
+  }
 };
+
+// Liveness messages between the world's ranks on their own communicator.
+// Each carries the sender's state and how many requests it started in each
+// world group, so that a late collective can name who has not joined it.
+class Heartbeats {
+ public:
+  Status Start(int rank, int size, MPI_Comm comm) {
+    rank_ = rank;
+    size_ = size;
+    comm_ = comm;
+    recv_buf_.assign(kHeartbeatLen, 0);
+    outstanding_.assign(size, 0);
+    sent_to_.assign(size, 0);
+    recv_from_.assign(size, 0);
+    last_heard_.assign(size, Now());
+    state_.assign(size, kRunning);
+    started_.assign(size, std::vector<int64_t>(kMaxGroups, 0));
+    return PostReceive();
+  }
+
+  // Sends one heartbeat to every peer (at most one per `period` unless
+  // `force`; at most kMaxOutstandingHeartbeats unacknowledged per peer).
+  Status Send(double now, double period, bool force, int64_t state,
+              const std::vector<int64_t>& started) {
+    if (size_ == 1) return Status::Ok();
+    if (!force && now - last_sent_ < period) return Status::Ok();
+    last_sent_ = now;
+    for (int r = 0; r < size_; ++r) {
+      if (r == rank_ || outstanding_[r] >= kMaxOutstandingHeartbeats) continue;
+      sends_.emplace_back();
+      Message& m = sends_.back();
+      m.peer = r;
+      m.buf.assign(kHeartbeatLen, 0);
+      m.buf[0] = kHeartbeatMagic;
+      m.buf[1] = rank_;
+      m.buf[2] = state;
+      for (int g = 0; g < kMaxGroups; ++g) m.buf[kHeartbeatHeader + g] = started[g];
+      int err = MPI_Isend(m.buf.data(), kHeartbeatLen, MPI_INT64_T, r, kHeartbeatTag, comm_,
+                          &m.mpi);
+      if (err != MPI_SUCCESS) {
+        sends_.pop_back();
+        return MpiStatus(err, "sending a heartbeat to rank " + std::to_string(r));
+      }
+      ++outstanding_[r];
+      ++sent_to_[r];
+    }
+    return Status::Ok();
+  }
+
+  // Completes finished sends and reads every heartbeat that arrived.
+  Status Poll(double now) {
+    if (size_ == 1) return Status::Ok();
+    for (auto it = sends_.begin(); it != sends_.end();) {
+      int done = 0;
+      int err = MPI_Test(&it->mpi, &done, MPI_STATUS_IGNORE);
+      if (err != MPI_SUCCESS) return MpiStatus(err, "completing a heartbeat send");
+      if (done) {
+        --outstanding_[it->peer];
+        it = sends_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    while (recv_ != MPI_REQUEST_NULL) {
+      int done = 0;
+      MPI_Status st;
+      int err = MPI_Test(&recv_, &done, &st);
+      if (err != MPI_SUCCESS) return MpiStatus(err, "receiving a heartbeat");
+      if (!done) break;
+      int src = st.MPI_SOURCE;
+      if (src >= 0 && src < size_ && recv_buf_[0] == kHeartbeatMagic) {
+        ++recv_from_[src];
+        last_heard_[src] = now;
+        state_[src] = recv_buf_[2];
+        for (int g = 0; g < kMaxGroups; ++g) {
+          started_[src][g] = recv_buf_[kHeartbeatHeader + g];
+        }
+      }
+      Status s = PostReceive();
+      if (!s.ok()) return s;
+    }
+    return Status::Ok();
+  }
+
+  // Before MPI_Finalize: agree with every peer on how many heartbeats each
+  // pair exchanged (over `ctrl`) and receive all of them, so that none is
+  // left in flight. Polls until `deadline`.
+  Status Drain(MPI_Comm ctrl, double deadline, const std::function<std::string()>& report) {
+    if (size_ == 1) return Status::Ok();
+    std::vector<int64_t> expected(size_, 0);
+    MPI_Request req = MPI_REQUEST_NULL;
+    int err = MPI_Ialltoall(sent_to_.data(), 1, MPI_INT64_T, expected.data(), 1, MPI_INT64_T,
+                            ctrl, &req);
+    if (err != MPI_SUCCESS) return MpiStatus(err, "agreeing on heartbeat counts at shutdown");
+    for (;;) {
+      int done = 0;
+      err = MPI_Test(&req, &done, MPI_STATUS_IGNORE);
+      if (err != MPI_SUCCESS) return MpiStatus(err, "agreeing on heartbeat counts at shutdown");
+      double now = Now();
+      Status s = Poll(now);
+      if (!s.ok()) return s;
+      if (done) break;
+      if (now > deadline) {
+        Status t;
+        t.code = Code::kDeadlineExceeded;
+        t.message = "tf_smdist: shutting down rank " + std::to_string(rank_) +
+                    ": the other ranks did not reach shutdown in time." + report();
+        return t;
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    for (;;) {
+      bool all = sends_.empty();
+      for (int r = 0; r < size_; ++r) all = all && recv_from_[r] >= expected[r];
+      if (all) break;
+      double now = Now();
+      if (now > deadline) {
+        Status t;
+        t.code = Code::kDeadlineExceeded;
+        t.message = "tf_smdist: heartbeats were not drained at shutdown.";
+        return t;
+      }
+      Status s = Poll(now);
+      if (!s.ok()) return s;
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    if (recv_ != MPI_REQUEST_NULL) {
+      err = MPI_Cancel(&recv_);
+      if (err != MPI_SUCCESS) return MpiStatus(err, "cancelling the heartbeat receive");
+      err = MPI_Wait(&recv_, MPI_STATUS_IGNORE);
+      if (err != MPI_SUCCESS) return MpiStatus(err, "cancelling the heartbeat receive");
+    }
+    return Status::Ok();
+  }
+
+  double last_heard(int r) const { return last_heard_[r]; }
+  int64_t state(int r) const { return state_[r]; }
+  int64_t started(int r, int group) const { return started_[r][group]; }
+
+ private:
+  struct Message {
+    std::vector<int64_t> buf;
+    MPI_Request mpi = MPI_REQUEST_NULL;
+    int peer = 0;
+  };
+
+  Status PostReceive() {
+    if (size_ == 1) return Status::Ok();
+    int err = MPI_Irecv(recv_buf_.data(), kHeartbeatLen, MPI_INT64_T, MPI_ANY_SOURCE,
+                        kHeartbeatTag, comm_, &recv_);
+    return MpiStatus(err, "posting the heartbeat receive");
+  }
+
+  int rank_ = 0;
+  int size_ = 1;
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  double last_sent_ = -1e9;
+  std::vector<int64_t> recv_buf_;
+  MPI_Request recv_ = MPI_REQUEST_NULL;
+  std::list<Message> sends_;
+  std::vector<int> outstanding_;
+  std::vector<int64_t> sent_to_;
+  std::vector<int64_t> recv_from_;
+  std::vector<double> last_heard_;
+  std::vector<int64_t> state_;
+  std::vector<std::vector<int64_t>> started_;
+};
+
+}  // namespace
 
 struct Communicator::Impl {
+  explicit Impl(Communicator* owner) : c(*owner) {}
+
+  Communicator& c;
   bool we_initialised = false;
-  Group groups[kMaxGroups];
+  std::map<int, std::unique_ptr<CommState>> comms;  // by id
   MPI_Comm hb_comm = MPI_COMM_NULL;
   MPI_Comm ctrl_comm = MPI_COMM_NULL;
-  MPI_Op half_sum = MPI_OP_NULL;
-  MPI_Op bf16_sum = MPI_OP_NULL;
-  std::vector<int64_t> hb_recv_buf;
-  MPI_Request hb_recv = MPI_REQUEST_NULL;
-  std::deque<HeartbeatSend> hb_sends;
-  std::vector<int> hb_outstanding;
-  std::vector<int64_t> hb_sent_to;
-  std::vector<int64_t> hb_recv_from;
-  std::vector<double> last_heard;
-  std::vector<int64_t> peer_state;
-  std::vector<std::vector<int64_t>> peer_started;
-  double last_hb = -1e9;
-  double spin_s = 0.002;
+  MPI_Op half_ops[4] = {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL};
+  MPI_Op bf16_ops[4] = {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL};
+  Heartbeats heartbeats;
+  std::deque<Request> benchmarks;  // run when no other work is queued
+  Status failure;  // sticky watchdog / MPI failure
   int64_t my_state = kRunning;
+  double spin_s = 0.002;
+  double spin_until = 0;
+  double last_activity = 0;
+
+  const Options& options() const { return c.options_; }
+
+  // --- set-up and tear-down -------------------------------------------------
+
+  Status Setup() {
+    int flag = 0;
+    int err = MPI_Initialized(&flag);
+    if (err != MPI_SUCCESS) return MpiStatus(err, "MPI_Initialized");
+    if (!flag) {
+      int provided = 0;
+      err = MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
+      if (err != MPI_SUCCESS) return MpiStatus(err, "MPI_Init_thread");
+      we_initialised = true;
+    } else {
+      int provided = 0;
+      err = MPI_Query_thread(&provided);
+      if (err != MPI_SUCCESS) return MpiStatus(err, "MPI_Query_thread");
+      if (provided < MPI_THREAD_SERIALIZED) {
+        Status s;
+        s.code = Code::kFailedPrecondition;
+        s.message =
+            "MPI was already initialised by another library with a thread level "
+            "below MPI_THREAD_SERIALIZED, so tf_smdist's communication thread "
+            "may not call MPI. Received: provided thread level=" +
+            std::to_string(provided) +
+            ". Initialise MPI with MPI_THREAD_MULTIPLE (mpi4py: set "
+            "mpi4py.rc.thread_level = 'multiple' before importing MPI), or let "
+            "tf_smdist initialise it.";
+        return s;
+      }
+    }
+    // Every MPI failure is returned to us, never an abort of the process.
+    err = MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    if (err != MPI_SUCCESS) return MpiStatus(err, "MPI_Comm_set_errhandler(MPI_COMM_WORLD)");
+    err = MPI_Comm_rank(MPI_COMM_WORLD, &c.rank_);
+    if (err != MPI_SUCCESS) return MpiStatus(err, "MPI_Comm_rank");
+    err = MPI_Comm_size(MPI_COMM_WORLD, &c.size_);
+    if (err != MPI_SUCCESS) return MpiStatus(err, "MPI_Comm_size");
+    Status s = Dup(MPI_COMM_WORLD, &hb_comm);
+    if (s.ok()) s = Dup(MPI_COMM_WORLD, &ctrl_comm);
+    for (int i = 0; i < 4 && s.ok(); ++i) {
+      s = MpiStatus(MPI_Op_create(kHalfOps[i], 1, &half_ops[i]), "MPI_Op_create");
+      if (s.ok()) s = MpiStatus(MPI_Op_create(kBFloat16Ops[i], 1, &bf16_ops[i]), "MPI_Op_create");
+    }
+    if (!s.ok()) return s;
+    std::vector<int> all(c.size_);
+    for (int r = 0; r < c.size_; ++r) all[r] = r;
+    s = AddComm(0, MPI_COMM_WORLD, c.rank_, all, kMaxGroups);
+    if (!s.ok()) return s;
+    // The control communicator: one ordering group over ctrl_comm itself.
+    auto ctrl = std::make_unique<CommState>();
+    ctrl->id = kControlComm;
+    ctrl->rank = c.rank_;
+    ctrl->size = c.size_;
+    ctrl->world_ranks = all;
+    ctrl->groups.resize(1);
+    ctrl->groups[0].comm = ctrl_comm;
+    comms[kControlComm] = std::move(ctrl);
+    spin_s = EnvDouble("SMDIST_MPI_SPIN_US", 2000.0) * 1e-6;
+    return heartbeats.Start(c.rank_, c.size_, hb_comm);
+  }
+
+  static Status Dup(MPI_Comm parent, MPI_Comm* out) {
+    int err = MPI_Comm_dup(parent, out);
+    if (err != MPI_SUCCESS) return MpiStatus(err, "MPI_Comm_dup");
+    err = MPI_Comm_set_errhandler(*out, MPI_ERRORS_RETURN);
+    return MpiStatus(err, "MPI_Comm_set_errhandler");
+  }
+
+  // Registers communicator `id` over `base` (duplicated for each ordering
+  // group and for point-to-point; `base` itself is not kept).
+  Status AddComm(int id, MPI_Comm base, int rank, const std::vector<int>& world_ranks,
+                 int num_groups) {
+    auto cs = std::make_unique<CommState>();
+    cs->id = id;
+    cs->rank = rank;
+    cs->size = static_cast<int>(world_ranks.size());
+    cs->world_ranks = world_ranks;
+    cs->groups.resize(num_groups);
+    for (Group& g : cs->groups) {
+      Status s = Dup(base, &g.comm);
+      if (!s.ok()) return s;
+    }
+    Status s = Dup(base, &cs->p2p);
+    if (!s.ok()) return s;
+    {
+      std::lock_guard<std::mutex> lock(c.mu_);
+      c.comm_info_[id] = {cs->rank, cs->size};
+    }
+    comms[id] = std::move(cs);
+    return Status::Ok();
+  }
+
+  Status FreeComm(CommState* cs) {
+    Status s;
+    for (Group& g : cs->groups) {
+      if (g.comm != MPI_COMM_NULL && g.comm != ctrl_comm && s.ok()) {
+        s = MpiStatus(MPI_Comm_free(&g.comm), "MPI_Comm_free");
+      }
+    }
+    if (cs->p2p != MPI_COMM_NULL && s.ok()) {
+      s = MpiStatus(MPI_Comm_free(&cs->p2p), "MPI_Comm_free");
+    }
+    return s;
+  }
+
+  // Runs on the thread for CreateComm's members, after the rank lists were
+  // checked equal on every rank.
+  Status CreateComm(int id, const std::vector<int>& ranks) {
+    if (!failure.ok()) return failure;
+    MPI_Group world_group = MPI_GROUP_NULL;
+    MPI_Group sub_group = MPI_GROUP_NULL;
+    MPI_Comm sub = MPI_COMM_NULL;
+    Status s = MpiStatus(MPI_Comm_group(ctrl_comm, &world_group), "MPI_Comm_group");
+    if (s.ok()) {
+      s = MpiStatus(MPI_Group_incl(world_group, static_cast<int>(ranks.size()), ranks.data(),
+                                   &sub_group),
+                    "MPI_Group_incl");
+    }
+    if (s.ok()) {
+      s = MpiStatus(MPI_Comm_create_group(ctrl_comm, sub_group, id, &sub),
+                    "MPI_Comm_create_group");
+    }
+    int rank = -1;
+    if (s.ok()) s = MpiStatus(MPI_Comm_rank(sub, &rank), "MPI_Comm_rank");
+    if (s.ok()) s = AddComm(id, sub, rank, ranks, kMaxSubGroups);
+    if (sub != MPI_COMM_NULL && s.ok()) s = MpiStatus(MPI_Comm_free(&sub), "MPI_Comm_free");
+    if (sub_group != MPI_GROUP_NULL) MPI_Group_free(&sub_group);
+    if (world_group != MPI_GROUP_NULL) MPI_Group_free(&world_group);
+    if (!s.ok()) Fail(s);
+    return s;
+  }
+
+  void RequestDestroy(int id, std::shared_ptr<std::promise<Status>> waiter) {
+    auto it = comms.find(id);
+    if (!failure.ok()) {
+      waiter->set_value(failure);
+      return;
+    }
+    if (id <= 0 || it == comms.end()) {
+      Status s;
+      s.code = Code::kInvalidArgument;
+      s.message = "tf_smdist: destroy_comm got an unknown communicator (never created, "
+                  "already destroyed, or this rank is not a member). Received: comm=" +
+                  std::to_string(id);
+      waiter->set_value(s);
+      return;
+    }
+    it->second->destroying = true;
+    it->second->destroy_waiters.push_back(std::move(waiter));
+  }
+
+  // Frees communicators whose destruction was requested once they are idle.
+  void FinishDestroys() {
+    for (auto it = comms.begin(); it != comms.end();) {
+      CommState& cs = *it->second;
+      if (!cs.destroying || !cs.idle()) {
+        ++it;
+        continue;
+      }
+      Status s = FreeComm(&cs);
+      {
+        std::lock_guard<std::mutex> lock(c.mu_);
+        c.comm_info_.erase(cs.id);
+      }
+      for (auto& w : cs.destroy_waiters) w->set_value(s);
+      it = comms.erase(it);
+      if (!s.ok()) Fail(s);
+    }
+  }
+
+  // --- failure and the watchdog's report -------------------------------------
+
+  void Fail(const Status& status) {
+    if (!failure.ok()) return;
+    failure = status;
+    my_state = kFailed;
+    for (auto& kv : comms) {
+      CommState& cs = *kv.second;
+      for (Group& g : cs.groups) {
+        for (InFlight& f : g.inflight) f.request.done(status);
+        g.inflight.clear();
+        for (auto& w : g.waiting) {
+          for (Request& r : w.second) r.done(status);
+        }
+        g.waiting.clear();
+        g.waiting_since.clear();
+        g.hold = false;
+      }
+      for (InFlight& f : cs.p2p_inflight) f.request.done(status);
+      cs.p2p_inflight.clear();
+      for (auto& w : cs.destroy_waiters) w->set_value(status);
+      cs.destroy_waiters.clear();
+    }
+    for (Request& r : benchmarks) r.done(status);
+    benchmarks.clear();
+  }
+
+  void FailMpi(const Request& r, int err, const char* what) {
+    Status s;
+    s.code = Code::kInternal;
+    std::ostringstream os;
+    os << "tf_smdist: " << what << " for " << KindName(r.kind) << " '" << r.name
+       << "' failed on rank " << c.rank_ << ": " << MpiErrorString(err) << "."
+       << PeersReport(-1, 0, Now());
+    s.message = os.str();
+    Fail(s);
+  }
+
+  // Names the world ranks that are dead, stopped, failed, leaving or (for
+  // world group `group`, whose collective #`seq` is late) have not joined.
+  std::string PeersReport(int group, int64_t seq, double now) const {
+    std::ostringstream os;
+    int named = 0;
+    double stale = 3.0 * options().heartbeat_s + 1.0;
+    for (int r = 0; r < c.size_; ++r) {
+      if (r == c.rank_) continue;
+      if (heartbeats.state(r) == kFailed) {
+        os << " Rank " << r << " has itself failed (see its own error).";
+        ++named;
+      } else if (now - heartbeats.last_heard(r) > stale) {
+        os << " Rank " << r << " sent no heartbeat for "
+           << static_cast<int>(now - heartbeats.last_heard(r)) << " s: it is dead or stopped.";
+        ++named;
+      } else if (heartbeats.state(r) == kFinishing) {
+        os << " Rank " << r << " has left training and is shutting down: it ran fewer "
+           << "steps than this rank (uneven data across ranks?).";
+        ++named;
+      } else if (group >= 0 && heartbeats.started(r, group) < seq) {
+        os << " Rank " << r << " is alive but has not joined this collective (it started "
+           << heartbeats.started(r, group) << " of this group, this rank waits on #" << seq
+           << "): it is stalled, or it ran out of data / left the training loop early.";
+        ++named;
+      }
+    }
+    if (named == 0) os << " No rank could be named (every peer is alive and has joined).";
+    return os.str();
+  }
+
+  void CheckDeadlines(double now) {
+    const double limit = options().timeout_s;
+    const std::string hint =
+        " Every rank must run the same steps; if a step legitimately takes longer, raise "
+        "the limit with SMDIST_MPI_TIMEOUT=<seconds>.";
+    for (auto& kv : comms) {
+      CommState& cs = *kv.second;
+      for (size_t gi = 0; gi < cs.groups.size(); ++gi) {
+        Group& g = cs.groups[gi];
+        if (!g.inflight.empty() && now - g.inflight.front().start > limit) {
+          const InFlight& f = g.inflight.front();
+          std::ostringstream os;
+          os << "tf_smdist: " << KindName(f.request.kind) << " '" << f.request.name << "' (";
+          if (cs.id > 0) os << "communicator " << cs.id << ", ";
+          os << "group " << gi << ", index " << f.request.index << ", #" << f.seq
+             << " of the group) did not complete within " << limit << " s on rank "
+             << c.rank_ << " of " << c.size_ << "."
+             << PeersReport(cs.id == 0 ? static_cast<int>(gi) : -1, f.seq, now) << hint;
+          Fail({Code::kDeadlineExceeded, os.str()});
+          return;
+        }
+        for (auto& w : g.waiting_since) {
+          if (now - w.second > limit) {
+            std::ostringstream os;
+            os << "tf_smdist: on rank " << c.rank_ << ", collective index " << w.first
+               << " of group " << gi;
+            if (cs.id > 0) os << " of communicator " << cs.id;
+            os << " waited " << limit << " s for index " << g.next_index
+               << " of the same group, which this rank never issued. Each bucket plan must "
+                  "issue all of its buckets every step.";
+            Fail({Code::kDeadlineExceeded, os.str()});
+            return;
+          }
+        }
+      }
+      for (const InFlight& f : cs.p2p_inflight) {
+        if (now - f.start <= limit) continue;
+        const Request& r = f.request;
+        std::ostringstream os;
+        os << "tf_smdist: " << KindName(r.kind) << " '" << r.name << "' "
+           << (r.kind == Kind::kSend ? "to " : "from ") << cs.Describe(r.peer) << " with tag "
+           << r.tag << " did not complete within " << limit << " s on rank " << c.rank_
+           << " of " << c.size_ << "." << PeersReport(-1, 0, now)
+           << " The peer must issue the matching "
+           << (r.kind == Kind::kSend ? "recv" : "send")
+           << " with the same tag; if a step legitimately takes longer, raise the limit "
+              "with SMDIST_MPI_TIMEOUT=<seconds>.";
+        Fail({Code::kDeadlineExceeded, os.str()});
+        return;
+      }
+    }
+  }
+
+  // --- accepting and starting requests ---------------------------------------
+
+  // Checks `r` against its communicator; on error calls r.done and returns
+  // nullptr.
+  CommState* Validate(Request& r) {
+    std::ostringstream os;
+    auto it = comms.find(r.comm);
+    CommState* cs = it == comms.end() ? nullptr : it->second.get();
+    int kind = static_cast<int>(r.kind);
+    if (cs == nullptr || cs->destroying) {
+      os << "unknown communicator (never created, destroyed, or this rank is not a member). "
+            "Received: comm="
+         << r.comm;
+    } else if (kind < 0 || kind > static_cast<int>(Kind::kBenchmark)) {
+      os << "unknown request kind. Received: kind=" << kind;
+    } else if (!ValidDataType(r.dtype)) {
+      os << "unknown dtype. Received: dtype=" << static_cast<int>(r.dtype);
+    } else if (!ValidReduction(r.reduction)) {
+      os << "unknown reduction. Received: reduction=" << static_cast<int>(r.reduction);
+    } else if (r.count < 0 || r.count > kIntMax) {
+      os << "the element count must be in [0, 2^31). Received: count=" << r.count;
+    } else if (r.kind == Kind::kBenchmark) {
+      return cs;
+    } else if (IsPointToPoint(r.kind)) {
+      if (r.peer < 0 || r.peer >= cs->size) {
+        os << "`peer` must be a rank of the communicator, in [0, " << cs->size
+           << "). Received: peer=" << r.peer;
+      } else if (r.tag < 0 || r.tag > kMaxTag) {
+        os << "`tag` must be in [0, " << kMaxTag << "]. Received: tag=" << r.tag;
+      } else {
+        return cs;
+      }
+    } else if (r.group < 0 || r.group >= static_cast<int>(cs->groups.size())) {
+      os << "`group` must be in [0, " << cs->groups.size() << ") for communicator " << r.comm
+         << ". Received: group=" << r.group;
+    } else if (r.group_size < 1 || r.index < 0 || r.index >= r.group_size) {
+      os << "`index` must be in [0, group_size). Received: index=" << r.index
+         << ", group_size=" << r.group_size;
+    } else if (r.kind != Kind::kBenchmark && cs->groups[r.group].cycle != 0 &&
+               cs->groups[r.group].cycle != r.group_size) {
+      os << "every collective of one group must give the same group_size. Received: group="
+         << r.group << ", group_size=" << r.group_size << " (earlier "
+         << cs->groups[r.group].cycle << "). Use a separate group for each bucket plan.";
+    } else if (r.kind == Kind::kBroadcast && (r.root < 0 || r.root >= cs->size)) {
+      os << "`root` must be a rank in [0, " << cs->size << "). Received: root=" << r.root;
+    } else if ((r.kind == Kind::kAllgatherv || r.kind == Kind::kAlltoallv ||
+                r.kind == Kind::kReduceScatter) &&
+               static_cast<int>(r.counts.size()) != cs->size) {
+      os << "`counts` must have one entry per rank of the communicator (" << cs->size
+         << "). Received: len(counts)=" << r.counts.size();
+    } else if (r.kind == Kind::kAlltoallv &&
+               static_cast<int>(r.recv_counts.size()) != cs->size) {
+      os << "`recv_counts` must have one entry per rank of the communicator (" << cs->size
+         << "). Received: len(recv_counts)=" << r.recv_counts.size();
+    } else {
+      std::vector<int> scratch(2 * r.counts.size() + 2);
+      bool fits = CountsAndDisplacements(r.counts, scratch.data(),
+                                         scratch.data() + r.counts.size());
+      std::vector<int> scratch2(2 * r.recv_counts.size() + 2);
+      fits = fits && CountsAndDisplacements(r.recv_counts, scratch2.data(),
+                                            scratch2.data() + r.recv_counts.size());
+      if (fits) return cs;
+      os << "per-rank counts must be >= 0 and their sum below 2^31 elements. Received: "
+            "counts of "
+         << KindName(r.kind) << " '" << r.name << "'";
+    }
+    r.done({Code::kInvalidArgument, "tf_smdist: " + os.str()});
+    return nullptr;
+  }
+
+  void Accept(Request r, double now) {
+    if (!failure.ok()) {
+      r.done(failure);
+      return;
+    }
+    CommState* cs = Validate(r);
+    if (cs == nullptr) return;
+    if (r.kind == Kind::kBenchmark) {
+      benchmarks.push_back(std::move(r));
+      return;
+    }
+    if (IsPointToPoint(r.kind)) {
+      StartPointToPoint(cs, std::move(r), now);
+      return;
+    }
+    Group& g = cs->groups[r.group];
+    g.cycle = r.group_size;
+    int key = r.group_size == 1 ? 0 : r.index;
+    if (g.waiting[key].empty()) g.waiting_since[key] = now;
+    g.waiting[key].push_back(std::move(r));
+  }
+
+  void NoteTransfer(const Request& r, double now) {
+    double bytes = static_cast<double>(r.count) * DataTypeSize(r.dtype);
+    for (int64_t n : r.counts) bytes += static_cast<double>(n) * DataTypeSize(r.dtype);
+    spin_until = std::max(spin_until, now + spin_s + bytes * 5e-9);
+  }
+
+  void StartPointToPoint(CommState* cs, Request r, double now) {
+    NoteTransfer(r, now);
+    cs->p2p_inflight.emplace_back();
+    InFlight& f = cs->p2p_inflight.back();
+    f.start = now;
+    f.request = std::move(r);
+    const Request& q = f.request;
+    int count = static_cast<int>(q.count);
+    int err = q.kind == Kind::kSend
+                  ? MPI_Isend(q.send, count, ToMpi(q.dtype), q.peer, q.tag, cs->p2p, &f.mpi)
+                  : MPI_Irecv(q.recv, count, ToMpi(q.dtype), q.peer, q.tag, cs->p2p, &f.mpi);
+    if (err != MPI_SUCCESS) {
+      Request failed = std::move(f.request);
+      cs->p2p_inflight.pop_back();
+      FailMpi(failed, err, "starting");
+      failed.done(failure);
+    }
+  }
+
+  MPI_Op SelectOp(DataType dtype, Reduction reduction) const {
+    int k = static_cast<int>(reduction);
+    if (dtype == DataType::kFloat16) return half_ops[k];
+    if (dtype == DataType::kBFloat16) return bf16_ops[k];
+    if (dtype == DataType::kBool) {
+      return reduction == Reduction::kSum || reduction == Reduction::kMax ? MPI_LOR : MPI_LAND;
+    }
+    switch (reduction) {
+      case Reduction::kSum: return MPI_SUM;
+      case Reduction::kMin: return MPI_MIN;
+      case Reduction::kMax: return MPI_MAX;
+      case Reduction::kProd: return MPI_PROD;
+    }
+    return MPI_SUM;
+  }
+
+  // Posts the non-blocking collective of `f` on `comm`.
+  int Post(InFlight& f, const CommState& cs, MPI_Comm comm) {
+    const Request& r = f.request;
+    MPI_Datatype dt = ToMpi(r.dtype);
+    int count = static_cast<int>(r.count);
+    int n = cs.size;
+    switch (r.kind) {
+      case Kind::kAllreduce:
+        if (count == 0) return MPI_SUCCESS;
+        return MPI_Iallreduce(MPI_IN_PLACE, r.recv, count, dt, SelectOp(r.dtype, r.reduction),
+                              comm, &f.mpi);
+      case Kind::kBroadcast:
+        if (count == 0) return MPI_SUCCESS;
+        return MPI_Ibcast(r.recv, count, dt, r.root, comm, &f.mpi);
+      case Kind::kAllgather:
+        return MPI_Iallgather(r.send, count, dt, r.recv, count, dt, comm, &f.mpi);
+      case Kind::kBarrier:
+        return MPI_Ibarrier(comm, &f.mpi);
+      case Kind::kAllgatherv: {
+        f.ints.assign(2 * n, 0);
+        CountsAndDisplacements(r.counts, f.ints.data(), f.ints.data() + n);
+        const void* send = r.send == nullptr ? MPI_IN_PLACE : r.send;
+        return MPI_Iallgatherv(send, f.ints[cs.rank], dt, r.recv, f.ints.data(),
+                               f.ints.data() + n, dt, comm, &f.mpi);
+      }
+      case Kind::kAlltoallv: {
+        f.ints.assign(4 * n, 0);
+        int* sc = f.ints.data();
+        int* rc = sc + 2 * n;
+        CountsAndDisplacements(r.counts, sc, sc + n);
+        CountsAndDisplacements(r.recv_counts, rc, rc + n);
+        return MPI_Ialltoallv(r.send, sc, sc + n, dt, r.recv, rc, rc + n, dt, comm, &f.mpi);
+      }
+      case Kind::kReduceScatter: {
+        f.ints.assign(2 * n, 0);
+        CountsAndDisplacements(r.counts, f.ints.data(), f.ints.data() + n);
+        const void* send = r.send == nullptr ? MPI_IN_PLACE : r.send;
+        return MPI_Ireduce_scatter(send, r.recv, f.ints.data(), dt,
+                                   SelectOp(r.dtype, r.reduction), comm, &f.mpi);
+      }
+      case Kind::kSend:
+      case Kind::kRecv:
+      case Kind::kBenchmark:
+        break;
+    }
+    return MPI_ERR_OTHER;
+  }
+
+  void Start(CommState& cs, Group& g, Request r, double now) {
+    NoteTransfer(r, now);
+    InFlight f;
+    f.start = now;
+    f.seq = ++g.started;
+    f.request = std::move(r);
+    int err = Post(f, cs, g.comm);
+    if (err != MPI_SUCCESS) {
+      Request failed = std::move(f.request);
+      FailMpi(failed, err, "starting");
+      failed.done(failure);
+      return;
+    }
+    g.hold = static_cast<bool>(f.request.then);
+    g.inflight.push_back(std::move(f));
+  }
+
+  // Starts every request whose turn has come, in index order.
+  bool StartReady(double now) {
+    bool busy = false;
+    for (auto& kv : comms) {
+      CommState& cs = *kv.second;
+      for (Group& g : cs.groups) {
+        while (failure.ok() && !g.hold) {
+          auto it = g.waiting.find(g.next_index);
+          if (it == g.waiting.end() || it->second.empty()) break;
+          Request r = std::move(it->second.front());
+          it->second.pop_front();
+          if (it->second.empty()) {
+            g.waiting.erase(it);
+            g.waiting_since.erase(g.next_index);
+          } else {
+            g.waiting_since[g.next_index] = now;
+          }
+          g.next_index = (g.next_index + 1) % std::max(1, g.cycle);
+          Start(cs, g, std::move(r), now);
+          busy = true;
+        }
+        if (!failure.ok()) return busy;
+      }
+    }
+    return busy;
+  }
+
+  // Completes finished requests: each group's in order, point to point in
+  // any order. Returns whether anything completed; sets `*inflight`.
+  bool Complete(bool* inflight) {
+    bool busy = false;
+    *inflight = false;
+    for (auto& kv : comms) {
+      CommState& cs = *kv.second;
+      for (Group& g : cs.groups) {
+        busy = CompleteGroup(cs, g) || busy;
+        if (!failure.ok()) return true;
+        *inflight = *inflight || !g.inflight.empty();
+      }
+      busy = CompletePointToPoint(cs) || busy;
+      if (!failure.ok()) return true;
+      *inflight = *inflight || !cs.p2p_inflight.empty();
+    }
+    return busy;
+  }
+
+  bool CompleteGroup(CommState& cs, Group& g) {
+    bool busy = false;
+    while (!g.inflight.empty()) {
+      InFlight& f = g.inflight.front();
+      int done = 1;
+      if (f.mpi != MPI_REQUEST_NULL) {
+        int err = MPI_Test(&f.mpi, &done, MPI_STATUS_IGNORE);
+        if (err != MPI_SUCCESS) {
+          FailMpi(f.request, err, "progressing");
+          return true;
+        }
+      }
+      if (!done) break;
+      Request r = std::move(f.request);
+      g.inflight.pop_front();
+      g.hold = false;
+      busy = true;
+      if (r.then) {
+        Request next;
+        Status s = r.then(&next);
+        if (!s.ok()) {
+          r.done(s);
+        } else if (next.done) {
+          // Continue in the same group, ahead of everything else.
+          next.comm = r.comm;
+          next.group = r.group;
+          next.index = r.index;
+          next.group_size = r.group_size;
+          Start(cs, g, std::move(next), Now());
+          if (!failure.ok()) return true;
+        } else {
+          r.done(Status::Ok());
+        }
+      } else {
+        r.done(Status::Ok());
+      }
+    }
+    // Later collectives of the group may progress too.
+    for (size_t k = 1; k < g.inflight.size(); ++k) {
+      InFlight& f = g.inflight[k];
+      if (f.mpi == MPI_REQUEST_NULL) continue;
+      int done = 0;
+      int err = MPI_Test(&f.mpi, &done, MPI_STATUS_IGNORE);
+      if (err != MPI_SUCCESS) {
+        FailMpi(f.request, err, "progressing");
+        return true;
+      }
+    }
+    return busy;
+  }
+
+  bool CompletePointToPoint(CommState& cs) {
+    bool busy = false;
+    for (auto it = cs.p2p_inflight.begin(); it != cs.p2p_inflight.end();) {
+      int done = 0;
+      MPI_Status st;
+      std::memset(&st, 0, sizeof(st));
+      int err = MPI_Test(&it->mpi, &done, &st);
+      const Request& r = it->request;
+      int err_class = MPI_SUCCESS;
+      if (err != MPI_SUCCESS) MPI_Error_class(err, &err_class);
+      if (err != MPI_SUCCESS && !(r.kind == Kind::kRecv && err_class == MPI_ERR_TRUNCATE)) {
+        FailMpi(r, err, "progressing");
+        return true;
+      }
+      if (!done && err == MPI_SUCCESS) {
+        ++it;
+        continue;
+      }
+      Request q = std::move(it->request);
+      it = cs.p2p_inflight.erase(it);
+      busy = true;
+      Status s;
+      if (q.kind == Kind::kRecv) {
+        int got = -1;
+        if (err == MPI_SUCCESS && MPI_Get_count(&st, ToMpi(q.dtype), &got) != MPI_SUCCESS) {
+          got = -1;
+        }
+        if (err != MPI_SUCCESS || got != q.count) {
+          std::ostringstream os;
+          os << "tf_smdist: recv '" << q.name << "' from " << cs.Describe(q.peer)
+             << " with tag " << q.tag << " expected " << q.count << " elements of "
+             << DataTypeSize(q.dtype) << " bytes, but the message ";
+          if (err != MPI_SUCCESS) {
+            os << "is larger (" << MpiErrorString(err) << ")";
+          } else {
+            os << "holds " << got << " elements";
+          }
+          os << ". The sender and the receiver must agree on the shape and dtype of each "
+                "message of a tag.";
+          s = {Code::kInvalidArgument, os.str()};
+        }
+      }
+      q.done(s);
+    }
+    return busy;
+  }
+
+  // Runs the queued benchmark requests (no other work is queued).
+  void RunBenchmarks() {
+    while (!benchmarks.empty() && failure.ok()) {
+      Request r = std::move(benchmarks.front());
+      benchmarks.pop_front();
+      CommState* cs = comms.count(r.comm) ? comms[r.comm].get() : nullptr;
+      if (cs == nullptr) {
+        r.done({Code::kInvalidArgument, "tf_smdist: benchmark on an unknown communicator"});
+        continue;
+      }
+      MPI_Comm comm = cs->groups[0].comm;
+      std::vector<float> buf(static_cast<size_t>(std::max<int64_t>(r.count, 1)), 1.0f);
+      int err = MPI_Barrier(comm);
+      double t0 = MPI_Wtime();
+      for (int i = 0; i < r.index && err == MPI_SUCCESS; ++i) {
+        err = MPI_Allreduce(MPI_IN_PLACE, buf.data(), static_cast<int>(r.count), MPI_FLOAT,
+                            MPI_SUM, comm);
+      }
+      double seconds = (MPI_Wtime() - t0) / std::max(1, r.index);
+      if (err != MPI_SUCCESS) {
+        FailMpi(r, err, "running");
+        r.done(failure);
+        return;
+      }
+      if (r.recv != nullptr) std::memcpy(r.recv, &seconds, sizeof(seconds));
+      r.done(Status::Ok());
+    }
+  }
+
+  std::vector<int64_t> WorldStarted() const {
+    std::vector<int64_t> started(kMaxGroups, 0);
+    auto it = comms.find(0);
+    if (it == comms.end()) return started;
+    for (int g = 0; g < kMaxGroups; ++g) started[g] = it->second->groups[g].started;
+    return started;
+  }
+
+  bool AnyWaiting() const {
+    for (const auto& kv : comms) {
+      for (const Group& g : kv.second->groups) {
+        if (!g.waiting.empty()) return true;
+      }
+    }
+    return false;
+  }
+
+  // --- the loop --------------------------------------------------------------
+
+  void Main() {
+    last_activity = Now();
+    for (;;) {
+      std::deque<Request> batch;
+      std::deque<std::function<void()>> tasks;
+      bool stop = false;
+      {
+        std::lock_guard<std::mutex> lock(c.mu_);
+        batch.swap(c.incoming_);
+        tasks.swap(c.tasks_);
+        stop = c.stop_;
+      }
+      double now = Now();
+      for (Request& r : batch) Accept(std::move(r), now);
+      for (auto& task : tasks) task();
+      bool busy = !batch.empty() || !tasks.empty();
+      if (failure.ok()) busy = StartReady(now) || busy;
+      bool inflight = false;
+      if (failure.ok()) busy = Complete(&inflight) || busy;
+      now = Now();
+      Status hb = heartbeats.Send(now, options().heartbeat_s, false, my_state, WorldStarted());
+      if (hb.ok()) hb = heartbeats.Poll(now);
+      if (!hb.ok()) Fail(hb);
+      if (failure.ok()) CheckDeadlines(now);
+      if (failure.ok()) FinishDestroys();
+      if (busy) last_activity = now;
+      bool idle = failure.ok() ? !inflight && !AnyWaiting() : true;
+      if (!benchmarks.empty() && idle) {
+        RunBenchmarks();
+        last_activity = Now();
+        continue;
+      }
+      if (stop && idle) break;
+      Wait(now, inflight);
+    }
+    Finish();
+  }
+
+  // Between polls: while requests are in flight, yield the core (spinning
+  // for about as long as the transfer should take, then short sleeps: MPI
+  // progresses non-blocking requests only inside MPI calls); otherwise sleep
+  // until a request arrives or the next heartbeat is due.
+  void Wait(double now, bool inflight) {
+    if (inflight) {
+      if (now - last_activity < spin_s || now < spin_until) {
+        sched_yield();
+      } else {
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+      }
+      return;
+    }
+    std::unique_lock<std::mutex> lock(c.mu_);
+    auto wait = AnyWaiting() ? std::chrono::milliseconds(20)
+                             : std::chrono::milliseconds(static_cast<int>(
+                                   std::max(1.0, 1000.0 * options().heartbeat_s / 4)));
+    if (now - last_activity < spin_s) {
+      lock.unlock();
+      sched_yield();
+      return;
+    }
+    c.cv_.wait_for(lock, wait,
+                   [this] { return !c.incoming_.empty() || !c.tasks_.empty() || c.stop_; });
+  }
+
+  void Finish() {
+    Status final_status = failure;
+    if (failure.ok()) {
+      // Tell the peers this rank is leaving, then drain the heartbeats so
+      // that none is in flight at MPI_Finalize.
+      my_state = kFinishing;
+      Status s = heartbeats.Send(Now(), options().heartbeat_s, true, my_state, WorldStarted());
+      if (s.ok()) {
+        double now = Now();
+        s = heartbeats.Drain(ctrl_comm, now + options().timeout_s,
+                             [this] { return PeersReport(-1, 0, Now()); });
+      }
+      final_status = s;
+    }
+    if (final_status.ok()) {
+      for (auto& kv : comms) {
+        if (final_status.ok()) final_status = FreeComm(kv.second.get());
+      }
+      for (int i = 0; i < 4 && final_status.ok(); ++i) {
+        final_status = MpiStatus(MPI_Op_free(&half_ops[i]), "MPI_Op_free");
+        if (final_status.ok()) {
+          final_status = MpiStatus(MPI_Op_free(&bf16_ops[i]), "MPI_Op_free");
+        }
+      }
+      if (final_status.ok()) final_status = MpiStatus(MPI_Comm_free(&hb_comm), "MPI_Comm_free");
+      if (final_status.ok()) {
+        final_status = MpiStatus(MPI_Comm_free(&ctrl_comm), "MPI_Comm_free");
+      }
+      if (final_status.ok() && we_initialised) {
+        final_status = MpiStatus(MPI_Finalize(), "MPI_Finalize");
+      }
+    }
+    // After a failure MPI is left initialised on purpose (see comm.h).
+    std::deque<Request> rest;
+    std::deque<std::function<void()>> tasks;
+    {
+      std::lock_guard<std::mutex> lock(c.mu_);
+      rest.swap(c.incoming_);
+      tasks.swap(c.tasks_);
+      c.stopped_ = true;
+      c.shutdown_status_ = final_status;
+      c.comm_info_.clear();
+    }
+    Status closed{Code::kFailedPrecondition, "the tf_smdist MPI communicator has been shut down"};
+    if (!failure.ok()) closed = failure;
+    for (Request& r : rest) r.done(closed);
+    for (auto& kv : comms) {
+      for (auto& w : kv.second->destroy_waiters) w->set_value(closed);
+      kv.second->destroy_waiters.clear();
+    }
+    stopped = true;
+    for (auto& task : tasks) task();  // they see `stopped` and report it
+  }
+
+  bool stopped = false;
 };
 
 Communicator& Communicator::Get() {
@@ -229,15 +1253,40 @@ Status Communicator::Init(const Options& options) {
   }
   init_called_ = true;
   options_ = options;
-  impl_ = new Impl();
-  impl_->spin_s = EnvDouble("SMDIST_MPI_SPIN_US", 2000.0) * 1e-6;
+  impl_ = new Impl(this);
+  // MPI parameters are set here, before the thread exists and before MPI
+  // reads them. Open MPI's non-blocking all-reduce (coll/libnbc) picks
+  // binomial / recursive doubling for few processes, about 2x slower than
+  // the blocking MPI_Allreduce from 256 KB up; its ring algorithm matches the
+  // blocking one (measured: 16 MB, 2 processes, 3.4 ms vs 13.1 ms). A value
+  // the user set is kept.
+  setenv("OMPI_MCA_coll_libnbc_iallreduce_algorithm", "1", 0);
   thread_ = std::thread([this] { ThreadMain(); });
   cv_.wait(lock, [this] { return init_done_; });
   return init_status_;
 }
 
+void Communicator::ThreadMain() {
+  Status init = impl_->Setup();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    init_status_ = init;
+    init_done_ = true;
+  }
+  cv_.notify_all();
+  if (!init.ok()) return;
+  impl_->Main();
+}
+
 void Communicator::Enqueue(Request request) {
   Status s;
+  if (request.comm < 0) {
+    s = {Code::kInvalidArgument,
+         "tf_smdist: `comm` must be 0 (the world) or an id from CreateComm. Received: comm=" +
+             std::to_string(request.comm)};
+    request.done(s);
+    return;
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (init_done_ && init_status_.ok() && !stop_) {
@@ -265,15 +1314,160 @@ Status Communicator::Run(Request request) {
   return future.get();
 }
 
-double Communicator::TimeNativeAllreduce(int64_t count, int iters) {
-  std::unique_lock<std::mutex> lock(mu_);
-  if (!init_done_ || !init_status_.ok() || stop_) return -1.0;
-  bench_count_ = count;
-  bench_iters_ = iters;
-  bench_pending_ = true;
+Status Communicator::RunControl(Request request) {
+  auto promise = std::make_shared<std::promise<Status>>();
+  std::future<Status> future = promise->get_future();
+  request.done = [promise](const Status& s) { promise->set_value(s); };
+  request.comm = kControlComm;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!init_done_ || !init_status_.ok() || stop_) {
+      return {Code::kFailedPrecondition,
+              "the tf_smdist MPI communicator is not initialised or was shut down"};
+    }
+    incoming_.push_back(std::move(request));
+  }
   cv_.notify_all();
-  cv_.wait(lock, [this] { return !bench_pending_; });
-  return bench_result_;
+  return future.get();
+}
+
+bool Communicator::Post(std::function<void()> task) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!init_done_ || !init_status_.ok() || stop_) return false;
+    tasks_.push_back(std::move(task));
+  }
+  cv_.notify_all();
+  return true;
+}
+
+Status Communicator::CreateComm(const std::vector<int>& ranks, int* id) {
+  *id = -1;
+  if (!initialized()) {
+    return {Code::kFailedPrecondition,
+            "tf_smdist: create_comm needs the MPI communicator; call "
+            "tf_smdist.data_parallel.cluster.initialize() first"};
+  }
+  std::lock_guard<std::mutex> create_lock(create_mu_);
+  // Every rank shows its list to every other (watchdog-guarded), so that a
+  // mismatch is the same error on every rank instead of a hang.
+  std::vector<int64_t> mine(ranks.begin(), ranks.end());
+  std::vector<int64_t> lengths(size_, 0);
+  int64_t my_length = static_cast<int64_t>(mine.size());
+  Request r;
+  r.kind = Kind::kAllgather;
+  r.name = "create_comm (rank list lengths)";
+  r.send = &my_length;
+  r.recv = lengths.data();
+  r.count = 1;
+  r.dtype = DataType::kInt64;
+  Status s = RunControl(std::move(r));
+  if (!s.ok()) return s;
+  int64_t total = 0;
+  for (int64_t n : lengths) total += n;
+  std::vector<int64_t> all(static_cast<size_t>(std::max<int64_t>(total, 1)), 0);
+  Request q;
+  q.kind = Kind::kAllgatherv;
+  q.name = "create_comm (rank lists)";
+  q.send = mine.data();
+  q.recv = all.data();
+  q.counts = lengths;
+  q.dtype = DataType::kInt64;
+  s = RunControl(std::move(q));
+  if (!s.ok()) return s;
+  std::vector<int64_t> offsets(size_ + 1, 0);
+  for (int i = 0; i < size_; ++i) offsets[i + 1] = offsets[i] + lengths[i];
+  for (int other = 1; other < size_; ++other) {
+    bool same = lengths[other] == lengths[0] &&
+                std::equal(all.begin() + offsets[other], all.begin() + offsets[other + 1],
+                           all.begin());
+    if (!same) {
+      return {Code::kFailedPrecondition,
+              "tf_smdist: create_comm was called with different rank lists: rank 0 passed "
+              "ranks=" + RankList(all.data(), lengths[0]) + " but rank " +
+                  std::to_string(other) + " passed ranks=" +
+                  RankList(all.data() + offsets[other], lengths[other]) +
+                  ". Every rank must call create_comm in the same order with the same list."};
+    }
+  }
+  std::vector<bool> seen(size_, false);
+  for (int x : ranks) {
+    if (x < 0 || x >= size_ || seen[x]) {
+      return {Code::kInvalidArgument,
+              "tf_smdist: create_comm needs distinct world ranks in [0, " +
+                  std::to_string(size_) + "). Received: ranks=" +
+                  RankList(mine.data(), my_length)};
+    }
+    seen[x] = true;
+  }
+  if (ranks.empty()) {
+    return {Code::kInvalidArgument,
+            "tf_smdist: create_comm needs at least one rank. Received: ranks=[]"};
+  }
+  int new_id = next_comm_id_++;
+  if (!seen[rank_]) return Status::Ok();
+  auto promise = std::make_shared<std::promise<Status>>();
+  std::future<Status> future = promise->get_future();
+  bool posted = Post([this, promise, new_id, ranks] {
+    if (impl_->stopped) {
+      promise->set_value({Code::kFailedPrecondition,
+                          "the tf_smdist MPI communicator has been shut down"});
+      return;
+    }
+    promise->set_value(impl_->CreateComm(new_id, ranks));
+  });
+  if (!posted) {
+    return {Code::kFailedPrecondition, "the tf_smdist MPI communicator has been shut down"};
+  }
+  s = future.get();
+  if (s.ok()) *id = new_id;
+  return s;
+}
+
+Status Communicator::DestroyComm(int id) {
+  if (id == 0) {
+    return {Code::kInvalidArgument,
+            "tf_smdist: the world communicator (comm=0) cannot be destroyed. Received: comm=0"};
+  }
+  auto promise = std::make_shared<std::promise<Status>>();
+  std::future<Status> future = promise->get_future();
+  bool posted = Post([this, promise, id] {
+    if (impl_->stopped) {
+      promise->set_value({Code::kFailedPrecondition,
+                          "the tf_smdist MPI communicator has been shut down"});
+      return;
+    }
+    impl_->RequestDestroy(id, promise);
+  });
+  if (!posted) {
+    return {Code::kFailedPrecondition,
+            "tf_smdist: the MPI communicator is not initialised or was shut down"};
+  }
+  return future.get();
+}
+
+int Communicator::CommRank(int id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = comm_info_.find(id);
+  return it == comm_info_.end() ? -1 : it->second.first;
+}
+
+int Communicator::CommSize(int id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = comm_info_.find(id);
+  return it == comm_info_.end() ? -1 : it->second.second;
+}
+
+double Communicator::TimeNativeAllreduce(int64_t count, int iters) {
+  double seconds = -1.0;
+  Request r;
+  r.kind = Kind::kBenchmark;
+  r.name = "native allreduce benchmark";
+  r.count = count;
+  r.index = iters;
+  r.recv = &seconds;
+  Status s = Run(std::move(r));
+  return s.ok() ? seconds : -1.0;
 }
 
 Status Communicator::Shutdown() {
@@ -294,506 +1488,6 @@ Status Communicator::Shutdown() {
   if (thread_.joinable()) thread_.join();
   std::lock_guard<std::mutex> lock(mu_);
   return shutdown_status_;
-}
-
-Status Communicator::Fail(const Status& status) {
-  // Called on the communication thread only.
-  failure_ = status;
-  impl_->my_state = kFailed;
-  for (Group& g : impl_->groups) {
-    for (InFlight& f : g.inflight) f.request.done(status);
-    g.inflight.clear();
-    for (auto& kv : g.waiting) {
-      for (Request& r : kv.second) r.done(status);
-    }
-    g.waiting.clear();
-    g.waiting_since.clear();
-  }
-  return status;
-}
-
-void Communicator::ThreadMain() {
-  Impl& im = *impl_;
-  Status init;
-  int flag = 0;
-  MPI_Initialized(&flag);
-  if (!flag) {
-    // Open MPI's non-blocking all-reduce (coll/libnbc) picks binomial /
-    // recursive doubling for few processes, about 2x slower than the blocking
-    // MPI_Allreduce from 256 KB up; its ring algorithm matches the blocking
-    // one (measured: 16 MB, 2 processes, 3.4 ms vs 13.1 ms). Respect a value
-    // the user set.
-    setenv("OMPI_MCA_coll_libnbc_iallreduce_algorithm", "1", 0);
-    int provided = 0;
-    int err = MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
-    if (err != MPI_SUCCESS) {
-      init.code = Code::kInternal;
-      init.message = "MPI_Init_thread failed: " + MpiErrorString(err);
-    } else {
-      im.we_initialised = true;
-    }
-  } else {
-    int provided = 0;
-    MPI_Query_thread(&provided);
-    if (provided < MPI_THREAD_SERIALIZED) {
-      init.code = Code::kFailedPrecondition;
-      init.message =
-          "MPI was already initialised by another library with a thread level "
-          "below MPI_THREAD_SERIALIZED, so tf_smdist's communication thread "
-          "may not call MPI. Received: provided thread level=" +
-          std::to_string(provided) +
-          ". Initialise MPI with MPI_THREAD_MULTIPLE (mpi4py: set "
-          "mpi4py.rc.thread_level = 'multiple' before importing MPI), or let "
-          "tf_smdist initialise it.";
-    }
-  }
-  if (init.ok()) {
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
-    MPI_Comm_size(MPI_COMM_WORLD, &size_);
-    for (Group& g : im.groups) {
-      MPI_Comm_dup(MPI_COMM_WORLD, &g.comm);
-      MPI_Comm_set_errhandler(g.comm, MPI_ERRORS_RETURN);
-    }
-    MPI_Comm_dup(MPI_COMM_WORLD, &im.hb_comm);
-    MPI_Comm_set_errhandler(im.hb_comm, MPI_ERRORS_RETURN);
-    MPI_Comm_dup(MPI_COMM_WORLD, &im.ctrl_comm);
-    MPI_Comm_set_errhandler(im.ctrl_comm, MPI_ERRORS_RETURN);
-    MPI_Op_create(&HalfSum, 1, &im.half_sum);
-    MPI_Op_create(&BFloat16Sum, 1, &im.bf16_sum);
-    im.hb_recv_buf.assign(kHeartbeatLen, 0);
-    im.hb_outstanding.assign(size_, 0);
-    im.hb_sent_to.assign(size_, 0);
-    im.hb_recv_from.assign(size_, 0);
-    im.last_heard.assign(size_, Now());
-    im.peer_state.assign(size_, kRunning);
-    im.peer_started.assign(size_, std::vector<int64_t>(kMaxGroups, 0));
-    if (size_ > 1) {
-      MPI_Irecv(im.hb_recv_buf.data(), kHeartbeatLen, MPI_INT64_T, MPI_ANY_SOURCE,
-                kHeartbeatTag, im.hb_comm, &im.hb_recv);
-    }
-  }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    init_status_ = init;
-    init_done_ = true;
-  }
-  cv_.notify_all();
-  if (!init.ok()) return;
-
-  // --- helpers -----------------------------------------------------------
-  auto peers_report = [&](int group, int64_t seq, double now) {
-    std::ostringstream os;
-    int named = 0;
-    double stale = 3.0 * options_.heartbeat_s + 1.0;
-    for (int r = 0; r < size_; ++r) {
-      if (r == rank_) continue;
-      if (im.peer_state[r] == kFailed) {
-        os << " Rank " << r << " has itself failed (see its own error).";
-        ++named;
-      } else if (now - im.last_heard[r] > stale) {
-        os << " Rank " << r << " sent no heartbeat for " << static_cast<int>(now - im.last_heard[r])
-           << " s: it is dead or stopped.";
-        ++named;
-      } else if (im.peer_state[r] == kFinishing) {
-        os << " Rank " << r << " has left training and is shutting down: it ran fewer "
-           << "steps than this rank (uneven data across ranks?).";
-        ++named;
-      } else if (group >= 0 && im.peer_started[r][group] < seq) {
-        os << " Rank " << r << " is alive but has not joined this collective (it started "
-           << im.peer_started[r][group] << " of this group, this rank waits on #" << seq
-           << "): it is stalled, or it ran out of data / left the training loop early.";
-        ++named;
-      }
-    }
-    if (named == 0) os << " No rank could be named (every peer is alive and has joined).";
-    return os.str();
-  };
-
-  auto send_heartbeats = [&](double now, bool force) {
-    if (size_ == 1) return;
-    if (!force && now - im.last_hb < options_.heartbeat_s) return;
-    im.last_hb = now;
-    for (int r = 0; r < size_; ++r) {
-      if (r == rank_ || im.hb_outstanding[r] >= kMaxOutstandingHeartbeats) continue;
-      im.hb_sends.emplace_back();
-      HeartbeatSend& s = im.hb_sends.back();
-      s.peer = r;
-      s.buf.assign(kHeartbeatLen, 0);
-      s.buf[0] = kHeartbeatMagic;
-      s.buf[1] = rank_;
-      s.buf[2] = im.my_state;
-      for (int g = 0; g < kMaxGroups; ++g) s.buf[kHeartbeatHeader + g] = im.groups[g].started;
-      MPI_Isend(s.buf.data(), kHeartbeatLen, MPI_INT64_T, r, kHeartbeatTag, im.hb_comm, &s.mpi);
-      ++im.hb_outstanding[r];
-      ++im.hb_sent_to[r];
-    }
-  };
-
-  auto poll_heartbeats = [&](double now) {
-    if (size_ == 1) return;
-    for (auto it = im.hb_sends.begin(); it != im.hb_sends.end();) {
-      int done = 0;
-      MPI_Test(&it->mpi, &done, MPI_STATUS_IGNORE);
-      if (done) {
-        --im.hb_outstanding[it->peer];
-        it = im.hb_sends.erase(it);
-      } else {
-        ++it;
-      }
-    }
-    while (im.hb_recv != MPI_REQUEST_NULL) {
-      int done = 0;
-      MPI_Status st;
-      MPI_Test(&im.hb_recv, &done, &st);
-      if (!done) break;
-      int src = st.MPI_SOURCE;
-      if (src >= 0 && src < size_ && im.hb_recv_buf[0] == kHeartbeatMagic) {
-        ++im.hb_recv_from[src];
-        im.last_heard[src] = now;
-        im.peer_state[src] = im.hb_recv_buf[2];
-        for (int g = 0; g < kMaxGroups; ++g) {
-          im.peer_started[src][g] = im.hb_recv_buf[kHeartbeatHeader + g];
-        }
-      }
-      MPI_Irecv(im.hb_recv_buf.data(), kHeartbeatLen, MPI_INT64_T, MPI_ANY_SOURCE,
-                kHeartbeatTag, im.hb_comm, &im.hb_recv);
-    }
-  };
-
-  auto fail_mpi = [&](const Request& r, int err, const char* what) {
-    Status s;
-    s.code = Code::kInternal;
-    std::ostringstream os;
-    os << "tf_smdist: " << what << " for " << KindName(r.kind) << " '" << r.name
-       << "' failed on rank " << rank_ << ": " << MpiErrorString(err) << "."
-       << peers_report(-1, 0, Now());
-    s.message = os.str();
-    Fail(s);
-  };
-
-  // While collectives are in flight the thread polls MPI_Test (MPI only
-  // progresses non-blocking collectives inside MPI calls), yielding the core
-  // between polls; a large transfer keeps it polling for about as long as the
-  // transfer should take, then it backs off to short sleeps.
-  double spin_until = 0;
-  auto start = [&](Group& g, int gi, Request r, double now) {
-    double bytes = static_cast<double>(r.count) * DataTypeSize(r.dtype);
-    spin_until = std::max(spin_until, now + im.spin_s + bytes * 5e-9);
-    InFlight f;
-    f.start = now;
-    f.seq = ++g.started;
-    int err = MPI_SUCCESS;
-    MPI_Datatype dt = ToMpi(r.dtype);
-    int count = static_cast<int>(r.count);
-    switch (r.kind) {
-      case Kind::kAllreduce: {
-        MPI_Op op = MPI_SUM;
-        if (r.dtype == DataType::kFloat16) {
-          op = im.half_sum;
-        } else if (r.dtype == DataType::kBFloat16) {
-          op = im.bf16_sum;
-        } else if (r.reduction == Reduction::kMin) {
-          op = MPI_MIN;
-        } else if (r.reduction == Reduction::kMax) {
-          op = MPI_MAX;
-        }
-        if (size_ == 1 || count == 0) {
-          f.mpi = MPI_REQUEST_NULL;
-        } else {
-          err = MPI_Iallreduce(MPI_IN_PLACE, r.recv, count, dt, op, g.comm, &f.mpi);
-        }
-        break;
-      }
-      case Kind::kBroadcast:
-        if (size_ == 1 || count == 0) {
-          f.mpi = MPI_REQUEST_NULL;
-        } else {
-          err = MPI_Ibcast(r.recv, count, dt, r.root, g.comm, &f.mpi);
-        }
-        break;
-      case Kind::kAllgather:
-        err = MPI_Iallgather(r.send, count, dt, r.recv, count, dt, g.comm, &f.mpi);
-        break;
-      case Kind::kBarrier:
-        err = MPI_Ibarrier(g.comm, &f.mpi);
-        break;
-    }
-    (void)gi;
-    f.request = std::move(r);
-    if (err != MPI_SUCCESS) {
-      fail_mpi(f.request, err, "starting");
-      return;
-    }
-    g.inflight.push_back(std::move(f));
-  };
-
-  auto validate = [&](Request& r) -> bool {
-    std::ostringstream os;
-    if (r.group < 0 || r.group >= kMaxGroups) {
-      os << "`group` must be in [0, " << kMaxGroups << "). Received: group=" << r.group;
-    } else if (r.group_size < 1 || r.index < 0 || r.index >= r.group_size) {
-      os << "`index` must be in [0, group_size). Received: index=" << r.index
-         << ", group_size=" << r.group_size;
-    } else if (im.groups[r.group].cycle != 0 && im.groups[r.group].cycle != r.group_size) {
-      os << "every collective of one group must give the same group_size. Received: group="
-         << r.group << ", group_size=" << r.group_size << " (earlier "
-         << im.groups[r.group].cycle << "). Use a separate group for each bucket plan.";
-    } else if (r.count < 0 || r.count > 0x7fffffff) {
-      os << "the element count must be in [0, 2^31). Received: count=" << r.count;
-    } else if (r.kind == Kind::kBroadcast && (r.root < 0 || r.root >= size_)) {
-      os << "`root` must be a rank in [0, " << size_ << "). Received: root=" << r.root;
-    } else if (r.kind == Kind::kAllreduce && r.reduction != Reduction::kSum &&
-               (r.dtype == DataType::kFloat16 || r.dtype == DataType::kBFloat16)) {
-      os << "float16/bfloat16 all-reduce supports only reduction='sum'.";
-    } else {
-      return true;
-    }
-    Status s;
-    s.code = Code::kInvalidArgument;
-    s.message = "tf_smdist: " + os.str();
-    r.done(s);
-    return false;
-  };
-
-  // --- main loop ---------------------------------------------------------
-  double last_activity = Now();
-  bool finishing = false;
-  for (;;) {
-    std::deque<Request> batch;
-    bool stop = false;
-    bool bench = false;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      batch.swap(incoming_);
-      stop = stop_;
-      bench = bench_pending_;
-    }
-    double now = Now();
-    for (Request& r : batch) {
-      if (!failure_.ok()) {
-        r.done(failure_);
-        continue;
-      }
-      if (!validate(r)) continue;
-      Group& g = im.groups[r.group];
-      g.cycle = r.group_size;
-      int key = r.group_size == 1 ? 0 : r.index;
-      if (g.waiting[key].empty()) g.waiting_since[key] = now;
-      g.waiting[key].push_back(std::move(r));
-    }
-    bool busy = !batch.empty();
-    // Start every request whose turn has come, in index order.
-    for (int gi = 0; gi < kMaxGroups && failure_.ok(); ++gi) {
-      Group& g = im.groups[gi];
-      for (;;) {
-        auto it = g.waiting.find(g.next_index);
-        if (it == g.waiting.end() || it->second.empty()) break;
-        Request r = std::move(it->second.front());
-        it->second.pop_front();
-        if (it->second.empty()) {
-          g.waiting.erase(it);
-          g.waiting_since.erase(g.next_index);
-        } else {
-          g.waiting_since[g.next_index] = now;
-        }
-        g.next_index = (g.next_index + 1) % std::max(1, g.cycle);
-        start(g, gi, std::move(r), now);
-        busy = true;
-        if (!failure_.ok()) break;
-      }
-    }
-    // Complete finished collectives (each group's in order).
-    bool inflight = false;
-    for (int gi = 0; gi < kMaxGroups && failure_.ok(); ++gi) {
-      Group& g = im.groups[gi];
-      while (!g.inflight.empty()) {
-        InFlight& f = g.inflight.front();
-        int done = 1;
-        int err = MPI_SUCCESS;
-        if (f.mpi != MPI_REQUEST_NULL) err = MPI_Test(&f.mpi, &done, MPI_STATUS_IGNORE);
-        if (err != MPI_SUCCESS) {
-          fail_mpi(f.request, err, "progressing");
-          break;
-        }
-        if (!done) break;
-        Request r = std::move(f.request);
-        g.inflight.pop_front();
-        r.done(Status::Ok());
-        busy = true;
-      }
-      // Later collectives of the group may progress too.
-      for (size_t k = 1; k < g.inflight.size(); ++k) {
-        int done = 0;
-        if (g.inflight[k].mpi != MPI_REQUEST_NULL) {
-          MPI_Test(&g.inflight[k].mpi, &done, MPI_STATUS_IGNORE);
-          if (done) g.inflight[k].mpi = MPI_REQUEST_NULL;
-        }
-      }
-      inflight = inflight || !g.inflight.empty();
-    }
-    now = Now();
-    if (!finishing) send_heartbeats(now, false);
-    poll_heartbeats(now);
-    // Watchdog.
-    if (failure_.ok()) {
-      for (int gi = 0; gi < kMaxGroups; ++gi) {
-        Group& g = im.groups[gi];
-        if (!g.inflight.empty() && now - g.inflight.front().start > options_.timeout_s) {
-          const InFlight& f = g.inflight.front();
-          Status s;
-          s.code = Code::kDeadlineExceeded;
-          std::ostringstream os;
-          os << "tf_smdist: " << KindName(f.request.kind) << " '" << f.request.name
-             << "' (group " << gi << ", index " << f.request.index << ", #" << f.seq
-             << " of the group) did not complete within " << options_.timeout_s
-             << " s on rank " << rank_ << " of " << size_ << "."
-             << peers_report(gi, f.seq, now)
-             << " Every rank must run the same steps; if a step legitimately takes "
-                "longer, raise the limit with SMDIST_MPI_TIMEOUT=<seconds>.";
-          s.message = os.str();
-          Fail(s);
-          break;
-        }
-        for (auto& kv : g.waiting_since) {
-          if (now - kv.second > options_.timeout_s) {
-            Status s;
-            s.code = Code::kDeadlineExceeded;
-            std::ostringstream os;
-            os << "tf_smdist: on rank " << rank_ << ", collective index " << kv.first
-               << " of group " << gi << " waited " << options_.timeout_s
-               << " s for index " << g.next_index
-               << " of the same group, which this rank never issued. Each bucket "
-                  "plan must issue all of its buckets every step.";
-            s.message = os.str();
-            Fail(s);
-            break;
-          }
-        }
-        if (!failure_.ok()) break;
-      }
-    }
-    if (busy) last_activity = now;
-    bool idle = !inflight && failure_.ok();
-    for (Group& g : im.groups) idle = idle && g.waiting.empty();
-    if (!failure_.ok()) idle = true;
-    if (bench && idle) {
-      double result = -1.0;
-      if (failure_.ok()) {
-        std::vector<float> buf(static_cast<size_t>(std::max<int64_t>(bench_count_, 1)), 1.0f);
-        MPI_Barrier(im.ctrl_comm);
-        double t0 = MPI_Wtime();
-        for (int i = 0; i < bench_iters_; ++i) {
-          MPI_Allreduce(MPI_IN_PLACE, buf.data(), static_cast<int>(bench_count_), MPI_FLOAT,
-                        MPI_SUM, im.ctrl_comm);
-        }
-        result = (MPI_Wtime() - t0) / std::max(1, bench_iters_);
-      }
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        bench_pending_ = false;
-        bench_result_ = result;
-      }
-      cv_.notify_all();
-      last_activity = Now();
-      continue;
-    }
-    if (stop && idle) break;
-    if (inflight) {
-      if (now - last_activity < im.spin_s || now < spin_until) {
-        sched_yield();
-      } else {
-        std::this_thread::sleep_for(std::chrono::microseconds(50));
-      }
-      continue;
-    }
-    std::unique_lock<std::mutex> lock(mu_);
-    bool has_waiting = false;
-    for (Group& g : im.groups) has_waiting = has_waiting || !g.waiting.empty();
-    auto wait = has_waiting ? std::chrono::milliseconds(20)
-                            : std::chrono::milliseconds(static_cast<int>(
-                                  std::max(1.0, 1000.0 * options_.heartbeat_s / 4)));
-    if (now - last_activity < im.spin_s) wait = std::chrono::milliseconds(0);
-    if (wait.count() == 0) {
-      lock.unlock();
-      sched_yield();
-    } else {
-      cv_.wait_for(lock, wait,
-                   [this] { return !incoming_.empty() || stop_ || bench_pending_; });
-    }
-  }
-
-  // --- shutdown ----------------------------------------------------------
-  finishing = true;
-  Status final_status = failure_;
-  if (failure_.ok() && size_ > 1) {
-    // Tell the peers this rank is leaving, then agree on how many heartbeats
-    // each pair exchanged so that every one of them is received before
-    // MPI_Finalize.
-    im.my_state = kFinishing;
-    im.last_hb = -1e9;
-    send_heartbeats(Now(), true);
-    std::vector<int64_t> expected(size_, 0);
-    MPI_Request req;
-    MPI_Ialltoall(im.hb_sent_to.data(), 1, MPI_INT64_T, expected.data(), 1, MPI_INT64_T,
-                  im.ctrl_comm, &req);
-    double t0 = Now();
-    for (;;) {
-      int done = 0;
-      MPI_Test(&req, &done, MPI_STATUS_IGNORE);
-      double now = Now();
-      poll_heartbeats(now);
-      if (done) break;
-      if (now - t0 > options_.timeout_s) {
-        final_status.code = Code::kDeadlineExceeded;
-        final_status.message =
-            "tf_smdist: shutting down rank " + std::to_string(rank_) +
-            ": the other ranks did not reach shutdown within " +
-            std::to_string(options_.timeout_s) + " s." + peers_report(-1, 0, now);
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
-    }
-    if (final_status.ok()) {
-      for (;;) {
-        bool all = true;
-        for (int r = 0; r < size_; ++r) all = all && im.hb_recv_from[r] >= expected[r];
-        all = all && im.hb_sends.empty();
-        double now = Now();
-        if (all) break;
-        if (now - t0 > options_.timeout_s) {
-          final_status.code = Code::kDeadlineExceeded;
-          final_status.message = "tf_smdist: heartbeats were not drained at shutdown.";
-          break;
-        }
-        poll_heartbeats(now);
-        std::this_thread::sleep_for(std::chrono::microseconds(200));
-      }
-    }
-  }
-  if (final_status.ok()) {
-    if (im.hb_recv != MPI_REQUEST_NULL) {
-      MPI_Cancel(&im.hb_recv);
-      MPI_Wait(&im.hb_recv, MPI_STATUS_IGNORE);
-    }
-    MPI_Op_free(&im.half_sum);
-    MPI_Op_free(&im.bf16_sum);
-    for (Group& g : im.groups) MPI_Comm_free(&g.comm);
-    MPI_Comm_free(&im.hb_comm);
-    MPI_Comm_free(&im.ctrl_comm);
-    if (im.we_initialised) MPI_Finalize();
-  }
-  // After a failure MPI is left initialised on purpose (see comm.h).
-  std::deque<Request> rest;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    rest.swap(incoming_);
-    stopped_ = true;
-    shutdown_status_ = final_status;
-  }
-  Status closed;
-  closed.code = Code::kFailedPrecondition;
-  closed.message = "the tf_smdist MPI communicator has been shut down";
-  for (Request& r : rest) r.done(failure_.ok() ? closed : failure_);
 }
 
 }  // namespace mpi

@@ -68,6 +68,9 @@ enum class Kind : int {
   kReduceScatter = 6,  // reduce count = sum(counts); rank r keeps counts[r]
   kSend = 7,           // `count` elements of `send` to `peer` with `tag`
   kRecv = 8,           // `count` elements into `recv` from `peer` with `tag`
+  kBenchmark = 9,      // `index` blocking MPI_Allreduce calls of `count` float32
+                       // on `comm`, run when no other work is queued; writes
+                       // the seconds per call (a double) to `recv`
 };
 
 // Error classes, mapped to TensorFlow / Python errors by the callers.
@@ -96,8 +99,11 @@ struct Request {
                              // world, [0, kMaxSubGroups) for other communicators
   int index = 0;             // position inside the group's cycle
   int group_size = 1;        // length of the group's cycle
-  const void* send = nullptr;  // allgather(v), alltoallv, reduce-scatter, send
-                               // (may equal recv for allreduce/broadcast)
+  const void* send = nullptr;  // allgather(v), alltoallv, reduce-scatter, send.
+                               // nullptr for allgatherv: in place (this rank's
+                               // part already at its offset in recv); for
+                               // reduce-scatter: in place (recv holds all
+                               // sum(counts) inputs, the result goes first)
   void* recv = nullptr;        // in place for allreduce and broadcast
   int64_t count = 0;           // elements (per rank for allgather)
   std::vector<int64_t> counts;       // per rank of `comm` (allgatherv,
@@ -109,6 +115,16 @@ struct Request {
   int peer = -1;               // send / recv: a rank of `comm`
   int tag = 0;                 // send / recv: in [0, 2^20)
   DoneCallback done;
+  // Optional continuation (compound collectives, such as an all-gather of
+  // sizes followed by the all-gatherv they size). Called on the
+  // communication thread once this request completed successfully. A non-ok
+  // status fails this request with it. Otherwise, if it set `next->done`,
+  // the thread starts `*next` at once in the same (comm, group), before any
+  // other request of that group, and this request's `done` is not called
+  // (`next->done` is the final one); else this request's `done` gets Ok.
+  // While a request with `then` is in flight its group starts nothing else,
+  // so the order of collectives stays the same on every rank.
+  std::function<Status(Request* next)> then;
 };
 
 struct Options {
@@ -171,9 +187,14 @@ class Communicator {
 
  private:
   Communicator() = default;
-  struct Impl;
+  struct Impl;  // the communication thread's state (comm.cc)
   void ThreadMain();
-  Status Fail(const Status& status);
+  // Queues a request on the internal control communicator (CreateComm's
+  // checks), which user requests cannot name.
+  Status RunControl(Request request);
+  // Runs `task` on the communication thread; false if the thread is not
+  // running (then `task` is dropped).
+  bool Post(std::function<void()> task);
 
   Options options_;
   int rank_ = 0;
@@ -181,21 +202,20 @@ class Communicator {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Request> incoming_;
+  std::deque<std::function<void()>> tasks_;
+  // (rank, size) of each communicator this rank belongs to, by id.
+  std::map<int, std::pair<int, int>> comm_info_;
+  int next_comm_id_ = 1;  // the same on every rank: CreateComm is collective
+  std::mutex create_mu_;  // one CreateComm at a time
   bool init_done_ = false;
   bool init_called_ = false;
   Status init_status_;
   bool stop_ = false;
   bool stopped_ = false;
   Status shutdown_status_;
-  Status failure_;  // sticky watchdog / MPI failure
   std::mutex join_mu_;
   std::thread thread_;
   Impl* impl_ = nullptr;
-  // Native benchmark request (count, iters) and result.
-  int64_t bench_count_ = 0;
-  int bench_iters_ = 0;
-  bool bench_pending_ = false;
-  double bench_result_ = 0.0;
 };
 
 }  // namespace mpi
