@@ -17,11 +17,20 @@ Models: "wide_mlp" (6.3 M parameters, batch 4 per process: little compute
 per parameter, so the gradient all-reduce dominates) and "convnet" (30 k
 parameters, ~0.15 GFLOP per sample: compute-bound).
 
-Prints, per row: predicted ms, measured ms, predicted / measured.
+Prints, per row, two predictions and the measured step time:
+  - from the calibration alone (the profile taken once, the calibrated
+    cluster), and
+  - with `compute_scale` set from the plain model's step timed in the same
+    run, in windows alternating with the data-parallel ones (this machine's
+    load from other jobs changes the speed of a core by the minute; the
+    pipeline rows reuse the scale of the data-parallel run with as many
+    processes),
+and each one's ratio to the measured time.
 
 Usage:
     python benchmarks/bench_planner.py [--models wide_mlp,convnet]
-        [--windows 5] [--skip-pipeline] [--clusters DIR]
+        [--layouts DP1,DP2,DP4,PP2,DP2xPP2] [--windows 5] [--skip-pipeline]
+        [--clusters DIR]
 """
 
 from __future__ import annotations
@@ -280,6 +289,10 @@ def _driver(args: argparse.Namespace) -> None:
         if not args.skip_pipeline:
             cases += [("PP 2", 2, 1, 2, MICROBATCHES),
                       ("DP 2 x PP 2", 4, 2, 2, MICROBATCHES)]
+        wanted = set(args.layouts.split(","))
+        cases = [c for c in cases
+                 if (c[0].replace(" ", "") + (str(c[1]) if c[0] == "DP" else ""))
+                 in wanted]
         scales = {}
         for label, nproc, d, k, m in cases:
             global_batch = b * d * (m if k > 1 else 1)
@@ -348,6 +361,8 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=5, help="timed windows per run")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--skip-pipeline", action="store_true")
+    p.add_argument("--layouts", default="DP1,DP2,DP4,PP2,DP2xPP2",
+                   help="which rows to run")
     p.add_argument("--clusters", default=None,
                    help="directory to keep/reuse the calibrated clusters' JSON")
     args = p.parse_args()
