@@ -24,6 +24,46 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def _ping_pong(rank: int, nbytes: int):
+    """`run(iters)`: `iters` round trips of `nbytes` between ranks 0 and 1.
+
+    The pipeline's own path: the `send`/`recv` ops inside a `tf.function`.
+    Other ranks do nothing.
+    """
+    import tensorflow as tf
+
+    from tf_smdist import _mpi_ops
+
+    shape = [nbytes // 4]
+    value = tf.ones(shape)
+    functions = {}
+
+    def build(iters: int):
+        @tf.function
+        def trips() -> tf.Tensor:
+            x = value
+            for i in range(iters):
+                if rank == 0:
+                    _mpi_ops.send(x, peer=1, tag=i)
+                    x = _mpi_ops.recv(shape, tf.float32, peer=1, tag=i)
+                else:
+                    x = _mpi_ops.recv(shape, tf.float32, peer=0, tag=i)
+                    _mpi_ops.send(x, peer=0, tag=i)
+            return x
+
+        return trips
+
+    def run(iters: int) -> None:
+        if rank > 1:
+            return
+        if iters not in functions:
+            functions[iters] = build(iters)
+            functions[iters]().numpy()  # trace outside the timing
+        functions[iters]().numpy()
+
+    return run
+
+
 def _per_call(run, repeats: int, window: float) -> float:
     """Median seconds per call of `run(iters)`, iterations sized to `window`.
 
@@ -34,11 +74,15 @@ def _per_call(run, repeats: int, window: float) -> float:
     from tf_smdist import _mpi_ops
 
     _mpi_ops.barrier()
+    run(1)  # warm-up (and tracing)
+    _mpi_ops.barrier()
     start = time.perf_counter()
     run(1)
     probe = np.array([time.perf_counter() - start], np.float64)
     probe = _mpi_ops.allreduce_array(probe, reduction="max")[0]
     iters = int(max(1, min(100, window / max(probe, 1e-7))))
+    _mpi_ops.barrier()
+    run(iters)  # warm-up at the timed count
     samples = []
     for _ in range(repeats):
         _mpi_ops.barrier()
@@ -78,8 +122,13 @@ def main() -> None:
             for _ in range(iters):
                 _mpi_ops.broadcast_bytes(payload, root=0)
 
+        if hasattr(_mpi_ops, "send"):
+            run_p2p = _ping_pong(rank, nbytes)
+
         allreduce[nbytes] = _per_call(run_allreduce, args.repeats, args.window)
         p2p[nbytes] = _per_call(run_p2p, args.repeats, args.window)
+        if hasattr(_mpi_ops, "send"):
+            p2p[nbytes] /= 2  # a round trip is two messages
         _mpi_ops.barrier()
         native[nbytes] = _mpi_ops.time_native_allreduce(nbytes // 4, 3)
     # Every rank takes the slowest rank's time (the collective's pace).
@@ -95,6 +144,9 @@ def main() -> None:
             json.dump(
                 {
                     "processes": size,
+                    "p2p_method": ("send/recv round trips between ranks 0 and 1"
+                                   if hasattr(_mpi_ops, "send")
+                                   else "broadcast_bytes from rank 0"),
                     "allreduce": {str(k): v for k, v in allreduce.items()},
                     "p2p": {str(k): v for k, v in p2p.items()},
                     "native_allreduce": {str(k): v for k, v in native.items()},

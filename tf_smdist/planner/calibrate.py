@@ -72,10 +72,9 @@ def calibrate(
 
     Launches `python -m tf_smdist.launch --nproc N` on a worker that times,
     for each message size: an all-reduce between all the processes (through
-    the communication thread, as the strategy's buckets go), and a message
-    from rank 0 to the others (`broadcast_bytes`, standing in for the
-    point-to-point send between pipeline stages: between two processes it is
-    one message; with more it is a tree, so it over-estimates). Rank 0 also
+    the communication thread, as the strategy's buckets go), and round trips
+    between ranks 0 and 1 with the `send`/`recv` ops in a `tf.function` (the
+    pipeline's path; half a round trip is one message). Rank 0 also
     times the `host_reduce` op (two `host_bytes` float32 buffers), a memory copy,
     a 512×512 matmul and an empty `tf.function` call.
 
@@ -211,7 +210,7 @@ def _cluster_from(raw: dict, processes: int, cores: int) -> Cluster:
             "calibrated": True,
             "processes": p,
             "cores": cores,
-            "p2p_proxy": "broadcast_bytes from rank 0",
+            "p2p": raw.get("p2p_method", "broadcast_bytes from rank 0"),
             "matmul_flops": raw["matmul_flops"],
             "allreduce_s": raw["allreduce"],
             "p2p_s": raw["p2p"],
