@@ -33,6 +33,7 @@ OPS = {"Sum": hvd.Sum, "Average": hvd.Average, "Min": hvd.Min, "Max": hvd.Max}
 SUM_ONLY = ("float16", "bfloat16")
 results: dict = {}
 timings: dict = {}
+durations: dict = {}
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -73,11 +74,13 @@ def expected_reduce(op: str, dtype: str, size: int) -> np.ndarray:
 
 
 def check(name: str, fn) -> None:
+    start = time.perf_counter()
     try:
         fn()
         results[name] = "ok"
     except Exception as e:  # noqa: BLE001 (reported to the test)
         results[name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"
+    durations[name] = round(time.perf_counter() - start, 3)
 
 
 def expect_error(fn, error_type, *needles: str) -> None:
@@ -385,7 +388,7 @@ def main() -> None:
     hvd.shutdown_engine()
     with open(os.path.join(OUT, f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "size": size, "results": results,
-                   "timings": timings}, f)
+                   "timings": timings, "durations": durations}, f)
 
 
 if __name__ == "__main__":

@@ -828,14 +828,12 @@ void Negotiator::Execute(const std::vector<std::string>& names) {
         std::vector<int64_t> out_shape = meta.shape;
         if (out_shape.empty()) out_shape.push_back(0);  // scalars are checked by the op
         out_shape[0] = 0;
-        int64_t max_count = 0;
         bool even = true;
         for (int r = 0; r < size_; ++r) {
           const Meta& m = pending->ranks[r];
           int64_t rows = m.present && !m.shape.empty() ? m.shape[0] : 0;
           counts[r] = rows * row;
           out_shape[0] += rows;
-          max_count = std::max(max_count, counts[r]);
           even = even && counts[r] == counts[0];
         }
         void* out = nullptr;
@@ -848,40 +846,17 @@ void Negotiator::Execute(const std::vector<std::string>& names) {
               static_cast<size_t>(std::max<int64_t>(1, total * esize)));
           out = scratch->data();
         }
-        mpi::Request r = base_request(mpi::Kind::kAllgather, name);
+        mpi::Request r = base_request(even ? mpi::Kind::kAllgather : mpi::Kind::kAllgatherv,
+                                      name);
         r.dtype = meta.dtype;
-        std::shared_ptr<std::vector<char>> send_pad, recv_pad;
+        r.send = have ? entry->input : out;
+        r.recv = out;
         if (even) {
           r.count = counts[0];
-          r.send = have ? entry->input : out;
-          r.recv = out;
         } else {
-          // Padded to the longest rank's rows, then compacted.
-          send_pad = std::make_shared<std::vector<char>>(
-              static_cast<size_t>(std::max<int64_t>(1, max_count * esize)), 0);
-          recv_pad = std::make_shared<std::vector<char>>(
-              static_cast<size_t>(std::max<int64_t>(1, max_count * esize * size_)), 0);
-          if (have && counts[rank_] > 0) {
-            std::memcpy(send_pad->data(), entry->input,
-                        static_cast<size_t>(counts[rank_] * esize));
-          }
-          r.count = max_count;
-          r.send = send_pad->data();
-          r.recv = recv_pad->data();
+          r.counts = counts;
         }
-        r.done = [entry, have, scratch, send_pad, recv_pad, counts, max_count, esize, out,
-                  alloc_status](const mpi::Status& s) {
-          if (s.ok() && recv_pad) {
-            int64_t o = 0;
-            for (size_t k = 0; k < counts.size(); ++k) {
-              if (counts[k] > 0) {
-                std::memcpy(static_cast<char*>(out) + o,
-                            recv_pad->data() + k * max_count * esize,
-                            static_cast<size_t>(counts[k] * esize));
-              }
-              o += counts[k] * esize;
-            }
-          }
+        r.done = [entry, have, scratch, alloc_status](const mpi::Status& s) {
           if (have) entry->done(s.ok() ? alloc_status : s, -1);
         };
         comm.Enqueue(std::move(r));
@@ -991,24 +966,46 @@ mpi::Status Engine::AddProcessSet(const std::vector<int>& ranks, int* id) {
     return Error(mpi::Code::kFailedPrecondition,
                  "tf_smdist.horovod is not initialised; call hvd.init() first.");
   }
-  (void)ranks;
-  *id = -1;
-  return Error(mpi::Code::kFailedPrecondition,
-               "process sets need communicators over rank subsets, which this build of "
-               "the MPI library does not provide yet.");
+  mpi::Communicator& comm = mpi::Communicator::Get();
+  int comm_id = -1;
+  mpi::Status s = comm.CreateComm(ranks, &comm_id);
+  if (!s.ok()) return s;
+  *id = next_id_++;
+  comms_[*id] = comm_id;
+  if (comm_id >= 0) {
+    // Groups 0 and 1 of the set's own communicator: nothing else uses it.
+    sets_[*id] = std::make_shared<Negotiator>(comm_id, 0, 1, comm.CommRank(comm_id),
+                                              comm.CommSize(comm_id), options_);
+  }
+  return mpi::Status::Ok();
 }
 
 mpi::Status Engine::RemoveProcessSet(int id) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (id == 0) {
-    return Error(mpi::Code::kInvalidArgument,
-                 "the global process set (id 0) cannot be removed. Received: "
-                 "process_set_id=0.");
+  std::shared_ptr<Negotiator> set;
+  int comm_id = -1;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (id == 0) {
+      return Error(mpi::Code::kInvalidArgument,
+                   "the global process set (id 0) cannot be removed. Received: "
+                   "process_set_id=0.");
+    }
+    auto it = comms_.find(id);
+    if (it == comms_.end()) {
+      return Error(mpi::Code::kInvalidArgument,
+                   "unknown process set. Received: process_set_id=" + std::to_string(id) +
+                       ".");
+    }
+    comm_id = it->second;
+    comms_.erase(it);
+    auto s = sets_.find(id);
+    if (s != sets_.end()) {
+      set = s->second;
+      sets_.erase(s);
+    }
   }
-  if (!comms_.count(id)) {
-    return Error(mpi::Code::kInvalidArgument,
-                 "unknown process set. Received: process_set_id=" + std::to_string(id) + ".");
-  }
+  if (set != nullptr) set->Stop();
+  if (comm_id >= 0) return mpi::Communicator::Get().DestroyComm(comm_id);
   return mpi::Status::Ok();
 }
 
