@@ -27,10 +27,10 @@ from tf_smdist.horovod import mpi_ops as hvd  # noqa: E402
 
 OUT = sys.argv[1]
 TIMINGS = "--timings" in sys.argv[2:]
-DTYPES = ["uint8", "int32", "int64", "float16", "bfloat16", "float32", "float64"]
-OPS = {"Sum": hvd.Sum, "Average": hvd.Average, "Min": hvd.Min, "Max": hvd.Max}
-# 16-bit floats: the communication thread reduces them by sum only.
-SUM_ONLY = ("float16", "bfloat16")
+DTYPES = ["uint8", "int8", "int16", "uint16", "int32", "int64", "float16", "bfloat16",
+          "float32", "float64", "bool"]
+OPS = {"Sum": hvd.Sum, "Average": hvd.Average, "Min": hvd.Min, "Max": hvd.Max,
+       "Product": hvd.Product}
 results: dict = {}
 timings: dict = {}
 durations: dict = {}
@@ -115,8 +115,6 @@ def main() -> None:
         for op_name, op in OPS.items():
             if dtype == "bool" and op_name == "Average":
                 continue
-            if dtype in SUM_ONLY and op_name not in ("Sum", "Average"):
-                continue
 
             def f(dtype=dtype, op_name=op_name, op=op):
                 got = hvd.allreduce(tf.constant(value(rank, dtype)), op=op)
@@ -159,6 +157,111 @@ def main() -> None:
         got = hvd.allgather(tf.zeros([0 if rank == 0 else 1, 3])).numpy()
         assert got.shape == (size - 1, 3), got.shape
     check("allgather_even_and_empty", gather_even_and_empty)
+
+    # --- alltoall, reducescatter ---------------------------------------------
+    def a2a_rows(src: int, dst: int, dtype: str) -> np.ndarray:
+        n = (src + dst) % 3
+        vals = (src * 9 + dst * 3 + np.arange(2 * n).reshape(n, 2)) % 50
+        return vals.astype(bool) if dtype == "bool" else vals.astype(np_dtype(dtype))
+
+    for dtype in DTYPES:
+        def a2a(dtype=dtype):
+            mine = np.concatenate([a2a_rows(rank, d, dtype) for d in range(size)])
+            splits = [(rank + d) % 3 for d in range(size)]
+            out, got = hvd.alltoall(tf.constant(mine), splits=splits)
+            want = np.concatenate([a2a_rows(s, rank, dtype) for s in range(size)])
+            close(out.numpy(), want, dtype)
+            np.testing.assert_array_equal(got.numpy(),
+                                          [(s + rank) % 3 for s in range(size)])
+        check(f"alltoall_{dtype}", a2a)
+
+    def a2a_even_and_grad():
+        x = tf.Variable(np.arange(size * 2 * 3, dtype=np.float32).reshape(-1, 3) + rank)
+        with tf.GradientTape() as tape:
+            out, got = hvd.alltoall(x)
+            loss = tf.reduce_sum(out * out)
+        base = np.arange(size * 2 * 3, dtype=np.float32).reshape(-1, 3)
+        want = np.concatenate([(base + s)[2 * rank:2 * rank + 2] for s in range(size)])
+        close(out.numpy(), want, "float32")
+        np.testing.assert_array_equal(got.numpy(), [2] * size)
+        close(tape.gradient(loss, x).numpy(), 2 * x.numpy(), "float32")
+        expect_error(lambda: hvd.alltoall(tf.zeros([3, 2]), splits=[1] * (size + 1)),
+                     tf.errors.InvalidArgumentError, "splits")
+        expect_error(
+            lambda: hvd.alltoall(tf.zeros([3, 2]), splits=[4] + [0] * (size - 1)),
+            tf.errors.InvalidArgumentError, "sum 4")
+    check("alltoall_even_and_grad", a2a_even_and_grad)
+
+    def scatter_rows(rows: int) -> list[tuple[int, int]]:
+        out, start = [], 0
+        for r in range(size):
+            n = rows // size + (1 if r < rows % size else 0)
+            out.append((start, start + n))
+            start += n
+        return out
+
+    for dtype in DTYPES:
+        for op_name in ("Sum", "Average", "Min", "Max", "Product"):
+            if dtype == "bool" and op_name == "Average":
+                continue
+
+            def rs(dtype=dtype, op_name=op_name):
+                x = np.concatenate([value(rank, dtype)] * 3)[:5]
+                got = hvd.reducescatter(tf.constant(x), op=OPS[op_name]).numpy()
+                full = np.concatenate([expected_reduce(op_name, dtype, size)] * 3)[:5]
+                lo, hi = scatter_rows(5)[rank]
+                close(got, full[lo:hi], dtype)
+            check(f"reducescatter_{dtype}_{op_name}", rs)
+
+    def rs_grad_and_grouped():
+        x = tf.Variable(value(rank, "float32", (4, 3)))
+        with tf.GradientTape() as tape:
+            out = hvd.reducescatter(x, op=hvd.Sum)
+            loss = tf.reduce_sum(out * out)
+        full = sum(value(r, "float32", (4, 3)) for r in range(size))
+        close(tape.gradient(loss, x).numpy(), 2 * full, "float32")
+        a, b = hvd.grouped_reducescatter([x, x * 2], op=hvd.Average)
+        lo, hi = scatter_rows(4)[rank]
+        close(a.numpy(), full[lo:hi] / size, "float32")
+        close(b.numpy(), 2 * full[lo:hi] / size, "float32")
+        g1, g2 = hvd.grouped_allgather([x[:1], x[:rank + 1]])
+        close(g1.numpy(), np.concatenate([value(r, "float32", (4, 3))[:1]
+                                          for r in range(size)]), "float32")
+        assert g2.shape[0] == sum(range(1, size + 1))
+    check("reducescatter_grad_and_grouped", rs_grad_and_grouped)
+
+    # --- process sets ------------------------------------------------------------
+    def process_sets():
+        first = hvd.add_process_set([0])
+        rest = hvd.add_process_set(list(range(1, size)))
+        assert hvd.process_set_ranks(rest) == list(range(1, size))
+        mine = first if rank == 0 else rest
+        other = rest if rank == 0 else first
+        members = hvd.process_set_ranks(mine)
+
+        @tf.function
+        def both(x):
+            # A global collective and one of this rank's set, concurrently.
+            return (hvd.allreduce(x, op=hvd.Sum),
+                    hvd.allreduce(x, op=hvd.Average, process_set_id=mine),
+                    hvd.allgather(x[:1], process_set_id=mine),
+                    hvd.broadcast(x, 0, process_set_id=mine))
+        x = tf.constant(value(rank, "float32"))
+        g, a, ag, b = both(x)
+        close(g.numpy(), expected_reduce("Sum", "float32", size), "float32")
+        close(a.numpy(), sum(value(r, "float32") for r in members) / len(members),
+              "float32")
+        close(ag.numpy(), np.concatenate([value(r, "float32")[:1] for r in members]),
+              "float32")
+        close(b.numpy(), value(members[0], "float32"), "float32")
+        expect_error(lambda: hvd.allreduce(x, process_set_id=other), ValueError,
+                     "not a member")
+        hvd.remove_process_set(first)
+        hvd.remove_process_set(rest)
+        expect_error(lambda: hvd.process_set_ranks(rest), ValueError, "Unknown")
+        got = hvd.allreduce(x, op=hvd.Sum)
+        close(got.numpy(), expected_reduce("Sum", "float32", size), "float32")
+    check("process_sets", process_sets)
 
     # --- tf.function and tf.compat.v1 graphs --------------------------------
     @tf.function

@@ -16,18 +16,18 @@ from tf_smdist.horovod import mpi_ops as hvd
 WORKER = os.path.join(TESTS, "mp_hvd_worker.py")
 logger = logging.getLogger(__name__)
 # Checks every rank must have run (and passed).
+DTYPES = ("uint8", "int8", "int16", "uint16", "int32", "int64", "float16", "bfloat16",
+          "float32", "float64", "bool")
+OPS = ("Sum", "Average", "Min", "Max", "Product")
 REQUIRED = {
-    *(f"allreduce_{d}_{op}" for d in ("uint8", "int32", "int64", "float32", "float64")
-      for op in ("Sum", "Average", "Min", "Max")),
-    *(f"allreduce_{d}_{op}" for d in ("float16", "bfloat16")
-      for op in ("Sum", "Average")),
-    *(f"{kind}_{d}" for kind in ("allgather", "broadcast")
-      for d in ("uint8", "int32", "int64", "float16", "bfloat16", "float32",
-                "float64")),
-    "allreduce_scales", "allreduce_empty", "allgather_even_and_empty", "tf_function",
-    "graph_mode", "out_of_order", "mismatch_shape", "mismatch_dtype", "mismatch_root",
-    "mismatch_op", "mismatch_kind", "after_mismatch", "bad_input", "grouped", "fusion",
-    "gradients", "join", "stall",
+    *(f"{kind}_{d}_{op}" for kind in ("allreduce", "reducescatter") for d in DTYPES
+      for op in OPS if not (d == "bool" and op == "Average")),
+    *(f"{kind}_{d}" for kind in ("allgather", "broadcast", "alltoall") for d in DTYPES),
+    "allreduce_scales", "allreduce_empty", "allgather_even_and_empty",
+    "alltoall_even_and_grad", "reducescatter_grad_and_grouped", "process_sets",
+    "tf_function", "graph_mode", "out_of_order", "mismatch_shape", "mismatch_dtype",
+    "mismatch_root", "mismatch_op", "mismatch_kind", "after_mismatch", "bad_input",
+    "grouped", "fusion", "gradients", "join", "stall",
 }
 
 
