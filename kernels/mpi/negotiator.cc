@@ -751,22 +751,30 @@ void Negotiator::Execute(const std::vector<std::string>& names) {
           fused_tensors += static_cast<int64_t>(group.size());
           r.name = name + " (fused with " + std::to_string(group.size() - 1) + " more)";
         }
-        auto buf = std::make_shared<std::vector<char>>(static_cast<size_t>(total * esize), 0);
+        // The fusion buffer: this rank's tensors, zeros for those it joined.
+        size_t buf_bytes = static_cast<size_t>(std::max<int64_t>(1, total * esize));
+        std::shared_ptr<char> buf(new char[buf_bytes], std::default_delete<char[]>());
         int64_t off = 0;
         for (size_t k = 0; k < group.size(); ++k) {
-          if ((*have)[k] && counts[k] > 0) {
-            std::memcpy(buf->data() + off, (*entries)[k].output,
-                        static_cast<size_t>(counts[k] * esize));
+          size_t bytes = static_cast<size_t>(counts[k] * esize);
+          if ((*have)[k]) {
+            if (bytes > 0) std::memcpy(buf.get() + off, (*entries)[k].output, bytes);
+          } else {
+            std::memset(buf.get() + off, 0, bytes);
           }
           off += counts[k] * esize;
         }
-        r.recv = buf->data();
+        r.recv = buf.get();
         r.done = [entries, have, buf, counts, esize](const mpi::Status& s) {
+          if (s.code == mpi::Code::kDeadlineExceeded || s.code == mpi::Code::kInternal) {
+            // MPI may still write a transfer it could not finish: keep it.
+            new std::shared_ptr<char>(buf);
+          }
           int64_t o = 0;
           for (size_t k = 0; k < entries->size(); ++k) {
             if ((*have)[k]) {
               if (s.ok() && counts[k] > 0) {
-                std::memcpy((*entries)[k].output, buf->data() + o,
+                std::memcpy((*entries)[k].output, buf.get() + o,
                             static_cast<size_t>(counts[k] * esize));
               }
               (*entries)[k].done(s, -1);
