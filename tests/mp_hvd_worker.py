@@ -391,12 +391,13 @@ def main() -> None:
 
     def fusion():
         before = hvd.debug_counters()
-        xs = [tf.fill([i + 1], float(rank + i)) for i in range(40)]
+        # Above the size whose values travel with the negotiation.
+        xs = [tf.fill([100 + i], float(rank + i)) for i in range(40)]
         fused = many(xs)
         one_by_one = [hvd.allreduce(x, op=hvd.Average) for x in xs]
         after = hvd.debug_counters()
         for a, b, i in zip(fused, one_by_one, range(40)):
-            want = np.full([i + 1], sum(r + i for r in range(size)) / size, np.float32)
+            want = np.full([100 + i], sum(r + i for r in range(size)) / size, np.float32)
             close(a.numpy(), want, "float32")
             close(b.numpy(), want, "float32")
         n_fused = after["fused_executions"] - before["fused_executions"]

@@ -1,6 +1,8 @@
 // Name-matched collectives over the MPI communication thread (see negotiator.h).
 #include "kernels/mpi/negotiator.h"
 
+#include "kernels/common/fp16.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -17,6 +19,10 @@ namespace {
 // Bytes of the first, fixed-size gather of a cycle; longer announcements
 // take a second gather of the rest.
 constexpr int64_t kSlot = 1024;
+// All-reduces of at most this many bytes carry their values in the
+// announcement: every rank reduces them from the gathered announcements, so
+// they need no collective of their own.
+constexpr int64_t kInlineBytes = 256;
 // The world's ordering groups reserved for the global process set (the
 // bucket plans of the data-parallel strategy take groups 1..61).
 constexpr int kWorldNegoGroup = 62;
@@ -107,6 +113,80 @@ int64_t ScatterRows(int64_t rows, int size, int rank) {
   return rows / size + (rank < rows % size ? 1 : 0);
 }
 
+// acc <- acc (op) x, elementwise, in T's arithmetic (16-bit floats through
+// float, rounded once per step; bool: or for sum/max, and for min/product).
+template <typename T>
+void ReduceInto(ReduceOp op, T* acc, const T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    switch (op) {
+      case ReduceOp::kMin: acc[i] = x[i] < acc[i] ? x[i] : acc[i]; break;
+      case ReduceOp::kMax: acc[i] = x[i] > acc[i] ? x[i] : acc[i]; break;
+      case ReduceOp::kProduct: acc[i] = static_cast<T>(acc[i] * x[i]); break;
+      default: acc[i] = static_cast<T>(acc[i] + x[i]); break;
+    }
+  }
+}
+
+template <float (*ToFloat)(uint16_t), uint16_t (*FromFloat)(float)>
+void Reduce16(ReduceOp op, uint16_t* acc, const uint16_t* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    float a = ToFloat(acc[i]), b = ToFloat(x[i]);
+    float r = op == ReduceOp::kMin   ? (b < a ? b : a)
+              : op == ReduceOp::kMax ? (b > a ? b : a)
+              : op == ReduceOp::kProduct ? a * b
+                                         : a + b;
+    acc[i] = FromFloat(r);
+  }
+}
+
+void ReduceBool(ReduceOp op, uint8_t* acc, const uint8_t* x, int64_t n) {
+  bool conj = op == ReduceOp::kMin || op == ReduceOp::kProduct;
+  for (int64_t i = 0; i < n; ++i) {
+    acc[i] = conj ? (acc[i] && x[i]) : (acc[i] || x[i]);
+  }
+}
+
+void Reduce(mpi::DataType dtype, ReduceOp op, void* acc, const void* x, int64_t n) {
+  if (op == ReduceOp::kAverage) op = ReduceOp::kSum;  // the caller scales
+  switch (dtype) {
+    case mpi::DataType::kFloat32:
+      ReduceInto(op, static_cast<float*>(acc), static_cast<const float*>(x), n);
+      break;
+    case mpi::DataType::kFloat64:
+      ReduceInto(op, static_cast<double*>(acc), static_cast<const double*>(x), n);
+      break;
+    case mpi::DataType::kInt32:
+      ReduceInto(op, static_cast<int32_t*>(acc), static_cast<const int32_t*>(x), n);
+      break;
+    case mpi::DataType::kInt64:
+      ReduceInto(op, static_cast<int64_t*>(acc), static_cast<const int64_t*>(x), n);
+      break;
+    case mpi::DataType::kUint8:
+      ReduceInto(op, static_cast<uint8_t*>(acc), static_cast<const uint8_t*>(x), n);
+      break;
+    case mpi::DataType::kInt8:
+      ReduceInto(op, static_cast<int8_t*>(acc), static_cast<const int8_t*>(x), n);
+      break;
+    case mpi::DataType::kInt16:
+      ReduceInto(op, static_cast<int16_t*>(acc), static_cast<const int16_t*>(x), n);
+      break;
+    case mpi::DataType::kUint16:
+      ReduceInto(op, static_cast<uint16_t*>(acc), static_cast<const uint16_t*>(x), n);
+      break;
+    case mpi::DataType::kFloat16:
+      Reduce16<fp16::HalfToFloat, fp16::FloatToHalf>(
+          op, static_cast<uint16_t*>(acc), static_cast<const uint16_t*>(x), n);
+      break;
+    case mpi::DataType::kBFloat16:
+      Reduce16<fp16::BFloat16ToFloat, fp16::FloatToBFloat16>(
+          op, static_cast<uint16_t*>(acc), static_cast<const uint16_t*>(x), n);
+      break;
+    case mpi::DataType::kBool:
+      ReduceBool(op, static_cast<uint8_t*>(acc), static_cast<const uint8_t*>(x), n);
+      break;
+  }
+}
+
 class Writer {
  public:
   void U8(int v) { out_.push_back(static_cast<char>(v)); }
@@ -120,6 +200,10 @@ class Writer {
   void I64s(const std::vector<int64_t>& v) {
     I32(static_cast<int32_t>(v.size()));
     for (int64_t x : v) I64(x);
+  }
+  void Bytes(const void* p, size_t n) {
+    I32(static_cast<int32_t>(n));
+    Raw(p, n);
   }
   const std::string& str() const { return out_; }
 
@@ -215,6 +299,7 @@ struct Negotiator::Meta {
   double postscale = 1.0;
   int root = 0;
   std::vector<int64_t> splits;
+  std::string values;  // small all-reduces: this rank's (prescaled) values
   int64_t cycle = 0;
 };
 
@@ -453,6 +538,9 @@ bool Negotiator::Cycle() {
     w.F64(e.postscale);
     w.I64s(e.shape);
     w.I64s(e.splits);
+    int64_t bytes = NumElements(e.shape) * ElementSize(e.dtype);
+    bool inline_values = e.type == OpType::kAllreduce && bytes <= kInlineBytes;
+    w.Bytes(e.output, inline_values ? static_cast<size_t>(bytes) : 0);
     std::string name = e.name;
     local_.emplace(name, std::move(e));
   }
@@ -589,6 +677,7 @@ void Negotiator::Decide(const std::vector<std::string>& records, double now) {
       m.postscale = rd.F64();
       m.shape = rd.I64s();
       m.splits = rd.I64s();
+      m.values = rd.Str();
       m.cycle = cycle_;
       auto& slot = table_[name];
       if (!slot) {
@@ -709,6 +798,30 @@ void Negotiator::Execute(const std::vector<std::string>& names) {
     const std::string& name = names[i];
     ++i;
     ++executions;
+    int64_t meta_bytes = NumElements(meta.shape) * ElementSize(meta.dtype);
+    if (meta.type == OpType::kAllreduce && meta_bytes > 0 && meta_bytes <= kInlineBytes) {
+      // Every rank sent its values with the announcement: reduce them here,
+      // in rank order (the same on every rank). Joined ranks add nothing.
+      --executions;
+      bool have = false;
+      Entry e = take(name, &have);
+      if (have) {
+        bool first = true;
+        for (int r = 0; r < size_; ++r) {
+          const Meta& m = pending->ranks[r];
+          if (!m.present) continue;
+          if (first) {
+            std::memcpy(e.output, m.values.data(), static_cast<size_t>(meta_bytes));
+            first = false;
+          } else {
+            Reduce(meta.dtype, meta.reduce_op, e.output, m.values.data(),
+                   NumElements(meta.shape));
+          }
+        }
+        e.done(mpi::Status::Ok(), -1);
+      }
+      continue;
+    }
     if (meta.type == OpType::kAllreduce) {
       // Consecutive all-reduces of one dtype and reduce op share a buffer.
       mpi::Reduction red = ToReduction(meta.reduce_op);
@@ -721,6 +834,7 @@ void Negotiator::Execute(const std::vector<std::string>& names) {
         const Meta& m = next.any();
         int64_t c = NumElements(m.shape);
         if (m.type != OpType::kAllreduce || m.dtype != meta.dtype ||
+            c * esize <= kInlineBytes ||
             ToReduction(m.reduce_op) != red ||
             (total + c) * esize > options_.fusion_threshold) {
           break;
