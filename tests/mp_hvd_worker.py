@@ -397,7 +397,8 @@ def main() -> None:
         one_by_one = [hvd.allreduce(x, op=hvd.Average) for x in xs]
         after = hvd.debug_counters()
         for a, b, i in zip(fused, one_by_one, range(40)):
-            want = np.full([100 + i], sum(r + i for r in range(size)) / size, np.float32)
+            want = np.full([100 + i], sum(r + i for r in range(size)) / size,
+                           np.float32)
             close(a.numpy(), want, "float32")
             close(b.numpy(), want, "float32")
         n_fused = after["fused_executions"] - before["fused_executions"]

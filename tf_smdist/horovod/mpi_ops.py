@@ -29,6 +29,14 @@ wins over the `HOROVOD_` one):
 
 In a single process (no MPI launcher) no MPI is used: every collective
 returns its input (scaled by the prescale and postscale factors).
+
+Errors: ranks that disagree about a name (collective, dtype, shape, reduce
+op, root, scale factors) get `tf.errors.FailedPreconditionError` on every
+rank, listing each rank's value; bad local input (`splits`, `root_rank`) is
+`InvalidArgumentError` before any communication; a name issued by some ranks
+but not others for longer than the stall time is `DeadlineExceededError` on
+the ranks that issued it; a dead or stopped rank is the watchdog's
+`DeadlineExceededError` naming it.
 """
 
 from __future__ import annotations
@@ -842,8 +850,12 @@ def join(process_set_id: int = 0) -> tf.Tensor:
     """Waits until every rank of the set joined; returns the rank that joined last.
 
     Until then this rank contributes zeros to the all-reduces the other
-    ranks issue (and no rows to their allgathers), so ranks with less data
-    can stop early. An average still divides by the set's full size.
+    ranks issue (and no rows to their allgathers, nothing to their
+    broadcasts and barriers), so ranks with less data can stop early. An
+    average still divides by the set's full size; Min, Max and Product are
+    not meaningful while a rank has joined. An alltoall or reducescatter
+    issued while a rank has joined fails with `FailedPreconditionError`, and
+    so does a broadcast whose root has joined.
 
     Args:
         process_set_id: the process set. Defaults to `0`.
