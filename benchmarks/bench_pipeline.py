@@ -3,9 +3,11 @@
 Two pipeline stages on truly parallel hardware: one process, two logical CPU
 devices, one intra-op thread and two inter-op threads, pinned to two cores
 (each device's ops run one at a time, the two devices at once). The peer is
-the plain model in its own process pinned to one core with one thread. Both
-run the same balanced MLP's training step (forward, backward, SGD update) in
-a `tf.function`.
+the plain model in its own process with the same cores and threads (2 cores,
+one intra-op and two inter-op threads), so that a ratio measures pipelining,
+not extra threads; M = 1, where a pipeline cannot win, is the sanity row.
+Both run the same balanced MLP's training step (forward, backward, SGD
+update) in a `tf.function`.
 
 Reported per configuration (GPipe and 1F1B, M = 1, 2, 4, 8):
 - throughput ratio: plain step time / pipelined step time (medians of
@@ -28,9 +30,20 @@ distributed runtime; the client's profiler cannot see the workers' ops, so
 the bubble is then inferred from the step time (`1 - RATIO / K`, which also
 counts transfers and gradient accumulation).
 
+With `--processes` each stage runs in its own process (one process per
+stage over MPI, started by the launcher), each pinned to one core with one
+intra-op and one inter-op thread, against the plain model pinned to one core
+with one thread; rank 0 runs the plain model between the pipeline's rounds,
+on its own core, while the other ranks wait. Reported per configuration: the
+throughput ratio, the measured bubble `1 - sum(busy) / (K * step)` where
+`busy` is each rank's time in its tasks' compute ops (from one profiled step
+per rank), against `(K - 1) / (M + K - 1)`, the share of the step each rank
+spends in its receive ops (waiting for a transfer), and the bytes of
+variables, gradients and optimizer state each process holds.
+
 Usage:
     python benchmarks/bench_pipeline.py [--width 1024] [--layers 8]
-        [--batch 256] [--steps 5] [--rounds 7] [--remote]
+        [--batch 256] [--steps 5] [--rounds 7] [--remote | --processes]
 """
 
 from __future__ import annotations
@@ -57,7 +70,9 @@ def _serve(args: argparse.Namespace) -> None:
     cores = sorted(os.sched_getaffinity(0))
     plain = args.mode == "plain"
     remote = args.mode == "remote"
-    os.sched_setaffinity(0, cores[:1] if plain else cores[:2])
+    # The plain model gets the pipeline's cores and threads, except against
+    # the remote stages (one core, one thread each).
+    os.sched_setaffinity(0, cores[:1] if plain and args.remote else cores[:2])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, ROOT)
     servers = []
@@ -66,7 +81,8 @@ def _serve(args: argparse.Namespace) -> None:
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1 if plain else 2)
+    tf.config.threading.set_inter_op_parallelism_threads(
+        1 if plain and args.remote else 2)
     import keras
     import numpy as np
 
@@ -207,7 +223,7 @@ class _Worker:
             "--mode", mode, "--width", str(args.width),
             "--layers", str(args.layers), "--batch", str(args.batch),
             "--steps", str(args.steps),
-        ]
+        ] + (["--remote"] if args.remote else [])
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, text=True,
@@ -241,6 +257,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--microbatch-list", default="1,2,4,8")
     parser.add_argument(
+        "--processes", action="store_true",
+        help="one process per stage over MPI (started by the launcher), each "
+        "pinned to one core with one thread, against the plain model on one "
+        "core with one thread",
+    )
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--proc-worker", action="store_true",
+                        help=argparse.SUPPRESS)
+    parser.add_argument(
         "--remote", action="store_true",
         help="run the stages in 2 TensorFlow server processes pinned to one "
         "core each (the distributed runtime), instead of 2 logical devices",
@@ -248,6 +273,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.serve:
         _serve(args)
+        return
+    if args.proc_worker:
+        _process_worker(args)
+        return
+    if args.processes:
+        _launch_processes(args)
         return
     ms = [int(v) for v in args.microbatch_list.split(",")]
     configs = [("plain", 1)] + [(mode, m) for m in ms for mode in ("gpipe", "1f1b")]
@@ -282,14 +313,16 @@ def main() -> None:
         if args.remote
         else "2 logical CPU devices, intra-op 1, inter-op 2, 2 cores"
     )
+    peer = ("1 core, 1 thread" if args.remote
+            else "the same 2 cores, intra-op 1, inter-op 2")
     print(
         f"MLP {args.layers} x Dense({args.width}), batch {args.batch}: 2 stages "
         f"({where}) vs the plain "
-        f"model (1 core, 1 thread); medians of {args.rounds} round-robin rounds "
+        f"model ({peer}); medians of {args.rounds} round-robin rounds "
         f"of {args.steps} steps; load average {load}"
     )
     print(
-        f"plain 1 core: {base * 1e3:.1f} ms/step, CPU "
+        f"plain ({peer}): {base * 1e3:.1f} ms/step, CPU "
         f"{statistics.median(cpu[('plain', 1)]) * 1e3:.1f} ms/step, step peak "
         f"{details[('plain', 1)]['peak_mb'][0]:.0f} MB"
     )
@@ -310,7 +343,7 @@ def main() -> None:
             )
         return
     print(
-        "| schedule | M | ms/step | RATIO vs plain 1 core | CPU ms/step "
+        "| schedule | M | ms/step | RATIO vs plain | CPU ms/step "
         "| busiest device ms | measured bubble | (K-1)/(M+K-1) "
         "| step peak MB (both devices) | in flight s0/s1 |"
     )
@@ -323,6 +356,137 @@ def main() -> None:
             f"{d['bubble']:.3f} | {1 / (c[1] + 1):.3f} | {d['peak_mb'][0]:.0f} | "
             f"{d['in_flight'][0]}/{d['in_flight'][1]} |"
         )
+
+
+def _launch_processes(args: argparse.Namespace) -> None:
+    """Starts `--stages` stage processes through the launcher."""
+    cmd = [
+        sys.executable, "-m", "tf_smdist.launch", "--nproc", str(args.stages),
+        os.path.abspath(__file__), "--proc-worker", "--width", str(args.width),
+        "--layers", str(args.layers), "--batch", str(args.batch),
+        "--steps", str(args.steps), "--rounds", str(args.rounds),
+        "--microbatch-list", args.microbatch_list,
+        "--stages", str(args.stages),
+    ]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep
+               + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="2")
+    sys.exit(subprocess.call(cmd, env=env))
+
+
+def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
+    """One stage process: times the pipelines, and (rank 0) the plain model."""
+    from tf_smdist.data_parallel import cluster
+
+    rank, world = cluster.env_rank_and_size()
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, [cores[rank % len(cores)]])
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    import keras
+
+    import tf_smdist as smd
+    from tf_smdist import _mpi_ops
+    from tf_smdist.pipeline.plot import trace_timeline
+
+    cluster.initialize()
+    k = args.stages
+    x = np.random.RandomState(0).randn(args.batch, args.width).astype("float32")
+    y = np.random.RandomState(1).randn(args.batch, args.width).astype("float32")
+    data = (tf.constant(x), tf.constant(y))
+
+    def net() -> keras.Model:
+        keras.utils.set_random_seed(0)
+        return keras.Sequential(
+            [keras.Input((args.width,))]
+            + [keras.layers.Dense(args.width, activation="tanh")
+               for _ in range(args.layers)])
+
+    def compiled(model: keras.Model) -> tuple:
+        model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse",
+                      jit_compile=False)
+        step = tf.function(model.train_step)
+        for _ in range(3):
+            float(step(data)["loss"])
+        return model, step
+
+    ms = [int(v) for v in args.microbatch_list.split(",")]
+    configs = [(mode, m) for m in ms for mode in ("gpipe", "1f1b")]
+    size = args.layers // k
+    sizes = [size] * (k - 1) + [args.layers - size * (k - 1)]
+    built = {
+        c: compiled(smd.PipelineModel(net(), num_stages=k, microbatches=c[1],
+                                      schedule=c[0], partition=sizes))
+        for c in configs
+    }
+    plain = compiled(net())[1] if rank == 0 else None
+
+    def timed(step) -> float:  # noqa: ANN001
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            out = step(data)
+        float(out["loss"])
+        return (time.perf_counter() - start) / args.steps
+
+    times: dict = {c: [] for c in configs}
+    base = []
+    for _ in range(args.rounds):
+        for c in configs:
+            _mpi_ops.barrier()
+            times[c].append(timed(built[c][1]))
+        _mpi_ops.barrier()
+        if plain is not None:
+            base.append(timed(plain))
+    _mpi_ops.barrier()
+    rows = []
+    for c in configs:
+        pipe, step = built[c]
+        busy, wait = [], []
+        for _ in range(3):
+            _mpi_ops.barrier()
+            timeline = trace_timeline(step, data, schedule=pipe.pipeline_schedule)
+            busy.append(sum(d for _, n, _, d in timeline.ops if "Smdist" not in n))
+            wait.append(sum(d for _, n, _, d in timeline.ops if "SmdistMpiRecv" in n))
+        mine = np.array([statistics.median(busy), statistics.median(wait)])
+        every = _mpi_ops.allgather_bytes(mine.astype("float64").tobytes())
+        rows.append((c, [np.frombuffer(b, "float64") for b in every]))
+    memory = np.array(list(built[configs[-1]][0].memory_report().values()), "int64")
+    memories = [np.frombuffer(b, "int64") for b in _mpi_ops.allgather_bytes(
+        memory.tobytes())]
+    if rank != 0:
+        return
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[0]
+    plain_s = statistics.median(base)
+    print(
+        f"MLP {args.layers} x Dense({args.width}), batch {args.batch}: {k} "
+        f"stages in {world} processes (one per stage, pinned to one core each, "
+        f"intra-op 1, inter-op 1, MPI) vs the plain model in one process on "
+        f"one core with one thread; medians of {args.rounds} interleaved rounds "
+        f"of {args.steps} steps; load average {load}"
+    )
+    print(f"plain 1 core: {plain_s * 1e3:.1f} ms/step")
+    print("| schedule | M | ms/step | RATIO vs plain | busy ms per rank "
+          "| measured bubble | (K-1)/(M+K-1) | waiting on receives per rank |")
+    print("|" + "---|" * 8)
+    for c, per_rank in rows:
+        step_s = statistics.median(times[c])
+        busy = [r[0] for r in per_rank]
+        bubble = 1 - sum(busy) / (k * step_s)
+        print(
+            f"| {c[0]} | {c[1]} | {step_s * 1e3:.1f} | {plain_s / step_s:.2f}x | "
+            + "/".join(f"{b * 1e3:.1f}" for b in busy)
+            + f" | {bubble:.3f} | {(k - 1) / (c[1] + k - 1):.3f} | "
+            + "/".join(f"{r[1] / step_s:.0%}" for r in per_rank) + " |"
+        )
+    names = ["variables", "gradients", "optimizer state", "whole model"]
+    print("bytes held per process (SGD: no optimizer state; whole model = "
+          "the model every process builds first):")
+    for r, mem in enumerate(memories):
+        print(f"  rank {r}: " + ", ".join(
+            f"{n} {int(v) / 2**20:.2f} MiB" for n, v in zip(names, mem)))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from tf_smdist.pipeline.stages import (
     split_model,
     stage_layer_names,
 )
+from tf_smdist.pipeline.topology import PLACEMENTS, Topology
 
 __all__ = ["PipelineModel"]
 
@@ -103,7 +104,24 @@ class PipelineModel(keras.Model):
         partition_options: keyword arguments for `smd.partition` when the
             partition is chosen automatically (`optimize`,
             `memory_capacity`, `bandwidth`, ...). Defaults to `None`.
+        placement: in a job of several processes, how ranks map to
+            pipelines: `"cluster"` (a pipeline on adjacent ranks) or
+            `"spread"` (a data-parallel group on adjacent ranks). Defaults to
+            `"cluster"`.
+        transfer_compression: in a job of several processes, `None`,
+            `"fp16"` or `"bf16"`: the dtype floating activations and their
+            gradients travel in between stages. Defaults to `None`.
+        bucket_cap_mb: in a job of several processes, the fusion-bucket cap
+            of each stage's gradient all-reduce over its data-parallel group.
+            Defaults to `25.0`.
         name: the model's name. Defaults to `None`.
+
+    In a job of `N` processes (started by `python -m tf_smdist.launch`,
+    `mpirun` or SLURM) every process runs the same script, and each runs one
+    stage (with `"interleaved"`, its `virtual_stages` stages) on its local
+    device: `N / num_stages` pipelines train as data-parallel replicas, each
+    on its contiguous share of every global batch. See
+    `stage_rank`, `dp_rank`, `pipeline_ranks` and `dp_group_ranks`.
 
     Example:
     ```python
@@ -135,6 +153,9 @@ class PipelineModel(keras.Model):
         virtual_stages: int = 2,
         recompute: bool = False,
         partition_options: dict[str, Any] | None = None,
+        placement: str = "cluster",
+        transfer_compression: str | None = None,
+        bucket_cap_mb: float = 25.0,
         name: str | None = None,
     ) -> None:
         super().__init__(name=name or f"pipeline_{model.name}")
@@ -148,6 +169,31 @@ class PipelineModel(keras.Model):
                 f"Unknown pipeline schedule. Received: schedule={schedule!r}. "
                 f"Use one of {list(schedules.SCHEDULES)}."
             )
+        if placement not in PLACEMENTS:
+            raise ValueError(
+                f"Unknown placement. Received: placement={placement!r}. Use "
+                f"one of {list(PLACEMENTS)}."
+            )
+        if transfer_compression not in (None, "fp16", "bf16"):
+            raise ValueError(
+                "Unknown transfer compression. Received: "
+                f"transfer_compression={transfer_compression!r}. Use None, "
+                "'fp16' or 'bf16'."
+            )
+        self._topology: Topology | None = None
+        self._process: Any = None
+        self._transfer_compression = transfer_compression
+        self._bucket_cap_mb = bucket_cap_mb
+        from tf_smdist.data_parallel import cluster
+
+        if cluster.is_multiprocess():
+            rank, world = cluster.env_rank_and_size()
+            # Checked before any communication.
+            self._topology = Topology(
+                world, num_stages, placement=placement, rank=rank
+            )
+            cluster.initialize()
+            devices = ["/CPU:0"] * num_stages  # each process runs its own
         self.wrapped_model = model
         self._num_devices = num_stages
         self._microbatches = microbatches
@@ -228,6 +274,10 @@ class PipelineModel(keras.Model):
         names = stage_layer_names(
             self.wrapped_model, partition, self._schedule.num_stages
         )
+        if self._topology is not None:
+            self._repartition_processes(names)
+            self._partition = partition if hasattr(partition, "report") else None
+            return
         devices = [
             self._devices[self._schedule.device_of(s)]
             for s in range(self._schedule.num_stages)
@@ -245,6 +295,128 @@ class PipelineModel(keras.Model):
         self.test_function = None
         self.predict_function = None
         logger.info("Pipeline partition:\n%s", self.partition_report())
+
+    def _repartition_processes(self, names: list[list[str]]) -> None:
+        from tf_smdist.pipeline.distributed import ProcessPipeline
+        from tf_smdist.pipeline.process_steps import ProcessSteps
+
+        if self.wrapped_model.losses:
+            raise NotImplementedError(
+                "PipelineModel across processes does not support layer "
+                "losses (weight or activity regularizers), which every stage "
+                "would need. Received: a model with "
+                f"{len(self.wrapped_model.losses)} layer loss(es). Add the "
+                "penalty to the loss instead."
+            )
+        if self._process is not None:
+            self._process.sync_weights()  # the new owners need current values
+        runtime = ProcessPipeline(
+            self.wrapped_model,
+            names,
+            self._schedule,
+            self._topology,
+            compression=self._transfer_compression,
+            recompute=self._recompute,
+            bucket_cap_mb=self._bucket_cap_mb,
+        )
+        self._process = ProcessSteps(self, runtime)
+        self._stages = ()
+        self._rebuild_optimizer()
+        if self.train_function is not None:
+            self.make_train_function(force=True)
+        self.test_function = None
+        self.predict_function = None
+        logger.info("Pipeline partition:\n%s", self.partition_report())
+
+    def _rebuild_optimizer(self) -> None:
+        """Gives the optimizer state for this process's variables only."""
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is None or self._process is None:
+            return
+        if optimizer.built:
+            if int(optimizer.iterations.numpy()) > 0:
+                raise ValueError(
+                    "A pipeline across processes cannot move layers between "
+                    "processes once training has started. Received: a new "
+                    "partition after "
+                    f"{int(optimizer.iterations.numpy())} optimizer steps. "
+                    "Partition before training (`auto_partition`, or fit's "
+                    "first batch)."
+                )
+            optimizer = type(optimizer).from_config(optimizer.get_config())
+            self.optimizer = optimizer
+        optimizer.build(self._process.runtime.trainable_variables)
+
+    # -- processes --------------------------------------------------------
+
+    @property
+    def topology(self) -> Topology | None:
+        """This process's place in a multi-process job (`None` in one process)."""
+        return self._topology
+
+    @property
+    def stage_rank(self) -> int:
+        """This process's pipeline stage (0 in one process)."""
+        return self._topology.stage_rank if self._topology else 0
+
+    @property
+    def stage_size(self) -> int:
+        """The number of pipeline stages (processes per pipeline)."""
+        return self._num_devices
+
+    @property
+    def dp_rank(self) -> int:
+        """This process's pipeline: its data-parallel rank (0 in one process)."""
+        return self._topology.dp_rank if self._topology else 0
+
+    @property
+    def dp_size(self) -> int:
+        """The number of pipelines trained side by side (1 in one process)."""
+        return self._topology.dp_size if self._topology else 1
+
+    @property
+    def pipeline_ranks(self) -> list[int]:
+        """The world ranks of this process's pipeline, in stage order."""
+        return self._topology.pipeline_ranks if self._topology else [0]
+
+    @property
+    def dp_group_ranks(self) -> list[int]:
+        """The world ranks of this process's data-parallel group."""
+        return self._topology.dp_group_ranks if self._topology else [0]
+
+    @property
+    def local_trainable_variables(self) -> list[Any]:
+        """The trainable variables this process trains (all in one process).
+
+        Example:
+        ```python
+        loss, _, grads = pipe.compute_gradients(x, y)
+        pipe.optimizer.apply(grads, pipe.local_trainable_variables)
+        ```
+        """
+        if self._process is not None:
+            return self._process.runtime.trainable_variables
+        return self.trainable_variables
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes of variables, gradients and optimizer state this process holds.
+
+        Returns:
+            `variables`, `gradients` and `optimizer` bytes of this process's
+            stage(s), and `model`, the whole model's variable bytes (every
+            process builds the whole model in host memory first).
+
+        Example:
+        ```python
+        print(pipe.memory_report())
+        ```
+        """
+        from tf_smdist.pipeline.process_steps import memory_of
+
+        if self._process is not None:
+            runtime = self._process.runtime
+            return memory_of(self, runtime.variables, runtime.trainable_variables)
+        return memory_of(self, self.weights, self.trainable_variables)
 
     def _rekey_optimizer(self) -> None:
         optimizer = getattr(self, "optimizer", None)
@@ -342,6 +514,11 @@ class PipelineModel(keras.Model):
         """
         from tf_smdist.pipeline.callback import ProfilingCallback
 
+        if self._process is not None:
+            from tf_smdist.pipeline import process_steps
+
+            args, kwargs = process_steps.prepare_fit(self, args, kwargs)
+            return super().fit(*args, **kwargs)
         callbacks = list(kwargs.get("callbacks") or [])
         profilers = [c for c in callbacks if isinstance(c, ProfilingCallback)]
         if not profilers and self._pending_auto:
@@ -400,6 +577,8 @@ class PipelineModel(keras.Model):
             f"{self._microbatches} micro-batches, bubble "
             f"{self._schedule.bubble_fraction:.3f}"
         ]
+        if self._process is not None:
+            lines.append(self._process.report())
         for stage in self._stages:
             params = sum(int(v.value.shape.num_elements()) for v in stage.variables)
             lines.append(
@@ -438,6 +617,9 @@ class PipelineModel(keras.Model):
             )
         self._loss_is_sum = reductions == {"sum"}
         super().compile(*args, **kwargs)
+        if self._process is not None:
+            self._rebuild_optimizer()
+            return
         self._build_optimizer_on_stages()
 
     def _build_optimizer_on_stages(self) -> None:
@@ -471,15 +653,22 @@ class PipelineModel(keras.Model):
     def get_weights(self) -> list[Any]:
         """The wrapped model's weights, in its own order.
 
+        Across processes every rank must call it: each stage's weights come
+        from the process that trains it, and every rank gets the whole model.
+
         Example:
         ```python
         plain_model.set_weights(pipe.get_weights())
         ```
         """
+        if self._process is not None:
+            self._process.sync_weights()
         return self.wrapped_model.get_weights()
 
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Sets the wrapped model's weights, given in its own order.
+
+        Across processes, every rank passes the same weights.
 
         Example:
         ```python
@@ -491,16 +680,30 @@ class PipelineModel(keras.Model):
     def save(self, filepath: str, *args: Any, **kwargs: Any) -> None:
         """Saves the wrapped (unpartitioned) model, loadable by plain Keras.
 
+        Across processes every rank must call it (callbacks do): the stages'
+        weights are gathered, and rank 0 writes the file.
+
         Example:
         ```python
         pipe.save("model.keras")
         model = keras.models.load_model("model.keras")  # a plain model
         ```
         """
+        if self._process is not None:
+            self._process.sync_weights()
+            if self._topology.rank != 0:
+                return
         self.wrapped_model.save(filepath, *args, **kwargs)
 
     def save_weights(self, filepath: str, *args: Any, **kwargs: Any) -> None:
-        """Saves the wrapped model's weights, loadable by the plain model."""
+        """Saves the wrapped model's weights, loadable by the plain model.
+
+        Across processes every rank must call it; rank 0 writes the file.
+        """
+        if self._process is not None:
+            self._process.sync_weights()
+            if self._topology.rank != 0:
+                return
         self.wrapped_model.save_weights(filepath, *args, **kwargs)
 
     def load_weights(self, filepath: str, *args: Any, **kwargs: Any) -> None:
@@ -535,8 +738,12 @@ class PipelineModel(keras.Model):
 
         The batch need not be a multiple of `microbatches` here: the first
         micro-batches then get one extra row. Under a `tf.GradientTape` the
-        backward is differentiated through the placed forward ops.
+        backward is differentiated through the placed forward ops. Across
+        processes every rank passes the same global batch and gets the
+        whole batch's outputs (not differentiable).
         """
+        if self._process is not None:
+            return self._process.call(inputs)
         micro = execution.split_microbatches(
             self._flat_inputs(inputs), self._microbatches, even=False
         )
@@ -581,6 +788,8 @@ class PipelineModel(keras.Model):
             return loss
         ```
         """
+        if self._process is not None:
+            return self._process.compute_gradients(x, y, sample_weight)
         m = self._microbatches
         flat_x = self._flat_inputs(x)
         micro_x = execution.split_microbatches(flat_x, m)
@@ -630,6 +839,8 @@ class PipelineModel(keras.Model):
         return loss, self._pack_outputs(flat), grads
 
     def train_step(self, data: Any) -> dict[str, Any]:
+        if self._process is not None:
+            return self._process.train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         loss, y_pred, grads = self.compute_gradients(x, y, sample_weight)
         tracker = getattr(self, "_loss_tracker", None)
@@ -662,3 +873,8 @@ class PipelineModel(keras.Model):
 
         optimizer.update_step = placed_update_step
         optimizer._pipeline_placed = True
+
+    def test_step(self, data: Any) -> dict[str, Any]:
+        if self._process is not None:
+            return self._process.test_step(data)
+        return super().test_step(data)

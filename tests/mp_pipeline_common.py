@@ -1,0 +1,69 @@
+"""What the pipeline-across-processes worker and its plain-Keras reference share."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+NUM_SAMPLES = 64
+GLOBAL_BATCH = 16
+
+# name -> (model, stages K, micro-batches M, schedule, optimizer, partition,
+#          placement, epochs); partitions cut the skip model so that its skip
+#          connection crosses a cut (with 3+ stages, several cuts).
+CASES = {
+    "seq_1f1b_sgd": ("seq", 2, 4, "1f1b", "sgd", [2, 2], "cluster", 2),
+    "skip_gpipe_adam": ("skip", 2, 2, "gpipe", "adam", [1, 4], "cluster", 1),
+    "skip_interleaved_sgd": ("skip", 2, 2, "interleaved", "momentum",
+                             [1, 1, 1, 2], "cluster", 1),
+    "skip3_1f1b_adam": ("skip", 3, 4, "1f1b", "adam", [1, 1, 3], "cluster", 1),
+    "seq_hybrid_cluster": ("seq", 2, 2, "1f1b", "adam", [2, 2], "cluster", 1),
+    "skip_hybrid_spread": ("skip", 2, 2, "interleaved", "sgd", [1, 1, 1, 2],
+                           "spread", 1),
+}
+
+
+def data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((NUM_SAMPLES, 6)).astype(np.float32)
+    y = rng.standard_normal((NUM_SAMPLES, 3)).astype(np.float32)
+    return x, y
+
+
+def model(kind: str, seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    if kind == "seq":
+        return keras.Sequential([
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dense(3),
+        ])
+    inputs = keras.Input((6,))
+    a = keras.layers.Dense(8, activation="tanh", name="a")(inputs)
+    b = keras.layers.Dense(8, activation="tanh", name="b")(a)
+    c = keras.layers.Dense(8, activation="tanh", name="c")(b)
+    joined = keras.layers.Concatenate(name="join")([c, a])  # skip a -> join
+    outputs = keras.layers.Dense(3, name="out")(joined)
+    return keras.Model(inputs, outputs)
+
+
+def optimizer(name: str) -> keras.optimizers.Optimizer:
+    if name == "sgd":
+        return keras.optimizers.SGD(0.1)
+    if name == "momentum":
+        return keras.optimizers.SGD(0.05, momentum=0.9)
+    return keras.optimizers.Adam(0.01)
+
+
+def reference(case: str, init: list[np.ndarray]) -> tuple[list, list]:
+    """The plain model trained on the same global batches (mean loss)."""
+    kind, _, _, _, opt, _, _, epochs = CASES[case]
+    net = model(kind)
+    net.set_weights(init)
+    net.compile(optimizer=optimizer(opt), loss="mse")
+    x, y = data()
+    history = net.fit(x, y, batch_size=GLOBAL_BATCH, epochs=epochs,
+                      shuffle=False, verbose=0)
+    return net.get_weights(), history.history["loss"]

@@ -1,0 +1,174 @@
+"""One rank of the pipeline-across-processes tests (run by the launcher).
+
+Usage: python mp_pipeline_worker.py OUT_DIR CHECK [CHECK ...]
+
+A CHECK is a case name of `mp_pipeline_common.CASES` (fit, then the
+weights, losses, evaluate and predict), `mismatch` (rank-dependent
+partitions), `example` (runs examples/pipeline_hybrid.py), `checkpoint`
+(BackupAndRestore interrupted and resumed, ModelCheckpoint), `custom`
+(custom training loop) or `die` (the last rank exits during training).
+Each rank writes OUT_DIR/rank{r}_{check}.npz and OUT_DIR/rank{r}.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from mp_pipeline_common import CASES, GLOBAL_BATCH, data, model, optimizer  # noqa: E402
+
+import tf_smdist as smd  # noqa: E402
+from tf_smdist.data_parallel import cluster  # noqa: E402
+
+OUT, CHECKS = sys.argv[1], sys.argv[2:]
+RANK, WORLD = cluster.initialize()
+RESULTS: dict = {}
+
+
+def pipeline(case: str, *, seed: int | None = None, **overrides) -> smd.PipelineModel:
+    kind, stages, micro, schedule, opt, partition, placement, _ = CASES[case]
+    # Each rank starts from other random weights: equal results mean rank
+    # 0's initial weights were broadcast.
+    net = model(kind, seed=RANK + 1 if seed is None else seed)
+    args = dict(num_stages=stages, microbatches=micro, schedule=schedule,
+                partition=partition, placement=placement)
+    args.update(overrides)
+    pipe = smd.PipelineModel(net, **args)
+    pipe.compile(optimizer=optimizer(opt), loss="mse", metrics=["mae"])
+    return pipe
+
+
+def save(name: str, **arrays) -> None:
+    np.savez(os.path.join(OUT, f"rank{RANK}_{name}.npz"), **arrays)
+
+
+def run_case(case: str) -> None:
+    epochs = CASES[case][-1]
+    pipe = pipeline(case)
+    init = pipe.get_weights()
+    x, y = data()
+    history = pipe.fit(x, y, batch_size=GLOBAL_BATCH, epochs=epochs,
+                       shuffle=False, verbose=0)
+    local = [np.array(v.value) for v in pipe._process.runtime.variables]
+    final = pipe.get_weights()
+    evaluated = pipe.evaluate(x[:40], y[:40], batch_size=GLOBAL_BATCH, verbose=0)
+    predicted = pipe.predict(x[:37], batch_size=GLOBAL_BATCH, verbose=0)
+    save(case, predicted=predicted,
+         **{f"init_{i}": w for i, w in enumerate(init)},
+         **{f"final_{i}": w for i, w in enumerate(final)},
+         **{f"local_{i}": w for i, w in enumerate(local)})
+    RESULTS[case] = {
+        "loss": history.history["loss"], "mae": history.history["mae"],
+        "evaluate": evaluated, "stage": pipe.stage_rank, "dp": pipe.dp_rank,
+        "pipeline_ranks": pipe.pipeline_ranks,
+        "dp_group_ranks": pipe.dp_group_ranks, "memory": pipe.memory_report(),
+        "num_weights": len(init),
+    }
+
+
+def run_mismatch() -> None:
+    partition = [2, 2] if RANK == 0 else [3, 1]
+    try:
+        pipeline("seq_1f1b_sgd", partition=partition)
+    except ValueError as e:
+        RESULTS["mismatch"] = str(e)
+    try:
+        smd.PipelineModel(model("seq"), num_stages=WORLD + 1, microbatches=2)
+    except ValueError as e:
+        RESULTS["bad_stages"] = str(e)
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopAfter(keras.callbacks.Callback):
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            raise _Stop()
+
+
+def run_checkpoint() -> None:
+    case = "seq_1f1b_sgd"
+    x, y = data()
+    backup = os.path.join(OUT, "backup")
+    pipe = pipeline(case)
+    init = pipe.get_weights()
+    try:
+        pipe.fit(x, y, batch_size=GLOBAL_BATCH, epochs=3, shuffle=False, verbose=0,
+                 callbacks=[keras.callbacks.BackupAndRestore(backup), _StopAfter(1)])
+    except _Stop:
+        pass
+    # A fresh process would start here: new model, other initial weights.
+    pipe = pipeline(case, seed=RANK + 50)
+    ckpt = os.path.join(OUT, "ckpt.keras")
+    history = pipe.fit(x, y, batch_size=GLOBAL_BATCH, epochs=3, shuffle=False,
+                       verbose=0, callbacks=[
+                           keras.callbacks.BackupAndRestore(backup),
+                           keras.callbacks.ModelCheckpoint(ckpt)])
+    final = pipe.get_weights()
+    save("checkpoint", **{f"init_{i}": w for i, w in enumerate(init)},
+         **{f"final_{i}": w for i, w in enumerate(final)})
+    RESULTS["checkpoint"] = {"loss": history.history["loss"],
+                             "num_weights": len(init)}
+
+
+def run_custom() -> None:
+    case = "seq_1f1b_sgd"
+    pipe = pipeline(case)
+    init = pipe.get_weights()
+    x, y = data()
+
+    @tf.function
+    def step(xb, yb):
+        loss, _, grads = pipe.compute_gradients(xb, yb)
+        pipe.optimizer.apply(grads, pipe.local_trainable_variables)
+        return loss
+
+    losses = []
+    for _ in range(CASES[case][-1]):
+        for start in range(0, len(x), GLOBAL_BATCH):
+            losses.append(float(step(x[start:start + GLOBAL_BATCH],
+                                     y[start:start + GLOBAL_BATCH])))
+    final = pipe.get_weights()
+    save("custom", **{f"init_{i}": w for i, w in enumerate(init)},
+         **{f"final_{i}": w for i, w in enumerate(final)})
+    RESULTS["custom"] = {"losses": losses, "num_weights": len(init)}
+
+
+def run_die() -> None:
+    pipe = pipeline("seq_1f1b_sgd")
+    x, y = data()
+
+    class Die(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if RANK == WORLD - 1 and batch == 1:
+                os._exit(137)
+
+    pipe.fit(x, y, batch_size=GLOBAL_BATCH, epochs=50, shuffle=False, verbose=0,
+             callbacks=[Die()])
+
+
+def run_example() -> None:
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), "examples", "pipeline_hybrid.py")
+    sys.argv = [example, "--epochs", "1"]
+    runpy.run_path(example, run_name="__main__")
+
+
+for check in CHECKS:
+    {"mismatch": run_mismatch, "checkpoint": run_checkpoint, "example": run_example,
+     "custom": run_custom, "die": run_die}.get(check, lambda c=check: run_case(c))()
+with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
+    json.dump(RESULTS, f)

@@ -1,0 +1,171 @@
+"""PipelineModel with one process per stage, and pipelines × data parallelism.
+
+Each launch runs several checks in one job (see mp_pipeline_worker.py); the
+assembled weights after `fit` must equal the plain Keras model's trained on
+the same global batches with the loss averaged over the global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import keras
+import numpy as np
+import pytest
+from mp_pipeline_common import CASES, NUM_SAMPLES, data, model, optimizer, reference
+from mp_util import TESTS, launch, requires_mpi
+
+WORKER = os.path.join(TESTS, "mp_pipeline_worker.py")
+pytestmark = [pytest.mark.slow, requires_mpi]
+
+
+def _results(out, nproc: int) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def _weights(out, rank: int, check: str, prefix: str, count: int) -> list:
+    with np.load(out / f"rank{rank}_{check}.npz") as z:
+        return [z[f"{prefix}_{i}"] for i in range(count)]
+
+
+def _assert_close(actual: list, expected: list) -> None:
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+
+
+def _check_case(out, nproc: int, case: str, results: list[dict]) -> None:
+    count = results[0][case]["num_weights"]
+    init = _weights(out, 0, case, "init", count)
+    final = _weights(out, 0, case, "final", count)
+    for r in range(1, nproc):  # the assembled model is the same everywhere
+        for a, b in zip(final, _weights(out, r, case, "final", count)):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(init, _weights(out, r, case, "init", count)):
+            np.testing.assert_array_equal(a, b)  # rank 0's initial weights
+    ref_weights, ref_losses = reference(case, init)
+    _assert_close(final, ref_weights)
+    assert not np.allclose(final[0], init[0])
+    for r in range(nproc):
+        # Every rank's history holds the global loss.
+        np.testing.assert_allclose(results[r][case]["loss"], ref_losses, rtol=1e-5)
+        assert results[r][case]["loss"] == results[0][case]["loss"]
+        assert results[r][case]["mae"] == results[0][case]["mae"]
+    # Every rank of a data-parallel group holds the same stage variables.
+    groups: dict[tuple, list] = {}
+    for r in range(nproc):
+        groups.setdefault(tuple(results[r][case]["dp_group_ranks"]), []).append(r)
+    for ranks in groups.values():
+        with np.load(out / f"rank{ranks[0]}_{case}.npz") as z0:
+            local = [z0[k] for k in sorted(z0.files) if k.startswith("local_")]
+        for r in ranks[1:]:
+            with np.load(out / f"rank{r}_{case}.npz") as z:
+                other = [z[k] for k in sorted(z.files) if k.startswith("local_")]
+            assert len(other) == len(local) > 0
+            for a, b in zip(local, other):
+                np.testing.assert_array_equal(a, b)
+    # evaluate and predict on every rank, batches not divisible by M x D.
+    plain = model(CASES[case][0])
+    plain.set_weights(final)
+    plain.compile(loss="mse", metrics=["mae"])
+    x, y = data()
+    expected = plain.evaluate(x[:40], y[:40], batch_size=16, verbose=0)
+    predicted = plain.predict(x[:37], batch_size=16, verbose=0)
+    for r in range(nproc):
+        np.testing.assert_allclose(results[r][case]["evaluate"], expected, rtol=1e-5)
+        with np.load(out / f"rank{r}_{case}.npz") as z:
+            np.testing.assert_allclose(z["predicted"], predicted, rtol=1e-5,
+                                       atol=1e-6)
+
+
+def test_two_stages_in_two_processes(tmp_path):
+    checks = ["seq_1f1b_sgd", "skip_gpipe_adam", "skip_interleaved_sgd",
+              "mismatch", "custom", "checkpoint"]
+    proc = launch(["--nproc", "2", WORKER, str(tmp_path), *checks], timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = _results(tmp_path, 2)
+    for case in checks[:3]:
+        _check_case(tmp_path, 2, case, results)
+    assert [r["seq_1f1b_sgd"]["stage"] for r in results] == [0, 1]
+    assert results[1]["seq_1f1b_sgd"]["pipeline_ranks"] == [0, 1]
+    # Each process holds its own stage's variables and optimizer state.
+    memory = [r["skip_gpipe_adam"]["memory"] for r in results]
+    assert sum(m["variables"] for m in memory) == memory[0]["model"]
+    for m in memory:
+        assert m["optimizer"] == 2 * m["variables"] < m["model"]  # Adam: m, v
+
+    # A partition that differs between ranks: a clear error on every rank.
+    for r in results:
+        assert r["mismatch"].startswith(
+            "The pipeline processes disagree, so their messages would not "
+            "match. Received: the partition differs (rank 0: ")
+        assert "(stage sizes [2, 2]), rank 1: " in r["mismatch"]
+        assert "(stage sizes [3, 1])" in r["mismatch"]
+        assert r["bad_stages"].startswith(
+            "The number of pipeline stages must divide the number of processes."
+            " Received: num_stages=3 with 2 processes.")
+
+    # Custom loop: compute_gradients + optimizer.apply on the local variables.
+    count = results[0]["custom"]["num_weights"]
+    init = _weights(tmp_path, 0, "custom", "init", count)
+    ref_weights, _ = reference("seq_1f1b_sgd", init)
+    _assert_close(_weights(tmp_path, 1, "custom", "final", count), ref_weights)
+    assert results[0]["custom"]["losses"] == results[1]["custom"]["losses"]
+    assert len(results[0]["custom"]["losses"]) == 2 * NUM_SAMPLES // 16
+
+    # BackupAndRestore: stopped after epoch 1, resumed by a new model with
+    # other initial weights, ends with the uninterrupted run's weights;
+    # ModelCheckpoint's file (written by rank 0) loads in plain Keras.
+    count = results[0]["checkpoint"]["num_weights"]
+    init = _weights(tmp_path, 0, "checkpoint", "init", count)
+    final = _weights(tmp_path, 1, "checkpoint", "final", count)
+    net = keras.models.load_model(tmp_path / "ckpt.keras", compile=False)
+    plain = model("seq")
+    plain.set_weights(init)
+    plain.compile(optimizer=optimizer("sgd"), loss="mse")
+    x, y = data()
+    history = plain.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    _assert_close(final, plain.get_weights())
+    _assert_close(net.get_weights(), plain.get_weights())
+    np.testing.assert_allclose(results[0]["checkpoint"]["loss"],
+                               history.history["loss"][1:], rtol=1e-5)
+
+
+def test_three_stages_in_three_processes(tmp_path):
+    checks = ["skip3_1f1b_adam"]
+    proc = launch(["--nproc", "3", WORKER, str(tmp_path), *checks], timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = _results(tmp_path, 3)
+    for case in checks:
+        _check_case(tmp_path, 3, case, results)
+    assert [r["skip3_1f1b_adam"]["stage"] for r in results] == [0, 1, 2]
+
+
+def test_two_stages_times_two_pipelines_in_four_processes(tmp_path):
+    # The 4 processes then run examples/pipeline_hybrid.py.
+    checks = ["seq_hybrid_cluster", "skip_hybrid_spread", "example"]
+    proc = launch(["--nproc", "4", WORKER, str(tmp_path), *checks], timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = _results(tmp_path, 4)
+    for case in checks[:2]:
+        _check_case(tmp_path, 4, case, results)
+    cluster = [r["seq_hybrid_cluster"] for r in results]
+    assert [c["pipeline_ranks"] for c in cluster] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [c["dp_group_ranks"] for c in cluster] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    spread = [r["skip_hybrid_spread"] for r in results]
+    assert [s["pipeline_ranks"] for s in spread] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [(s["stage"], s["dp"]) for s in spread] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    out = proc.stdout + proc.stderr
+    assert "rank 3: stage 1 of 2, pipeline 1 of 2; pipeline ranks [2, 3]" in out
+    assert "it loads in plain Keras with the trained weights: True" in out
+
+
+def test_a_killed_stage_process_stops_the_job_and_is_named(tmp_path):
+    start = time.monotonic()
+    proc = launch(["--nproc", "2", WORKER, str(tmp_path), "die"], timeout=300,
+                  env={"SMDIST_MPI_TIMEOUT": "20"})
+    assert proc.returncode != 0
+    assert "rank 1 failed with exit status 137" in proc.stderr
+    assert time.monotonic() - start < 200

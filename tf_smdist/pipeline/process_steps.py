@@ -1,0 +1,362 @@
+"""Keras steps of a `PipelineModel` whose stages run in separate processes.
+
+`PipelineModel` hands its `train_step`, `test_step`, `predict_step`, `call`
+and weight I/O to a `ProcessSteps` when the job has several processes. The
+last stage computes the loss and the metrics of its pipeline's share of the
+batch; every rank then adds the change of every metric variable over every
+rank (one all-reduce per step), so every rank's metric variables hold the
+global state: `fit` history, progress bars and callbacks see the same values
+on every rank. Metrics whose state adds up over batches (means, sums,
+confusion counts: every built-in metric) are supported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_smdist.pipeline.distributed import ProcessPipeline
+
+__all__ = ["ProcessSteps", "memory_of", "prepare_fit"]
+
+logger = logging.getLogger(__name__)
+
+
+def _rows(flat: Sequence[tf.Tensor]) -> tf.Tensor:
+    return tf.shape(flat[0])[0]
+
+
+class ProcessSteps:
+    """A `PipelineModel`'s per-step work when each stage has its own process.
+
+    Args:
+        pipe: the `PipelineModel`.
+        runtime: this process's `ProcessPipeline`.
+
+    Example:
+    ```python
+    steps = ProcessSteps(pipe, runtime)   # done by PipelineModel itself
+    ```
+    """
+
+    def __init__(self, pipe: Any, runtime: ProcessPipeline) -> None:
+        self._pipe = pipe
+        self._rt = runtime
+
+    @property
+    def runtime(self) -> ProcessPipeline:
+        """This process's `ProcessPipeline`."""
+        return self._rt
+
+    # -- losses ----------------------------------------------------------------
+
+    def _loss_fn(self, micro_y: list, micro_w: list, y: Any, sample_weight: Any,
+                 shard_rows: tf.Tensor, *, training: bool):
+        pipe = self._pipe
+        is_sum = getattr(pipe, "_loss_is_sum", False)
+
+        def loss_fn(i: int, outputs: list[tf.Tensor]) -> tf.Tensor:
+            y_i = keras.tree.pack_sequence_as(y, micro_y[i]) if micro_y[i] else None
+            w_i = (keras.tree.pack_sequence_as(sample_weight, micro_w[i])
+                   if micro_w[i] else None)
+            loss = pipe.compute_loss(x=None, y=y_i, y_pred=pipe._pack_outputs(outputs),
+                                     sample_weight=w_i, training=training)
+            if is_sum:
+                return loss
+            # Micro-batch means weighted by their rows: the shard's mean.
+            rows = tf.cast(_rows(outputs), loss.dtype)
+            return loss * rows / tf.cast(shard_rows, loss.dtype)
+
+        return loss_fn
+
+    def _split_targets(self, y: Any, sample_weight: Any, *, even: bool):
+        m = self._rt._schedule.num_microbatches
+        flat_y = keras.tree.flatten(y) if y is not None else []
+        flat_w = keras.tree.flatten(sample_weight) if sample_weight is not None else []
+        micro_y = self._rt.shard(flat_y, even=even) if flat_y else [[]] * m
+        micro_w = self._rt.shard(flat_w, even=even) if flat_w else [[]] * m
+        return micro_y, micro_w
+
+    # -- metrics shared over the job ----------------------------------------------
+
+    def _metric_variables(self) -> list[Any]:
+        return [v for metric in self._pipe.metrics for v in metric.variables]
+
+    def _build_metrics(self, y: Any, micro_x: list) -> None:
+        """Creates the compiled metrics' and losses' state on every rank.
+
+        Keras creates it when the loss and metrics first run, which only the
+        last stage does, and only inside the update; every rank needs the
+        same variables before it, to take part in the shared update.
+        """
+        pipe = self._pipe
+        rows = _rows(micro_x[0])
+        fake = [tf.zeros(tf.concat([[rows], shape], 0), dtype)
+                for shape, dtype in self._rt.output_specs()]
+        y_pred = pipe._pack_outputs(fake)
+        for compiled in (getattr(pipe, "_compile_metrics", None),
+                         getattr(pipe, "_compile_loss", None)):
+            if compiled is not None and not compiled.built:
+                compiled.build(y, y_pred)
+
+    def _shared_metrics(self, update: Any) -> dict[str, Any]:
+        """Runs `update()` (last stage), then adds every rank's metric changes."""
+        variables = self._metric_variables()
+        before = [tf.identity(v.value) for v in variables]
+        with tf.control_dependencies(before):
+            if self._rt.is_last:
+                update()
+        after = [tf.identity(v.value) for v in variables]
+        deltas = [tf.cast(a - b, tf.float32) for a, b in zip(after, before)]
+        summed = self._rt.world_sum(deltas)
+        for v, b, d in zip(variables, before, summed):
+            v.assign(b + tf.cast(d, v.dtype))
+        return self._pipe.get_metrics_result()
+
+    # -- steps ---------------------------------------------------------------------
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        """One training step on a global batch (every rank passes the same one)."""
+        pipe, rt = self._pipe, self._rt
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        micro_x = rt.shard(pipe._flat_inputs(x))
+        micro_y, micro_w = self._split_targets(y, sample_weight, even=True)
+        shard_rows = tf.add_n([_rows(mx) for mx in micro_x])
+        loss_fn = self._loss_fn(micro_y, micro_w, y, sample_weight, shard_rows,
+                                training=True)
+        is_sum = getattr(pipe, "_loss_is_sum", False)
+        dp = rt.topology.dp_size
+        outs, losses, grads = rt.train(
+            micro_x, loss_fn, gradient_scale=1.0 if is_sum else 1.0 / dp)
+        pipe.optimizer.apply(grads, rt.trainable_variables)
+        self._build_metrics(y, micro_x)
+
+        def update() -> None:
+            loss = tf.add_n(losses)
+            tracker = getattr(pipe, "_loss_tracker", None)
+            if tracker is not None:
+                # A summed loss is the batch's sum: each shard counts D times.
+                value = loss * dp if is_sum else loss
+                tracker.update_state(value, sample_weight=shard_rows)
+            self._update_compiled_metrics(y, sample_weight, micro_y, micro_w, outs)
+
+        return self._shared_metrics(update)
+
+    def test_step(self, data: Any) -> dict[str, Any]:
+        """One evaluation step on a global batch (any size)."""
+        pipe, rt = self._pipe, self._rt
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        micro_x = rt.shard(pipe._flat_inputs(x), even=False)
+        micro_y, micro_w = self._split_targets(y, sample_weight, even=False)
+        shard_rows = tf.add_n([_rows(mx) for mx in micro_x])
+        loss_fn = self._loss_fn(micro_y, micro_w, y, sample_weight, shard_rows,
+                                training=False)
+        outs, losses = rt.forward(micro_x, training=False, loss_fn=loss_fn)
+        self._build_metrics(y, micro_x)
+        is_sum = getattr(pipe, "_loss_is_sum", False)
+        dp = rt.topology.dp_size
+
+        def update() -> None:
+            loss = tf.add_n(losses)
+            tracker = getattr(pipe, "_loss_tracker", None)
+            if tracker is not None:
+                value = loss * dp if is_sum else loss
+                tracker.update_state(value, sample_weight=shard_rows)
+            self._update_compiled_metrics(y, sample_weight, micro_y, micro_w, outs)
+
+        return self._shared_metrics(update)
+
+    def _update_compiled_metrics(self, y: Any, sample_weight: Any, micro_y: list,
+                                 micro_w: list, outs: list) -> None:
+        pipe = self._pipe
+        compiled = getattr(pipe, "_compile_metrics", None)
+        if compiled is None:
+            return
+        y_pred = pipe._pack_outputs(self._concat(outs))
+        y_s = (keras.tree.pack_sequence_as(y, self._concat(micro_y))
+               if micro_y[0] else None)
+        w_s = (keras.tree.pack_sequence_as(sample_weight, self._concat(micro_w))
+               if micro_w[0] else None)
+        compiled.update_state(y_s, y_pred, w_s)
+
+    @staticmethod
+    def _concat(micro: list[list[tf.Tensor]]) -> list[tf.Tensor]:
+        if len(micro) == 1:
+            return list(micro[0])
+        return [tf.concat([part[i] for part in micro], 0)
+                for i in range(len(micro[0]))]
+
+    def call(self, inputs: Any) -> Any:
+        """The model's outputs for a global batch, on every rank."""
+        pipe, rt = self._pipe, self._rt
+        micro_x = rt.shard(pipe._flat_inputs(inputs), even=False)
+        outs, _ = rt.forward(micro_x, training=False)
+        local = self._concat(outs) if outs is not None else None
+        return pipe._pack_outputs(rt.gather_outputs(local))
+
+    # -- weights -------------------------------------------------------------------
+
+    def sync_weights(self) -> None:
+        """Brings every stage's current values to every rank (collective)."""
+        self._rt.broadcast_weights()
+
+    def compute_gradients(
+        self, x: Any, y: Any = None, sample_weight: Any = None
+    ) -> tuple[tf.Tensor, None, list[tf.Tensor]]:
+        """The custom-loop step: global loss, no outputs, this rank's gradients.
+
+        The gradients (of `local_trainable_variables`) are already averaged
+        over the data-parallel group; the loss is the global batch's, equal
+        on every rank.
+        """
+        pipe, rt = self._pipe, self._rt
+        micro_x = rt.shard(pipe._flat_inputs(x))
+        micro_y, micro_w = self._split_targets(y, sample_weight, even=True)
+        shard_rows = tf.add_n([_rows(mx) for mx in micro_x])
+        loss_fn = self._loss_fn(micro_y, micro_w, y, sample_weight, shard_rows,
+                                training=True)
+        is_sum = getattr(pipe, "_loss_is_sum", False)
+        dp = rt.topology.dp_size
+        _, losses, grads = rt.train(
+            micro_x, loss_fn, gradient_scale=1.0 if is_sum else 1.0 / dp)
+        local = tf.add_n(losses) if losses else tf.zeros([])
+        if not is_sum:
+            local = local / dp
+        loss, = rt.world_sum([local])
+        return loss, None, grads
+
+    def report(self) -> str:
+        """One line per stage: layers, parameters, owner ranks."""
+        rt = self._rt
+        topo = rt.topology
+        lines = [
+            f"  {topo.world_size} processes: {topo.dp_size} pipeline(s) x "
+            f"{topo.stage_size} stages, placement {topo.placement!r}; this "
+            f"process: rank {topo.rank}, stage {topo.stage_rank}, pipeline "
+            f"{topo.dp_rank}, device {rt.device}"
+        ]
+        for s in range(rt._schedule.num_stages):
+            layers = rt.stage_layers(s)
+            params = sum(int(np.prod(v.shape)) for layer in layers
+                         for v in layer.weights)
+            device = rt._schedule.device_of(s)
+            ranks = [topo.rank_of(device, d) for d in range(topo.dp_size)]
+            names = [layer.name for layer in layers] or ["(no layers)"]
+            lines.append(
+                f"  stage {s} on ranks {ranks}: {len(layers)} layers "
+                f"({names[0]} .. {names[-1]}), {params} parameters, receives "
+                f"{len(rt.transfer_plan.incoming(s))} tensor(s)"
+            )
+        return "\n".join(lines)
+
+
+def _nbytes(variables: Sequence[Any]) -> int:
+    return int(sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size
+                   for v in variables))
+
+
+def memory_of(pipe: Any, variables: Sequence[Any],
+              trainable: Sequence[Any]) -> dict[str, int]:
+    """Bytes of `variables`, their gradients and the optimizer state held.
+
+    Example:
+    >>> memory_of(pipe, pipe.weights, pipe.trainable_variables)  # doctest: +SKIP
+    {'variables': 1024, 'gradients': 1024, 'optimizer': 2048, 'model': 1024}
+    """
+    optimizer = getattr(pipe, "optimizer", None)
+    slots = list(getattr(optimizer, "variables", None) or [])
+    return {
+        "variables": _nbytes(variables),
+        "gradients": _nbytes(trainable),
+        "optimizer": _nbytes([v for v in slots if len(v.shape) > 0]),
+        "model": _nbytes(pipe.wrapped_model.weights),
+    }
+
+
+def _check_batches(pipe: Any, args: tuple, kwargs: dict) -> None:
+    x = args[0] if args else kwargs.get("x")
+    unit = pipe.microbatches * pipe.dp_size
+    size = getattr(x, "shape", None)
+    if size is not None and len(size) and size[0] is not None:
+        batch = kwargs.get("batch_size") or 32
+        rest = int(size[0]) % batch
+        for label, rows in (("batch_size", batch), ("last batch", rest)):
+            if rows % unit:
+                raise ValueError(
+                    "Every global batch must be a multiple of the number of "
+                    "micro-batches times the number of pipelines. Received: "
+                    f"{label} {rows} ({int(size[0])} samples, batch_size="
+                    f"{batch}) with microbatches={pipe.microbatches} and "
+                    f"{pipe.dp_size} pipeline(s). Use a batch size and a "
+                    f"sample count divisible by {unit}."
+                )
+    elif isinstance(x, tf.data.Dataset):
+        spec = keras.tree.flatten(x.element_spec)[0]
+        rows = spec.shape[0] if spec.shape.rank else None
+        if rows is not None and rows % unit:
+            raise ValueError(
+                "Every global batch must be a multiple of the number of "
+                "micro-batches times the number of pipelines. Received: "
+                f"dataset batches of {rows} with microbatches="
+                f"{pipe.microbatches} and {pipe.dp_size} pipeline(s). Batch "
+                f"the dataset by a multiple of {unit}."
+            )
+
+
+def agreed_profile(pipe: Any, callback: Any) -> Any:
+    """Rank 0 profiles with `callback`; every rank gets rank 0's profile."""
+    from tf_smdist import _mpi_ops
+    from tf_smdist.pipeline.profiler import Profile
+
+    callback.set_model(pipe)
+    callback.profile_kwargs["expand_nested"] = False
+    user_hook, callback.on_profile = callback.on_profile, None
+    text = callback.run_profile().to_json() if pipe.topology.rank == 0 else ""
+    profile = Profile.from_json(_mpi_ops.broadcast_bytes(text.encode(), root=0)
+                                .decode())
+    callback.profile = profile
+    if user_hook is not None:
+        user_hook(profile)
+    return profile
+
+
+def prepare_fit(pipe: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Checks `fit`'s arguments and readies its callbacks across processes.
+
+    A `ProfilingCallback` (or `partition="auto"` still pending) profiles the
+    model on rank 0 before the first step, every rank partitions from rank
+    0's profile, and training starts on that partition. On ranks other than
+    0, `BackupAndRestore` only takes part in gathering the weights (rank 0
+    writes the backup).
+    """
+    from tf_smdist.pipeline.profiler import ProfilingCallback
+
+    if pipe.run_eagerly:
+        raise ValueError(
+            "A pipeline across processes runs each step as a graph (its "
+            "messages run concurrently). Received: run_eagerly=True. Compile "
+            "with run_eagerly=False."
+        )
+    _check_batches(pipe, args, kwargs)
+    callbacks = list(kwargs.get("callbacks") or [])
+    profilers = [c for c in callbacks if isinstance(c, ProfilingCallback)]
+    if not profilers and pipe._pending_auto:
+        profilers = [ProfilingCallback(batch_size=kwargs.get("batch_size") or 32)]
+    for callback in profilers:
+        profile = agreed_profile(pipe, callback)
+        pipe._partition_from_profile(profile)
+    callbacks = [c for c in callbacks if not isinstance(c, ProfilingCallback)]
+    if pipe.topology.rank != 0:
+        for cb in callbacks:
+            if isinstance(cb, keras.callbacks.BackupAndRestore):
+                # Keras' BackupAndRestore writes in `_save_model` (no public
+                # hook): here it only takes part in gathering the weights.
+                cb._save_model = pipe._process.sync_weights
+                cb.delete_checkpoint = False
+    kwargs["callbacks"] = callbacks
+    return args, kwargs
