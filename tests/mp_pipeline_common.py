@@ -57,9 +57,11 @@ def optimizer(name: str) -> keras.optimizers.Optimizer:
     return keras.optimizers.Adam(0.01)
 
 
-def reference(case: str, init: list[np.ndarray]) -> tuple[list, list]:
+def reference(case: str, init: list[np.ndarray],
+              epochs: int | None = None) -> tuple[list, list]:
     """The plain model trained on the same global batches (mean loss)."""
-    kind, _, _, _, opt, _, _, epochs = CASES[case]
+    kind, _, _, _, opt, _, _, case_epochs = CASES[case]
+    epochs = epochs or case_epochs
     net = model(kind)
     net.set_weights(init)
     net.compile(optimizer=optimizer(opt), loss="mse")

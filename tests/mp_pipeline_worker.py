@@ -4,9 +4,10 @@ Usage: python mp_pipeline_worker.py OUT_DIR CHECK [CHECK ...]
 
 A CHECK is a case name of `mp_pipeline_common.CASES` (fit, then the
 weights, losses, evaluate and predict), `mismatch` (rank-dependent
-partitions), `example` (runs examples/pipeline_hybrid.py), `checkpoint`
-(BackupAndRestore interrupted and resumed, ModelCheckpoint), `custom`
-(custom training loop) or `die` (the last rank exits during training).
+partitions), `auto` (partition from rank 0's profile), `example` (runs
+examples/pipeline_hybrid.py), `checkpoint` (BackupAndRestore interrupted
+and resumed, ModelCheckpoint), `custom` (custom training loop) or `die`
+(the last rank exits during training).
 Each rank writes OUT_DIR/rank{r}_{check}.npz and OUT_DIR/rank{r}.json.
 """
 
@@ -83,6 +84,12 @@ def run_mismatch() -> None:
         smd.PipelineModel(model("seq"), num_stages=WORLD + 1, microbatches=2)
     except ValueError as e:
         RESULTS["bad_stages"] = str(e)
+    pipe = pipeline("seq_1f1b_sgd")
+    x, y = data()
+    try:  # 4 micro-batches do not divide a batch of 10
+        pipe.fit(x, y, batch_size=10, epochs=1, verbose=0)
+    except ValueError as e:
+        RESULTS["bad_batch"] = str(e)
 
 
 class _Stop(Exception):
@@ -160,6 +167,24 @@ def run_die() -> None:
              callbacks=[Die()])
 
 
+def run_auto() -> None:
+    pipe = pipeline("seq_1f1b_sgd", partition="auto")
+    init = pipe.get_weights()
+    x, y = data()
+    history = pipe.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False,
+                       verbose=0, callbacks=[smd.ProfilingCallback(warmup=1,
+                                                                   repeats=2)])
+    final = pipe.get_weights()
+    save("auto", **{f"init_{i}": w for i, w in enumerate(init)},
+         **{f"final_{i}": w for i, w in enumerate(final)})
+    runtime = pipe._process.runtime
+    RESULTS["auto"] = {
+        "stages": [[layer.name for layer in runtime.stage_layers(s)]
+                   for s in range(2)],
+        "bandwidth": pipe._partition_options["bandwidth"],
+        "loss": history.history["loss"], "num_weights": len(init)}
+
+
 def run_example() -> None:
     example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
         __file__))), "examples", "pipeline_hybrid.py")
@@ -169,6 +194,7 @@ def run_example() -> None:
 
 for check in CHECKS:
     {"mismatch": run_mismatch, "checkpoint": run_checkpoint, "example": run_example,
+     "auto": run_auto,
      "custom": run_custom, "die": run_die}.get(check, lambda c=check: run_case(c))()
 with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
     json.dump(RESULTS, f)

@@ -82,7 +82,7 @@ def _check_case(out, nproc: int, case: str, results: list[dict]) -> None:
 
 def test_two_stages_in_two_processes(tmp_path):
     checks = ["seq_1f1b_sgd", "skip_gpipe_adam", "skip_interleaved_sgd",
-              "mismatch", "custom", "checkpoint"]
+              "mismatch", "custom", "checkpoint", "auto"]
     proc = launch(["--nproc", "2", WORKER, str(tmp_path), *checks], timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = _results(tmp_path, 2)
@@ -103,6 +103,10 @@ def test_two_stages_in_two_processes(tmp_path):
             "match. Received: the partition differs (rank 0: ")
         assert "(stage sizes [2, 2]), rank 1: " in r["mismatch"]
         assert "(stage sizes [3, 1])" in r["mismatch"]
+        assert r["bad_batch"].startswith(
+            "Every global batch must be a multiple of the number of "
+            "micro-batches times the number of pipelines. Received: "
+            "batch_size 10 (64 samples, batch_size=10) with microbatches=4")
         assert r["bad_stages"].startswith(
             "The number of pipeline stages must divide the number of processes."
             " Received: num_stages=3 with 2 processes.")
@@ -131,6 +135,17 @@ def test_two_stages_in_two_processes(tmp_path):
     _assert_close(net.get_weights(), plain.get_weights())
     np.testing.assert_allclose(results[0]["checkpoint"]["loss"],
                                history.history["loss"][1:], rtol=1e-5)
+
+    # partition="auto" with a ProfilingCallback: rank 0's profile and the
+    # measured bandwidth give one partition on every rank, chosen before the
+    # first step (so training equals the plain model's from the start).
+    assert results[0]["auto"]["stages"] == results[1]["auto"]["stages"]
+    assert results[0]["auto"]["bandwidth"] == results[1]["auto"]["bandwidth"] > 0
+    count = results[0]["auto"]["num_weights"]
+    init = _weights(tmp_path, 0, "auto", "init", count)
+    ref_weights, ref_losses = reference("seq_1f1b_sgd", init, epochs=1)
+    _assert_close(_weights(tmp_path, 1, "auto", "final", count), ref_weights)
+    np.testing.assert_allclose(results[1]["auto"]["loss"], ref_losses, rtol=1e-5)
 
 
 def test_three_stages_in_three_processes(tmp_path):

@@ -119,6 +119,9 @@ class ProcessPipeline:
             Defaults to `25.0`.
         placement_summary: extra text compared across ranks at start-up.
             Defaults to `""`.
+        graph: the model's `LayerGraph` whose node names `stage_names`
+            uses. Defaults to `None`: `flatten_model(model,
+            expand_nested=False)`.
 
     Example:
     ```python
@@ -138,6 +141,7 @@ class ProcessPipeline:
         recompute: bool = False,
         bucket_cap_mb: float = 25.0,
         placement_summary: str = "",
+        graph: LayerGraph | None = None,
     ) -> None:
         if compression not in _COMPRESSION:
             raise ValueError(
@@ -158,7 +162,8 @@ class ProcessPipeline:
         self._recompute = bool(recompute)
         self._bucket_cap_mb = float(bucket_cap_mb)
         self._device = local_device()
-        self._graph: LayerGraph = flatten_model(model, expand_nested=False)
+        self._graph: LayerGraph = (
+            graph if graph is not None else flatten_model(model, expand_nested=False))
         self._assign(stage_names)
         self._my_stages = [
             s for s in range(schedule.num_stages)
@@ -181,22 +186,20 @@ class ProcessPipeline:
     def _assign(self, stage_names: Sequence[Sequence[str]]) -> None:
         graph = self._graph
         num = len(stage_names)
-        of_layer = {n: s for s, names in enumerate(stage_names) for n in names}
+        of_name = {n: s for s, names in enumerate(stage_names) for n in names}
         producer = {k: -1 for k in graph.inputs}
         nodes: list[list[Any]] = [[] for _ in range(num)]
         for node in graph.nodes:
             earliest = max((producer[k] for k in node.inputs), default=0)
-            if node.is_layer:
-                name = node.operation.name
-                if name not in of_layer:
+            s = of_name.get(node.name)
+            if s is None:
+                if node.is_layer:
                     raise ValueError(
-                        f"Layer {name!r} is in no stage. Received: "
+                        f"Layer {node.name!r} is in no stage. Received: "
                         f"stage_names={list(map(list, stage_names))}. Put every "
                         "layer in one stage."
                     )
-                s = of_layer[name]
-            else:
-                s = max(earliest, 0)
+                s = max(earliest, 0)  # an operation goes with its inputs
             nodes[s].append(node)
             for k in node.outputs:
                 producer[k] = s
@@ -362,6 +365,11 @@ class ProcessPipeline:
     def local_stages(self) -> list[int]:
         """The (virtual) stages this process runs."""
         return list(self._my_stages)
+
+    @property
+    def pipeline_comm(self) -> int:
+        """The communicator of this process's pipeline (ranks = stages)."""
+        return self._pipe_comm
 
     @property
     def transfer_plan(self) -> routing.TransferPlan:

@@ -777,7 +777,11 @@ class PipelineModel(keras.Model):
         Returns:
             `(loss, y_pred, grads)`: the batch loss (the compiled loss, as the
             plain model computes it on the whole batch), the predictions, and
-            one gradient per trainable variable.
+            one gradient per trainable variable. Across processes (every rank
+            passes the same global batch): the global batch's loss on every
+            rank, `None`, and one gradient per variable of
+            `local_trainable_variables`, already averaged over the
+            data-parallel group.
 
         Example:
         ```python

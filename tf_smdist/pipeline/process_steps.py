@@ -13,6 +13,8 @@ confusion counts: every built-in metric) are supported.
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -308,10 +310,46 @@ def _check_batches(pipe: Any, args: tuple, kwargs: dict) -> None:
             )
 
 
+def measure_bandwidth(pipe: Any, *, nbytes: int = 4 << 20, repeats: int = 3) -> float:
+    """Bytes per second between stages 0 and 1, the same value on every rank.
+
+    Stage 0 sends `nbytes` to stage 1 of the same pipeline `repeats` times
+    (each answered by one byte); the median is taken, and the slowest
+    pipeline's value is agreed on by every rank.
+
+    Example:
+    >>> measure_bandwidth(pipe)  # doctest: +SKIP
+    2.1e9
+    """
+    from tf_smdist import _mpi_ops
+    from tf_smdist.data_parallel import cluster
+    from tf_smdist.pipeline.routing import MAX_TAG
+
+    rt = pipe._process.runtime
+    topo = rt.topology
+    bandwidth = float("inf")
+    if topo.stage_size > 1 and topo.stage_rank in (0, 1):
+        payload = bytes(nbytes)
+        comm = rt.pipeline_comm
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            if topo.stage_rank == 0:
+                _mpi_ops.send_bytes(payload, peer=1, tag=MAX_TAG, comm=comm)
+                _mpi_ops.recv_bytes(1, peer=1, tag=MAX_TAG, comm=comm)
+            else:
+                _mpi_ops.recv_bytes(nbytes, peer=0, tag=MAX_TAG, comm=comm)
+                _mpi_ops.send_bytes(b"\0", peer=0, tag=MAX_TAG, comm=comm)
+            times.append(time.perf_counter() - start)
+        bandwidth = nbytes / statistics.median(times)
+    agreed = cluster.allreduce_numpy(np.array([bandwidth]), reduction="min")
+    return float(agreed[0])
+
+
 def agreed_profile(pipe: Any, callback: Any) -> Any:
     """Rank 0 profiles with `callback`; every rank gets rank 0's profile."""
     from tf_smdist import _mpi_ops
-    from tf_smdist.pipeline.profiler import Profile
+    from tf_smdist.pipeline.profile import Profile
 
     callback.set_model(pipe)
     callback.profile_kwargs["expand_nested"] = False
@@ -330,11 +368,12 @@ def prepare_fit(pipe: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
     A `ProfilingCallback` (or `partition="auto"` still pending) profiles the
     model on rank 0 before the first step, every rank partitions from rank
-    0's profile, and training starts on that partition. On ranks other than
+    0's profile and the measured point-to-point bandwidth
+    (`measure_bandwidth`), and training starts on that partition. On ranks other than
     0, `BackupAndRestore` only takes part in gathering the weights (rank 0
     writes the backup).
     """
-    from tf_smdist.pipeline.profiler import ProfilingCallback
+    from tf_smdist.pipeline.callback import ProfilingCallback
 
     if pipe.run_eagerly:
         raise ValueError(
@@ -349,6 +388,9 @@ def prepare_fit(pipe: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         profilers = [ProfilingCallback(batch_size=kwargs.get("batch_size") or 32)]
     for callback in profilers:
         profile = agreed_profile(pipe, callback)
+        if "bandwidth" not in pipe._partition_options:
+            # The measured point-to-point bandwidth prices the transfers.
+            pipe._partition_options["bandwidth"] = measure_bandwidth(pipe)
         pipe._partition_from_profile(profile)
     callbacks = [c for c in callbacks if not isinstance(c, ProfilingCallback)]
     if pipe.topology.rank != 0:
