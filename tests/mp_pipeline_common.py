@@ -21,6 +21,8 @@ CASES = {
     "skip_hybrid_spread": ("skip", 2, 2, "interleaved", "sgd", [1, 1, 1, 2],
                            "spread", 1),
 }
+# Cases that also check evaluate and predict (each traces more functions).
+EVALUATED = ("seq_1f1b_sgd", "skip3_1f1b_adam", "skip_hybrid_spread")
 
 
 def data() -> tuple[np.ndarray, np.ndarray]:
