@@ -8,8 +8,12 @@ here adds only argument checks, a name and the gradient; the public
 
 Names: a collective called with `name=None` gets one generated
 deterministically. Inside a graph (`tf.function`, `tf.compat.v1` graphs) it
-is `"<kind>.<graph name>/<op name>"`, from the op's unique name in its graph,
-which is the same on every rank that traces the same program. Eagerly it is
+is `"<kind>.<graph name>/<op name>"`, from the op's unique name in its graph
+(the graph's name without a trailing `_<number>`), which is the same on
+every rank that traces the same program. Unnamed collectives of two graphs
+with the same name running at the same time can collide (an
+`InvalidArgumentError` saying the name is already pending); pass `name=`
+then. Eagerly it is
 `"<kind>.eager.<n>"`, counting this process's unnamed eager calls of that
 kind on that process set (assigned by the engine when the op runs, so the
 eager kernel is reused), so ranks that make the same eager calls in the
@@ -45,6 +49,7 @@ import atexit
 import ctypes
 import logging
 import os
+import re
 import socket
 import threading
 from collections.abc import Sequence
@@ -472,9 +477,13 @@ def _name(kind: str, name: str | None, process_set_id: int) -> str:
         return ""  # the engine counts unnamed eager calls
     graph = tf.compat.v1.get_default_graph()
     op_name = graph.unique_name(_OP_BASE[kind], mark_as_used=False)
-    return f"{kind}.{getattr(graph, 'name', 'graph')}/{op_name}"
+    # Control-flow branch and loop-body graphs are named with a process-wide
+    # counter ("while_body_123"), which can differ between ranks: drop it.
+    label = _GRAPH_UID.sub("", getattr(graph, "name", None) or "graph")
+    return f"{kind}.{label}/{op_name}"
 
 
+_GRAPH_UID = re.compile(r"_\d+$")
 _OP_BASE = {
     "allreduce": "HvdAllreduce", "grouped_allreduce": "HvdGroupedAllreduce",
     "allgather": "HvdAllgather", "broadcast": "HvdBroadcast", "alltoall": "HvdAlltoall",
