@@ -37,7 +37,8 @@ _EXPORTS = {
     "Cluster": "tf_smdist.planner.cluster",
     "plan": "tf_smdist.planner.search",
 }
-_SUBPACKAGES = ("data_parallel", "pipeline", "planner", "launch", "devices")
+_SUBPACKAGES = ("data_parallel", "pipeline", "planner", "launch", "devices",
+                "horovod", "sdp")
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 

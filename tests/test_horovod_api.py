@@ -1,0 +1,447 @@
+"""The Horovod-compatible API in one process: surface, errors, exact equality."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_smdist.horovod as hvd
+import tf_smdist.horovod.keras as hvd_keras
+import tf_smdist.sdp as sdp
+import tf_smdist.sdp.keras as sdp_keras
+
+hvd.init()
+
+HVD_NAMES = """
+init shutdown is_initialized size rank local_size local_rank cross_size cross_rank
+is_homogeneous rank_op size_op local_rank_op local_size_op mpi_built mpi_enabled
+mpi_threads_supported gloo_built gloo_enabled nccl_built ddl_built ccl_built cuda_built
+rocm_built start_timeline stop_timeline Average Sum Min Max Product Adasum
+allreduce grouped_allreduce allgather grouped_allgather broadcast broadcast_
+broadcast_variables alltoall reducescatter grouped_reducescatter join barrier
+broadcast_object broadcast_object_fn allgather_object Compression ProcessSet
+global_process_set add_process_set remove_process_set DistributedGradientTape
+PartialDistributedGradientTape SyncBatchNormalization elastic
+broadcast_global_variables BroadcastGlobalVariablesHook
+""".split()
+KERAS_NAMES = """
+init shutdown size rank local_size local_rank mpi_built mpi_enabled
+mpi_threads_supported gloo_built nccl_built cuda_built Compression
+DistributedOptimizer PartialDistributedOptimizer broadcast_global_variables
+allreduce allgather broadcast load_model callbacks elastic Average Sum
+""".split()
+CALLBACK_NAMES = """
+BroadcastGlobalVariablesCallback MetricAverageCallback LearningRateScheduleCallback
+LearningRateWarmupCallback BestModelCheckpoint
+""".split()
+SDP_NAMES = """
+init size rank local_rank local_size allreduce oob_allreduce broadcast
+broadcast_variables DistributedGradientTape shutdown ReduceOp Compression
+""".split()
+
+
+def _model(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((4,)),
+                             keras.layers.Dense(8, activation="relu"),
+                             keras.layers.Dense(1)])
+
+
+def _data(n: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.RandomState(0)
+    x = rng.randn(n, 4).astype("float32")
+    return x, (x @ np.arange(1, 5, dtype="float32"))[:, None]
+
+
+def _equal(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_every_documented_name_exists():
+    for name in HVD_NAMES:
+        assert hasattr(hvd, name), name
+    for name in KERAS_NAMES:
+        assert hasattr(hvd_keras, name), name
+    for name in CALLBACK_NAMES:
+        assert hasattr(hvd_keras.callbacks, name), name
+    for name in SDP_NAMES:
+        assert hasattr(sdp, name), name
+    assert hasattr(sdp_keras, "DistributedOptimizer")
+    assert hasattr(sdp_keras.callbacks, "BroadcastGlobalVariablesCallback")
+    import tf_smdist
+
+    assert tf_smdist.horovod is hvd and tf_smdist.sdp is sdp
+
+
+def test_process_queries_in_one_process():
+    assert hvd.is_initialized()
+    assert (hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()) == (0, 1, 0, 1)
+    assert (hvd.cross_rank(), hvd.cross_size(), hvd.is_homogeneous()) == (0, 1, True)
+    assert int(hvd.rank_op()) == 0 and int(hvd.size_op()) == 1
+    assert int(hvd.local_rank_op()) == 0 and int(hvd.local_size_op()) == 1
+    hvd.init()  # idempotent
+    assert hvd.size() == 1
+
+
+def test_build_queries_answer_truthfully():
+    from tf_smdist import _build_info, _mpi_ops
+
+    lib = os.path.join(os.path.dirname(_mpi_ops.__file__), _mpi_ops.LIBRARY_NAME)
+    assert hvd.mpi_built() == os.path.exists(lib)
+    assert hvd.mpi_enabled() is False  # one process: no MPI
+    assert hvd.cuda_built() == bool(_build_info.GPU_KERNELS)
+    assert hvd.gloo_built() is False and hvd.gloo_enabled() is False
+    assert hvd.nccl_built() == 0
+    assert not (hvd.ddl_built() or hvd.ccl_built() or hvd.rocm_built())
+    assert hvd.mpi_threads_supported() is False
+
+
+def test_adasum_is_a_clear_error_everywhere():
+    with pytest.raises(NotImplementedError, match="Adasum"):
+        hvd.allreduce(tf.ones([2]), op=hvd.Adasum)
+    with pytest.raises(NotImplementedError, match="Adasum"):
+        hvd.grouped_allreduce([tf.ones([2])], op=hvd.Adasum)
+    with pytest.raises(NotImplementedError, match="Adasum"):
+        hvd.DistributedGradientTape(tf.GradientTape(), op=hvd.Adasum)
+    with pytest.raises(NotImplementedError, match="Adasum"):
+        hvd_keras.DistributedOptimizer(keras.optimizers.SGD(), op=hvd.Adasum)
+
+
+def test_op_and_legacy_average_conflict():
+    with pytest.raises(ValueError, match="either `op` or the legacy `average`"):
+        hvd.allreduce(tf.ones([1]), average=True, op=hvd.Sum)
+    np.testing.assert_array_equal(hvd.allreduce(tf.ones([1]), average=False), [1.0])
+
+
+def test_elastic_raises_a_clear_error():
+    with pytest.raises(NotImplementedError, match="Elastic training is not supported"):
+        hvd.elastic.run  # noqa: B018
+    with pytest.raises(NotImplementedError, match="hvd.elastic.KerasState"):
+        hvd_keras.elastic.KerasState  # noqa: B018
+    with pytest.raises(NotImplementedError, match="Elastic"):
+        importlib.import_module("tf_smdist.horovod.elastic").TensorFlowKerasState  # noqa: B018
+
+
+def test_unsupported_communicator_and_timeline():
+    with pytest.raises(ValueError, match="sub-communicator"):
+        hvd.init(comm=[1, 2])
+    hvd.init(comm=[0])  # the whole job is accepted
+    hvd.start_timeline("/tmp/unused.json")
+    hvd.stop_timeline()
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64, tf.bfloat16])
+def test_fp16_compression_round_trip(dtype):
+    x = tf.constant([1.0, 1.0 / 3.0, 1000.5], dtype)
+    sent, ctx = hvd.Compression.fp16.compress(x)
+    assert sent.dtype == tf.float16
+    back = hvd.Compression.fp16.decompress(sent, ctx)
+    assert back.dtype == dtype
+    np.testing.assert_array_equal(back, tf.cast(tf.cast(x, tf.float16), dtype))
+    ints = tf.constant([1, 2])
+    sent, ctx = hvd.Compression.fp16.compress(ints)
+    assert sent.dtype == tf.int32
+    np.testing.assert_array_equal(hvd.Compression.fp16.decompress(sent, ctx), [1, 2])
+    same, ctx = hvd.Compression.none.compress(x)
+    assert same is x and hvd.Compression.none.decompress(same, ctx) is x
+    reduced = hvd.allreduce(tf.constant([1.0 / 3.0]), compression=hvd.Compression.fp16)
+    assert reduced.dtype == tf.float32
+    np.testing.assert_array_equal(reduced, [np.float32(np.float16(1.0 / 3.0))])
+
+
+def test_collectives_in_one_process_eager_function_and_graph():
+    x = tf.constant([[1.0, 2.0], [3.0, 4.0]])
+
+    def run(t):
+        return [hvd.allreduce(t, op=hvd.Sum, prescale_factor=2.0, postscale_factor=3.0),
+                hvd.allgather(t), hvd.broadcast(t, 0), hvd.alltoall(t)[0],
+                hvd.reducescatter(t, op=hvd.Sum), *hvd.grouped_allreduce([t, t]),
+                *hvd.grouped_allgather([t]), *hvd.grouped_reducescatter([t])]
+
+    expected = [6 * x, x, x, x, x, x, x, x, x]
+    for out in (run(x), tf.function(run)(x)):
+        for a, e in zip(out, expected):
+            np.testing.assert_array_equal(a, e)
+    with tf.Graph().as_default():
+        t = tf.constant([1.0, 2.0])
+        ops = [hvd.allreduce(t), hvd.allgather(t), hvd.broadcast(t, 0)]
+        with tf.compat.v1.Session() as sess:
+            for value in sess.run(ops):
+                np.testing.assert_array_equal(value, [1.0, 2.0])
+    assert int(hvd.join()) == 0
+    hvd.barrier()
+
+
+def test_indexed_slices_are_gathered_and_averaged():
+    s = tf.IndexedSlices(tf.constant([[1.0, 2.0]]), tf.constant([3]),
+                         tf.constant([5, 2]))
+    out = hvd.allreduce(s, prescale_factor=4.0)
+    assert isinstance(out, tf.IndexedSlices)
+    np.testing.assert_array_equal(out.values, [[4.0, 8.0]])
+    np.testing.assert_array_equal(out.indices, [3])
+    with pytest.raises(ValueError, match="only sums or averages"):
+        hvd.allreduce(s, op=hvd.Max)
+
+
+def test_object_collectives():
+    fn = lambda v: v + 1  # noqa: E731 (a lambda needs cloudpickle)
+    obj = {"a": [1, 2.5, "x"], "f": fn}
+    got = hvd.broadcast_object(obj, root_rank=0)
+    assert got["a"] == obj["a"] and got["f"](1) == 2
+    assert hvd.broadcast_object_fn(root_rank=0)((1, None)) == (1, None)
+    assert hvd.allgather_object({"rank": hvd.rank()}) == [{"rank": 0}]
+
+
+def test_process_sets_in_one_process():
+    ps = hvd.add_process_set([0])
+    assert ps.process_set_id > 0 and ps.ranks == [0] and ps.included()
+    np.testing.assert_array_equal(hvd.allreduce(tf.ones([2]), process_set=ps), [1, 1])
+    assert hvd.remove_process_set(ps) is True and ps.process_set_id is None
+    with pytest.raises(ValueError, match="not registered"):
+        hvd.allreduce(tf.ones([2]), process_set=ps)
+    with pytest.raises(ValueError, match="ranks of the job"):
+        hvd.add_process_set([0, 1])
+    with pytest.raises(TypeError, match="ProcessSet"):
+        hvd.allreduce(tf.ones([1]), process_set=[0])
+    assert hvd.global_process_set.process_set_id == 0
+    assert hvd.global_process_set.size() == 1
+
+
+def _tape_grads(tape_cls, **kwargs):
+    model = _model()
+    x, y = _data(16)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(x) - y))
+    if tape_cls is not None:
+        tape = tape_cls(tape, **kwargs)
+    return [np.asarray(g) for g in tape.gradient(loss, model.trainable_variables)]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"groups": 2}, {"num_groups": 1},
+                                    {"op": hvd.Sum}])
+def test_tape_equals_plain_tape_in_one_process(kwargs):
+    _equal(_tape_grads(hvd.DistributedGradientTape, **kwargs), _tape_grads(None))
+
+
+def test_tape_as_context_local_sources_and_sparse():
+    emb = keras.layers.Embedding(10, 3)
+    emb.build((None,))
+    dense = keras.layers.Dense(1)
+    ids = tf.constant([1, 4, 4])
+    with hvd.DistributedGradientTape(tf.GradientTape(), sparse_as_dense=False) as tape:
+        loss = tf.reduce_sum(dense(emb(ids)))
+    tape.register_local_source(dense.kernel)
+    g_emb, g_kernel = tape.gradient(loss, [emb.embeddings, dense.kernel])
+    assert isinstance(g_emb, tf.IndexedSlices)
+    with tf.GradientTape() as plain:
+        loss = tf.reduce_sum(dense(emb(ids)))
+    p_emb, p_kernel = plain.gradient(loss, [emb.embeddings, dense.kernel])
+    np.testing.assert_array_equal(tf.convert_to_tensor(g_emb),
+                                  tf.convert_to_tensor(p_emb))
+    np.testing.assert_array_equal(g_kernel, p_kernel)
+    with hvd.DistributedGradientTape(tf.GradientTape(), sparse_as_dense=True) as tape:
+        loss = tf.reduce_sum(dense(emb(ids)))
+    dense_grad = tape.gradient(loss, emb.embeddings)
+    assert isinstance(dense_grad, tf.Tensor)
+    np.testing.assert_array_equal(dense_grad, tf.convert_to_tensor(p_emb))
+    partial = hvd.PartialDistributedGradientTape(tf.GradientTape(), local_layers=dense)
+    assert partial.tape is not None
+    with pytest.raises(TypeError, match="tf.GradientTape"):
+        hvd.DistributedGradientTape(object())
+
+
+def _fit(optimizer, callbacks=(), epochs=2, batch_size=16, model=None):
+    model = model or _model()
+    model.compile(optimizer=optimizer, loss="mse")
+    x, y = _data()
+    history = model.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0,
+                        shuffle=False, callbacks=list(callbacks))
+    return model, history
+
+
+@pytest.mark.parametrize("make", [lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+                                  lambda: keras.optimizers.Adam(0.01)])
+def test_distributed_optimizer_fit_equals_plain_fit(make):
+    plain, _ = _fit(make())
+    callbacks = [hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0),
+                 hvd_keras.callbacks.MetricAverageCallback()]
+    opt = hvd_keras.DistributedOptimizer(make())
+    dist, history = _fit(opt, callbacks)
+    _equal(dist.get_weights(), plain.get_weights())
+    assert isinstance(opt, type(make())) and hvd_keras.is_distributed(opt)
+    config, plain_config = opt.get_config(), make().get_config()
+    config.pop("name"), plain_config.pop("name")
+    assert config == plain_config
+    assert len(history.history["loss"]) == 2
+
+
+def test_distributed_optimizer_custom_loop_apply_gradients():
+    x, y = _data(16)
+    results = []
+    for wrap in (False, True):
+        model = _model()
+        opt = keras.optimizers.SGD(0.1)
+        if wrap:
+            opt = hvd_keras.DistributedOptimizer(opt, name="dist_sgd")
+        for _ in range(3):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(x) - y))
+            grads = tape.gradient(loss, model.trainable_variables)
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+        results.append(model.get_weights())
+    _equal(results[0], results[1])
+    assert opt.name == "dist_sgd"
+    with pytest.raises(ValueError, match="already"):
+        hvd_keras.DistributedOptimizer(opt)
+    with pytest.raises(TypeError, match="Keras 3 optimizer"):
+        hvd_keras.DistributedOptimizer("sgd")
+
+
+def test_backward_passes_per_step_accumulates_locally():
+    # Two half batches summed (or averaged) locally then applied once
+    # equal one step on the whole batch with the loss summed (or averaged).
+    x, y = _data(32)
+    for average in (True, False):
+        model = _model()
+        opt = hvd_keras.DistributedOptimizer(
+            keras.optimizers.SGD(0.05), backward_passes_per_step=2,
+            average_aggregated_gradients=average)
+        for half in (slice(0, 16), slice(16, 32)):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(x[half]) - y[half]))
+            opt.apply(tape.gradient(loss, model.trainable_variables),
+                      model.trainable_variables)
+        ref = _model()
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(ref(x) - y)) * (1.0 if average else 2.0)
+        keras.optimizers.SGD(0.05).apply(tape.gradient(loss, ref.trainable_variables),
+                                         ref.trainable_variables)
+        for a, b in zip(model.get_weights(), ref.get_weights()):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        assert int(opt.iterations) == 2
+
+
+def test_load_model_wraps_the_optimizer_and_keeps_its_state(tmp_path):
+    model, _ = _fit(keras.optimizers.SGD(0.05, momentum=0.9))
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = hvd_keras.load_model(path)
+    assert hvd_keras.is_distributed(loaded.optimizer)
+    assert isinstance(loaded.optimizer, keras.optimizers.SGD)
+    assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 8
+    _equal([v.numpy() for v in loaded.optimizer.variables],
+           [v.numpy() for v in model.optimizer.variables])
+    x, y = _data()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    loaded.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    _equal(loaded.get_weights(), model.get_weights())
+
+
+def test_learning_rate_callbacks(tmp_path):
+    schedule = hvd_keras.callbacks.LearningRateScheduleCallback(
+        initial_lr=0.1, multiplier=lambda epoch: 0.5 ** epoch, start_epoch=1)
+    _, history = _fit(keras.optimizers.SGD(0.1), [schedule], epochs=3)
+    np.testing.assert_allclose(history.history["lr"], [0.1, 0.05, 0.025], rtol=1e-6)
+    # One process: the warm-up multiplier is 1 (initial_lr / size ... initial_lr).
+    warmup = hvd_keras.callbacks.LearningRateWarmupCallback(
+        initial_lr=0.2, warmup_epochs=2, verbose=1)
+    _, history = _fit(keras.optimizers.SGD(0.05), [warmup], epochs=2)
+    np.testing.assert_allclose(history.history["lr"], [0.2, 0.2], rtol=1e-6)
+    best = str(tmp_path / "best.keras")
+    checkpoint = hvd_keras.callbacks.BestModelCheckpoint(monitor="loss", filepath=best)
+    _fit(keras.optimizers.SGD(0.05), [checkpoint], epochs=1)
+    assert os.path.exists(best)
+    with pytest.raises(ValueError, match="filepath"):
+        hvd_keras.callbacks.BestModelCheckpoint()
+
+
+def test_sync_batch_norm_equals_batch_norm_in_one_process():
+    x = tf.random.stateless_normal([16, 3], seed=[1, 2]) * 3.0 + 1.0
+    sync = hvd.SyncBatchNormalization(momentum=0.5)
+    plain = keras.layers.BatchNormalization(momentum=0.5)
+    outs, grads = [], []
+    for layer in (sync, plain):
+        layer.build(x.shape)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = layer(x, training=True)
+            loss = tf.reduce_sum(out * tf.range(3, dtype=tf.float32))
+        grads.append(tape.gradient(loss, [x, *layer.trainable_variables]))
+        outs.append(out)
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sync.moving_mean, plain.moving_mean, rtol=1e-5)
+    np.testing.assert_allclose(sync.moving_variance, plain.moving_variance, rtol=1e-5)
+    np.testing.assert_allclose(sync(x, training=False), plain(x, training=False),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="renorm"):
+        hvd.SyncBatchNormalization(renorm=True)
+
+
+def test_broadcast_variables_and_global_variables():
+    v = tf.Variable([1.0, 2.0])
+    w = keras.Variable(np.ones((2, 2), "float32"))
+    assert hvd.broadcast_variables([v, w], root_rank=0) is None
+    assert hvd.broadcast_(v, 0) is v
+    with pytest.raises(RuntimeError, match="eager"):
+        hvd.broadcast_global_variables(0)
+    with pytest.raises(RuntimeError, match="eager"):
+        hvd_keras.broadcast_global_variables(0)
+    with tf.Graph().as_default():
+        g = tf.compat.v1.get_variable("g", initializer=[3.0])
+        op = hvd.broadcast_global_variables(0)
+        with tf.compat.v1.Session() as sess:
+            sess.run(g.initializer)
+            sess.run(op)
+            np.testing.assert_array_equal(sess.run(g), [3.0])
+
+
+def test_keras_level_collectives_take_and_return_numpy():
+    out = hvd_keras.allreduce(np.array([1.0, 3.0]), op=hvd.Sum)
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_array_equal(out, [1.0, 3.0])
+    np.testing.assert_array_equal(hvd_keras.allgather(np.arange(3)), np.arange(3))
+    np.testing.assert_array_equal(hvd_keras.broadcast(np.array([7]), 0), [7])
+
+
+def test_sdp_spelling():
+    sdp.init()
+    assert sdp.size() == 1 and sdp.rank() == 0
+    assert os.environ.get("SMDIST_FUSION_THRESHOLD") or os.environ.get(
+        "HOROVOD_FUSION_THRESHOLD")
+    assert sdp.DEFAULT_FUSION_BYTES == 25 * 1024 * 1024
+    assert sdp.ReduceOp.AVERAGE == hvd.Average and sdp.ReduceOp.SUM == hvd.Sum
+    np.testing.assert_array_equal(sdp.allreduce(tf.constant([2.0]), 0, 1), [2.0])
+    with pytest.raises(ValueError, match="param_index"):
+        sdp.allreduce(tf.constant([2.0]), 3, 2)
+    np.testing.assert_array_equal(sdp.oob_allreduce(tf.constant([5])), [5])
+    plain, _ = _fit(keras.optimizers.SGD(0.05))
+    dist, _ = _fit(sdp_keras.DistributedOptimizer(keras.optimizers.SGD(0.05)),
+                   [sdp_keras.callbacks.BroadcastGlobalVariablesCallback(0)])
+    _equal(dist.get_weights(), plain.get_weights())
+
+
+@pytest.mark.parametrize("module", [
+    "tf_smdist.horovod", "tf_smdist.horovod.basics", "tf_smdist.horovod.collectives",
+    "tf_smdist.horovod.compression", "tf_smdist.horovod.objects",
+    "tf_smdist.horovod.process_sets", "tf_smdist.horovod.tape",
+    "tf_smdist.horovod.gradients", "tf_smdist.horovod.sync_batch_norm",
+    "tf_smdist.horovod.global_variables", "tf_smdist.horovod.elastic",
+    "tf_smdist.horovod.keras", "tf_smdist.horovod.keras.optimizer",
+    "tf_smdist.horovod.keras.callbacks", "tf_smdist.sdp", "tf_smdist.sdp.keras",
+])
+def test_docstring_examples_run(module):
+    mod = importlib.import_module(module)
+    failures, _ = doctest.testmod(
+        mod, extraglobs={"tf": tf, "np": np, "keras": keras},
+        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert failures == 0
