@@ -1,0 +1,305 @@
+"""One rank of the multi-process Horovod-API tests (run by the launcher).
+
+Usage: python hvd_worker.py OUT_DIR
+
+Runs every check in one job and writes OUT_DIR/rank{r}.json: for each check,
+the numbers the test asserts on (differences against NumPy or against one
+process trained on the whole batches, computed here on rank 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tf_smdist.horovod as hvd  # noqa: E402
+import tf_smdist.horovod.keras as hvd_keras  # noqa: E402
+import tf_smdist.sdp as sdp  # noqa: E402
+import tf_smdist.sdp.keras as sdp_keras  # noqa: E402
+
+OUT = sys.argv[1]
+GLOBAL_BATCH = 24  # divisible by 2 and 3
+STEPS = 4
+LR = 0.1
+
+hvd.init()
+RANK, SIZE = hvd.rank(), hvd.size()
+results: dict[str, object] = {"rank": RANK, "size": SIZE}
+
+
+def data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.RandomState(0)
+    x = rng.randn(GLOBAL_BATCH * STEPS, 5).astype("float32")
+    y = (np.tanh(x @ rng.randn(5, 2)) + 0.1 * rng.randn(len(x), 2)).astype("float32")
+    return x, y
+
+
+def shard(a: np.ndarray) -> np.ndarray:
+    """This rank's contiguous part of every global batch, batch after batch."""
+    local = GLOBAL_BATCH // SIZE
+    batches = a.reshape(STEPS, GLOBAL_BATCH, *a.shape[1:])
+    return batches[:, RANK * local:(RANK + 1) * local].reshape(-1, *a.shape[1:])
+
+
+def model(seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((5,)),
+                             keras.layers.Dense(16, activation="tanh"),
+                             keras.layers.Dense(2)])
+
+
+def rel_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return max(float(np.max(np.abs(u - v)) / (np.max(np.abs(v)) + 1e-12))
+               for u, v in zip(a, b))
+
+
+def same_on_every_rank(weights: list[np.ndarray]) -> bool:
+    gathered = hvd.allgather_object([np.asarray(w) for w in weights])
+    return all(np.array_equal(u, v) for other in gathered
+               for u, v in zip(other, gathered[0]))
+
+
+class Recorder(keras.callbacks.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.logs: list[dict] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.logs.append({k: float(v) for k, v in (logs or {}).items()})
+
+
+def check_fit(make_optimizer, callbacks_module, name: str) -> None:
+    x, y = data()
+    init = model(0).get_weights()  # rank 0's initial weights: the reference's
+    m = model(1 + RANK)  # every rank starts elsewhere: the callback must fix it
+    m.compile(optimizer=make_optimizer(keras.optimizers.SGD(LR, momentum=0.5)),
+              loss="mse", metrics=["mae"])
+    before, after = Recorder(), Recorder()
+    callbacks = [callbacks_module.BroadcastGlobalVariablesCallback(0), before]
+    if callbacks_module is hvd_keras.callbacks:
+        callbacks.append(hvd_keras.callbacks.MetricAverageCallback())
+    callbacks.append(after)
+    if RANK == 0:
+        m.set_weights(init)
+    m.fit(shard(x), shard(y), batch_size=GLOBAL_BATCH // SIZE, epochs=2,
+          shuffle=False, verbose=0, callbacks=callbacks)
+    weights = m.get_weights()
+    entry: dict[str, object] = {"same_on_every_rank": same_on_every_rank(weights)}
+    local_logs = hvd.allgather_object(before.logs)
+    if RANK == 0:
+        ref = model(0)
+        ref.set_weights(init)
+        ref.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.5), loss="mse",
+                    metrics=["mae"])
+        history = ref.fit(x, y, batch_size=GLOBAL_BATCH, epochs=2, shuffle=False,
+                          verbose=0)
+        entry["weights_rel_diff"] = rel_diff(weights, ref.get_weights())
+        entry["moved"] = rel_diff(init, ref.get_weights())
+        if callbacks_module is hvd_keras.callbacks:
+            averaged = [[np.mean([r[e][k] for r in local_logs])
+                         for k in ("loss", "mae")] for e in range(2)]
+            entry["metric_average_diff"] = max(
+                abs(after.logs[e][k] - averaged[e][i])
+                for e in range(2) for i, k in enumerate(("loss", "mae")))
+            entry["ranks_differ_before_average"] = any(
+                r[0]["loss"] != local_logs[0][0]["loss"] for r in local_logs)
+            entry["loss_vs_whole_batch"] = max(
+                abs(a["loss"] - b) for a, b in zip(after.logs, history.history["loss"]))
+    results[name] = entry
+
+
+def check_tape() -> None:
+    x, y = data()
+    init = model(0).get_weights()
+    m = model(1 + RANK)
+    if RANK == 0:
+        m.set_weights(init)
+    hvd.broadcast_variables(m.variables, root_rank=0)
+    opt = keras.optimizers.SGD(LR)
+
+    @tf.function
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(m(xb, training=True) - yb))
+        tape = hvd.DistributedGradientTape(tape)
+        grads = tape.gradient(loss, m.trainable_variables)
+        opt.apply_gradients(zip(grads, m.trainable_variables))
+        return loss
+
+    local = GLOBAL_BATCH // SIZE
+    xs, ys = shard(x), shard(y)
+    for s in range(STEPS):
+        step(xs[s * local:(s + 1) * local], ys[s * local:(s + 1) * local])
+    same = same_on_every_rank(m.get_weights())
+    entry: dict[str, object] = {"same_on_every_rank": same}
+    if RANK == 0:
+        ref = model(0)
+        ref.set_weights(init)
+        ref_opt = keras.optimizers.SGD(LR)
+        for s in range(STEPS):
+            sl = slice(s * GLOBAL_BATCH, (s + 1) * GLOBAL_BATCH)
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(ref(x[sl], training=True) - y[sl]))
+            grads = tape.gradient(loss, ref.trainable_variables)
+            ref_opt.apply_gradients(zip(grads, ref.trainable_variables))
+        entry["weights_rel_diff"] = rel_diff(m.get_weights(), ref.get_weights())
+    results["tape"] = entry
+
+
+def check_collectives() -> None:
+    entry: dict[str, object] = {}
+    # IndexedSlices: gathered rows, values averaged by the size.
+    s = tf.IndexedSlices(tf.fill([RANK + 1, 2], float(RANK + 1)),
+                         tf.fill([RANK + 1], RANK), tf.constant([SIZE, 2]))
+    out = hvd.allreduce(s)
+    expect_idx = np.concatenate([[r] * (r + 1) for r in range(SIZE)])
+    expect_val = np.concatenate([np.full((r + 1, 2), (r + 1) / SIZE)
+                                 for r in range(SIZE)])
+    entry["sparse"] = bool(np.array_equal(out.indices, expect_idx)
+                           and np.allclose(out.values, expect_val))
+    # Dense ops with scaling and fp16 compression, inside tf.function.
+    base = np.arange(6, dtype=np.float32).reshape(3, 2) + RANK
+
+    @tf.function
+    def fn(t):
+        return (hvd.allreduce(t, op=hvd.Sum, prescale_factor=0.5, postscale_factor=3.0),
+                hvd.grouped_allreduce([t, 2 * t], compression=hvd.Compression.fp16),
+                hvd.allreduce(t, op=hvd.Max), hvd.allreduce(t, average=True))
+
+    total, grouped, mx, avg = fn(tf.constant(base))
+    all_base = [np.arange(6, dtype=np.float32).reshape(3, 2) + r for r in range(SIZE)]
+    entry["dense"] = bool(
+        np.allclose(total, 1.5 * sum(all_base))
+        and np.allclose(grouped[0], np.mean(all_base, 0))
+        and np.allclose(grouped[1], 2 * np.mean(all_base, 0))
+        and grouped[1].dtype == tf.float32
+        and np.array_equal(mx, np.max(all_base, 0))
+        and np.allclose(avg, np.mean(all_base, 0)))
+    # Keras-level NumPy collectives.
+    entry["keras_numpy"] = bool(
+        np.allclose(hvd_keras.allreduce(np.array([RANK], np.float64), op=hvd.Sum),
+                    [sum(range(SIZE))])
+        and np.array_equal(hvd_keras.allgather(np.array([RANK])), np.arange(SIZE))
+        and np.array_equal(hvd_keras.broadcast(np.array([RANK]), SIZE - 1),
+                           [SIZE - 1]))
+    # Objects.
+    entry["broadcast_object"] = hvd.broadcast_object(
+        {"from": RANK, "f": (lambda v: v * 2)} if RANK == SIZE - 1 else None,
+        root_rank=SIZE - 1)["from"] == SIZE - 1
+    entry["allgather_object"] = hvd.allgather_object("r" * (RANK + 1)) == [
+        "r" * (r + 1) for r in range(SIZE)]
+    # Variables broadcast in place from the last rank.
+    v = tf.Variable([float(RANK)] * 3)
+    hvd.broadcast_(v, SIZE - 1)
+    entry["broadcast_"] = bool(np.array_equal(v.numpy(), [SIZE - 1.0] * 3))
+    # Gradient of an allreduce inside the tape.
+    w = tf.Variable(float(RANK + 1))
+    with tf.GradientTape() as tape:
+        loss = hvd.allreduce(w * w, op=hvd.Sum)
+    entry["allreduce_grad"] = float(tape.gradient(loss, w))
+    results["collectives"] = entry
+
+
+def check_process_sets() -> None:
+    entry: dict[str, object] = {}
+    pair = hvd.add_process_set(hvd.ProcessSet([0, 1]))
+    if RANK in (0, 1):
+        out = hvd.allreduce(tf.constant([float(RANK + 1)]), op=hvd.Sum,
+                            process_set=pair)
+        entry["pair_sum"] = float(out.numpy()[0])
+        entry["pair_rank"] = pair.rank()
+        gathered = hvd.allgather(tf.constant([RANK]), process_set=pair)
+        entry["pair_gather"] = gathered.numpy().tolist()
+    else:
+        entry["pair_rank"] = pair.rank()
+    hvd.barrier()
+    entry["removed"] = hvd.remove_process_set(pair)
+    results["process_sets"] = entry
+
+
+def check_partial_tape() -> None:
+    keras.utils.set_random_seed(3)
+    shared = keras.layers.Dense(2)
+    head = keras.layers.Dense(1)
+    shared.build((None, 3))
+    head.build((None, 2))
+    hvd.broadcast_variables(shared.variables + head.variables, 0)
+    x = tf.constant(np.full((2, 3), RANK + 1.0, np.float32))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(head(shared(x)))
+    plain = tape.gradient(loss, head.trainable_variables + shared.trainable_variables)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(head(shared(x)))
+    tape = hvd.PartialDistributedGradientTape(tape, local_layers=[head])
+    grads = tape.gradient(loss, head.trainable_variables + shared.trainable_variables)
+    local_ok = all(np.allclose(g, p / SIZE) for g, p in zip(grads[:2], plain[:2]))
+    gathered = hvd.allgather_object([p.numpy() for p in plain[2:]])
+    mean = [np.mean([g[i] for g in gathered], 0) for i in range(2)]
+    shared_ok = all(np.allclose(g, m, atol=1e-6) for g, m in zip(grads[2:], mean))
+    results["partial_tape"] = {"local_scaled": bool(local_ok),
+                               "shared_averaged": bool(shared_ok)}
+
+
+def check_sync_batch_norm() -> None:
+    rng = np.random.RandomState(5)
+    x = (rng.randn(GLOBAL_BATCH, 3) * 2 + 1).astype("float32")
+    local = GLOBAL_BATCH // SIZE
+    mine = x[RANK * local:(RANK + 1) * local]
+    sync = hvd.SyncBatchNormalization(momentum=0.5)
+    plain = keras.layers.BatchNormalization(momentum=0.5)
+    sync.build((None, 3))
+    plain.build((None, 3))
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        ref = plain(xt, training=True)
+        ref_loss = tf.reduce_sum(ref * tf.range(1.0, 4.0))
+    ref_grad = tape.gradient(ref_loss, xt)[RANK * local:(RANK + 1) * local]
+    mt = tf.constant(mine)
+    with tf.GradientTape() as tape:
+        tape.watch(mt)
+        out = sync(mt, training=True)
+        loss = tf.reduce_sum(out * tf.range(1.0, 4.0))
+    grad = tape.gradient(loss, mt)
+    results["sync_batch_norm"] = {
+        "output_diff": float(np.max(np.abs(
+            out - ref[RANK * local:(RANK + 1) * local]))),
+        "grad_diff": float(np.max(np.abs(grad - ref_grad))),
+        "moving_mean_diff": float(np.max(np.abs(sync.moving_mean.numpy()
+                                                - plain.moving_mean.numpy()))),
+        "moving_var_diff": float(np.max(np.abs(sync.moving_variance.numpy()
+                                               - plain.moving_variance.numpy()))),
+    }
+
+
+def check_sdp() -> None:
+    grads = [tf.constant([float(RANK)]), tf.constant([2.0 * RANK])]
+    out = [sdp.allreduce(g, i, len(grads))
+           for i, g in reversed(list(enumerate(grads)))]
+    mean = np.mean(range(SIZE))
+    results["sdp"] = {
+        "allreduce": bool(np.allclose(out[1], [mean])
+                          and np.allclose(out[0], [2 * mean])),
+        "oob": float(sdp.oob_allreduce(tf.constant([1.0]), op=sdp.ReduceOp.SUM)[0]),
+    }
+
+
+check_collectives()
+check_process_sets() if SIZE >= 3 else None
+check_partial_tape()
+check_sync_batch_norm()
+check_sdp()
+check_tape()
+check_fit(hvd_keras.DistributedOptimizer, hvd_keras.callbacks, "fit")
+check_fit(sdp_keras.DistributedOptimizer, sdp_keras.callbacks, "sdp_fit")
+
+with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
+    json.dump(results, f)
+hvd.shutdown()
