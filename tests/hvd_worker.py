@@ -292,7 +292,8 @@ def check_sdp() -> None:
 
 
 check_collectives()
-check_process_sets() if SIZE >= 3 else None
+if SIZE >= 3:
+    check_process_sets()
 check_partial_tape()
 check_sync_batch_norm()
 check_sdp()
