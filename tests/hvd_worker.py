@@ -1,6 +1,6 @@
 """One rank of the multi-process Horovod-API tests (run by the launcher).
 
-Usage: python hvd_worker.py OUT_DIR
+Usage: python hvd_worker.py OUT_DIR [CHECK,CHECK,...]
 
 Runs every check in one job and writes OUT_DIR/rank{r}.json: for each check,
 the numbers the test asserts on (differences against NumPy or against one
@@ -209,7 +209,12 @@ def check_collectives() -> None:
 
 def check_process_sets() -> None:
     entry: dict[str, object] = {}
-    pair = hvd.add_process_set(hvd.ProcessSet([0, 1]))
+    try:
+        pair = hvd.add_process_set(hvd.ProcessSet([0, 1]))
+    except tf.errors.FailedPreconditionError as e:
+        # The engine of this build has no sub-communicators yet.
+        results["process_sets"] = {"unsupported": e.message}
+        return
     if RANK in (0, 1):
         out = hvd.allreduce(tf.constant([float(RANK + 1)]), op=hvd.Sum,
                             process_set=pair)
@@ -291,15 +296,20 @@ def check_sdp() -> None:
     }
 
 
-check_collectives()
-if SIZE >= 3:
-    check_process_sets()
-check_partial_tape()
-check_sync_batch_norm()
-check_sdp()
-check_tape()
-check_fit(hvd_keras.DistributedOptimizer, hvd_keras.callbacks, "fit")
-check_fit(sdp_keras.DistributedOptimizer, sdp_keras.callbacks, "sdp_fit")
+CHECKS = {
+    "collectives": check_collectives,
+    "process_sets": check_process_sets,
+    "partial_tape": check_partial_tape,
+    "sync_batch_norm": check_sync_batch_norm,
+    "sdp": check_sdp,
+    "tape": check_tape,
+    "fit": lambda: check_fit(hvd_keras.DistributedOptimizer, hvd_keras.callbacks,
+                             "fit"),
+    "sdp_fit": lambda: check_fit(sdp_keras.DistributedOptimizer, sdp_keras.callbacks,
+                                 "sdp_fit"),
+}
+for check in (sys.argv[2].split(",") if len(sys.argv) > 2 else CHECKS):
+    CHECKS[check]()
 
 with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
     json.dump(results, f)

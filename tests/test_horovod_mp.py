@@ -1,4 +1,8 @@
-"""The Horovod-compatible API across 2 and 3 localhost processes."""
+"""The Horovod-compatible API across 2 and 3 localhost processes.
+
+One launch per process count runs many checks (tests/hvd_worker.py); the
+tests below assert on the JSON each rank wrote.
+"""
 
 from __future__ import annotations
 
@@ -10,53 +14,83 @@ from mp_util import REPO, TESTS, launch, requires_mpi
 
 WORKER = os.path.join(TESTS, "hvd_worker.py")
 pytestmark = [pytest.mark.slow, requires_mpi]
+CHECKS = {
+    2: "collectives,partial_tape,sync_batch_norm,sdp,tape,fit,sdp_fit",
+    3: "collectives,process_sets,tape,fit",
+}
 
 
-def _results(out, nproc: int) -> list[dict]:
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    cache: dict[int, list[dict]] = {}
+
+    def run(nproc: int) -> list[dict]:
+        if nproc not in cache:
+            out = tmp_path_factory.mktemp(f"hvd{nproc}")
+            proc = launch(["--nproc", str(nproc), WORKER, str(out), CHECKS[nproc]],
+                          timeout=600)
+            assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+            cache[nproc] = [json.loads((out / f"rank{r}.json").read_text())
+                            for r in range(nproc)]
+            assert [r["size"] for r in cache[nproc]] == [nproc] * nproc
+        return cache[nproc]
+
+    return run
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
-def test_horovod_api_across_processes(tmp_path, nproc):
-    proc = launch(["--nproc", str(nproc), WORKER, str(tmp_path)], timeout=600)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    results = _results(tmp_path, nproc)
-    assert [r["size"] for r in results] == [nproc] * nproc
-
+def test_fit_and_tape_equal_one_process_on_the_whole_batches(job, nproc):
+    # model.fit with DistributedOptimizer + the broadcast callback (each rank
+    # seeded differently) and a DistributedGradientTape loop, each rank on its
+    # part of every batch, end where one process trained on the whole
+    # batches ends.
+    results = job(nproc)
     root = results[0]
-    # model.fit with DistributedOptimizer + the broadcast callback, each rank
-    # on its part of every batch, ends where one process trained on the
-    # whole batches ends; the same for the tape and for sdp's spelling.
-    for check in ("fit", "sdp_fit", "tape"):
+    checks = ("fit", "tape", "sdp_fit") if nproc == 2 else ("fit", "tape")
+    for check in checks:
         assert all(r[check]["same_on_every_rank"] for r in results), check
         assert root[check]["weights_rel_diff"] < 1e-5, (check, root[check])
     assert root["fit"]["moved"] > 0.1
-    # MetricAverageCallback: the logs are the mean of the ranks' own values
-    # (which differed), and so equal the whole-batch losses.
-    assert root["fit"]["ranks_differ_before_average"]
-    assert root["fit"]["metric_average_diff"] < 1e-6
-    assert root["fit"]["loss_vs_whole_batch"] < 1e-5
 
-    for r, res in enumerate(results):
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_metric_average_callback_averages_the_logs(job, nproc):
+    root = job(nproc)[0]["fit"]
+    assert root["ranks_differ_before_average"]
+    assert root["metric_average_diff"] < 1e-6
+    # The mean of equal shards' losses is the whole batch's loss.
+    assert root["loss_vs_whole_batch"] < 1e-5
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_collectives_through_the_public_api(job, nproc):
+    for r, res in enumerate(job(nproc)):
         c = res["collectives"]
         for key in ("sparse", "dense", "keras_numpy", "broadcast_object",
                     "allgather_object", "broadcast_"):
             assert c[key] is True, (r, key)
         # d/dw of sum_r(w_r^2), summed over the ranks' identical losses.
         assert c["allreduce_grad"] == pytest.approx(2.0 * (r + 1) * nproc)
+
+
+def test_partial_tape_sync_batch_norm_and_sdp(job):
+    for r, res in enumerate(job(2)):
         assert res["partial_tape"] == {"local_scaled": True, "shared_averaged": True}
         bn = res["sync_batch_norm"]
         assert max(bn.values()) < 1e-5, (r, bn)
-        assert res["sdp"] == {"allreduce": True, "oob": float(nproc)}
+        assert res["sdp"] == {"allreduce": True, "oob": 2.0}
 
-    if nproc >= 3:
-        sets = [res["process_sets"] for res in results]
-        for r in (0, 1):
-            assert sets[r]["pair_sum"] == 3.0
-            assert sets[r]["pair_rank"] == r
-            assert sets[r]["pair_gather"] == [0, 1]
-        assert sets[2]["pair_rank"] == -1
-        assert all(s["removed"] is True for s in sets)
+
+def test_process_sets(job):
+    sets = [res["process_sets"] for res in job(3)]
+    if "unsupported" in sets[0]:
+        pytest.skip(sets[0]["unsupported"])
+    for r in (0, 1):
+        assert sets[r]["pair_sum"] == 3.0
+        assert sets[r]["pair_rank"] == r
+        assert sets[r]["pair_gather"] == [0, 1]
+    assert sets[2]["pair_rank"] == -1
+    assert all(s["removed"] is True for s in sets)
 
 
 def test_horovod_keras_example_runs_under_the_launcher(tmp_path):
@@ -64,8 +98,9 @@ def test_horovod_keras_example_runs_under_the_launcher(tmp_path):
     proc = launch(["--nproc", "2", script, "--epochs", "2",
                    "--checkpoint-dir", str(tmp_path)], timeout=400)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    # Rank 0 writes the checkpoint and prints the progress; rank 1 does not.
+    # Rank 0 writes the checkpoints and prints the progress; rank 1 does not.
     assert os.path.exists(tmp_path / "checkpoint-2.keras")
-    assert "[rank 0]" in proc.stdout and "final loss" in proc.stdout
     final = [line for line in proc.stdout.splitlines() if "final loss" in line]
     assert len(final) == 1 and final[0].startswith("[rank 0]")
+    assert not any(line.startswith("[rank 1] Epoch") for line in
+                   proc.stdout.splitlines())
