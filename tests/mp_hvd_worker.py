@@ -1,6 +1,10 @@
 """One rank of the Horovod-compatible collective tests (run by the launcher).
 
-Usage: python mp_hvd_worker.py OUT_DIR [--timings]
+Usage: python mp_hvd_worker.py OUT_DIR [--timings | --stop]
+
+With --stop, rank 1 stops itself (SIGSTOP) after one collective; rank 0's
+next collective must fail with the watchdog's error naming it and the
+tensor, then rank 0 exits with status 3.
 
 Runs every check in the same order on every rank and writes
 OUT_DIR/rank{r}.json: {check name: "ok" or the failure text}, plus timings.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -27,6 +32,7 @@ from tf_smdist.horovod import mpi_ops as hvd  # noqa: E402
 
 OUT = sys.argv[1]
 TIMINGS = "--timings" in sys.argv[2:]
+STOP = "--stop" in sys.argv[2:]
 DTYPES = ["uint8", "int8", "int16", "uint16", "int32", "int64", "float16", "bfloat16",
           "float32", "float64", "bool"]
 OPS = {"Sum": hvd.Sum, "Average": hvd.Average, "Min": hvd.Min, "Max": hvd.Max,
@@ -496,5 +502,25 @@ def main() -> None:
                    "timings": timings, "durations": durations}, f)
 
 
+def stopped_peer() -> None:
+    hvd.init_engine()
+    rank = hvd.rank()
+    hvd.allreduce(tf.ones([8]), name="before.stop")
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # the whole process, its threads too
+        time.sleep(600)
+    try:
+        hvd.allreduce(tf.ones([8]), name="after.stop")
+        message = "no error"
+    except tf.errors.DeadlineExceededError as e:
+        message = e.message
+    with open(os.path.join(OUT, f"rank{rank}.json"), "w") as f:
+        json.dump({"message": message}, f)
+    os._exit(3)  # MPI cannot finalise with a collective in flight
+
+
 if __name__ == "__main__":
-    main()
+    if STOP:
+        stopped_peer()
+    else:
+        main()

@@ -115,3 +115,16 @@ def test_collectives_across_processes(tmp_path, nproc):
         missing = REQUIRED - set(res["results"])
         assert not missing, f"rank {r} did not run {sorted(missing)}"
         logger.info("rank %d timings: %s", r, res["timings"])
+
+
+@pytest.mark.slow
+@requires_mpi
+def test_stopped_rank_fails_the_waiting_collective_naming_it(tmp_path):
+    proc = launch(["--nproc", "2", WORKER, str(tmp_path), "--stop"], timeout=180,
+                  env={"SMDIST_MPI_TIMEOUT": "5"})
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "rank0.json") as f:
+        message = json.load(f)["message"]
+    assert "'after.stop'" in message
+    assert "Rank 1 sent no heartbeat" in message
+    assert "did not complete within 5 s" in message
