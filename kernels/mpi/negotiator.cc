@@ -1083,15 +1083,21 @@ mpi::Status Engine::Init(const NegotiatorOptions& options) {
 }
 
 mpi::Status Engine::AddProcessSet(const std::vector<int>& ranks, int* id) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (!initialized_) {
-    return Error(mpi::Code::kFailedPrecondition,
-                 "tf_smdist.horovod is not initialised; call hvd.init() first.");
+  // One set at a time; mu_ is not held while the ranks agree, so that
+  // collectives already running can still find their sets.
+  std::lock_guard<std::mutex> create_lock(create_mu_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!initialized_) {
+      return Error(mpi::Code::kFailedPrecondition,
+                   "tf_smdist.horovod is not initialised; call hvd.init() first.");
+    }
   }
   mpi::Communicator& comm = mpi::Communicator::Get();
   int comm_id = -1;
   mpi::Status s = comm.CreateComm(ranks, &comm_id);
   if (!s.ok()) return s;
+  std::lock_guard<std::mutex> lock(mu_);
   *id = next_id_++;
   comms_[*id] = comm_id;
   if (comm_id >= 0) {

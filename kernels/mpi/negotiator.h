@@ -206,6 +206,7 @@ class Engine {
  private:
   Engine() = default;
   mutable std::mutex mu_;
+  std::mutex create_mu_;  // AddProcessSet: one at a time
   bool initialized_ = false;
   NegotiatorOptions options_;
   int next_id_ = 1;
