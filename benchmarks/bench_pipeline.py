@@ -423,7 +423,9 @@ def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
                                       schedule=c[0], partition=sizes))
         for c in configs
     }
-    plain = compiled(net())[1] if rank == 0 else None
+    # Every rank builds the plain model too (the same layer names on every
+    # rank, which the start-up check compares); rank 0 times it.
+    plain = compiled(net())[1]
 
     def timed(step) -> float:  # noqa: ANN001
         start = time.perf_counter()
@@ -439,7 +441,7 @@ def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
             _mpi_ops.barrier()
             times[c].append(timed(built[c][1]))
         _mpi_ops.barrier()
-        if plain is not None:
+        if rank == 0:
             base.append(timed(plain))
     _mpi_ops.barrier()
     rows = []
