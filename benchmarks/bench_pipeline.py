@@ -36,9 +36,10 @@ intra-op and one inter-op thread, against the plain model pinned to one core
 with one thread; rank 0 runs the plain model between the pipeline's rounds,
 on its own core, while the other ranks wait. Reported per configuration: the
 throughput ratio, the measured bubble `1 - sum(busy) / (K * step)` where
-`busy` is each rank's time in its tasks' compute ops (from profiled steps,
-medians), against `(K - 1) / (M + K - 1)`, the share of the step each rank
-waits beyond the formula's bubble (`1 - busy / step - formula`: waiting on
+`busy` is each rank's time in its tasks' compute ops and `step` the span of
+the ranks' ops, both from the same profiled steps (medians of 3), against
+`(K - 1) / (M + K - 1)`, the share of the step each rank waits beyond the
+formula's bubble (`1 - busy / step - formula`: waiting on
 transfers, the shared end-of-step all-reduce and imbalance), and the bytes
 of variables, gradients and optimizer state (Adam) each process holds
 against the whole model's.
@@ -447,12 +448,14 @@ def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
     rows = []
     for c in configs:
         pipe, step = built[c]
-        busy = []
+        busy, span = [], []
         for _ in range(3):
             _mpi_ops.barrier()
             timeline = trace_timeline(step, data, schedule=pipe.pipeline_schedule)
             busy.append(sum(d for _, n, _, d in timeline.ops if "Smdist" not in n))
-        mine = np.array([statistics.median(busy), 0.0])
+            span.append(max(t + d for _, _, t, d in timeline.ops)
+                        - min(t for _, _, t, _ in timeline.ops))
+        mine = np.array([statistics.median(busy), statistics.median(span)])
         every = _mpi_ops.allgather_bytes(mine.astype("float64").tobytes())
         rows.append((c, [np.frombuffer(b, "float64") for b in every]))
     adam = smd.PipelineModel(net(), num_stages=k, microbatches=ms[-1],
@@ -480,13 +483,15 @@ def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
     for c, per_rank in rows:
         step_s = statistics.median(times[c])
         busy = [r[0] for r in per_rank]
-        bubble = 1 - sum(busy) / (k * step_s)
+        # Busy time and span from the same profiled steps.
+        traced = max(r[1] for r in per_rank)
+        bubble = 1 - sum(busy) / (k * traced)
         formula = (k - 1) / (c[1] + k - 1)
         print(
             f"| {c[0]} | {c[1]} | {step_s * 1e3:.1f} | {plain_s / step_s:.2f}x | "
             + "/".join(f"{b * 1e3:.1f}" for b in busy)
             + f" | {bubble:.3f} | {formula:.3f} | "
-            + "/".join(f"{max(0.0, 1 - b / step_s - formula):.0%}" for b in busy)
+            + "/".join(f"{max(0.0, 1 - b / traced - formula):.0%}" for b in busy)
             + " |"
         )
     names = ["variables", "gradients", "optimizer state", "whole model"]
