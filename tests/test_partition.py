@@ -196,11 +196,24 @@ def test_partition_rejects_bad_options():
         smd.partition(profile, 2, microbatches=0)
 
 
-def test_stage_layer_names_leave_out_bare_operations():
+def test_stage_names_include_bare_operations():
+    # One kind of names: every profile position, bare operations included,
+    # as the pipeline's stages are cut from the same graph nodes.
     profile = make_profile([1.0] * 4, ops=(1,))
     part = smd.partition(profile, 2, stage_sizes=[2, 2])
-    assert part.stage_node_names == [["l0", "l1"], ["l2", "l3"]]
-    assert part.stage_layer_names == [["l0"], ["l2", "l3"]]
+    assert part.stage_layer_names == [["l0", "l1"], ["l2", "l3"]]
+    assert not hasattr(part, "stage_node_names")
+
+
+def test_partition_files_with_two_kinds_of_names_still_load():
+    profile = make_profile([1.0] * 4, ops=(1,))
+    data = smd.partition(profile, 2, stage_sizes=[2, 2]).to_dict()
+    data["stage_node_names"] = data["stage_layer_names"]
+    data["stage_layer_names"] = [["l0"], ["l2", "l3"]]
+    assert smd.Partition.from_dict(data).stage_layer_names == [
+        ["l0", "l1"],
+        ["l2", "l3"],
+    ]
 
 
 def test_report_is_a_table_of_stages():

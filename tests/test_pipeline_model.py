@@ -1,5 +1,12 @@
 """PipelineModel against the plain model: loss, outputs, gradients, weights."""
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import warnings
 
 import keras
@@ -229,7 +236,9 @@ def test_interleaved_stages_cycle_over_devices():
 
 
 def test_skip_connections_are_carried_across_cuts():
-    _, pipe = pipeline("functional", 4, 1, "gpipe", partition=[2, 2, 2, 3])
+    # Stage sizes count graph nodes, the bare `+` included: stage 1 holds
+    # dense_2, dense_3 and the addition.
+    _, pipe = pipeline("functional", 4, 1, "gpipe", partition=[2, 3, 2, 3])
     # Cuts carry: (z, h0, h1), (z, h1, h3), (z, h5); z skips to the end.
     assert [s.num_inputs for s in pipe.stages] == [2, 3, 3, 2]
     assert [s.num_outputs for s in pipe.stages] == [3, 3, 2, 1]
@@ -366,10 +375,27 @@ def test_batch_normalization_warns_about_microbatch_statistics():
         keras.layers.BatchNormalization(),
         keras.layers.Dense(2),
     ])
-    with pytest.warns(UserWarning, match="normalises each micro-batch"):
+    with pytest.warns(UserWarning, match="normalises every micro-batch"):
         PipelineModel(model, num_stages=2, microbatches=2)
     with pytest.raises(ValueError, match="recompute=True"):
         PipelineModel(model, num_stages=2, microbatches=2, recompute=True)
+
+
+def test_batch_normalization_warns_once_per_model():
+    layers = [keras.Input((4,))]
+    for _ in range(5):
+        layers += [keras.layers.Dense(4), keras.layers.BatchNormalization()]
+    model = keras.Sequential(layers)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PipelineModel(model, num_stages=2, microbatches=2)
+    texts = [str(w.message) for w in caught if "BatchNormalization" in str(w.message)]
+    assert len(texts) == 1
+    assert texts[0].startswith("5 BatchNormalization layer(s)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PipelineModel(model, num_stages=2, microbatches=1)  # exact: no warning
+    assert not [w for w in caught if "BatchNormalization" in str(w.message)]
 
 
 def test_batch_normalization_with_one_microbatch_matches_plain_model():
@@ -499,7 +525,7 @@ plain, copy = make(), make()
 copy.set_weights(plain.get_weights())
 devices = [f"/job:worker/replica:0/task:{i}/device:CPU:0" for i in range(2)]
 pipe = smd.PipelineModel(copy, num_stages=2, microbatches=4, devices=devices,
-                         partition=[2, 2])
+                         partition=[2, 3])  # dense, dense_1 | dense_2, +, dense_3
 pipe.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
 rng = np.random.RandomState(0)
 x = rng.randn(16, 6).astype("float32")
@@ -527,43 +553,89 @@ _REMOTE_SERVER = (
 )
 
 
+def _unused_port():
+    # The port is free now; a server started later may still lose it to
+    # another process, which `_start_tf_servers` detects and retries.
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _accepts(port):
+    try:
+        with socket.create_connection(("localhost", port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _stop(servers):
+    for server in servers:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    for server in servers:
+        server.wait(timeout=30)
+
+
+def _start_tf_servers(count, log_dir, *, attempts=3, timeout=120.0):
+    """Starts `count` localhost TensorFlow servers; waits until each listens.
+
+    Returns `(addresses, processes, log paths)`. A server that exits before
+    listening fails the test with its stderr, except when it lost its port to
+    another process (the race between choosing a port and binding it): then
+    all start again on new ports, up to `attempts` times.
+    """
+    for attempt in range(attempts):
+        ports = [_unused_port() for _ in range(count)]
+        workers = [f"localhost:{port}" for port in ports]
+        logs = [log_dir / f"server{i}.attempt{attempt}.log" for i in range(count)]
+        servers = []
+        for i, log in enumerate(logs):
+            with open(log, "w") as f:
+                servers.append(subprocess.Popen(
+                    [sys.executable, "-c", _REMOTE_SERVER, json.dumps(workers),
+                     str(i)],
+                    stdout=subprocess.DEVNULL, stderr=f, start_new_session=True,
+                ))
+        deadline = time.monotonic() + timeout
+        ready = set()
+        while len(ready) < count and time.monotonic() < deadline:
+            if any(server.poll() is not None for server in servers):
+                break
+            ready |= {i for i, port in enumerate(ports) if _accepts(port)}
+            time.sleep(0.2)
+        if len(ready) == count:
+            return workers, servers, logs
+        _stop(servers)
+        text = "\n".join(log.read_text() for log in logs)
+        lost_port = "address already in use" in text.lower() or (
+            "port" in text.lower() and "bind" in text.lower())
+        if not lost_port:
+            raise AssertionError(
+                f"TensorFlow servers {workers} did not start listening within "
+                f"{timeout} s:\n{text[-3000:]}")
+    raise AssertionError(f"Could not bind free ports in {attempts} attempts")
+
+
 @pytest.mark.slow
 def test_remote_stages_on_two_worker_processes(tmp_path):
     """Stages on two localhost TensorFlow servers through the distributed
     runtime: variables live there and the results equal the plain model's."""
-    import json
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    def free_port():
-        with socket.socket() as s:
-            s.bind(("localhost", 0))
-            return s.getsockname()[1]
-
-    workers = [f"localhost:{free_port()}" for _ in range(2)]
+    workers, servers, logs = _start_tf_servers(2, tmp_path)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     client = tmp_path / "client.py"
     client.write_text(_REMOTE_CLIENT)
-    servers = [
-        subprocess.Popen(
-            [sys.executable, "-c", _REMOTE_SERVER, json.dumps(workers), str(i)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        for i in range(2)
-    ]
     try:
         out = subprocess.run(
             [sys.executable, str(client), json.dumps(workers), root],
             capture_output=True, text=True, timeout=300, check=False,
         )
+        crashed = [i for i, server in enumerate(servers) if server.poll() is not None]
     finally:
-        for server in servers:
-            server.kill()
-        for server in servers:
-            server.wait(timeout=30)
-    assert out.returncode == 0, out.stderr[-3000:]
+        _stop(servers)
+    server_logs = "\n".join(log.read_text()[-1500:] for log in logs)
+    assert not crashed, f"servers {crashed} exited during the test:\n{server_logs}"
+    assert out.returncode == 0, out.stderr[-3000:] + "\n" + server_logs
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for i, devices in enumerate(result["devices"]):
         assert devices and all(
@@ -592,29 +664,110 @@ def test_shared_layers_are_refused():
         PipelineModel(model, num_stages=2, microbatches=2)
 
 
+def _state_shapes_by_device(pipe):
+    """Shapes of the optimizer's per-variable state, by device suffix.
+
+    Scalars (the iteration count, the learning rate) are not per-variable
+    state; which state belongs to which variable is not assumed, only how
+    many of each shape sit on each device.
+    """
+    by_device = {}
+    for state in pipe.optimizer.variables:
+        if tuple(state.shape):
+            by_device.setdefault(state.value.device[-5:], []).append(
+                tuple(state.shape))
+    return {device: sorted(shapes) for device, shapes in by_device.items()}
+
+
+def _expected_state_shapes(pipe, per_variable):
+    return {
+        f"CPU:{stage.index}": sorted(
+            tuple(v.shape) for v in stage.trainable_variables
+            for _ in range(per_variable)
+        )
+        for stage in pipe.stages
+    }
+
+
 def test_optimizer_state_and_updates_live_on_stage_devices():
     _, pipe = pipeline("sequential", 2, 2, "1f1b")
     pipe.compile(optimizer="adam", loss="mse")
     x, y = data("sequential")
     step = tf.function(pipe.train_step)
     graph = step.get_concrete_function((tf.constant(x), tf.constant(y))).graph
-    for stage in pipe.stages:
-        for v in stage.trainable_variables:
-            key = v.path.replace("/", "_") + "_"
-            slots = [s for s in pipe.optimizer.variables if key in s.path]
-            assert len(slots) == 2  # Adam's two moments
-            for slot in slots:
-                assert slot.value.device.endswith(f"CPU:{stage.index}")
-    updates = [o for o in graph.get_operations() if o.type == "Sqrt"]  # Adam's
+    # Adam keeps two moments per variable, each next to its variable.
+    assert _state_shapes_by_device(pipe) == _expected_state_shapes(pipe, 2)
+    # Adam's sqrt(v) per variable (the scalar step-size math is shared).
+    updates = [
+        o for o in graph.get_operations()
+        if o.type == "Sqrt" and o.inputs[0].shape.rank
+    ]
     assert {o.device[-5:] for o in updates} == {"CPU:0", "CPU:1"}
-    pipe.repartition([6, 2])  # moves layers and their optimizer state
-    for stage in pipe.stages:
-        for v in stage.trainable_variables:
-            key = v.path.replace("/", "_") + "_"
-            for slot in pipe.optimizer.variables:
-                if key in slot.path:
-                    assert slot.value.device.endswith(f"CPU:{stage.index}")
+    assert len(updates) == len(pipe.trainable_variables)
+    stage_of = {v.path: s.index for s in pipe.stages for v in s.trainable_variables}
+    assert sorted(o.device[-1] for o in updates) == sorted(
+        str(stage_of[v.path]) for v in pipe.trainable_variables)
     pipe.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    before = [v.numpy() for v in pipe.optimizer.variables]
+    pipe.repartition([6, 2])  # moves layers and their optimizer state
+    assert _state_shapes_by_device(pipe) == _expected_state_shapes(pipe, 2)
+    # Moving keeps every value, and training goes on with the moved state.
+    for old, state in zip(before, pipe.optimizer.variables):
+        np.testing.assert_array_equal(state.numpy(), old)
+    pipe.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert int(pipe.optimizer.iterations.numpy()) == 2 * (BATCH // 8)
+
+
+def nested_model(seed):
+    keras.utils.set_random_seed(seed)
+    inner = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(5, activation="tanh"),
+         keras.layers.Dense(5, activation="tanh")], name="inner")
+    return keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(5, activation="tanh"), inner,
+         keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(3)])
+
+
+def test_one_callback_partitions_each_pipeline_it_is_given_to():
+    from tf_smdist.pipeline.callback import ProfilingCallback
+
+    plain = nested_model(0)
+    first, second = nested_model(1), nested_model(2)
+    first.set_weights(plain.get_weights())
+    pipes = [
+        PipelineModel(m, num_stages=2, microbatches=2, partition=[3, 1])
+        for m in (first, second)
+    ]
+    x, y = data("sequential", batch=32)
+    plain.compile(optimizer="adam", loss="mse", jit_compile=False)
+    for pipe in pipes:
+        pipe.compile(optimizer="adam", loss="mse")
+    # The user's callback keeps its options: nested models are profiled (and
+    # then cut) layer by layer.
+    callback = ProfilingCallback(batch_size=8, warmup=1, repeats=1)
+    h_plain = plain.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    h_pipe = pipes[0].fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+                          callbacks=[callback])
+    assert "expand_nested" not in callback.profile_kwargs
+    part = pipes[0]._partition
+    names = sum(part.stage_layer_names, [])
+    assert names == pipes[0]._graph_for(part).names
+    assert "inner/" + first.layers[1].layers[0].name in names
+    assert [list(s.layer_names) for s in pipes[0].stages] == part.stage_layer_names
+    assert_close(h_pipe.history["loss"], h_plain.history["loss"])
+    for w, pw in zip(plain.get_weights(), pipes[0].get_weights()):
+        assert_close(pw, w)
+    # Given to the second pipeline's fit, it profiles and partitions that
+    # one, and leaves the first alone.
+    pipes[1].fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+    assert pipes[1]._partition is not None
+    assert pipes[0]._partition is part
+    assert callback.profile.model_name == second.name
+    # Nothing was patched onto the user's objects.
+    for pipe in pipes:
+        optimizer = pipe.optimizer
+        assert not {"update_step", "add_variable_from_reference"} & set(vars(optimizer))
+    assert "on_profile" not in vars(callback) or callback.on_profile is None
 
 
 def test_auto_partition_keeps_nested_models_whole():

@@ -1,6 +1,8 @@
 """Tests for the layer-graph flattening and the per-layer profiler."""
 
+import itertools
 import json
+import logging
 
 import keras
 import numpy as np
@@ -349,6 +351,59 @@ def test_profile_rejects_bad_timing_options():
         smd.profile_model(mlp(), np.zeros((2, 16), "float32"), repeats=0)
 
 
-def test_profile_without_calibration():
-    profile = smd.profile_model(mlp(), np.zeros((2, 16), "float32"), chunk=1, **FAST)
-    assert all(layer.time >= 0 for layer in profile.layers)
+def scripted_clock(durations):
+    """A clock under which the k-th timed call lasts `durations[k % n]`
+    seconds: calls alternate start (time unchanged) and end (time advanced)."""
+    state = {"now": 0.0, "calls": 0}
+    cycle = itertools.cycle(durations)
+
+    def clock():
+        state["calls"] += 1
+        if state["calls"] % 2 == 0:
+            state["now"] += next(cycle)
+        return state["now"]
+
+    return clock
+
+
+def test_profile_without_calibration_is_each_layers_own_time():
+    # Round-robin order: the empty call, then d1, then d2.
+    clock = scripted_clock([0.001, 0.005, 0.002])
+    profile = smd.profile_model(
+        mlp(), np.zeros((2, 16), "float32"), chunk=1, warmup=1, repeats=3,
+        time_budget=1.0, clock=clock,
+    )
+    assert profile.call_overhead == pytest.approx(0.001)
+    assert [layer.time for layer in profile.layers] == pytest.approx([0.004, 0.001])
+
+
+def test_calibration_spreads_a_chunks_time_over_its_layers():
+    # Empty call, d1, d2, then the chunk of both layers run as one step.
+    clock = scripted_clock([0.001, 0.005, 0.002, 0.010])
+    profile = smd.profile_model(
+        mlp(), np.zeros((2, 16), "float32"), chunk=2, warmup=1, repeats=3,
+        time_budget=1.0, clock=clock,
+    )
+    # The chunk took 0.009 beyond the call; its layers alone 0.004 + 0.001.
+    assert [layer.time for layer in profile.layers] == pytest.approx(
+        [0.009 * 0.8, 0.009 * 0.2]
+    )
+
+
+def test_profiling_many_layers_does_not_log_retracing():
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Collect()
+    logging.getLogger("tensorflow").addHandler(handler)
+    try:
+        model = keras.Sequential(
+            [keras.Input((8,))] + [keras.layers.Dense(8) for _ in range(12)]
+        )
+        smd.profile_model(model, np.zeros((4, 8), "float32"), warmup=2, repeats=2)
+    finally:
+        logging.getLogger("tensorflow").removeHandler(handler)
+    assert not [m for m in messages if "retracing" in m]

@@ -4,14 +4,21 @@ Version workarounds live here too, so the rest of the package uses only
 public TensorFlow and Keras APIs plus the names below.
 """
 
+from typing import Any
+
 __all__ = [
     "MirroredExtended",
+    "all_sublayers",
+    "cross_device_gather",
     "device_util",
     "distribute_values",
     "get_devices_from",
     "input_util",
+    "move_variable",
+    "refresh_optimizer_index",
     "regroup",
     "unordered_in_functions",
+    "stop_checkpoint_writes",
     "xplane_pb2",
 ]
 
@@ -106,3 +113,98 @@ def unordered_in_functions(op_types: frozenset) -> None:
         return True
 
     auto_control_deps.register_acd_resource_resolver(_smdist_unordered_collectives)
+
+
+# --- pipeline parallel (continued) ----------------------------------------
+def move_variable(variable: Any, device: str) -> None:
+    """Re-creates the TensorFlow variable behind a Keras variable on `device`.
+
+    The Keras variable object stays the same (so models, optimizers and
+    saved files that hold it do not change); its value is kept. Keras 3's
+    TensorFlow variable keeps its `tf.Variable` in `_value` and adopts an
+    existing one through `_initialize`; no public API moves a variable to
+    another device.
+
+    Args:
+        variable: A `keras.Variable` (TensorFlow backend).
+        device: The TensorFlow device to move it to.
+    """
+    import tensorflow as tf
+
+    value = variable.value
+    with tf.init_scope(), tf.device(device):
+        moved = tf.Variable(
+            tf.identity(value),
+            trainable=variable.trainable,
+            name=value.name.split(":")[0],
+        )
+    variable._initialize(moved)
+
+
+def refresh_optimizer_index(optimizer: Any) -> None:
+    """Re-keys a built Keras optimizer after its variables were moved.
+
+    A built Keras optimizer finds each variable's state by a key derived
+    from the TensorFlow variable behind it (`_var_key`, stored in
+    `_trainable_variables_indices`); `move_variable` changes that variable,
+    and Keras has no public call to rebuild the index.
+
+    Args:
+        optimizer: A built Keras optimizer (TensorFlow backend).
+    """
+    optimizer._trainable_variables_indices = {
+        optimizer._var_key(v): i for i, v in enumerate(optimizer._trainable_variables)
+    }
+
+
+def all_sublayers(model: Any) -> list[Any]:
+    """Every layer inside `model`, nested ones included (not `model` itself).
+
+    `Model.layers` lists only direct children; Keras' own recursive walk
+    (`_flatten_layers`, which also reaches layers tracked inside custom
+    layers) is not public.
+
+    Args:
+        model: A Keras model or layer.
+
+    Returns:
+        The layers, each once.
+    """
+    return list(model._flatten_layers(include_self=False))
+
+
+# --- data parallel (continued) -------------------------------------------
+def cross_device_gather(
+    cross_device_ops: Any, value: Any, destinations: Any, axis: int, options: Any
+) -> Any:
+    """Gathers (concatenates) `value` along `axis` with `cross_device_ops`.
+
+    `tf.distribute.CrossDeviceOps` exposes `reduce` and `batch_reduce`
+    publicly but its gather only as `_gather`, which `strategy.gather` calls.
+
+    Args:
+        cross_device_ops: A `tf.distribute.CrossDeviceOps`.
+        value: The per-replica value to gather.
+        destinations: Where the result goes.
+        axis: The axis to concatenate along.
+        options: `tf.distribute.experimental.CommunicationOptions` or `None`.
+
+    Returns:
+        The gathered value, mirrored on `destinations`.
+    """
+    return cross_device_ops._gather(value, destinations, axis, options)
+
+
+def stop_checkpoint_writes(callback: Any, write: Any) -> None:
+    """Replaces how a Keras checkpoint callback writes its files.
+
+    `ModelCheckpoint` and `BackupAndRestore` write through their
+    `_save_model` method; Keras has no public switch that keeps the callback
+    running (and restoring) on one process while another writes.
+
+    Args:
+        callback: A `keras.callbacks.ModelCheckpoint` or `BackupAndRestore`.
+        write: Called instead of the callback's own writer, with its
+            arguments.
+    """
+    callback._save_model = write

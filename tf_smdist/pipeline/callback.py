@@ -33,10 +33,15 @@ class ProfilingCallback(keras.callbacks.Callback):
     After `profile_after_steps` training batches (so the model and its
     optimizer are built), it runs `profile_model` on a sample batch, keeps
     the result in `self.profile`, optionally saves it as JSON, and calls
-    `on_profile(profile)`. `smd.PipelineModel` uses that hook to partition
-    the model and continue pipelined. When no `sample_batch` is given, one is
-    synthesised from the model's input specs (zeros, `batch_size` rows):
-    layer times and sizes depend on shapes, not values.
+    `on_profile(profile)`. When `fit` runs an `smd.PipelineModel` (Keras
+    hands the callback its model through `set_model`), the callback profiles
+    the wrapped model and then calls the pipeline's
+    `partition_from_profile(profile)`, which partitions the model; training
+    continues pipelined. The callback holds no state tied to one model: given
+    to the `fit` of another model, it profiles that model once too. When no
+    `sample_batch` is given, one is synthesised from the model's input specs
+    (zeros, `batch_size` rows): layer times and sizes depend on shapes, not
+    values.
 
     Args:
         sample_batch: Inputs `x` of one batch. Defaults to `None`
@@ -47,16 +52,17 @@ class ProfilingCallback(keras.callbacks.Callback):
         on_profile: Called with the `Profile` once it exists. Defaults to
             `None`.
         model: The model to profile. Defaults to `None` (the model `fit`
-            runs, or its `profiled_model` attribute when it has one).
-        **profile_kwargs: Passed to `profile_model` (`warmup`, `repeats`,
-            `time_budget`, `device`, `optimizer`, `expand_nested`, `clock`,
-            `chunk`).
+            runs; for a `PipelineModel`, the model it wraps).
+        **profile_kwargs: Passed to `profile_model`: its keyword-only
+            options (`warmup`, `repeats`, `time_budget`, `device`,
+            `optimizer`, `expand_nested`, `clock`, `chunk`).
 
     Example:
 
     >>> callback = smd.ProfilingCallback(path="profile.json")
-    >>> model.fit(x, y, epochs=1, callbacks=[callback])
+    >>> history = model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
     >>> print(callback.profile)
+    Profile of ...: 5 layers, batch 32 on CPU, ...
     """
 
     def __init__(
@@ -92,11 +98,26 @@ class ProfilingCallback(keras.callbacks.Callback):
         self.profile_kwargs = profile_kwargs
         self.profile: Profile | None = None
         self._steps = 0
+        self._profiled: keras.Model | None = None
+
+    def _pipeline(self) -> Any:
+        """The `PipelineModel` that `fit` runs, or `None`."""
+        from tf_smdist.pipeline.model import PipelineModel  # noqa: PLC0415
+
+        return self.model if isinstance(self.model, PipelineModel) else None
 
     def _target(self) -> keras.Model:
         if self.target_model is not None:
             return self.target_model
-        return getattr(self.model, "profiled_model", self.model)
+        pipeline = self._pipeline()
+        return pipeline.profiled_model if pipeline is not None else self.model
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        # A callback reused for another model's `fit` profiles that model.
+        if self._profiled is not None and self._profiled is not self._target():
+            self.profile = None
+            self._profiled = None
+            self._steps = 0
 
     def _synthesised_batch(self, model: keras.Model) -> Any:
         def zeros(spec: Any) -> np.ndarray:
@@ -115,17 +136,26 @@ class ProfilingCallback(keras.callbacks.Callback):
         if self._steps < self.profile_after_steps:
             return
         self.run_profile()
+        pipeline = self._pipeline()
+        if pipeline is not None and self._profiled is pipeline.profiled_model:
+            pipeline.partition_from_profile(self.profile)
 
     def run_profile(self) -> Profile:
-        """Profiles the target model now (also called by `fit`'s hook).
+        """Profiles the target model now.
+
+        `fit` calls it after `profile_after_steps` batches, then hands the
+        profile to a `PipelineModel` it trains (`partition_from_profile`);
+        called directly, it only profiles.
 
         Returns:
             The new `Profile`, also kept in `self.profile`.
 
         Example:
 
+        >>> callback = smd.ProfilingCallback(warmup=1, repeats=1)
         >>> callback.set_model(model)
-        >>> profile = callback.run_profile()
+        >>> len(callback.run_profile())
+        5
         """
         model = self._target()
         sample = self.sample_batch
@@ -135,6 +165,7 @@ class ProfilingCallback(keras.callbacks.Callback):
         if "optimizer" not in kwargs and getattr(self.model, "optimizer", None):
             kwargs["optimizer"] = self.model.optimizer
         self.profile = profile_model(model, sample, **kwargs)
+        self._profiled = model
         logger.info("Profiled %d layers of %s", len(self.profile), model.name)
         if self.path is not None:
             self.profile.save(self.path)

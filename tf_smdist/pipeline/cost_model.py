@@ -122,8 +122,9 @@ class StageEstimate:
 
     Example:
 
-    >>> estimate = cost_model.estimate([3, 5])[0]
-    >>> estimate.time, estimate.memory
+    >>> estimate = cost_model.estimate([3, 2])[0]
+    >>> estimate.layers, estimate.in_flight, estimate.memory > estimate.static_bytes
+    (3, 2, True)
     """
 
     layers: int
@@ -184,7 +185,8 @@ class CostModel:
     Example:
 
     >>> model = CostModel(profile, 2, microbatches=4)
-    >>> [e.time for e in model.estimate([5, 3])]
+    >>> [e.layers for e in model.estimate([3, 2])]
+    [3, 2]
     """
 
     def __init__(
@@ -280,7 +282,8 @@ class CostModel:
 
         Example:
 
-        >>> cost_model.stage_time(0, np.array([0, 1]), 3)
+        >>> cost_model.stage_time(0, np.array([0, 1]), 3).shape
+        (2,)
         """
         del stage
         starts = np.asarray(starts)
@@ -304,7 +307,8 @@ class CostModel:
 
         Example:
 
-        >>> cost_model.stage_memory(0, np.array([0]), 3)
+        >>> cost_model.stage_memory(0, np.array([0]), 3).shape
+        (1,)
         """
         starts = np.asarray(starts)
         in_flight = self.in_flight[stage]
@@ -328,7 +332,8 @@ class CostModel:
 
         Example:
 
-        >>> [round(e.time, 6) for e in cost_model.estimate([4, 4])]
+        >>> [e.in_flight for e in cost_model.estimate([3, 2])]  # 1F1B, M = 4
+        [2, 1]
         """
         if len(stage_sizes) != self.num_stages:
             raise ValueError(
@@ -395,7 +400,8 @@ class CostModel:
 
         Example:
 
-        >>> cost_model.device_memory(cost_model.estimate([4, 4]))
+        >>> len(cost_model.device_memory(cost_model.estimate([3, 2])))
+        2
         """
         memory = [0.0] * self.num_devices
         for s, e in enumerate(estimates):

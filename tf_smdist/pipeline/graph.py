@@ -9,7 +9,7 @@ stage) and the tensors live across any cut can be listed (skip connections).
 
 Keras 3 has no public API for a functional model's call graph; the few
 private attributes read here (`_nodes_by_depth`, `_keras_history`,
-`_inbound_nodes`, `_call_context_args`) are Keras', not TensorFlow's, and
+`_call_context_args`, `_outputs_struct`) are Keras', not TensorFlow's, and
 are read only in this module.
 """
 
@@ -21,7 +21,13 @@ from typing import Any
 
 import keras
 
-__all__ = ["GraphNode", "LayerGraph", "SubclassedModelError", "flatten_model"]
+__all__ = [
+    "GraphNode",
+    "LayerGraph",
+    "SubclassedModelError",
+    "flatten_model",
+    "output_structure",
+]
 
 
 class SubclassedModelError(ValueError):
@@ -45,9 +51,9 @@ class GraphNode:
     Example:
 
     >>> graph = flatten_model(keras.Sequential([keras.Input((3,)),
-    ...                                         keras.layers.Dense(2)]))
+    ...                                         keras.layers.Dense(2, name="a")]))
     >>> graph.nodes[0].outputs
-    ('dense:0',)
+    ('a:0',)
     """
 
     name: str
@@ -78,7 +84,8 @@ class GraphNode:
         Example:
 
         >>> node = graph.nodes[0]
-        >>> node.call({graph.inputs[0]: x})
+        >>> [tuple(t.shape) for t in node.call({graph.inputs[0]: x})]
+        [(64, 32)]
         """
         if self.arguments is None:  # A layer of a Sequential chain.
             args, kwargs = (values[self.inputs[0]],), {}
@@ -111,6 +118,7 @@ class LayerGraph:
 
     >>> graph = flatten_model(model)
     >>> [node.name for node in graph.nodes]
+    ['dense', 'dense_1', 'dense_2', 'dense_3', 'dense_4']
     """
 
     nodes: tuple[GraphNode, ...]
@@ -132,19 +140,61 @@ class LayerGraph:
 
         Returns:
             One list of keys per node (the last one holds only model outputs).
+
+        Example:
+
+        >>> graph = flatten_model(keras.Sequential([keras.Input((3,)),
+        ...                                         keras.layers.Dense(2, name="a")]))
+        >>> graph.live_after()
+        [['a:0']]
         """
+        return self.live_across(range(len(self.nodes)), len(self.nodes))
+
+    def live_across(self, group_of: Sequence[int], num_groups: int) -> list[list[str]]:
+        """The tensor keys live across each cut between groups of nodes.
+
+        Nodes are assigned to groups `0..num_groups - 1` (pipeline stages)
+        so that no node consumes a tensor of a later group. Entry `g` lists
+        the tensors produced in groups `0..g` (or model inputs) that a later
+        group consumes or that are model outputs, in order of production.
+
+        Args:
+            group_of: The group of each node, in node order.
+            num_groups: The number of groups.
+
+        Returns:
+            One list of keys per group (the last one holds only model
+            outputs).
+
+        Raises:
+            ValueError: when a node consumes a tensor of a later group.
+
+        Example:
+
+        >>> graph.live_across([0, 0, 1, 1, 1], 2)  # two stages of a chain
+        [['dense_1:0'], ['dense_4:0']]
+        """
+        producer = dict.fromkeys(self.inputs, -1)
         last_use: dict[str, int] = {}
-        for position, node in enumerate(self.nodes):
+        for node, group in zip(self.nodes, group_of):
             for key in node.inputs:
-                last_use[key] = position
+                if producer[key] > group:
+                    raise ValueError(
+                        f"{node.name!r} is in stage {group} but needs a tensor "
+                        f"computed in stage {producer[key]}. Received: a "
+                        "partition that is not in the model's data-flow order. "
+                        "Give each stage a contiguous slice of the layer order."
+                    )
+                last_use[key] = max(last_use.get(key, -1), group)
+            for key in node.outputs:
+                producer[key] = group
         for key in self.outputs:
-            last_use[key] = len(self.nodes)
-        born: list[str] = list(self.inputs)
-        live = []
-        for position, node in enumerate(self.nodes):
-            born.extend(key for key in node.outputs if key not in born)
-            live.append([key for key in born if last_use.get(key, -1) > position])
-        return live
+            last_use[key] = num_groups
+        order = list(producer)  # Production order: inputs, then node outputs.
+        return [
+            [k for k in order if producer[k] <= g < last_use.get(k, -1)]
+            for g in range(num_groups)
+        ]
 
     def run(
         self,
@@ -297,10 +347,10 @@ def flatten_model(model: Any, *, expand_nested: bool = True) -> LayerGraph:
 
     Example:
 
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4),
-    ...                           keras.layers.Dense(2)])
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="a"),
+    ...                           keras.layers.Dense(2, name="b")])
     >>> flatten_model(model).names
-    ['dense', 'dense_1']
+    ['a', 'b']
     """
     if isinstance(model, keras.Sequential):
         try:
@@ -325,3 +375,27 @@ def flatten_model(model: Any, *, expand_nested: bool = True) -> LayerGraph:
         inputs=tuple(input_keys),
         outputs=tuple(output_keys),
     )
+
+
+def output_structure(model: Any) -> Any:
+    """The nesting of a model's outputs, to pack flat output tensors into.
+
+    Args:
+        model: A built Sequential or functional model.
+
+    Returns:
+        A structure of the model's symbolic outputs (one tensor, a list or a
+        dict), as `model(x)` returns them.
+
+    Example:
+
+    >>> keras.tree.pack_sequence_as(output_structure(model), [x]).shape
+    (64, 32)
+    """
+    # A functional model keeps the nesting of its outputs in `_outputs_struct`
+    # (no public accessor); a Sequential model returns one tensor.
+    struct = getattr(model, "_outputs_struct", None)
+    if struct is None:
+        outputs = model.outputs
+        struct = outputs[0] if len(outputs) == 1 else outputs
+    return struct

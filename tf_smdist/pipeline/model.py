@@ -10,11 +10,13 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tf_smdist import _compat
 from tf_smdist.pipeline import execution
 from tf_smdist.pipeline import schedule as schedules
+from tf_smdist.pipeline.graph import LayerGraph, output_structure
 from tf_smdist.pipeline.stages import (
     Stage,
-    layer_order,
+    pipeline_graph,
     place_variables,
     split_model,
     stage_layer_names,
@@ -215,6 +217,9 @@ class PipelineModel(keras.Model):
             schedule, num_stages, microbatches, virtual_stages=self._virtual
         )
         self._check_layers(model)
+        # The one graph walker's view of the model; nested models whole
+        # unless a partition names their layers (see `_graph_for`).
+        self._graph = pipeline_graph(model)
         self._pending_auto = isinstance(partition, str)
         if isinstance(partition, str):
             if partition != "auto":
@@ -222,9 +227,7 @@ class PipelineModel(keras.Model):
                     "`partition` must be 'auto', a Partition, stage sizes or "
                     f"layer-name lists. Received: partition={partition!r}"
                 )
-            partition = _even_partition(
-                layer_order(model), self._schedule.num_stages
-            )
+            partition = _even_partition(self._graph.names, self._schedule.num_stages)
         self._stages: tuple[Stage, ...] = ()
         self._partition: Any = None
         self.repartition(partition)
@@ -233,7 +236,8 @@ class PipelineModel(keras.Model):
     # -- partition ------------------------------------------------------
 
     def _check_layers(self, model: keras.Model) -> None:
-        for layer in model._flatten_layers(include_self=False):
+        norms = []
+        for layer in _compat.all_sublayers(model):
             if getattr(layer, "activity_regularizer", None) is not None:
                 raise NotImplementedError(
                     "PipelineModel does not support activity regularizers. "
@@ -248,16 +252,19 @@ class PipelineModel(keras.Model):
                         f"layer {layer.name!r} with recompute=True. Use "
                         "recompute=False or a LayerNormalization."
                     )
-                warnings.warn(
-                    f"Layer {layer.name!r} is a BatchNormalization: in a "
-                    "pipeline it normalises each micro-batch of size "
-                    f"batch_size / {self._microbatches} with its own "
-                    "statistics and updates its moving averages once per "
-                    "micro-batch, so results differ from the unpipelined "
-                    "model. Use a LayerNormalization, or microbatches=1, to "
-                    "match it exactly.",
-                    stacklevel=3,
-                )
+                norms.append(layer.name)
+        if norms and self._microbatches > 1:
+            shown = ", ".join(repr(n) for n in norms[:3])
+            more = f" and {len(norms) - 3} more" if len(norms) > 3 else ""
+            warnings.warn(
+                f"{len(norms)} BatchNormalization layer(s) ({shown}{more}): in "
+                "a pipeline each normalises every micro-batch of size "
+                f"batch_size / {self._microbatches} with its own statistics "
+                "and updates its moving averages once per micro-batch, so "
+                "results differ from the unpipelined model. Use "
+                "LayerNormalization, or microbatches=1, to match it exactly.",
+                stacklevel=3,
+            )
 
     def repartition(self, partition: Any) -> None:
         """Re-cuts the model into stages and moves variables to their devices.
@@ -271,23 +278,22 @@ class PipelineModel(keras.Model):
         pipe.repartition([3, 1])   # 3 layers on device 0, 1 on device 1
         ```
         """
-        names = stage_layer_names(
-            self.wrapped_model, partition, self._schedule.num_stages
-        )
+        graph = self._graph_for(partition)
+        names = stage_layer_names(graph, partition, self._schedule.num_stages)
         if self._topology is not None:
-            self._repartition_processes(names)
+            self._repartition_processes(names, graph)
             self._partition = partition if hasattr(partition, "report") else None
             return
         devices = [
             self._devices[self._schedule.device_of(s)]
             for s in range(self._schedule.num_stages)
         ]
-        stages = split_model(self.wrapped_model, names, devices)
+        stages = split_model(graph, names, devices)
         for stage in stages:
             place_variables(stage)
         self._stages = tuple(stages)
         self._partition = partition if hasattr(partition, "report") else None
-        self._rekey_optimizer()
+        self._move_optimizer_state()
         # Trace new functions around the new stages; `fit` calls
         # `self.train_function` each step, so replace it while it runs.
         if self.train_function is not None:
@@ -296,7 +302,9 @@ class PipelineModel(keras.Model):
         self.predict_function = None
         logger.info("Pipeline partition:\n%s", self.partition_report())
 
-    def _repartition_processes(self, names: list[list[str]]) -> None:
+    def _repartition_processes(
+        self, names: list[list[str]], graph: LayerGraph
+    ) -> None:
         from tf_smdist.pipeline.distributed import ProcessPipeline
         from tf_smdist.pipeline.process_steps import ProcessSteps
 
@@ -318,6 +326,7 @@ class PipelineModel(keras.Model):
             compression=self._transfer_compression,
             recompute=self._recompute,
             bucket_cap_mb=self._bucket_cap_mb,
+            graph=graph,
         )
         self._process = ProcessSteps(self, runtime)
         self._stages = ()
@@ -418,43 +427,84 @@ class PipelineModel(keras.Model):
             return memory_of(self, runtime.variables, runtime.trainable_variables)
         return memory_of(self, self.weights, self.trainable_variables)
 
-    def _rekey_optimizer(self) -> None:
+    def _graph_for(self, partition: Any) -> LayerGraph:
+        """The graph whose node names `partition` uses.
+
+        Stage sizes and names count nested models as one node each; a
+        partition made from a profile that expanded nested models
+        (`ProfilingCallback`'s default) names their inner layers instead
+        (`outer/inner`), and the stages are then cut from that finer graph.
+        """
+        names = getattr(partition, "stage_layer_names", partition)
+        if isinstance(names, (list, tuple)) and all(
+            isinstance(stage, (list, tuple)) for stage in names
+        ):
+            flat = {n for stage in names for n in stage}
+            if not flat <= set(self._graph.names):
+                expanded = pipeline_graph(self.wrapped_model, expand_nested=True)
+                if flat <= set(expanded.names):
+                    return expanded
+        return self._graph
+
+    def _move_optimizer_state(self) -> None:
+        """Moves a built optimizer's state next to its (moved) variables.
+
+        Keras' TensorFlow optimizers create each variable's state colocated
+        with the variable. A fresh optimizer of the same class and config,
+        built on the same variables in their new places, therefore creates
+        its state, in the same order, on the devices where ours belongs:
+        each state variable moves to the device of its counterpart. No
+        state is matched by name.
+        """
         optimizer = getattr(self, "optimizer", None)
         optimizer = getattr(optimizer, "inner_optimizer", optimizer)
         if optimizer is None or not getattr(optimizer, "built", False):
             return
-        # A built Keras optimizer finds each variable's state by the id of
-        # the TensorFlow variable behind it (`_var_key`), which moving the
-        # variable changed; its state keeps its values (and device).
-        optimizer._trainable_variables_indices = {
-            optimizer._var_key(v): i
-            for i, v in enumerate(optimizer._trainable_variables)
-        }
-        # Move each variable's optimizer state (named after the variable's
-        # path by `add_variable_from_reference`) next to it.
-        by_key = {
-            v.path.replace("/", "_") + "_": v for v in self.trainable_variables
-        }
-        for slot in optimizer.variables:
-            name = slot.path.split("/", 1)[-1]
-            owner = next(
-                (v for key, v in by_key.items() if name.startswith(key)), None
+        _compat.refresh_optimizer_index(optimizer)
+        fresh = type(optimizer).from_config(optimizer.get_config())
+        fresh.build(self.trainable_variables)
+        if [tuple(v.shape) for v in fresh.variables] != [
+            tuple(v.shape) for v in optimizer.variables
+        ]:
+            raise ValueError(
+                "Cannot move the optimizer's state with the model's variables: "
+                "a fresh copy of the optimizer builds different state. "
+                f"Received: optimizer {type(optimizer).__name__} with "
+                f"{len(optimizer.variables)} variables, a fresh copy with "
+                f"{len(fresh.variables)}. Compile the PipelineModel after "
+                "choosing the partition."
             )
-            if owner is None or slot.value.device == owner.value.device:
-                continue
-            with tf.init_scope(), tf.device(owner.value.device):
-                moved = tf.Variable(
-                    tf.identity(slot.value), trainable=False,
-                    name=slot.value.name.split(":")[0],
-                )
-            slot._initialize(moved)  # see `stages.place_variables`
+        for state, placed in zip(optimizer.variables, fresh.variables):
+            if state.value.device != placed.value.device:
+                _compat.move_variable(state, placed.value.device)
 
     @property
     def profiled_model(self) -> keras.Model:
         """The model a `ProfilingCallback` measures: the wrapped model."""
         return self.wrapped_model
 
-    def _partition_from_profile(self, profile: Any, **kwargs: Any) -> Any:
+    def partition_from_profile(self, profile: Any, **kwargs: Any) -> Any:
+        """Chooses a partition from `profile` and re-cuts the stages with it.
+
+        `ProfilingCallback` calls this when it has profiled this model's
+        wrapped model during `fit`.
+
+        Args:
+            profile: A `Profile` of the wrapped model (nested models expanded
+                or not).
+            **kwargs: Passed to `smd.partition` (`optimize`,
+                `memory_capacity`, `bandwidth`, ...), over the
+                `partition_options` given to the constructor.
+
+        Returns:
+            The `Partition` now in use.
+
+        Example:
+        ```python
+        profile = smd.profile_model(pipe.wrapped_model, x_train[:64])
+        part = pipe.partition_from_profile(profile, optimize="memory")
+        ```
+        """
         from tf_smdist.pipeline.partition import partition as solve
 
         kwargs = {**self._partition_options, **kwargs}
@@ -495,7 +545,7 @@ class PipelineModel(keras.Model):
             optimizer=getattr(self, "optimizer", None),
             expand_nested=False,
         )
-        return self._partition_from_profile(profile, **kwargs)
+        return self.partition_from_profile(profile, **kwargs)
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
         """Trains like `keras.Model.fit`, pipelined.
@@ -503,9 +553,9 @@ class PipelineModel(keras.Model):
         With a `smd.ProfilingCallback` among the callbacks, or with
         `partition="auto"` and no partition chosen yet (a callback is then
         added), the first training batch runs on the current split; the
-        wrapped model is then profiled, partitioned, the train function is
-        rebuilt, training continues pipelined, and the partition report is
-        logged.
+        wrapped model is then profiled, partitioned (the callback calls
+        `partition_from_profile`), the train function is rebuilt, training
+        continues pipelined, and the partition report is logged.
 
         Example:
         ```python
@@ -520,31 +570,14 @@ class PipelineModel(keras.Model):
             args, kwargs = process_steps.prepare_fit(self, args, kwargs)
             return super().fit(*args, **kwargs)
         callbacks = list(kwargs.get("callbacks") or [])
-        profilers = [c for c in callbacks if isinstance(c, ProfilingCallback)]
-        if not profilers and self._pending_auto:
+        if self._pending_auto and not any(
+            isinstance(c, ProfilingCallback) for c in callbacks
+        ):
+            # Stages keep nested models whole: profile them whole too.
             batch_size = kwargs.get("batch_size") or 32
-            profilers = [ProfilingCallback(batch_size=batch_size)]
-            callbacks += profilers
-        for callback in profilers:
-            if getattr(callback, "_pipeline_hooked", False):
-                continue
-            # Stages keep nested models whole: profile them as one layer each.
-            if callback.profile_kwargs.get("expand_nested"):
-                logger.warning(
-                    "ProfilingCallback(expand_nested=True) under PipelineModel: "
-                    "nested models are profiled whole, since a stage keeps "
-                    "each nested model whole."
-                )
-            callback.profile_kwargs["expand_nested"] = False
-            user_hook = callback.on_profile
-
-            def hook(profile: Any, user_hook: Any = user_hook) -> None:
-                if user_hook is not None:
-                    user_hook(profile)
-                self._partition_from_profile(profile)
-
-            callback.on_profile = hook
-            callback._pipeline_hooked = True
+            callbacks.append(
+                ProfilingCallback(batch_size=batch_size, expand_nested=False)
+            )
         kwargs["callbacks"] = callbacks
         return super().fit(*args, **kwargs)
 
@@ -623,28 +656,19 @@ class PipelineModel(keras.Model):
         self._build_optimizer_on_stages()
 
     def _build_optimizer_on_stages(self) -> None:
-        """Builds the optimizer with each variable's state on its device.
+        """Builds the optimizer now, so each variable's state is on its device.
 
-        `add_variable_from_reference` is the hook Keras optimizers use to
-        create per-variable state; wrapping it while building puts each
-        slot next to its variable (Keras would put them all on the caller's
-        device, so remote stages would fetch them over the network).
+        Keras' TensorFlow optimizers create each variable's state colocated
+        with the variable (`add_variable_from_reference` runs under the
+        distribution strategy's `colocate_vars_with`); built eagerly here,
+        with the variables already on their stages' devices, the state
+        lands next to them. Built later inside the traced train step it
+        would land on the caller's device instead.
         """
         optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         if optimizer is None or optimizer.built:
             return
-        create = optimizer.add_variable_from_reference
-
-        def placed(reference_variable: Any, *args: Any, **kwargs: Any) -> Any:
-            device = getattr(reference_variable, "value", reference_variable).device
-            with tf.device(device or None):
-                return create(reference_variable, *args, **kwargs)
-
-        optimizer.add_variable_from_reference = placed
-        try:
-            optimizer.build(self.trainable_variables)
-        finally:
-            del optimizer.add_variable_from_reference
+        optimizer.build(self.trainable_variables)
 
     @property
     def layers(self) -> list[keras.layers.Layer]:
@@ -725,13 +749,7 @@ class PipelineModel(keras.Model):
         return [x]
 
     def _pack_outputs(self, flat: list[tf.Tensor]) -> Any:
-        # A functional model keeps the nesting of its outputs in
-        # `_outputs_struct`; a Sequential model returns one tensor.
-        struct = getattr(self.wrapped_model, "_outputs_struct", None)
-        if struct is None:
-            outputs = self.wrapped_model.outputs
-            struct = outputs[0] if len(outputs) == 1 else outputs
-        return keras.tree.pack_sequence_as(struct, flat)
+        return keras.tree.pack_sequence_as(output_structure(self.wrapped_model), flat)
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         """Runs the pipeline's forward tasks on `inputs`, micro-batched.
@@ -788,7 +806,7 @@ class PipelineModel(keras.Model):
         @tf.function
         def step(x, y):
             loss, _, grads = pipe.compute_gradients(x, y)
-            pipe.optimizer.apply(grads, pipe.trainable_variables)
+            pipe.apply_gradients(grads)
             return loss
         ```
         """
@@ -852,33 +870,98 @@ class PipelineModel(keras.Model):
             tracker.update_state(
                 loss, sample_weight=tf.shape(self._flat_inputs(x)[0])[0]
             )
-        self._place_optimizer_updates()
-        self.optimizer.apply(grads, self.trainable_variables)
+        self.apply_gradients(grads)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-    def _place_optimizer_updates(self) -> None:
-        """Runs each variable's update on the variable's (stage's) device.
+    def apply_gradients(self, grads: Sequence[Any]) -> None:
+        """Applies one gradient per trainable variable, each on its device.
 
-        Keras' optimizers build every update under the caller's device, so
-        the gradients of all stages would travel to one device (over the
-        network for remote stages) and back. `update_step(gradient, variable,
-        learning_rate)` is the per-variable hook Keras optimizers define;
-        wrapping it on this optimizer instance places each update.
+        Calls `self.optimizer.apply(grads, self.trainable_variables)`. Keras'
+        optimizers build every update under the caller's device, so the
+        gradients of all stages would travel to one device (over the network
+        for remote stages) and back. Inside a `tf.function`, each update op
+        without a device of its own is placed by a TensorFlow graph device
+        function (`tf.compat.v1.device`, the public API that accepts one;
+        `tf.device` takes only names): an op joins the device of its first
+        placed input, and a variable read joins the device that the
+        variable's values were first combined on. Every optimizer combines a
+        variable's state with its gradient, which lives on the variable's
+        stage, so each variable's update math runs there; ops that read
+        state only (`sqrt(v)`) follow. Run eagerly, updates run where
+        TensorFlow puts them: same results, slower for remote stages.
+
+        Args:
+            grads: One gradient per variable of `trainable_variables`, as
+                `compute_gradients` returns them.
+
+        Example:
+        ```python
+        @tf.function
+        def step(x, y):
+            loss, _, grads = pipe.compute_gradients(x, y)
+            pipe.apply_gradients(grads)
+            return loss
+        ```
         """
-        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        if getattr(optimizer, "_pipeline_placed", False):
+        if tf.executing_eagerly():
+            self.optimizer.apply(grads, self.trainable_variables)
             return
-        update_step = optimizer.update_step
+        with tf.compat.v1.device(_UpdatePlacer()):
+            self.optimizer.apply(grads, self.trainable_variables)
 
-        def placed_update_step(gradient: Any, variable: Any, lr: Any) -> Any:
-            device = getattr(variable, "device", None) or None
-            with tf.device(device):
-                return update_step(gradient, variable, lr)
-
-        optimizer.update_step = placed_update_step
-        optimizer._pipeline_placed = True
 
     def test_step(self, data: Any) -> dict[str, Any]:
         if self._process is not None:
             return self._process.test_step(data)
         return super().test_step(data)
+
+
+class _UpdatePlacer:
+    """Graph device function placing optimizer update ops with their data.
+
+    An op without a device gets the device of its inputs (looking through
+    identities, such as the `IdentityN` Keras groups all gradients with);
+    failing that, the device learned for a variable it reads. A variable
+    (the resource a `ReadVariableOp` reads) is learned the first time one of
+    its reads meets a placed input, such as the gradient, in one op. An op
+    whose inputs come from several devices gets no device (TensorFlow's
+    default).
+    """
+
+    def __init__(self) -> None:
+        self._devices: dict[Any, str] = {}
+
+    def __call__(self, op: Any) -> str:
+        if op.device:
+            return op.device
+        devices = {d for d in map(_source_device, op.inputs) if d}
+        resources = [
+            t.op.inputs[0].ref() if t.op.type == "ReadVariableOp" else t.ref()
+            for t in op.inputs
+            if t.op.type == "ReadVariableOp" or t.dtype == tf.resource
+        ]
+        if len(devices) > 1:
+            return ""
+        device = devices.pop() if devices else ""
+        if not device:
+            device = next(
+                (self._devices[r] for r in resources if r in self._devices), ""
+            )
+        if device:
+            for resource in resources:
+                self._devices.setdefault(resource, device)
+        return device
+
+
+def _source_device(tensor: Any) -> str:
+    """The device of `tensor`, or of what an identity op forwards into it."""
+    for _ in range(8):
+        if tensor.device:
+            return tensor.device
+        if tensor.op.type == "IdentityN":
+            tensor = tensor.op.inputs[tensor.value_index]
+        elif tensor.op.type == "Identity":
+            tensor = tensor.op.inputs[0]
+        else:
+            return ""
+    return ""

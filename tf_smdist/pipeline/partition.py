@@ -25,13 +25,13 @@ OPTIMIZE = ("speed", "memory")
 class Partition(JsonSerializable):
     """A split of a model's layers into pipeline stages, with its estimates.
 
-    Made by `smd.partition`. `stage_sizes` counts profile positions (layers
-    and bare operations such as `x + y`) per stage; `stage_node_names` names
-    them; `stage_layer_names` names only the Keras layers of each stage.
+    Made by `smd.partition`. `stage_sizes` counts profile positions per
+    stage, and `stage_layer_names` names them: the nodes of the model's
+    graph as `tf_smdist.pipeline.graph.flatten_model` walks it, that is
+    calls of Keras layers and bare operations such as `x + y`.
 
     Args:
-        stage_node_names: Names of the profile positions of each stage.
-        stage_layer_names: Names of the Keras layers of each stage.
+        stage_layer_names: Names of the profile positions of each stage.
         estimates: One `StageEstimate` per stage.
         settings: The options it was made with (`optimize`, `schedule`,
             `microbatches`, `microbatch_size`, `bandwidth`, `memory_capacity`,
@@ -40,31 +40,30 @@ class Partition(JsonSerializable):
     Example:
 
     >>> part = smd.partition(profile, 2)
-    >>> part.stage_sizes
-    [5, 3]
+    >>> sum(part.stage_sizes)
+    5
     >>> print(part.report())
+    Partition into 2 stages (optimize=speed, schedule=1f1b, ...)
+    ...
     """
 
     def __init__(
         self,
-        stage_node_names: Sequence[Sequence[str]],
         stage_layer_names: Sequence[Sequence[str]],
         estimates: Sequence[StageEstimate],
         settings: dict[str, Any],
     ) -> None:
-        if not (len(stage_node_names) == len(stage_layer_names) == len(estimates)):
+        if len(stage_layer_names) != len(estimates):
             raise ValueError(
-                "A Partition needs one entry per stage in every argument. "
-                f"Received: {len(stage_node_names)} node lists, "
-                f"{len(stage_layer_names)} layer lists, {len(estimates)} estimates."
+                "A Partition needs one estimate per stage. Received: "
+                f"{len(stage_layer_names)} stages, {len(estimates)} estimates."
             )
-        if any(not names for names in stage_node_names):
+        if any(not names for names in stage_layer_names):
             raise ValueError(
                 "Every stage needs at least one layer. "
-                f"Received: stage_node_names={stage_node_names}"
+                f"Received: stage_layer_names={stage_layer_names}"
             )
-        self._nodes = [list(names) for names in stage_node_names]
-        self._layers = [list(names) for names in stage_layer_names]
+        self._nodes = [list(names) for names in stage_layer_names]
         self._estimates = list(estimates)
         self._settings = dict(settings)
 
@@ -79,14 +78,9 @@ class Partition(JsonSerializable):
         return [len(names) for names in self._nodes]
 
     @property
-    def stage_node_names(self) -> list[list[str]]:
-        """Names of every profile position of each stage."""
-        return [list(names) for names in self._nodes]
-
-    @property
     def stage_layer_names(self) -> list[list[str]]:
-        """Names of the Keras layers of each stage (bare operations left out)."""
-        return [list(names) for names in self._layers]
+        """Names of the profile positions (graph nodes) of each stage."""
+        return [list(names) for names in self._nodes]
 
     @property
     def estimates(self) -> list[StageEstimate]:
@@ -151,6 +145,8 @@ class Partition(JsonSerializable):
         Example:
 
         >>> print(smd.partition(profile, 2).report())
+        Partition into 2 stages ...
+        Slowest stage: ...
         """
         rows = []
         for s, (names, e) in enumerate(zip(self._nodes, self._estimates)):
@@ -220,7 +216,6 @@ class Partition(JsonSerializable):
         return {
             "format_version": _FORMAT_VERSION,
             "stage_sizes": self.stage_sizes,
-            "stage_node_names": self.stage_node_names,
             "stage_layer_names": self.stage_layer_names,
             "estimates": [dataclasses.asdict(e) for e in self._estimates],
             "settings": self.settings,
@@ -239,13 +234,15 @@ class Partition(JsonSerializable):
         Example:
 
         >>> smd.Partition.from_dict(part.to_dict())
+        Partition(stage_sizes=[...], optimize='speed', bottleneck=... ms)
         """
         check_format_version(
             data, _FORMAT_VERSION, what="partition", remedy="Partition again."
         )
+        # Files written before names were unified hold every position under
+        # "stage_node_names" (and only the layers under "stage_layer_names").
         return cls(
-            data["stage_node_names"],
-            data["stage_layer_names"],
+            data.get("stage_node_names", data["stage_layer_names"]),
             [StageEstimate(**e) for e in data["estimates"]],
             data["settings"],
         )
@@ -388,6 +385,8 @@ def partition(
     >>> profile = smd.profile_model(model, x[:32])
     >>> part = smd.partition(profile, 2, microbatches=4)
     >>> print(part.report())
+    Partition into 2 stages (optimize=speed, schedule=1f1b, 4 micro-batches ...
+    ...
     >>> smd.partition(profile, 2, split_points=["dense_2"]).stage_sizes
     [2, 3]
     """
@@ -451,10 +450,6 @@ def partition(
     return Partition(
         [
             [x.name for x in layers[bounds[s] : bounds[s + 1]]]
-            for s in range(num_stages)
-        ],
-        [
-            [x.name for x in layers[bounds[s] : bounds[s + 1]] if x.is_layer]
             for s in range(num_stages)
         ],
         estimates,

@@ -22,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_smdist import _compat
 from tf_smdist.pipeline.distributed import ProcessPipeline
 
 __all__ = ["ProcessSteps", "memory_of", "prepare_fit"]
@@ -391,14 +392,13 @@ def prepare_fit(pipe: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if "bandwidth" not in pipe._partition_options:
             # The measured point-to-point bandwidth prices the transfers.
             pipe._partition_options["bandwidth"] = measure_bandwidth(pipe)
-        pipe._partition_from_profile(profile)
+        pipe.partition_from_profile(profile)
     callbacks = [c for c in callbacks if not isinstance(c, ProfilingCallback)]
     if pipe.topology.rank != 0:
         for cb in callbacks:
             if isinstance(cb, keras.callbacks.BackupAndRestore):
-                # Keras' BackupAndRestore writes in `_save_model` (no public
-                # hook): here it only takes part in gathering the weights.
-                cb._save_model = pipe._process.sync_weights
+                # Here it only takes part in gathering the weights.
+                _compat.stop_checkpoint_writes(cb, pipe._process.sync_weights)
                 cb.delete_checkpoint = False
     kwargs["callbacks"] = callbacks
     return args, kwargs

@@ -46,8 +46,8 @@ class LayerProfile:
     Example:
 
     >>> layer = profile.layers[0]
-    >>> layer.name, layer.param_bytes, layer.output_bytes
-    ('dense', 1056, 128)
+    >>> layer.name, layer.param_bytes, layer.output_bytes  # Dense(32) of 32
+    ('dense', 4224, 128)
     """
 
     name: str
@@ -89,8 +89,10 @@ class Profile(JsonSerializable):
 
     >>> profile = smd.profile_model(model, x[:32])
     >>> print(profile)            # a table, one row per layer
+    Profile of ...: 5 layers, batch 32 on CPU, ...
     >>> profile.save("profile.json")
-    >>> same = smd.Profile.load("profile.json")
+    >>> smd.Profile.load("profile.json") == profile
+    True
     """
 
     def __init__(
@@ -283,6 +285,7 @@ class Profile(JsonSerializable):
         Example:
 
         >>> smd.Profile.from_dict(profile.to_dict())
+        Profile of ...
         """
         check_format_version(
             data, _FORMAT_VERSION, what="profile", remedy="Profile the model again."

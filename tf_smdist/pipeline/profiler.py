@@ -8,6 +8,7 @@ The measurements become a `Profile` (the TensorFlow-free data model in
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import statistics
@@ -159,9 +160,9 @@ def stage_step(
     Example:
 
     >>> graph = flatten_model(model)
-    >>> values = graph.run([x], training=True)
+    >>> values = graph.run([tf.constant(x)], training=True)
     >>> step = stage_step(graph, values, 0, 3)
-    >>> step()  # forward + backward of nodes 0, 1 and 2
+    >>> gradients = step()  # forward + backward of nodes 0, 1 and 2
     """
     live = graph.live_after() if live is None else live
     nodes = graph.nodes[start:stop]
@@ -180,24 +181,53 @@ def stage_step(
                 seen.add(id(variable))
                 variables.append(variable)
     inputs = [values[k] for k in needed]
+    step = tf.function(
+        _StageStep(graph, start, stop, needed, floating, targets, produced, variables)
+    )
+    return lambda: step(*inputs)
 
-    @tf.function
-    def step(*tensors: tf.Tensor) -> list[tf.Tensor]:
-        known = dict(zip(needed, tensors))
+
+class _StageStep:
+    """Forward and backward of nodes `[start, stop)`, as `stage_step` runs it.
+
+    An object rather than a closure: TensorFlow counts the traces of
+    `tf.function`s per Python code object, so one closure traced once per
+    layer would read as a function retraced on every call (and log
+    TensorFlow's retracing warning); each instance is counted on its own.
+    """
+
+    def __init__(
+        self,
+        graph: LayerGraph,
+        start: int,
+        stop: int,
+        needed: list[str],
+        floating: list[str],
+        targets: list[str],
+        produced: list[str],
+        variables: list[Any],
+    ) -> None:
+        self.graph, self.start, self.stop = graph, start, stop
+        self.needed, self.floating = needed, floating
+        self.targets, self.produced = targets, produced
+        self.variables = variables
+
+    def __call__(self, *tensors: tf.Tensor) -> list[tf.Tensor]:
+        known = dict(zip(self.needed, tensors))
         with tf.GradientTape() as tape:
-            for key in floating:
+            for key in self.floating:
                 tape.watch(known[key])
-            known = graph.run([], start=start, stop=stop, values=known, training=True)
-        outputs = [known[k] for k in targets]
-        sources = [known[k] for k in floating] + variables
+            known = self.graph.run(
+                [], start=self.start, stop=self.stop, values=known, training=True
+            )
+        outputs = [known[k] for k in self.targets]
+        sources = [known[k] for k in self.floating] + self.variables
         if not outputs or not sources:
-            return [known[k] for k in produced]
+            return [known[k] for k in self.produced]
         grads = tape.gradient(
             outputs, sources, output_gradients=[tf.ones_like(t) for t in outputs]
         )
         return [g for g in grads if g is not None] or outputs
-
-    return lambda: step(*inputs)
 
 
 def profile_model(
@@ -332,6 +362,13 @@ def _graph_of(model: Any, sample_batch: Any, expand_nested: bool) -> LayerGraph:
     return flatten_model(model, expand_nested=expand_nested)
 
 
+@functools.cache
+def _empty_function() -> Any:
+    """One `tf.function` doing nothing, traced once per process: the cost of
+    a call."""
+    return tf.function(lambda x: x)
+
+
 def _measure(
     graph: LayerGraph,
     inputs: list[tf.Tensor],
@@ -347,11 +384,7 @@ def _measure(
 ) -> tuple[list[LayerProfile], float]:
     values = graph.run(inputs, training=True)
     live = graph.live_after()
-
-    @tf.function
-    def empty(x: tf.Tensor) -> tf.Tensor:
-        return x
-
+    empty = _empty_function()
     tiny = tf.zeros([1])
     n = len(graph.nodes)
     singles = [stage_step(graph, values, i, i + 1, live=live) for i in range(n)]

@@ -43,8 +43,8 @@ class JsonSerializable:
 
     Example:
 
-    >>> profile.save("/tmp/profile.json")
-    >>> smd.Profile.load("/tmp/profile.json") == profile
+    >>> profile.save("profile.json")
+    >>> smd.Profile.load("profile.json") == profile
     True
     """
 

@@ -1,4 +1,10 @@
-"""Splitting a Keras model into pipeline stages that carry every live tensor."""
+"""Splitting a Keras model into pipeline stages that carry every live tensor.
+
+The stages are cut from the node order of `tf_smdist.pipeline.graph` (the
+one walker of the Keras graph): the same order, names and tensor keys the
+profiler measures, so a `Partition` made from a `Profile` names stage
+contents directly.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,13 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tf_smdist import _compat
+from tf_smdist.pipeline.graph import GraphNode, LayerGraph, flatten_model
+
 __all__ = [
     "Stage",
     "layer_order",
+    "pipeline_graph",
     "place_variables",
     "split_model",
     "stage_layer_names",
@@ -21,110 +31,94 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _functional(model: keras.Model) -> keras.Model:
-    """The model as a functional graph (a Sequential's own graph)."""
-    try:
-        inputs, outputs = model.inputs, model.outputs
-    except (AttributeError, ValueError):
-        inputs = outputs = None
-    if not inputs or not outputs:
-        raise ValueError(
-            "PipelineModel needs a built Sequential or functional model whose "
-            f"inputs are known. Received: model={model.name!r} of type "
-            f"{type(model).__name__} without symbolic inputs. Start the model "
-            "with `keras.Input(...)`, or build a functional model."
-        )
-    if isinstance(model, keras.Sequential):
-        return keras.Model(inputs, outputs, name=model.name)
-    return model
+def pipeline_graph(model: keras.Model, *, expand_nested: bool = False) -> LayerGraph:
+    """The model's flattened graph, as a pipeline cuts it.
 
+    Args:
+        model: A built Sequential or functional model.
+        expand_nested: Whether nested Sequential and functional models are
+            split into their own layers (named `outer/inner`). Defaults to
+            `False` (each nested model is one node).
 
-def _node_of(tensor: Any) -> Any:
-    # Keras records each symbolic tensor's producer in `_keras_history`
-    # (operation, node_index, tensor_index); no public API lists the nodes.
-    history = tensor._keras_history
-    return history.operation._inbound_nodes[history.node_index]
+    Returns:
+        The `LayerGraph`.
 
+    Raises:
+        ValueError: for a model whose inputs are unknown or that is
+            subclassed.
+        NotImplementedError: for a model that calls a layer more than once.
 
-def _is_input(node: Any) -> bool:
-    return isinstance(node.operation, keras.layers.InputLayer)
+    Example:
 
-
-def _graph_nodes(graph: keras.Model) -> list[Any]:
-    """The graph's nodes (input layers excluded) in topological order."""
-    rank = {id(op): i for i, op in enumerate(graph.operations)}
-    seen: dict[int, Any] = {}
-    stack = list(graph.outputs)
-    while stack:
-        node = _node_of(stack.pop())
-        if id(node) in seen or _is_input(node):
-            continue
-        seen[id(node)] = node
-        stack.extend(node.arguments.keras_tensors)
-    nodes = list(seen.values())
-    counts: dict[int, int] = {}
-    for node in nodes:
-        counts[id(node.operation)] = counts.get(id(node.operation), 0) + 1
-    for node in nodes:
-        if counts[id(node.operation)] > 1:
+    >>> inputs = keras.Input((4,))
+    >>> x = keras.layers.Dense(3, name="a")(inputs)
+    >>> pipeline_graph(keras.Model(inputs, keras.layers.Dense(2, name="b")(x))).names
+    ['a', 'b']
+    """
+    graph = flatten_model(model, expand_nested=expand_nested)
+    calls: dict[int, list[str]] = {}
+    for node in graph.nodes:
+        if node.is_layer:
+            calls.setdefault(id(node.operation), []).append(node.name)
+    for names in calls.values():
+        if len(names) > 1:
             raise NotImplementedError(
                 "PipelineModel cannot split a model that calls a layer more "
-                "than once (shared layers). Received: layer "
-                f"{node.operation.name!r} called {counts[id(node.operation)]} "
-                "times."
+                f"than once (shared layers). Received: layer {names[0]!r} "
+                f"called {len(names)} times ({names}). Call each layer once, "
+                "or wrap the part that shares it in a nested model."
             )
-    # Operations are sorted by depth from the inputs: a topological order.
-    return sorted(nodes, key=lambda n: rank[id(n.operation)])
+    return graph
 
 
 def layer_order(model: keras.Model) -> list[str]:
-    """The names of the model's layers in the order stages are cut from.
+    """The names stages are cut from, in order: the model graph's nodes.
 
-    Input layers are left out; operations that are not layers (such as
-    `x + y` in a functional model) go with the stage of their inputs.
+    Each node is one call of a Keras layer, or a bare operation of a
+    functional model (such as `x + y`); nested models are one node each.
+    These are the names a `Profile` (with `expand_nested=False`) and a
+    `Partition` use; stage sizes count them.
 
     Args:
-        model: a built Sequential or functional model.
+        model: A built Sequential or functional model.
 
     Returns:
-        The layer names, in a topological order of the model's graph.
+        The node names, in the topological order of
+        `tf_smdist.pipeline.graph.flatten_model`.
 
     Example:
+
     >>> inputs = keras.Input((4,))
     >>> x = keras.layers.Dense(3, name="a")(inputs)
     >>> layer_order(keras.Model(inputs, keras.layers.Dense(2, name="b")(x)))
     ['a', 'b']
     """
-    return [
-        n.operation.name
-        for n in _graph_nodes(_functional(model))
-        if isinstance(n.operation, keras.layers.Layer)
-    ]
+    return pipeline_graph(model).names
 
 
 def stage_layer_names(
-    model: keras.Model, partition: Any, num_stages: int
+    graph: LayerGraph, partition: Any, num_stages: int
 ) -> list[list[str]]:
-    """Normalises a partition to one list of layer names per stage.
+    """Normalises a partition to one list of node names per stage.
 
     Args:
-        model: the model to split.
-        partition: an object with `stage_layer_names` (a `Partition`), a
-            sequence of stage sizes (layers per stage, in `layer_order`), or a
-            sequence of layer-name lists.
-        num_stages: the number of stages expected.
+        graph: The model's `pipeline_graph`.
+        partition: A `Partition`, a sequence of stage sizes (nodes per
+            stage, in `graph.names` order), or a sequence of name lists.
+        num_stages: The number of stages expected.
 
     Returns:
-        The layer names of each stage.
+        The node names of each stage.
 
     Example:
+
     >>> inputs = keras.Input((4,))
     >>> x = keras.layers.Dense(3, name="a")(inputs)
     >>> m = keras.Model(inputs, keras.layers.Dense(2, name="b")(x))
-    >>> stage_layer_names(m, [1, 1], 2)
+    >>> stage_layer_names(pipeline_graph(m), [1, 1], 2)
     [['a'], ['b']]
     """
-    order = layer_order(model)
+    order = graph.names
     if hasattr(partition, "stage_layer_names"):
         partition = partition.stage_layer_names
     partition = list(partition)
@@ -145,8 +139,9 @@ def stage_layer_names(
             raise ValueError(
                 "Stage sizes must be positive and add up to the number of "
                 f"layers. Received: partition={partition} (sum "
-                f"{sum(partition)}) for a model with {len(order)} layers. "
-                "Pass `partition='auto'` to choose the sizes automatically."
+                f"{sum(partition)}) for a model with {len(order)} layers "
+                f"{order}. Pass `partition='auto'` to choose the sizes "
+                "automatically."
             )
         names, start = [], 0
         for size in partition:
@@ -156,12 +151,13 @@ def stage_layer_names(
     names = [list(p) for p in partition]
     flat = [n for stage in names for n in stage]
     if sorted(flat) != sorted(order) or any(not stage for stage in names):
-        missing = sorted(set(order) - set(flat))
+        missing = [n for n in order if n not in flat]
         extra = sorted(set(flat) - set(order))
         raise ValueError(
             "The partition must put every layer of the model in exactly one "
             f"non-empty stage. Received: missing layers {missing}, unknown "
-            f"layers {extra}, {len(flat)} names for {len(order)} layers."
+            f"layers {extra}, {len(flat)} names for {len(order)} layers. "
+            f"The layers are {order}."
         )
     return names
 
@@ -172,33 +168,35 @@ class Stage:
 
     A stage receives every tensor live across the cut before it and returns
     every tensor live across the cut after it; tensors that skip the stage
-    are passed through on its device. It runs the wrapped model's own graph
-    nodes (no layer is copied or called symbolically again, so the wrapped
-    model stays exactly as it was and still saves as before).
+    are passed through on its device. It calls the wrapped model's own
+    layers (none is copied), so the wrapped model stays exactly as it was
+    and still saves as before.
 
     Attributes:
-        index: the stage number, from 0.
-        device: the TensorFlow device its ops and variables live on.
-        layer_names: the layers it computes.
-        nodes: the Keras graph nodes it runs, in topological order.
-        in_keys: the ids of the symbolic tensors it receives.
-        out_keys: the ids of the symbolic tensors it returns.
-        layers: the Keras layers it holds.
+        index: The stage number, from 0.
+        device: The TensorFlow device its ops and variables live on.
+        layer_names: The graph nodes it computes, by name.
+        nodes: The `GraphNode`s it runs, in topological order.
+        in_keys: The keys of the tensors it receives.
+        out_keys: The keys of the tensors it returns.
+        layers: The Keras layers it holds.
 
     Example:
+
     >>> inputs = keras.Input((4,))
     >>> x = keras.layers.Dense(3, name="a")(inputs)
     >>> m = keras.Model(inputs, keras.layers.Dense(2, name="b")(x))
-    >>> [s.layer_names for s in split_model(m, [["a"], ["b"]], ["/CPU:0"] * 2)]
+    >>> stages = split_model(pipeline_graph(m), [["a"], ["b"]], ["/CPU:0"] * 2)
+    >>> [s.layer_names for s in stages]
     [('a',), ('b',)]
     """
 
     index: int
     device: str
     layer_names: tuple[str, ...]
-    nodes: tuple[Any, ...]
-    in_keys: tuple[int, ...]
-    out_keys: tuple[int, ...]
+    nodes: tuple[GraphNode, ...]
+    in_keys: tuple[str, ...]
+    out_keys: tuple[str, ...]
     layers: tuple[keras.layers.Layer, ...]
 
     @property
@@ -217,7 +215,8 @@ class Stage:
         `("new", j)` for the `j`-th tensor the stage computes."""
         new = [k for k in self.out_keys if k not in self.in_keys]
         return tuple(
-            ("pass", self.in_keys.index(k)) if k in self.in_keys
+            ("pass", self.in_keys.index(k))
+            if k in self.in_keys
             else ("new", new.index(k))
             for k in self.out_keys
         )
@@ -235,20 +234,18 @@ class Stage:
     def __call__(
         self, inputs: Sequence[tf.Tensor], training: bool | None = None
     ) -> list[tf.Tensor]:
-        """Runs the stage on its inputs; returns its outputs in order."""
-        values = dict(zip(self.in_keys, inputs))
+        """Runs the stage on its inputs; returns its outputs in order.
+
+        Args:
+            inputs: One tensor per `in_keys` entry.
+            training: Passed to the layers that take it. Defaults to `None`.
+
+        Returns:
+            One tensor per `out_keys` entry.
+        """
+        values: dict[str, Any] = dict(zip(self.in_keys, inputs))
         for node in self.nodes:
-            args, kwargs = node.arguments.fill_in(values)
-            op = node.operation
-            # As Keras' functional models do: pass `training` to the layers
-            # that take it.
-            if training is not None and "training" in getattr(
-                op, "_call_context_args", ()
-            ):
-                kwargs["training"] = training
-            outputs = keras.tree.flatten(op(*args, **kwargs))
-            for symbolic, value in zip(node.outputs, outputs):
-                values[id(symbolic)] = value
+            values.update(zip(node.outputs, node.call(values, training=training)))
         return [
             tf.identity(values[k]) if k in self.in_keys else values[k]
             for k in self.out_keys
@@ -263,16 +260,16 @@ class Stage:
 
 
 def split_model(
-    model: keras.Model,
+    graph: LayerGraph,
     names: Sequence[Sequence[str]],
     devices: Sequence[str],
 ) -> list[Stage]:
-    """Cuts a model into stages, one per list of layer names.
+    """Cuts a model's graph into stages, one per list of node names.
 
     Args:
-        model: a built Sequential or functional model.
-        names: the layer names of each stage (see `stage_layer_names`).
-        devices: the device of each stage.
+        graph: The model's `pipeline_graph`.
+        names: The node names of each stage (see `stage_layer_names`).
+        devices: The device of each stage.
 
     Returns:
         The stages. Stage 0 takes the model's inputs in order; the last stage
@@ -282,67 +279,31 @@ def split_model(
         ValueError: a stage needs a tensor that only a later stage computes.
 
     Example:
+
     >>> inputs = keras.Input((4,))
     >>> x = keras.layers.Dense(3, name="a")(inputs)
     >>> m = keras.Model(inputs, keras.layers.Dense(2, name="b")(x + 1.0))
-    >>> split_model(m, [["a"], ["b"]], ["/CPU:0", "/CPU:0"])[1].num_inputs
-    1
+    >>> split_model(pipeline_graph(m), [["a"], ["add", "b"]], ["/CPU:0"] * 2)[1]
+    Stage(index=1, device='/CPU:0', layers=['add', 'b'], inputs=1, outputs=1)
     """
-    graph = _functional(model)
-    nodes = _graph_nodes(graph)
-    stage_of_layer = {n: s for s, stage in enumerate(names) for n in stage}
+    stage_of = {n: s for s, stage in enumerate(names) for n in stage}
     num_stages = len(names)
-    producer: dict[int, int] = {id(t): -1 for t in graph.inputs}
-    tensors: dict[int, Any] = {id(t): t for t in graph.inputs}
-    node_stage: dict[int, int] = {}
-    for node in nodes:
-        parents = [producer[id(t)] for t in node.arguments.keras_tensors]
-        earliest = max(parents, default=0)
-        if isinstance(node.operation, keras.layers.Layer):
-            s = stage_of_layer[node.operation.name]
-            if s < earliest:
-                raise ValueError(
-                    f"Layer {node.operation.name!r} is in stage {s} but needs "
-                    f"a tensor computed in stage {earliest}. Received: a "
-                    "partition that is not in the model's data-flow order. "
-                    "Give each stage a contiguous slice of `layer_order`."
-                )
-        else:
-            s = max(earliest, 0)
-        node_stage[id(node)] = s
-        for t in node.outputs:
-            producer[id(t)] = s
-            tensors[id(t)] = t
-    last_use: dict[int, int] = {}
-    for node in nodes:
-        for t in node.arguments.keras_tensors:
-            last_use[id(t)] = max(last_use.get(id(t), -1), node_stage[id(node)])
-    for t in graph.outputs:
-        last_use[id(t)] = num_stages
-    order = list(tensors)  # production order
-
-    def live(cut: int) -> list[int]:
-        return [t for t in order if producer[t] <= cut < last_use.get(t, -1)]
-
+    group_of = [stage_of[node.name] for node in graph.nodes]
+    live = graph.live_across(group_of, num_stages)
     stages = []
     for s in range(num_stages):
-        ins = [id(t) for t in graph.inputs] if s == 0 else live(s - 1)
-        outs = [id(t) for t in graph.outputs] if s == num_stages - 1 else live(s)
-        stage_nodes = tuple(n for n in nodes if node_stage[id(n)] == s)
-        layers = tuple(
-            n.operation
-            for n in stage_nodes
-            if isinstance(n.operation, keras.layers.Layer)
-        )
+        ins = graph.inputs if s == 0 else live[s - 1]
+        outs = graph.outputs if s == num_stages - 1 else live[s]
+        stage_nodes = tuple(n for n, g in zip(graph.nodes, group_of) if g == s)
         stages.append(
             Stage(
                 index=s,
                 device=devices[s],
-                layer_names=tuple(names[s]),
+                layer_names=tuple(n.name for n in stage_nodes),
                 nodes=stage_nodes,
                 in_keys=tuple(ins),
                 out_keys=tuple(outs),
-                layers=layers,
+                layers=tuple(n.operation for n in stage_nodes if n.is_layer),
             )
         )
     return stages
@@ -354,16 +315,15 @@ def place_variables(stage: Stage) -> None:
     The Keras variable objects stay the same (so the wrapped model, its
     weight order and its saved files do not change); only the TensorFlow
     variable behind each one is re-created on the stage's device.
+
+    Args:
+        stage: The stage whose variables to move.
+
+    Example:
+
+    >>> place_variables(stages[1])
+    >>> stages[1].variables[0].value.device
+    '/job:localhost/replica:0/task:0/device:CPU:0'
     """
     for variable in stage.variables:
-        value = variable.value
-        with tf.init_scope(), tf.device(stage.device):
-            moved = tf.Variable(
-                tf.identity(value),
-                trainable=variable.trainable,
-                name=value.name.split(":")[0],
-            )
-        # Keras 3's TensorFlow variable keeps its tf.Variable in `_value` and
-        # adopts an existing tf.Variable through `_initialize`; no public API
-        # re-creates a variable on another device.
-        variable._initialize(moved)
+        _compat.move_variable(variable, stage.device)
