@@ -85,7 +85,17 @@ def test_quickstart_runs(tmp_path):
     assert "PipelineModel, 2 stages" in out.stdout
     assert "matches NumPy" in out.stdout
     assert np.isfinite(float(out.stdout.split("GB/s")[0].split()[-1]))
-    assert smd.__version__
+
+
+def test_version_is_a_normalised_release_version():
+    from packaging.version import Version
+
+    # What setup.py gives the package metadata is what `smd.__version__` says.
+    scope = {}
+    with open(os.path.join(ROOT, "tf_smdist", "_version.py")) as f:
+        exec(f.read(), scope)
+    assert smd.__version__ == scope["__version__"]
+    assert str(Version(smd.__version__)) == smd.__version__  # PEP 440, normalised
 
 
 def test_import_is_lazy_and_every_public_name_resolves(tmp_path):

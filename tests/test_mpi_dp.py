@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import keras
 import numpy as np
@@ -140,11 +139,10 @@ def test_mixed_precision_fit_with_bf16_transfers_matches_one_process(tmp_path):
 
 def test_uneven_last_batch_is_split_without_hanging(tmp_path):
     # 5 full global batches and one of 8 samples: every rank runs 6 steps.
-    start = time.monotonic()
+    # A hang would trip the 20 s watchdog and fail the job (exit code != 0).
     proc = launch(["--nproc", "2", WORKER, "uneven", "1", str(tmp_path)],
                   timeout=300, env={"SMDIST_MPI_TIMEOUT": "20"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert time.monotonic() - start < 200
     init = _assert_same_on_every_rank(tmp_path, "init", 2)
     final = _assert_same_on_every_rank(tmp_path, "final", 2)
     ref_weights, _ = _reference_fit(init, epochs=1, num_samples=GLOBAL_BATCH * 5 + 8)
@@ -183,12 +181,12 @@ def test_different_models_fail_on_every_rank_naming_the_shapes(tmp_path):
 
 
 def test_killed_rank_stops_the_job_and_is_named(tmp_path):
-    start = time.monotonic()
+    # The surviving rank does not wait for the launch's timeout (the job would
+    # then end killed, not with the dead rank's status).
     proc = launch(["--nproc", "2", WORKER, "die", "1", str(tmp_path)], timeout=300,
                   env={"SMDIST_MPI_TIMEOUT": "20"})
     assert proc.returncode == 137, proc.stdout + proc.stderr
     assert "rank 1 failed with exit status 137" in proc.stderr
-    assert time.monotonic() - start < 200
 
 
 

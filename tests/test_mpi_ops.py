@@ -163,7 +163,9 @@ def test_watchdog_names_the_stalled_rank(tmp_path):
         res = json.load(f)
     assert "did not complete within 4 s on rank 0 of 2" in res["message"]
     assert "Rank 1 is alive but has not joined this collective" in res["message"]
-    assert 4.0 <= res["seconds"] < 15.0
+    # Never before its timeout; well before the launch's own 120 s timeout,
+    # however loaded the machine (an upper bound, not a measurement).
+    assert 4.0 <= res["seconds"] < 60.0
     assert "rank 0 failed with exit status 3" in proc.stderr
 
 

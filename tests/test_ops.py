@@ -296,6 +296,7 @@ def test_concurrent_calls_from_threads_and_functions():
         t.start()
     for t in threads:
         t.join(timeout=120)
+    assert not [t for t in threads if t.is_alive()], "a thread is still running"
     assert not errors
     for i, (reduced, packed) in enumerate(results):
         np.testing.assert_array_equal(reduced, _ref_reduce(data[i], 0.25, "float32"))

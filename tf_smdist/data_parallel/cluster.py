@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from tf_smdist import _compat
 from tf_smdist._version import __version__
 
 __all__ = [
@@ -360,8 +361,8 @@ def rank_zero_writes(callbacks: Iterable[Any]) -> list[Any]:
         return callbacks
     for cb in callbacks:
         if isinstance(cb, keras.callbacks.BackupAndRestore):
-            cb._save_model = _no_write  # pylint: disable=protected-access
+            _compat.stop_checkpoint_writes(cb, _no_write)
             cb.delete_checkpoint = False
         elif isinstance(cb, keras.callbacks.ModelCheckpoint):
-            cb._save_model = _no_write  # pylint: disable=protected-access
+            _compat.stop_checkpoint_writes(cb, _no_write)
     return callbacks

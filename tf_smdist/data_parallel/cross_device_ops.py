@@ -242,8 +242,8 @@ class HostReduceCrossDeviceOps(tf.distribute.CrossDeviceOps):
         self, per_replica_value: Any, destinations: Any, axis: int, options: Any
     ) -> Any:
         # Concatenation is not a reduction: gather on the host, then copy.
-        return self._fallback._gather(  # pylint: disable=protected-access
-            per_replica_value, destinations, axis, options
+        return _compat.cross_device_gather(
+            self._fallback, per_replica_value, destinations, axis, options
         )
 
     @property

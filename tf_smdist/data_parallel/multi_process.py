@@ -1,13 +1,12 @@
 """Multi-process data parallelism: the cross-process step over MPI.
 
-`DataParallelStrategy` uses these classes when the job has several
+`DataParallelStrategy` uses these cross-device ops when the job has several
 processes (started by `mpirun` or `python -m tf_smdist.launch`): each
 process reduces its local replicas' buckets on the host as in one process,
 then `MpiHostReduceCrossDeviceOps` all-reduces every host bucket across the
 processes with `SmdistHostAllreduce` (bucket-plan order, one ordering group
-per plan), and `MultiProcessExtended` makes `num_replicas_in_sync` global,
-shards the input by rank, broadcasts rank 0's initial variable values and
-lets only rank 0 checkpoint.
+per plan). The strategy's extended object for such a job,
+`MultiProcessExtended`, lives in `tf_smdist.data_parallel.extended`.
 """
 
 from __future__ import annotations
@@ -18,17 +17,16 @@ from typing import Any
 
 import tensorflow as tf
 
-from tf_smdist import _compat, _mpi_ops, _ops
+from tf_smdist import _compat, _mpi_ops
 from tf_smdist.data_parallel import cluster
 from tf_smdist.data_parallel.buckets import Bucket, BucketPlan
 from tf_smdist.data_parallel.cross_device_ops import HostReduceCrossDeviceOps
-from tf_smdist.data_parallel.strategy import _DataParallelExtended
+from tf_smdist.data_parallel.extended import ALLREDUCIBLE
 
-__all__ = ["MpiHostReduceCrossDeviceOps", "MultiProcessExtended"]
+__all__ = ["MpiHostReduceCrossDeviceOps"]
 
 logger = logging.getLogger(__name__)
 
-_ALLREDUCIBLE = (tf.float32, tf.float64, tf.float16, tf.bfloat16, tf.int32, tf.int64)
 
 
 class _CrossProcessFallback:
@@ -44,7 +42,7 @@ class _CrossProcessFallback:
             tf.distribute.ReduceOp.SUM, value, destinations=self._ops.host_device)
         if isinstance(local, tf.distribute.DistributedValues):
             local = local.values[0]
-        if local.dtype not in _ALLREDUCIBLE:
+        if local.dtype not in ALLREDUCIBLE:
             raise TypeError(
                 "This dtype cannot be reduced across processes. Received: "
                 f"dtype={local.dtype.name}. Cast it to float32 or int64 first.")
@@ -65,8 +63,8 @@ class _CrossProcessFallback:
 
     def _gather(self, value: Any, destinations: Any, axis: int, options: Any) -> Any:
         # Gathers stay local to the process (documented limitation).
-        return self._local._gather(  # pylint: disable=protected-access
-            value, destinations, axis, options)
+        return _compat.cross_device_gather(
+            self._local, value, destinations, axis, options)
 
 
 class MpiHostReduceCrossDeviceOps(HostReduceCrossDeviceOps):
@@ -162,209 +160,19 @@ class MpiHostReduceCrossDeviceOps(HostReduceCrossDeviceOps):
         self, parts: Sequence[tf.IndexedSlices], *, scale: float
     ) -> tuple[tf.Tensor, tf.Tensor]:
         # All-gather of the processes' slices, concatenated in rank order
-        # (= global replica order, as MirroredStrategy concatenates), with
-        # two all-reduces of the misc group (program order, the same on
-        # every rank): the per-rank row counts, then a zero
-        # [world, max rows, words] int32 buffer holding this rank's rows in
-        # its slot. Rows travel as bit patterns (values bitcast, int64
-        # indices split in two int32 words): summing zeros into them is exact.
+        # (= global replica order, as MirroredStrategy concatenates): two
+        # all-gathers of the misc group, values then indices, each with this
+        # rank's row count (the counts may differ per rank). The indices wait
+        # for the values, so every rank issues them in the same order.
         values, indices = super()._gather_slices_on_host(parts, scale=scale)
         row_shape = parts[0].values.shape[1:]
         if not row_shape.is_fully_defined():
             raise ValueError(
                 "Sparse gradients need a static row shape across processes. "
-                f"Received: row shape={row_shape}.")
-        width = row_shape.num_elements()
-        rank, world = cluster.rank(), self._world_size
-        count = tf.shape(indices, out_type=tf.int32)[0]
-        counts = _mpi_ops.host_allreduce(
-            tf.one_hot(rank, world, dtype=tf.int32) * count, group=self._misc_group)
-        most = tf.reduce_max(counts)
-
-        wide = values if values.dtype == tf.float32 else tf.cast(values, tf.float32)
-        rows = tf.concat([
-            tf.bitcast(tf.reshape(wide, [-1, width]), tf.int32),
-            tf.reshape(tf.bitcast(tf.cast(indices, tf.int64), tf.int32), [-1, 2]),
-        ], axis=1)  # [count, width + 2]
-        rows = tf.pad(rows, [[0, most - count], [0, 0]])
-        slots = tf.pad(rows[tf.newaxis], [[rank, world - 1 - rank], [0, 0], [0, 0]])
-        gathered = _mpi_ops.host_allreduce(slots, group=self._misc_group)
-        valid = tf.range(most)[tf.newaxis, :] < counts[:, tf.newaxis]
-        rows = tf.boolean_mask(gathered, valid)  # [sum(counts), width + 2]
-        all_values = tf.bitcast(rows[:, :width], tf.float32)
-        if values.dtype != tf.float32:  # float16/bfloat16: exact in float32
-            all_values = tf.cast(all_values, values.dtype)
-        all_indices = tf.bitcast(rows[:, width:], tf.int64)
-        return (tf.reshape(all_values, [-1]),
-                tf.cast(all_indices, indices.dtype))
-
-
-class MultiProcessExtended(_DataParallelExtended):
-    """The strategy's extended object when the job has several processes.
-
-    Replicas are this process's devices; `num_replicas_in_sync` counts the
-    replicas of every process. Input is sharded by rank (tf.data auto-shard:
-    FILE, else DATA), each global batch split across all replicas. Variables
-    created in the scope take rank 0's initial value. Only rank 0 writes
-    checkpoints and summaries (`should_checkpoint`).
-
-    Example:
-    >>> # in a process started by `python -m tf_smdist.launch --nproc 2 ...`
-    >>> strategy = smd.DataParallelStrategy()  # doctest: +SKIP
-    >>> strategy.num_replicas_in_sync  # doctest: +SKIP
-    2
-    """
-
-    def __init__(
-        self,
-        container_strategy: Any,
-        *,
-        devices: Sequence[str],
-        cross_device_ops: MpiHostReduceCrossDeviceOps,
-        rank: int,
-        world_size: int,
-    ) -> None:
-        self._smd_rank = int(rank)
-        self._smd_world = int(world_size)
-        super().__init__(
-            container_strategy, devices=list(devices),
-            cross_device_ops=cross_device_ops)
-
-    # -- replicas ------------------------------------------------------------
-
-    @property
-    def _num_replicas_in_sync(self) -> int:
-        return len(self._devices) * self._smd_world
-
-    def _get_replica_id_in_sync_group(self, replica_id: int) -> int:
-        return self._smd_rank * len(self._devices) + replica_id
-
-    def _get_local_replica_id(self, replica_id_in_sync_group: int) -> int:
-        return replica_id_in_sync_group - self._smd_rank * len(self._devices)
-
-    @property
-    def experimental_between_graph(self) -> bool:
-        return True
-
-    @property
-    def should_checkpoint(self) -> bool:
-        return self._smd_rank == 0
-
-    @property
-    def should_save_summary(self) -> bool:
-        return self._smd_rank == 0
-
-    def _get_cross_device_ops(self, value: Any) -> MpiHostReduceCrossDeviceOps:
-        # MirroredExtended sends int32 values (and XLA) to process-local
-        # reductions; across processes every reduction must take our ops.
-        del value
-        return self._cross_device_ops
-
-    def _reduce_to(
-        self, reduce_op: Any, value: Any, destinations: Any, options: Any
-    ) -> Any:
-        # Like MultiWorkerMirroredStrategy: a value that is not distributed
-        # (one local replica, or a cross-replica tensor) is this process's
-        # contribution, reduced across the processes.
-        reduce_op = tf.distribute.ReduceOp(reduce_op) if isinstance(
-            reduce_op, str) else reduce_op
-        if (isinstance(value, _compat.distribute_values.Mirrored)
-                and reduce_op == tf.distribute.ReduceOp.MEAN):
-            return value
-        if not isinstance(value, tf.distribute.DistributedValues):
-            if tf.nest.is_nested(value):
-                # Keras reduces a whole data batch (keras-team/keras#20585).
-                return tf.nest.map_structure(
-                    lambda v: self._reduce_to(reduce_op, v, destinations, options),
-                    value)
-            if not isinstance(value, tf.IndexedSlices):  # stays sparse
-                value = tf.convert_to_tensor(value)
-        return self._get_cross_device_ops(value).reduce(
-            reduce_op, value, destinations=destinations, options=options)
-
-    # -- input ---------------------------------------------------------------
-
-    def _make_input_context(self) -> tf.distribute.InputContext:
-        return tf.distribute.InputContext(
-            num_input_pipelines=self._smd_world,
-            input_pipeline_id=self._smd_rank,
-            num_replicas_in_sync=self._num_replicas_in_sync)
-
-    def _experimental_distribute_dataset(self, dataset: Any, options: Any) -> Any:
-        if (options and options.experimental_replication_mode
-                == tf.distribute.InputReplicationMode.PER_REPLICA):
-            raise NotImplementedError(
-                "InputReplicationMode.PER_REPLICA is only supported in "
-                "`distribute_datasets_from_function`.")
-        return _compat.input_util.get_distributed_dataset(
-            dataset,
-            self._input_workers_with_options(options),
-            self._container_strategy(),
-            num_replicas_in_sync=self._num_replicas_in_sync,
-            input_context=self._make_input_context(),
-            options=options)
-
-    def _distribute_datasets_from_function(self, dataset_fn: Any, options: Any) -> Any:
-        return _compat.input_util.get_distributed_datasets_from_function(
-            dataset_fn=dataset_fn,
-            input_workers=self._input_workers_with_options(options),
-            input_contexts=[self._make_input_context()],
-            strategy=self._container_strategy(),
-            options=options)
-
-    def _experimental_distribute_values_from_function(self, value_fn: Any) -> Any:
-        values = []
-        for local_id in range(len(self._devices)):
-            replica_id = self._get_replica_id_in_sync_group(local_id)
-            values.append(value_fn(tf.distribute.experimental.ValueContext(
-                replica_id, self._num_replicas_in_sync)))
-        return _compat.regroup(values, always_wrap=True)
-
-    # -- variables -----------------------------------------------------------
-
-    def _get_variable_creator_initial_value(
-        self, replica_id: int, device: Any, primary_var: Any, **kwargs: Any
-    ) -> Any:
-        if replica_id != 0:
-            return super()._get_variable_creator_initial_value(
-                replica_id, device, primary_var, **kwargs)
-        initial_value = kwargs["initial_value"]
-        dtype = kwargs.get("dtype", None)
-        name = kwargs.get("name", None) or "variable"
-
-        def broadcast_initial_value() -> tf.Tensor:
-            value = initial_value() if callable(initial_value) else initial_value
-            value = getattr(value, "wrapped_value", value)  # CheckpointInitialValue
-            value = tf.convert_to_tensor(value, dtype=dtype)
-            if value.dtype.base_dtype not in (*_ALLREDUCIBLE, tf.uint8, tf.bool):
-                return value
-            # Same shape and dtype everywhere, else the broadcast cannot match.
-            cluster.handshake(
-                what=f"variable {name!r}",
-                digest=f"{value.shape.as_list()}:{value.dtype.name}",
-                summary="")
-            return _mpi_ops.broadcast(value, root=0)
-
-        return broadcast_initial_value
-
-
-def setup(strategy: Any, devices: Sequence[str], **ops_kwargs: Any) -> None:
-    """Turns a `DataParallelStrategy` under construction into a multi-process one.
-
-    Args:
-        strategy: the strategy whose `__init__` is running.
-        devices: its local devices.
-        **ops_kwargs: the `HostReduceCrossDeviceOps` options.
-
-    Example:
-    >>> setup(strategy, ["/cpu:0"], bucket_cap_mb=25.0)  # doctest: +SKIP
-    """
-    rank, world = cluster.initialize()
-    _ops.load_library()
-    ops = MpiHostReduceCrossDeviceOps(world_size=world, **ops_kwargs)
-    extended = MultiProcessExtended(
-        strategy, devices=devices, cross_device_ops=ops, rank=rank, world_size=world)
-    tf.distribute.Strategy.__init__(strategy, extended)
-    logger.info(
-        "DataParallelStrategy rank %d of %d over %s with %r",
-        rank, world, list(devices), ops)
+                f"Received: row shape={row_shape}. Give the layer a static "
+                "output shape.")
+        rows = tf.reshape(values, [-1, row_shape.num_elements()])
+        all_values = _mpi_ops.allgather(rows, group=self._misc_group)
+        with tf.control_dependencies([all_values]):
+            all_indices = _mpi_ops.allgather(indices, group=self._misc_group)
+        return tf.reshape(all_values, [-1]), all_indices

@@ -9,11 +9,13 @@ from typing import Any
 import tensorflow as tf
 
 from tf_smdist import _compat, _ops
+from tf_smdist.data_parallel import cluster
 from tf_smdist.data_parallel.cross_device_ops import (
     HostReduceCrossDeviceOps,
     _check_bucket_cap,
     _check_compression,
 )
+from tf_smdist.data_parallel.extended import DataParallelExtended, MultiProcessExtended
 
 __all__ = ["DataParallelStrategy"]
 
@@ -85,52 +87,39 @@ def resolve_devices(devices: Sequence[str] | None) -> list[str]:
     return resolved
 
 
+def _build_extended(
+    strategy: tf.distribute.Strategy, devices: Sequence[str], **ops_kwargs: Any
+) -> tuple[DataParallelExtended, HostReduceCrossDeviceOps]:
+    """The (extended object, cross-device ops) pair for this job.
+
+    One process: `DataParallelExtended` with `HostReduceCrossDeviceOps`.
+    Started by `mpirun` or the launcher: `MultiProcessExtended` with
+    `MpiHostReduceCrossDeviceOps`, after joining the MPI job.
+    """
+    if not cluster.is_multiprocess():
+        ops = HostReduceCrossDeviceOps(**ops_kwargs)
+        return DataParallelExtended(
+            strategy, devices=list(devices), cross_device_ops=ops
+        ), ops
+    from tf_smdist.data_parallel.multi_process import (  # noqa: PLC0415
+        MpiHostReduceCrossDeviceOps,
+    )
+
+    rank, world = cluster.initialize()
+    ops = MpiHostReduceCrossDeviceOps(world_size=world, **ops_kwargs)
+    extended = MultiProcessExtended(
+        strategy,
+        devices=list(devices),
+        cross_device_ops=ops,
+        rank=rank,
+        world_size=world,
+    )
+    logger.info("Rank %d of %d", rank, world)
+    return extended, ops
+
+
 def _host_device_for(devices: Sequence[str]) -> str:
     return _compat.device_util.canonicalize("/device:CPU:0", devices[0])
-
-
-class _DataParallelExtended(_compat.MirroredExtended):
-    """MirroredExtended whose reductions all go through our cross-device ops."""
-
-    def _reduce_to(
-        self, reduce_op: Any, value: Any, destinations: Any, options: Any
-    ) -> Any:
-        # MirroredExtended sends reductions to CPU destinations (e.g. the
-        # cross-replica `strategy.reduce`) to ReductionToOneDevice; route them
-        # through the host-reduce ops instead, like every other reduction.
-        if isinstance(value, tf.distribute.DistributedValues) and not _is_mirrored(
-            value
-        ):
-            return self._get_cross_device_ops(value).reduce(
-                reduce_op, value, destinations=destinations, options=options
-            )
-        return super()._reduce_to(reduce_op, value, destinations, options)
-
-    def _get_cross_device_ops(self, value: Any) -> Any:
-        if not self._use_merge_call():
-            # MirroredExtended would silently switch to NCCL collectives here.
-            raise ValueError(
-                "DataParallelStrategy cannot reduce inside an XLA-compiled "
-                "function: its host-reduce ops have no XLA kernels. Received: "
-                "a replica function compiled with jit_compile=True. Compile "
-                "with jit_compile=False (Keras' default under tf.distribute)."
-            )
-        return super()._get_cross_device_ops(value)
-
-    def _update(self, var: Any, fn: Any, args: Any, kwargs: Any, group: bool) -> Any:
-        if not isinstance(var, _compat.distribute_values.DistributedVariable):
-            raise ValueError(
-                "A variable updated under DataParallelStrategy was created "
-                "outside `strategy.scope()`. Received: "
-                f"variable={getattr(var, 'name', var)!r}. "
-                "Build (and compile) the model inside `with strategy.scope():`, "
-                "or load it there with `keras.models.load_model`."
-            )
-        return super()._update(var, fn, args, kwargs, group)
-
-
-def _is_mirrored(value: Any) -> bool:
-    return isinstance(value, _compat.distribute_values.Mirrored)
 
 
 class DataParallelStrategy(tf.distribute.MirroredStrategy):
@@ -157,10 +146,17 @@ class DataParallelStrategy(tf.distribute.MirroredStrategy):
     MirroredStrategy's up to float32 rounding.
 
     Sparse gradients (`tf.IndexedSlices`, e.g. from `Embedding`) are
-    densified on their device and reduced with the dense gradients, so the
-    optimizer sees a dense gradient equal to the sum of the slices. Float
-    tensors without a static shape are reduced one by one on the host;
-    float64 and integer values by `tf.distribute.ReductionToOneDevice`.
+    all-gathered, never densified: the replicas' rows are concatenated on
+    the host (mean scale fused in), across processes too, and every replica
+    gets the same `IndexedSlices`, as under `MirroredStrategy`; Keras
+    optimizers then update only the rows present. Float tensors without a
+    static shape are reduced one by one on the host; float64 and integer
+    values by `tf.distribute.ReductionToOneDevice`.
+
+    In a job of several processes (started by `mpirun` or
+    `python -m tf_smdist.launch`), each process's host buffers are then
+    all-reduced across the processes over MPI, and `num_replicas_in_sync`
+    counts the replicas of every process.
 
     Args:
         devices: the devices of the replicas, e.g. `["/gpu:0", "/gpu:1"]`.
@@ -211,43 +207,19 @@ class DataParallelStrategy(tf.distribute.MirroredStrategy):
                 )
         devices = resolve_devices(devices)
         _ops.load_library()  # fail early, with build instructions, if missing
-        from tf_smdist.data_parallel import cluster  # noqa: PLC0415
-
-        if cluster.is_multiprocess():
-            # Started by mpirun / the launcher: all-reduce across processes too.
-            from tf_smdist.data_parallel import multi_process  # noqa: PLC0415
-
-            multi_process.setup(
-                self,
-                devices,
-                host_device=_host_device_for(devices),
-                bucket_cap_mb=bucket_cap_mb,
-                compression=compression,
-                host_threads=host_threads,
-            )
-            self._host_threads = host_threads
-            return
-        cross_device_ops = HostReduceCrossDeviceOps(
+        extended, cross_device_ops = _build_extended(
+            self,
+            devices,
             host_device=_host_device_for(devices),
             bucket_cap_mb=bucket_cap_mb,
             compression=compression,
             host_threads=host_threads,
         )
-        self._init_with(devices, cross_device_ops)
-        self._host_threads = host_threads
-
-    def _init_with(
-        self, devices: Sequence[str], cross_device_ops: HostReduceCrossDeviceOps
-    ) -> None:
-        """Builds the strategy over `devices` with `cross_device_ops`.
-
-        A multi-process variant calls this with its own ops subclass.
-        """
-        extended = _DataParallelExtended(
-            self, devices=list(devices), cross_device_ops=cross_device_ops
-        )
-        # Skip MirroredStrategy.__init__, which would build a MirroredExtended.
+        # MirroredStrategy.__init__ would build a MirroredExtended; the base
+        # Strategy takes the extended object given.
         tf.distribute.Strategy.__init__(self, extended)
+        self._cross_ops = cross_device_ops
+        self._host_threads = host_threads
         logger.info(
             "DataParallelStrategy over %s with %r",
             list(extended.worker_devices),
@@ -257,7 +229,7 @@ class DataParallelStrategy(tf.distribute.MirroredStrategy):
     @property
     def cross_device_ops(self) -> HostReduceCrossDeviceOps:
         """The `HostReduceCrossDeviceOps` that performs the reductions."""
-        return self.extended._cross_device_ops  # pylint: disable=protected-access
+        return self._cross_ops
 
     @property
     def bucket_cap_mb(self) -> float:
