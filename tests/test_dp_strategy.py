@@ -112,3 +112,34 @@ def test_xla_compiled_reduction_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(type(strategy.extended), "_use_merge_call", lambda self: False)
     with pytest.raises(ValueError, match="jit_compile=False"):
         strategy.extended._get_cross_device_ops(tf.constant(1.0))
+
+
+def test_data_parallel_modules_import_without_a_cycle():
+    import ast
+    import os
+
+    import tf_smdist.data_parallel
+
+    package = os.path.dirname(tf_smdist.data_parallel.__file__)
+    names = [n[:-3] for n in os.listdir(package) if n.endswith(".py")]
+    edges = {}
+    for name in names:
+        with open(os.path.join(package, name + ".py")) as f:
+            tree = ast.parse(f.read())
+        targets = set()
+        for node in ast.walk(tree):  # module-level and deferred imports alike
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "tf_smdist.data_parallel":
+                    targets.update(a.name for a in node.names)
+                elif node.module.startswith("tf_smdist.data_parallel."):
+                    targets.add(node.module.rsplit(".", 1)[1])
+        edges[name] = targets & set(names)
+    assert "strategy" not in edges["multi_process"] | edges["extended"]
+
+    def reaches(start, goal, seen=()):
+        return any(
+            nxt == goal or (nxt not in seen and reaches(nxt, goal, (*seen, nxt)))
+            for nxt in edges[start]
+        )
+
+    assert [n for n in names if reaches(n, n)] == []

@@ -354,7 +354,7 @@ def _why(tight: Any, profile: Profile, capacity: float) -> str:
     estimates = tight.estimates
     worst = max(range(len(estimates)), key=lambda s: estimates[s].memory)
     e = estimates[worst]
-    names = tight.stage_node_names[worst]
+    names = tight.stage_layer_names[worst]
     return (
         f"stage {worst} ({names[0]} .. {names[-1]}) needs "
         f"{e.memory:.0f} bytes ({format_bytes(e.memory)}: "
