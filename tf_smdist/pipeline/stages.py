@@ -283,8 +283,9 @@ def split_model(
     >>> inputs = keras.Input((4,))
     >>> x = keras.layers.Dense(3, name="a")(inputs)
     >>> m = keras.Model(inputs, keras.layers.Dense(2, name="b")(x + 1.0))
-    >>> split_model(pipeline_graph(m), [["a"], ["add", "b"]], ["/CPU:0"] * 2)[1]
-    Stage(index=1, device='/CPU:0', layers=['add', 'b'], inputs=1, outputs=1)
+    >>> names = layer_order(m)  # 'a', the addition, 'b'
+    >>> split_model(pipeline_graph(m), [names[:1], names[1:]], ["/CPU:0"] * 2)[1]
+    Stage(index=1, device='/CPU:0', layers=['add...', 'b'], inputs=1, outputs=1)
     """
     stage_of = {n: s for s, stage in enumerate(names) for n in stage}
     num_stages = len(names)
