@@ -9,6 +9,7 @@ from typing import Any
 __all__ = [
     "MirroredExtended",
     "all_sublayers",
+    "compiled_parts",
     "cross_device_gather",
     "device_util",
     "distribute_values",
@@ -208,3 +209,26 @@ def stop_checkpoint_writes(callback: Any, write: Any) -> None:
             arguments.
     """
     callback._save_model = write
+
+
+def compiled_parts(model: Any) -> tuple[Any, Any, Any]:
+    """A compiled Keras model's loss tracker, compiled loss and metrics.
+
+    A `train_step` that computes its loss itself (as the pipelines do) must
+    update the same `loss` tracker and build and update the same compiled
+    metrics that `Model.train_step` does; Keras keeps them in
+    `_loss_tracker`, `_compile_loss` and `_compile_metrics` and exposes no
+    public accessor.
+
+    Args:
+        model: A Keras model (compiled or not).
+
+    Returns:
+        `(loss_tracker, compile_loss, compile_metrics)`, each `None` when
+        absent.
+    """
+    return (
+        getattr(model, "_loss_tracker", None),
+        getattr(model, "_compile_loss", None),
+        getattr(model, "_compile_metrics", None),
+    )

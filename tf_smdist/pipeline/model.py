@@ -865,7 +865,7 @@ class PipelineModel(keras.Model):
             return self._process.train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         loss, y_pred, grads = self.compute_gradients(x, y, sample_weight)
-        tracker = getattr(self, "_loss_tracker", None)
+        tracker = _compat.compiled_parts(self)[0]
         if tracker is not None:
             tracker.update_state(
                 loss, sample_weight=tf.shape(self._flat_inputs(x)[0])[0]

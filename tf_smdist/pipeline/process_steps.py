@@ -102,8 +102,8 @@ class ProcessSteps:
         fake = [tf.zeros(tf.concat([[rows], shape], 0), dtype)
                 for shape, dtype in self._rt.output_specs()]
         y_pred = pipe._pack_outputs(fake)
-        for compiled in (getattr(pipe, "_compile_metrics", None),
-                         getattr(pipe, "_compile_loss", None)):
+        _, compile_loss, compile_metrics = _compat.compiled_parts(pipe)
+        for compiled in (compile_metrics, compile_loss):
             if compiled is not None and not compiled.built:
                 compiled.build(y, y_pred)
 
@@ -141,7 +141,7 @@ class ProcessSteps:
 
         def update() -> None:
             loss = tf.add_n(losses)
-            tracker = getattr(pipe, "_loss_tracker", None)
+            tracker = _compat.compiled_parts(pipe)[0]
             if tracker is not None:
                 # A summed loss is the batch's sum: each shard counts D times.
                 value = loss * dp if is_sum else loss
@@ -166,7 +166,7 @@ class ProcessSteps:
 
         def update() -> None:
             loss = tf.add_n(losses)
-            tracker = getattr(pipe, "_loss_tracker", None)
+            tracker = _compat.compiled_parts(pipe)[0]
             if tracker is not None:
                 value = loss * dp if is_sum else loss
                 tracker.update_state(value, sample_weight=shard_rows)
@@ -177,7 +177,7 @@ class ProcessSteps:
     def _update_compiled_metrics(self, y: Any, sample_weight: Any, micro_y: list,
                                  micro_w: list, outs: list) -> None:
         pipe = self._pipe
-        compiled = getattr(pipe, "_compile_metrics", None)
+        compiled = _compat.compiled_parts(pipe)[2]
         if compiled is None:
             return
         y_pred = pipe._pack_outputs(self._concat(outs))
