@@ -23,6 +23,8 @@
 #include <string>
 #include <vector>
 
+#include "../common/fp16.h"
+
 #include "smdist_gpu.h"
 
 #define CHECK_CUDA(...)                                                    \
@@ -73,69 +75,16 @@ void Dispatch(DT in, DT out, F&& f) {
 }
 
 // ------------------------------------------- CPU reference conversions ---
-// Written from the IEEE formats, independent of cuda_fp16.h / cuda_bf16.h
-// (the --host-selftest mode compares them with those headers' host code).
+// The project's one host implementation (kernels/common/fp16.h), written from
+// the IEEE formats, independent of cuda_fp16.h / cuda_bf16.h (the
+// --host-selftest mode compares them with those headers' host code).
 
-uint32_t FloatBits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-float BitsFloat(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-uint16_t FloatToHalfBits(float f) {
-  const uint32_t x = FloatBits(f);
-  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
-  const uint32_t ax = x & 0x7FFFFFFFu;
-  if (ax > 0x7F800000u) return sign | 0x7E00u;   // NaN
-  if (ax >= 0x477FF000u) return sign | 0x7C00u;  // >= 65520 rounds to inf
-  if (ax >= 0x38800000u) {                       // normal half
-    const uint32_t mant = ax & 0x7FFFFFu;
-    const uint32_t exp = (ax >> 23) - 127 + 15;
-    uint32_t h = (exp << 10) | (mant >> 13);
-    const uint32_t rem = mant & 0x1FFFu;
-    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
-    return static_cast<uint16_t>(sign | h);
-  }
-  if (ax <= 0x33000000u) return sign;  // <= 2^-25: rounds to zero
-  const uint32_t e = ax >> 23;
-  const uint32_t m = (ax & 0x7FFFFFu) | 0x800000u;
-  const uint32_t shift = 126 - e;  // 14..24
-  uint32_t q = m >> shift;
-  const uint32_t rem = m & ((1u << shift) - 1);
-  const uint32_t halfway = 1u << (shift - 1);
-  if (rem > halfway || (rem == halfway && (q & 1u))) ++q;
-  return static_cast<uint16_t>(sign | q);
-}
-
-float HalfBitsToFloat(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1Fu;
-  const uint32_t mant = h & 0x3FFu;
-  if (exp == 0x1F) return BitsFloat(sign | 0x7F800000u | (mant << 13));
-  if (exp == 0) {
-    const float v = std::ldexp(static_cast<float>(mant), -24);
-    return sign ? -v : v;
-  }
-  return BitsFloat(sign | ((exp - 15 + 127) << 23) | (mant << 13));
-}
-
-uint16_t FloatToBf16Bits(float f) {
-  const uint32_t x = FloatBits(f);
-  if ((x & 0x7FFFFFFFu) > 0x7F800000u) {
-    return static_cast<uint16_t>((x >> 16) | 0x40u);  // quiet NaN
-  }
-  const uint32_t lsb = (x >> 16) & 1u;
-  return static_cast<uint16_t>((x + 0x7FFFu + lsb) >> 16);
-}
-
-float Bf16BitsToFloat(uint16_t b) {
-  return BitsFloat(static_cast<uint32_t>(b) << 16);
-}
+uint32_t FloatBits(float f) { return smdist::fp16::FloatBits(f); }
+float BitsFloat(uint32_t u) { return smdist::fp16::BitsFloat(u); }
+uint16_t FloatToHalfBits(float f) { return smdist::fp16::FloatToHalf(f); }
+float HalfBitsToFloat(uint16_t h) { return smdist::fp16::HalfToFloat(h); }
+uint16_t FloatToBf16Bits(float f) { return smdist::fp16::FloatToBFloat16(f); }
+float Bf16BitsToFloat(uint16_t b) { return smdist::fp16::BFloat16ToFloat(b); }
 
 // Element i of a host buffer of type t, as float.
 float LoadF(DT t, const std::vector<uint8_t>& buf, int64_t i) {
