@@ -36,6 +36,7 @@ OPS_SOURCES = [
 MPI_SOURCES = [
     "ops/mpi/mpi_ops.cc",
     "kernels/mpi/comm.cc",
+    "kernels/mpi/heartbeat.cc",
     "kernels/mpi/c_api.cc",
     "ops/mpi/hvd_ops.cc",
     "kernels/mpi/negotiator.cc",
@@ -65,6 +66,37 @@ def mpi_build_flags() -> tuple[list[str], list[str]] | None:
 
 
 _MPI_FLAGS = mpi_build_flags()
+
+
+def linked_mpi_library(library: str) -> str | None:
+    """Returns the absolute path of the libmpi that `library` loads, or None.
+
+    Asks the dynamic loader (`ldd`, which follows the rpath set from `mpicc
+    --showme:link`); without `ldd`, takes `libmpi.so` from `mpicc
+    --showme:libdirs` and resolves its links.
+    """
+    try:
+        out = subprocess.run(["ldd", library], check=True, capture_output=True,
+                             text=True).stdout
+        for line in out.splitlines():
+            name, _, rest = line.strip().partition(" => ")
+            if name.startswith("libmpi.so") and rest.startswith("/"):
+                return os.path.abspath(rest.split(" (")[0].strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    mpicc = shutil.which("mpicc")
+    if mpicc is None:
+        return None
+    try:
+        dirs = subprocess.run([mpicc, "--showme:libdirs"], check=True,
+                              capture_output=True, text=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    for d in dirs:
+        candidate = os.path.join(d, "libmpi.so")
+        if os.path.exists(candidate):
+            return os.path.realpath(candidate)
+    return None
 
 # CUDA kernels of SmdistPack and SmdistUnpack, linked into the core op
 # library only when nvcc and a CUDA-enabled TensorFlow are both present.
@@ -198,6 +230,8 @@ class BuildOps(build_ext):
                + extra_lflags)
         print(" ".join(cmd))
         subprocess.run(cmd, check=True)
+        if ext.name == "tf_smdist.libsmdist_mpi":
+            self._mpi_library = linked_mpi_library(target)
         # Next to the library in the wheel, and in the source tree for
         # in-place and editable builds.
         for package_dir in {os.path.dirname(target), os.path.join(HERE, "tf_smdist")}:
@@ -244,6 +278,9 @@ class BuildOps(build_ext):
             f.write(f"TF_VERSION = {self._tf['version']!r}\n")
             f.write(f"TF_CUDA = {bool(self._tf['cuda'])!r}\n")
             f.write(f"GPU_KERNELS = {getattr(self, '_gpu_kernels', False)!r}\n")
+            f.write("# The MPI library libsmdist_mpi.so was linked against (None: not\n"
+                    "# built); tf_smdist loads exactly this one.\n")
+            f.write(f"MPI_LIBRARY = {getattr(self, '_mpi_library', None)!r}\n")
 
 
 def _read_version() -> str:

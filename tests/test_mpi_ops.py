@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 
 import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
 from mp_ops_worker import DTYPES, REDUCTIONS, expected_reduction
-from mp_util import TESTS, launch, requires_mpi
+from mp_util import PACKAGE_PARENT, REPO, TESTS, launch, requires_mpi
 
 from tf_smdist.data_parallel import cluster
 
@@ -156,30 +159,43 @@ def _check_reductions(res: dict, n: int) -> None:
 @pytest.mark.slow
 @requires_mpi
 def test_watchdog_names_the_stalled_rank(tmp_path):
-    proc = launch(["--nproc", "2", WORKER, "stall", str(tmp_path)], timeout=120,
+    # Rank 1 stops issuing collectives. Rank 2 watches it (its predecessor in
+    # the heartbeat ring); rank 0 learns it from the fact rank 2 passes on.
+    proc = launch(["--nproc", "3", WORKER, "stall", str(tmp_path)], timeout=180,
                   env={"SMDIST_MPI_TIMEOUT": "4"})
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    with open(tmp_path / "rank0.json") as f:
-        res = json.load(f)
-    assert "did not complete within 4 s on rank 0 of 2" in res["message"]
-    assert "Rank 1 is alive but has not joined this collective" in res["message"]
-    # Never before its timeout; well before the launch's own 120 s timeout,
-    # however loaded the machine (an upper bound, not a measurement).
-    assert 4.0 <= res["seconds"] < 60.0
-    assert "rank 0 failed with exit status 3" in proc.stderr
+    results = {}
+    for r in (0, 2):
+        with open(tmp_path / f"rank{r}.json") as f:
+            results[r] = json.load(f)
+        assert f"did not complete within 4 s on rank {r} of 3" in results[r]["message"]
+        # Never before its timeout; well before the launch's own timeout,
+        # however loaded the machine (an upper bound, not a measurement).
+        assert 4.0 <= results[r]["seconds"] < 120.0
+    assert "Rank 1 is alive but has not joined this collective" in results[2]["message"]
+    assert ("Rank 1 is alive but has not joined collective #2 of group 0 (it "
+            "started 1; seen by rank 2)") in results[0]["message"]
+    assert re.search(r"rank [02] failed with exit status 3", proc.stderr)
 
 
 @pytest.mark.slow
 @requires_mpi
 def test_watchdog_names_a_stopped_rank_by_its_missing_heartbeats(tmp_path):
-    proc = launch(["--nproc", "2", WORKER, "stop", str(tmp_path)], timeout=120,
+    proc = launch(["--nproc", "3", WORKER, "stop", str(tmp_path)], timeout=180,
                   env={"SMDIST_MPI_TIMEOUT": "5"})
     assert proc.returncode == 3, proc.stdout + proc.stderr
+    for r in (0, 2):
+        with open(tmp_path / f"rank{r}.json") as f:
+            res = json.load(f)
+        assert f"did not complete within 5 s on rank {r} of 3" in res["message"]
+        assert "it is dead or stopped" in res["message"]
+    # Rank 2 saw it directly; rank 0 through the fact rank 2 sent round the ring.
     with open(tmp_path / "rank0.json") as f:
-        res = json.load(f)
-    assert "did not complete within 5 s on rank 0 of 2" in res["message"]
-    assert "Rank 1 sent no heartbeat for" in res["message"]
-    assert "it is dead or stopped" in res["message"]
+        assert re.search(r"Rank 1 sent no heartbeat for at least \d+ s "
+                         r"\(seen by rank 2\)", json.load(f)["message"])
+    with open(tmp_path / "rank2.json") as f:
+        assert re.search(r"Rank 1 sent no heartbeat for \d+ s: it is dead or stopped",
+                         json.load(f)["message"])
 
 
 @pytest.mark.slow
@@ -266,3 +282,75 @@ def test_cluster_docstring_examples_run():
         cluster, extraglobs={"np": np, "tf": tf}, optionflags=doctest.ELLIPSIS)
     assert tried > 0
     assert failures == 0
+
+
+def _header_enum(text: str, name: str) -> dict[str, int]:
+    body = re.search(r"enum class " + name + r" : int \{(.*?)\};", text, re.S).group(1)
+    return {m.group(1): int(m.group(2))
+            for m in re.finditer(r"\bk(\w+) = (\d+)", body)}
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+def test_python_tables_match_the_comm_header():
+    from tf_smdist import _mpi_ops
+
+    with open(os.path.join(REPO, "kernels", "mpi", "comm.h")) as f:
+        text = f.read()
+    dtypes = {_snake(k): v for k, v in _header_enum(text, "DataType").items()}
+    assert {k.replace("b_float16", "bfloat16"): v for k, v in dtypes.items()} == (
+        _mpi_ops._DTYPES)
+    assert {_snake(k): v for k, v in _header_enum(text, "Reduction").items()} == (
+        _mpi_ops._REDUCTIONS)
+    assert {_snake(k): v for k, v in _header_enum(text, "Kind").items()} == (
+        _mpi_ops._KINDS)
+    codes = {_snake(k): v for k, v in _header_enum(text, "Code").items()}
+    assert codes.pop("ok") == 0
+    errors = {"invalid_argument": tf.errors.InvalidArgumentError,
+              "deadline_exceeded": tf.errors.DeadlineExceededError,
+              "failed_precondition": tf.errors.FailedPreconditionError,
+              "internal": tf.errors.InternalError}
+    assert {v: errors[k] for k, v in codes.items()} == _mpi_ops._ERRORS
+    for name, value in (("kMaxGroups", _mpi_ops.MAX_GROUPS),
+                        ("kMaxSubGroups", _mpi_ops.MAX_SUB_GROUPS)):
+        assert re.search(rf"constexpr int {name} = (\d+);", text).group(1) == str(value)
+    assert "constexpr int kMaxTag = (1 << 20) - 1;" in text
+    assert _mpi_ops.MAX_TAG == (1 << 20) - 1
+
+
+@requires_mpi
+def test_loads_exactly_the_mpi_library_it_was_built_against():
+    from tf_smdist import _build_info
+
+    recorded = _build_info.MPI_LIBRARY
+    assert os.path.isabs(recorded) and os.path.exists(recorded), recorded
+    code = (
+        "from tf_smdist import _mpi_ops\n"
+        "_mpi_ops.load_library()\n"
+        "paths = {line.split()[-1] for line in open('/proc/self/maps')\n"
+        "         if '/libmpi.so' in line}\n"
+        "import json; print(json.dumps(sorted(paths)))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=PACKAGE_PARENT, TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded == [os.path.realpath(recorded)]
+
+
+def test_missing_recorded_mpi_library_falls_back_with_a_warning(monkeypatch, caplog):
+    from tf_smdist import _mpi_ops
+
+    opened = []
+    monkeypatch.setattr(_mpi_ops, "_recorded_mpi_library",
+                        lambda: "/nonexistent/libmpi.so.40")
+    monkeypatch.setattr(_mpi_ops, "_find_mpi_library", lambda: "libmpi.so.40")
+    monkeypatch.setattr(_mpi_ops, "_open_global", opened.append)
+    with caplog.at_level("WARNING", logger="tf_smdist._mpi_ops"):
+        _mpi_ops._preload_mpi()
+    assert opened == ["libmpi.so.40"]
+    assert "/nonexistent/libmpi.so.40" in caplog.text
+    assert "was built against" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -74,6 +75,7 @@ _NP_TYPES = {np.dtype(name): code for name, code in _DTYPES.items()
 _NP_TYPES[np.dtype(ml_dtypes.bfloat16)] = _DTYPES["bfloat16"]
 _NP_NAMES = ", ".join(sorted(_DTYPES))
 
+logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _ops: Any = None
 _cdll: ctypes.CDLL | None = None
@@ -83,10 +85,33 @@ def _path() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), LIBRARY_NAME)
 
 
+def _recorded_mpi_library() -> str | None:
+    """The libmpi that setup.py linked the op library against, or None."""
+    try:
+        from tf_smdist import _build_info  # noqa: PLC0415 (written by setup.py)
+    except ImportError:
+        return None
+    return getattr(_build_info, "MPI_LIBRARY", None)
+
+
+def _find_mpi_library() -> str | None:
+    return ctypes.util.find_library("mpi")
+
+
+def _open_global(path: str) -> None:
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+
+
 def _preload_mpi() -> None:
     # Open MPI opens its plugins with dlopen and expects libmpi's symbols to
-    # be global; TensorFlow loads op libraries with RTLD_LOCAL.
-    name = ctypes.util.find_library("mpi")
+    # be global; TensorFlow loads op libraries with RTLD_LOCAL. Load exactly
+    # the libmpi the op library was linked against: another MPI (whose
+    # MPI_Comm differs) found first on the search path would break it.
+    recorded = _recorded_mpi_library()
+    if recorded and os.path.exists(recorded):
+        _open_global(recorded)
+        return
+    name = _find_mpi_library()
     if name is None:
         raise ImportError(
             "The MPI library (libmpi.so) was not found, so tf_smdist cannot run "
@@ -94,7 +119,12 @@ def _preload_mpi() -> None:
             "(then rebuild tf_smdist with `pip install .` so that its MPI op "
             "library is compiled)."
         )
-    ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+    logger.warning(
+        "tf_smdist: the MPI library that tf_smdist was built against (%s) is "
+        "missing; loading %s from the library search path instead. If that is "
+        "another MPI, rebuild tf_smdist (`pip install --force-reinstall .`).",
+        recorded or "not recorded", name)
+    _open_global(name)
 
 
 def load_library() -> Any:
@@ -189,7 +219,8 @@ def init(*, timeout: float = 60.0, heartbeat: float = 1.0) -> None:
     Args:
         timeout: seconds a collective may take before the watchdog fails it
             with an error naming the late ranks. Defaults to `60.0`.
-        heartbeat: seconds between heartbeats to the other ranks.
+        heartbeat: seconds between heartbeats (each rank sends one per period
+            to the next rank of a ring and watches the previous one).
             Defaults to `1.0`.
 
     Example:

@@ -5,16 +5,12 @@
 //     and their ordering groups: the scheduler that starts each group's
 //     requests in index order and completes them in order;
 //   * point-to-point requests, started on arrival and completed in any order;
-//   * Heartbeats: liveness messages between ranks, whose payload also says
-//     how far each rank got in each world group (to name stalled ranks);
+//   * Heartbeats (heartbeat.h): a ring of liveness messages; Detect turns
+//     what this rank sees of its predecessor into facts the ring carries;
 //   * the watchdog (CheckDeadlines / PeersReport): fails everything with an
 //     error naming the dead, stopped or late ranks once a request is late.
 #include "kernels/mpi/comm.h"
 
-// The C API only: skip the deprecated C++ bindings (extra link symbols).
-#define OMPI_SKIP_MPICXX 1
-#define MPICH_SKIP_MPICXX 1
-#include <mpi.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -28,6 +24,7 @@
 #include <sstream>
 
 #include "kernels/common/fp16.h"
+#include "kernels/mpi/heartbeat.h"
 
 namespace smdist {
 namespace mpi {
@@ -35,14 +32,7 @@ namespace mpi {
 namespace {
 
 constexpr int kControlComm = -1;  // internal: CreateComm's checks
-constexpr int kHeartbeatTag = 7;
-constexpr int64_t kHeartbeatMagic = 0x736d64697374LL;  // "smdist"
-constexpr int kHeartbeatHeader = 3;  // magic, rank, state
-constexpr int kHeartbeatLen = kHeartbeatHeader + kMaxGroups;
-constexpr int kMaxOutstandingHeartbeats = 8;
 constexpr int64_t kIntMax = 0x7fffffff;
-
-enum PeerState : int64_t { kRunning = 0, kFailed = 1, kFinishing = 2 };
 
 double Now() {
   using Clock = std::chrono::steady_clock;
@@ -245,173 +235,6 @@ struct CommState {
   }
 };
 
-// Liveness messages between the world's ranks on their own communicator.
-// Each carries the sender's state and how many requests it started in each
-// world group, so that a late collective can name who has not joined it.
-class Heartbeats {
- public:
-  Status Start(int rank, int size, MPI_Comm comm) {
-    rank_ = rank;
-    size_ = size;
-    comm_ = comm;
-    recv_buf_.assign(kHeartbeatLen, 0);
-    outstanding_.assign(size, 0);
-    sent_to_.assign(size, 0);
-    recv_from_.assign(size, 0);
-    last_heard_.assign(size, Now());
-    state_.assign(size, kRunning);
-    started_.assign(size, std::vector<int64_t>(kMaxGroups, 0));
-    return PostReceive();
-  }
-
-  // Sends one heartbeat to every peer (at most one per `period` unless
-  // `force`; at most kMaxOutstandingHeartbeats unacknowledged per peer).
-  Status Send(double now, double period, bool force, int64_t state,
-              const std::vector<int64_t>& started) {
-    if (size_ == 1) return Status::Ok();
-    if (!force && now - last_sent_ < period) return Status::Ok();
-    last_sent_ = now;
-    for (int r = 0; r < size_; ++r) {
-      if (r == rank_ || outstanding_[r] >= kMaxOutstandingHeartbeats) continue;
-      sends_.emplace_back();
-      Message& m = sends_.back();
-      m.peer = r;
-      m.buf.assign(kHeartbeatLen, 0);
-      m.buf[0] = kHeartbeatMagic;
-      m.buf[1] = rank_;
-      m.buf[2] = state;
-      for (int g = 0; g < kMaxGroups; ++g) m.buf[kHeartbeatHeader + g] = started[g];
-      int err = MPI_Isend(m.buf.data(), kHeartbeatLen, MPI_INT64_T, r, kHeartbeatTag, comm_,
-                          &m.mpi);
-      if (err != MPI_SUCCESS) {
-        sends_.pop_back();
-        return MpiStatus(err, "sending a heartbeat to rank " + std::to_string(r));
-      }
-      ++outstanding_[r];
-      ++sent_to_[r];
-    }
-    return Status::Ok();
-  }
-
-  // Completes finished sends and reads every heartbeat that arrived.
-  Status Poll(double now) {
-    if (size_ == 1) return Status::Ok();
-    for (auto it = sends_.begin(); it != sends_.end();) {
-      int done = 0;
-      int err = MPI_Test(&it->mpi, &done, MPI_STATUS_IGNORE);
-      if (err != MPI_SUCCESS) return MpiStatus(err, "completing a heartbeat send");
-      if (done) {
-        --outstanding_[it->peer];
-        it = sends_.erase(it);
-      } else {
-        ++it;
-      }
-    }
-    while (recv_ != MPI_REQUEST_NULL) {
-      int done = 0;
-      MPI_Status st;
-      int err = MPI_Test(&recv_, &done, &st);
-      if (err != MPI_SUCCESS) return MpiStatus(err, "receiving a heartbeat");
-      if (!done) break;
-      int src = st.MPI_SOURCE;
-      if (src >= 0 && src < size_ && recv_buf_[0] == kHeartbeatMagic) {
-        ++recv_from_[src];
-        last_heard_[src] = now;
-        state_[src] = recv_buf_[2];
-        for (int g = 0; g < kMaxGroups; ++g) {
-          started_[src][g] = recv_buf_[kHeartbeatHeader + g];
-        }
-      }
-      Status s = PostReceive();
-      if (!s.ok()) return s;
-    }
-    return Status::Ok();
-  }
-
-  // Before MPI_Finalize: agree with every peer on how many heartbeats each
-  // pair exchanged (over `ctrl`) and receive all of them, so that none is
-  // left in flight. Polls until `deadline`.
-  Status Drain(MPI_Comm ctrl, double deadline, const std::function<std::string()>& report) {
-    if (size_ == 1) return Status::Ok();
-    std::vector<int64_t> expected(size_, 0);
-    MPI_Request req = MPI_REQUEST_NULL;
-    int err = MPI_Ialltoall(sent_to_.data(), 1, MPI_INT64_T, expected.data(), 1, MPI_INT64_T,
-                            ctrl, &req);
-    if (err != MPI_SUCCESS) return MpiStatus(err, "agreeing on heartbeat counts at shutdown");
-    for (;;) {
-      int done = 0;
-      err = MPI_Test(&req, &done, MPI_STATUS_IGNORE);
-      if (err != MPI_SUCCESS) return MpiStatus(err, "agreeing on heartbeat counts at shutdown");
-      double now = Now();
-      Status s = Poll(now);
-      if (!s.ok()) return s;
-      if (done) break;
-      if (now > deadline) {
-        Status t;
-        t.code = Code::kDeadlineExceeded;
-        t.message = "tf_smdist: shutting down rank " + std::to_string(rank_) +
-                    ": the other ranks did not reach shutdown in time." + report();
-        return t;
-      }
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
-    }
-    for (;;) {
-      bool all = sends_.empty();
-      for (int r = 0; r < size_; ++r) all = all && recv_from_[r] >= expected[r];
-      if (all) break;
-      double now = Now();
-      if (now > deadline) {
-        Status t;
-        t.code = Code::kDeadlineExceeded;
-        t.message = "tf_smdist: heartbeats were not drained at shutdown.";
-        return t;
-      }
-      Status s = Poll(now);
-      if (!s.ok()) return s;
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
-    }
-    if (recv_ != MPI_REQUEST_NULL) {
-      err = MPI_Cancel(&recv_);
-      if (err != MPI_SUCCESS) return MpiStatus(err, "cancelling the heartbeat receive");
-      err = MPI_Wait(&recv_, MPI_STATUS_IGNORE);
-      if (err != MPI_SUCCESS) return MpiStatus(err, "cancelling the heartbeat receive");
-    }
-    return Status::Ok();
-  }
-
-  double last_heard(int r) const { return last_heard_[r]; }
-  int64_t state(int r) const { return state_[r]; }
-  int64_t started(int r, int group) const { return started_[r][group]; }
-
- private:
-  struct Message {
-    std::vector<int64_t> buf;
-    MPI_Request mpi = MPI_REQUEST_NULL;
-    int peer = 0;
-  };
-
-  Status PostReceive() {
-    if (size_ == 1) return Status::Ok();
-    int err = MPI_Irecv(recv_buf_.data(), kHeartbeatLen, MPI_INT64_T, MPI_ANY_SOURCE,
-                        kHeartbeatTag, comm_, &recv_);
-    return MpiStatus(err, "posting the heartbeat receive");
-  }
-
-  int rank_ = 0;
-  int size_ = 1;
-  MPI_Comm comm_ = MPI_COMM_NULL;
-  double last_sent_ = -1e9;
-  std::vector<int64_t> recv_buf_;
-  MPI_Request recv_ = MPI_REQUEST_NULL;
-  std::list<Message> sends_;
-  std::vector<int> outstanding_;
-  std::vector<int64_t> sent_to_;
-  std::vector<int64_t> recv_from_;
-  std::vector<double> last_heard_;
-  std::vector<int64_t> state_;
-  std::vector<std::vector<int64_t>> started_;
-};
-
 }  // namespace
 
 struct Communicator::Impl {
@@ -491,7 +314,7 @@ struct Communicator::Impl {
     ctrl->groups[0].comm = ctrl_comm;
     comms[kControlComm] = std::move(ctrl);
     spin_s = EnvDouble("SMDIST_MPI_SPIN_US", 2000.0) * 1e-6;
-    return heartbeats.Start(c.rank_, c.size_, hb_comm);
+    return heartbeats.Start(c.rank_, c.size_, hb_comm, options().heartbeat_s);
   }
 
   static Status Dup(MPI_Comm parent, MPI_Comm* out) {
@@ -559,8 +382,12 @@ struct Communicator::Impl {
     if (s.ok()) s = MpiStatus(MPI_Comm_rank(sub, &rank), "MPI_Comm_rank");
     if (s.ok()) s = AddComm(id, sub, rank, ranks, kMaxSubGroups);
     if (sub != MPI_COMM_NULL && s.ok()) s = MpiStatus(MPI_Comm_free(&sub), "MPI_Comm_free");
-    if (sub_group != MPI_GROUP_NULL) MPI_Group_free(&sub_group);
-    if (world_group != MPI_GROUP_NULL) MPI_Group_free(&world_group);
+    if (sub_group != MPI_GROUP_NULL && s.ok()) {
+      s = MpiStatus(MPI_Group_free(&sub_group), "MPI_Group_free");
+    }
+    if (world_group != MPI_GROUP_NULL && s.ok()) {
+      s = MpiStatus(MPI_Group_free(&world_group), "MPI_Group_free");
+    }
     if (!s.ok()) Fail(s);
     return s;
   }
@@ -641,31 +468,97 @@ struct Communicator::Impl {
     Fail(s);
   }
 
+  // What this rank sees of its predecessor becomes facts that the ring
+  // carries to every rank (heartbeat.h): it is silent, failed, leaving, or
+  // has not joined a world collective this rank has waited on for half the
+  // timeout.
+  void Detect(double now) {
+    if (c.size_ == 1) return;
+    const int pred = heartbeats.predecessor();
+    double silent = now - heartbeats.last_heard();
+    Fact f;
+    f.subject = pred;
+    if (silent > heartbeats.fact_ttl()) {
+      f.kind = Fact::kDead;
+      f.a = static_cast<int64_t>(silent * 1000);
+      heartbeats.Publish(f, now);
+    } else if (heartbeats.pred_state() == kFailed) {
+      f.kind = Fact::kFailed;
+      heartbeats.Publish(f, now);
+    } else if (heartbeats.pred_state() == kFinishing) {
+      f.kind = Fact::kFinishing;
+      heartbeats.Publish(f, now);
+    }
+    auto world = comms.find(0);
+    if (world == comms.end()) return;
+    for (int gi = 0; gi < kMaxGroups; ++gi) {
+      const Group& g = world->second->groups[gi];
+      if (g.inflight.empty()) continue;
+      const InFlight& front = g.inflight.front();
+      if (now - front.start > options().timeout_s / 2 &&
+          heartbeats.pred_started(gi) < front.seq) {
+        Fact n;
+        n.kind = Fact::kNotJoined;
+        n.subject = pred;
+        n.group = gi;
+        n.a = heartbeats.pred_started(gi);
+        n.b = front.seq;
+        heartbeats.Publish(n, now);
+      }
+    }
+  }
+
   // Names the world ranks that are dead, stopped, failed, leaving or (for
-  // world group `group`, whose collective #`seq` is late) have not joined.
+  // world group `group`, whose collective #`seq` is late) have not joined:
+  // the predecessor from its own heartbeats, the others from the facts the
+  // ring brought.
   std::string PeersReport(int group, int64_t seq, double now) const {
     std::ostringstream os;
     int named = 0;
-    double stale = 3.0 * options().heartbeat_s + 1.0;
-    for (int r = 0; r < c.size_; ++r) {
-      if (r == c.rank_) continue;
-      if (heartbeats.state(r) == kFailed) {
-        os << " Rank " << r << " has itself failed (see its own error).";
+    if (c.size_ > 1) {
+      const int p = heartbeats.predecessor();
+      double silent = now - heartbeats.last_heard();
+      if (heartbeats.pred_state() == kFailed) {
+        os << " Rank " << p << " has itself failed (see its own error).";
         ++named;
-      } else if (now - heartbeats.last_heard(r) > stale) {
-        os << " Rank " << r << " sent no heartbeat for "
-           << static_cast<int>(now - heartbeats.last_heard(r)) << " s: it is dead or stopped.";
+      } else if (silent > heartbeats.fact_ttl()) {
+        os << " Rank " << p << " sent no heartbeat for " << static_cast<int>(silent)
+           << " s: it is dead or stopped.";
         ++named;
-      } else if (heartbeats.state(r) == kFinishing) {
-        os << " Rank " << r << " has left training and is shutting down: it ran fewer "
+      } else if (heartbeats.pred_state() == kFinishing) {
+        os << " Rank " << p << " has left training and is shutting down: it ran fewer "
            << "steps than this rank (uneven data across ranks?).";
         ++named;
-      } else if (group >= 0 && heartbeats.started(r, group) < seq) {
-        os << " Rank " << r << " is alive but has not joined this collective (it started "
-           << heartbeats.started(r, group) << " of this group, this rank waits on #" << seq
+      } else if (group >= 0 && heartbeats.pred_started(group) < seq) {
+        os << " Rank " << p << " is alive but has not joined this collective (it started "
+           << heartbeats.pred_started(group) << " of this group, this rank waits on #" << seq
            << "): it is stalled, or it ran out of data / left the training loop early.";
         ++named;
       }
+    }
+    for (const Fact& f : heartbeats.Facts(now)) {
+      switch (f.kind) {
+        case Fact::kDead:
+          os << " Rank " << f.subject << " sent no heartbeat for at least " << f.a / 1000
+             << " s (seen by rank " << f.reporter << "): it is dead or stopped.";
+          break;
+        case Fact::kFailed:
+          os << " Rank " << f.subject << " has itself failed (see its own error).";
+          break;
+        case Fact::kFinishing:
+          os << " Rank " << f.subject << " has left training and is shutting down: it ran "
+             << "fewer steps than this rank (uneven data across ranks?).";
+          break;
+        case Fact::kNotJoined:
+          os << " Rank " << f.subject << " is alive but has not joined collective #" << f.b
+             << " of group " << f.group << " (it started " << f.a << "; seen by rank "
+             << f.reporter << "): it is stalled, or it ran out of data / left the training "
+             << "loop early.";
+          break;
+        default:
+          continue;
+      }
+      ++named;
     }
     if (named == 0) os << " No rank could be named (every peer is alive and has joined).";
     return os.str();
@@ -1028,7 +921,9 @@ struct Communicator::Impl {
       int err = MPI_Test(&it->mpi, &done, &st);
       const Request& r = it->request;
       int err_class = MPI_SUCCESS;
-      if (err != MPI_SUCCESS) MPI_Error_class(err, &err_class);
+      if (err != MPI_SUCCESS && MPI_Error_class(err, &err_class) != MPI_SUCCESS) {
+        err_class = MPI_ERR_OTHER;
+      }
       if (err != MPI_SUCCESS && !(r.kind == Kind::kRecv && err_class == MPI_ERR_TRUNCATE)) {
         FailMpi(r, err, "progressing");
         return true;
@@ -1134,9 +1029,10 @@ struct Communicator::Impl {
       bool inflight = false;
       if (failure.ok()) busy = Complete(&inflight) || busy;
       now = Now();
-      Status hb = heartbeats.Send(now, options().heartbeat_s, false, my_state, WorldStarted());
+      Status hb = heartbeats.Send(now, false, my_state, WorldStarted());
       if (hb.ok()) hb = heartbeats.Poll(now);
       if (!hb.ok()) Fail(hb);
+      Detect(now);
       if (failure.ok()) CheckDeadlines(now);
       if (failure.ok()) FinishDestroys();
       if (busy) last_activity = now;
@@ -1184,7 +1080,7 @@ struct Communicator::Impl {
       // Tell the peers this rank is leaving, then drain the heartbeats so
       // that none is in flight at MPI_Finalize.
       my_state = kFinishing;
-      Status s = heartbeats.Send(Now(), options().heartbeat_s, true, my_state, WorldStarted());
+      Status s = heartbeats.Send(Now(), true, my_state, WorldStarted());
       if (s.ok()) {
         double now = Now();
         s = heartbeats.Drain(ctrl_comm, now + options().timeout_s,

@@ -6,7 +6,7 @@
 // fixed order and polls them with MPI_Test, so that it can also
 //   * run collectives of several independent groups at once (each group has
 //     its own duplicated communicator, so their orders never interfere),
-//   * exchange heartbeats with every other rank, and
+//   * send heartbeats round a ring of the ranks (heartbeat.h), and
 //   * enforce a deadline: a collective that does not complete in time fails
 //     with an error naming the rank(s) that are dead, stopped or late.
 //
