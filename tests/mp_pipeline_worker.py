@@ -149,7 +149,7 @@ def run_custom() -> None:
     @tf.function
     def step(xb, yb):
         loss, _, grads = pipe.compute_gradients(xb, yb)
-        pipe.optimizer.apply(grads, pipe.local_trainable_variables)
+        pipe.apply_gradients(grads)  # this process's variables
         return loss
 
     losses = []

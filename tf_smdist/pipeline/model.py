@@ -890,6 +890,10 @@ class PipelineModel(keras.Model):
         state only (`sqrt(v)`) follow. Run eagerly, updates run where
         TensorFlow puts them: same results, slower for remote stages.
 
+        Across processes, `grads` are this process's gradients (one per
+        variable of `local_trainable_variables`, as `compute_gradients`
+        returns them there) and update this process's variables.
+
         Args:
             grads: One gradient per variable of `trainable_variables`, as
                 `compute_gradients` returns them.
@@ -903,6 +907,9 @@ class PipelineModel(keras.Model):
             return loss
         ```
         """
+        if self._process is not None:
+            self.optimizer.apply(grads, self.local_trainable_variables)
+            return
         if tf.executing_eagerly():
             self.optimizer.apply(grads, self.trainable_variables)
             return
