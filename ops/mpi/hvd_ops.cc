@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels/mpi/negotiator.h"
+#include "ops/mpi/tf_mpi_util.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -23,48 +24,6 @@ using ::tensorflow::shape_inference::ShapeHandle;
 
 #define SMDIST_HVD_TYPES \
   "T: {uint8, int8, int16, uint16, int32, int64, half, bfloat16, float, double, bool}"
-
-absl::Status ToTfStatus(const mpi::Status& s) {
-  switch (s.code) {
-    case mpi::Code::kOk:
-      return absl::OkStatus();
-    case mpi::Code::kInvalidArgument:
-      return absl::InvalidArgumentError(s.message);
-    case mpi::Code::kDeadlineExceeded:
-      return absl::DeadlineExceededError(s.message);
-    case mpi::Code::kFailedPrecondition:
-      return absl::FailedPreconditionError(s.message);
-    case mpi::Code::kInternal:
-      return absl::InternalError(s.message);
-  }
-  return absl::UnknownError(s.message);
-}
-
-mpi::Status ToMpiStatus(const absl::Status& s) {
-  mpi::Status out;
-  if (!s.ok()) {
-    out.code = mpi::Code::kInternal;
-    out.message = std::string(s.message());
-  }
-  return out;
-}
-
-bool ToMpiType(tf::DataType dtype, mpi::DataType* out) {
-  switch (dtype) {
-    case tf::DT_FLOAT: *out = mpi::DataType::kFloat32; return true;
-    case tf::DT_DOUBLE: *out = mpi::DataType::kFloat64; return true;
-    case tf::DT_HALF: *out = mpi::DataType::kFloat16; return true;
-    case tf::DT_BFLOAT16: *out = mpi::DataType::kBFloat16; return true;
-    case tf::DT_INT32: *out = mpi::DataType::kInt32; return true;
-    case tf::DT_INT64: *out = mpi::DataType::kInt64; return true;
-    case tf::DT_UINT8: *out = mpi::DataType::kUint8; return true;
-    case tf::DT_INT8: *out = mpi::DataType::kInt8; return true;
-    case tf::DT_INT16: *out = mpi::DataType::kInt16; return true;
-    case tf::DT_UINT16: *out = mpi::DataType::kUint16; return true;
-    case tf::DT_BOOL: *out = mpi::DataType::kBool; return true;
-    default: return false;
-  }
-}
 
 // x <- T(double(x) * factor): integers truncate toward zero, 16-bit floats
 // round once from float.
@@ -331,19 +290,48 @@ class HvdKernel : public tf::AsyncOpKernel {
   double postscale_ = 1.0;
 };
 
-// A failed collective may still be written by MPI later (a transfer in
-// flight cannot be cancelled): keep its buffer alive for the process.
-void KeepOnFailure(const mpi::Status& s, const tf::Tensor& t) {
-  if (s.code == mpi::Code::kDeadlineExceeded || s.code == mpi::Code::kInternal) {
-    new tf::Tensor(t);
-  }
-}
-
 absl::Status CheckCount(const tf::Tensor& t) {
   if (t.NumElements() < (int64_t{1} << 31)) return absl::OkStatus();
   return absl::InvalidArgumentError(
       "MPI collectives take fewer than 2^31 elements. Received: num_elements=" +
       std::to_string(t.NumElements()) + ". Split the tensor.");
+}
+
+// Allocates output `index` of shape `dims`, keeps a reference to it in
+// `*keep` and returns its buffer in `*data`.
+mpi::Status AllocateKept(tf::OpKernelContext* ctx, int index, const std::vector<int64_t>& dims,
+                         tf::Tensor* keep, void** data) {
+  tf::Tensor* out = nullptr;
+  absl::Status s = ctx->allocate_output(index, ToShape(dims), &out);
+  if (!s.ok()) return ToMpiStatus(s);
+  *keep = *out;
+  *data = out->data();
+  return mpi::Status::Ok();
+}
+
+// An entry's `allocate` for an op whose only output is the entry's result:
+// output 0, referenced from `*keep_out`.
+hvd::AllocateFn AllocateOutput(tf::OpKernelContext* ctx, std::shared_ptr<tf::Tensor> keep_out) {
+  return [ctx, keep_out](const std::vector<int64_t>& shape, const std::vector<int64_t>&,
+                         void** data) { return AllocateKept(ctx, 0, shape, keep_out.get(), data); };
+}
+
+// An entry's completion: on success scales `*output` by `scale` (for types
+// it applies to); on failure keeps `inputs` and `*output` alive where MPI may
+// still write them and sets the op's status; then calls `done`.
+hvd::EntryDoneFn FinishEntry(tf::OpKernelContext* ctx, tf::AsyncOpKernel::DoneCallback done,
+                             std::vector<tf::Tensor> inputs, std::shared_ptr<tf::Tensor> output,
+                             tf::DataType dtype, double scale) {
+  return [ctx, done, inputs, output, dtype, scale](const mpi::Status& s, int) {
+    if (s.ok()) {
+      if (scale != 1.0) Scale(dtype, Data(*output), output->NumElements(), scale);
+    } else {
+      for (const tf::Tensor& t : inputs) KeepOnFailure(s, t);
+      KeepOnFailure(s, *output);
+      ctx->SetStatus(ToTfStatus(s));
+    }
+    done();
+  };
 }
 
 class AllreduceOp : public HvdKernel {
@@ -364,18 +352,8 @@ class AllreduceOp : public HvdKernel {
     Scale(dtype_, output->data(), output->NumElements(), prescale_);
     hvd::Entry e = MakeEntry(set.get(), hvd::OpType::kAllreduce, input.shape());
     e.output = output->data();
-    tf::Tensor keep = *output;
-    double scale = OutputScale(set->size());
-    tf::DataType dtype = dtype_;
-    e.done = [ctx, done, keep, scale, dtype](const mpi::Status& s, int) {
-      if (s.ok()) {
-        Scale(dtype, Data(keep), keep.NumElements(), scale);
-      } else {
-        KeepOnFailure(s, keep);
-        ctx->SetStatus(ToTfStatus(s));
-      }
-      done();
-    };
+    e.done = FinishEntry(ctx, done, {}, std::make_shared<tf::Tensor>(*output), dtype_,
+                         OutputScale(set->size()));
     OP_REQUIRES_OK_ASYNC(ctx, ToTfStatus(set->Enqueue(std::move(e))), done);
   }
 };
@@ -450,25 +428,9 @@ class AllgatherOp : public HvdKernel {
     OP_REQUIRES_OK_ASYNC(ctx, CheckCount(input), done);
     hvd::Entry e = MakeEntry(set.get(), hvd::OpType::kAllgather, input.shape());
     e.input = input.data();
-    tf::Tensor keep_in = input;
     auto keep_out = std::make_shared<tf::Tensor>();
-    e.allocate = [ctx, keep_out](const std::vector<int64_t>& shape,
-                                 const std::vector<int64_t>&, void** data) {
-      tf::Tensor* out = nullptr;
-      absl::Status s = ctx->allocate_output(0, ToShape(shape), &out);
-      if (!s.ok()) return ToMpiStatus(s);
-      *keep_out = *out;
-      *data = out->data();
-      return mpi::Status::Ok();
-    };
-    e.done = [ctx, done, keep_in, keep_out](const mpi::Status& s, int) {
-      if (!s.ok()) {
-        KeepOnFailure(s, keep_in);
-        KeepOnFailure(s, *keep_out);
-        ctx->SetStatus(ToTfStatus(s));
-      }
-      done();
-    };
+    e.allocate = AllocateOutput(ctx, keep_out);
+    e.done = FinishEntry(ctx, done, {input}, keep_out, dtype_, 1.0);
     OP_REQUIRES_OK_ASYNC(ctx, ToTfStatus(set->Enqueue(std::move(e))), done);
   }
 };
@@ -499,14 +461,7 @@ class BroadcastOp : public HvdKernel {
     hvd::Entry e = MakeEntry(set.get(), hvd::OpType::kBroadcast, input.shape());
     e.root = root_;
     e.output = output->data();
-    tf::Tensor keep = *output;
-    e.done = [ctx, done, keep](const mpi::Status& s, int) {
-      if (!s.ok()) {
-        KeepOnFailure(s, keep);
-        ctx->SetStatus(ToTfStatus(s));
-      }
-      done();
-    };
+    e.done = FinishEntry(ctx, done, {}, std::make_shared<tf::Tensor>(*output), dtype_, 1.0);
     OP_REQUIRES_OK_ASYNC(ctx, ToTfStatus(set->Enqueue(std::move(e))), done);
   }
 
@@ -569,32 +524,25 @@ class AlltoallOp : public HvdKernel {
     hvd::Entry e = MakeEntry(set.get(), hvd::OpType::kAlltoall, input.shape());
     e.splits = splits;
     e.input = input.data();
-    tf::Tensor keep_in = input;
     auto keep_out = std::make_shared<tf::Tensor>();
     e.allocate = [ctx, keep_out](const std::vector<int64_t>& shape,
                                  const std::vector<int64_t>& recv_splits, void** data) {
-      tf::Tensor* out = nullptr;
-      absl::Status s = ctx->allocate_output(0, ToShape(shape), &out);
-      if (!s.ok()) return ToMpiStatus(s);
-      tf::Tensor* received = nullptr;
-      s = ctx->allocate_output(1, tf::TensorShape({static_cast<int64_t>(recv_splits.size())}),
-                               &received);
-      if (!s.ok()) return ToMpiStatus(s);
+      tf::Tensor out;
+      void* out_data = nullptr;
+      mpi::Status s = AllocateKept(ctx, 0, shape, &out, &out_data);
+      if (!s.ok()) return s;
+      tf::Tensor received;
+      void* unused = nullptr;
+      s = AllocateKept(ctx, 1, {static_cast<int64_t>(recv_splits.size())}, &received, &unused);
+      if (!s.ok()) return s;
       for (size_t i = 0; i < recv_splits.size(); ++i) {
-        received->flat<int32_t>()(i) = static_cast<int32_t>(recv_splits[i]);
+        received.flat<int32_t>()(i) = static_cast<int32_t>(recv_splits[i]);
       }
-      *keep_out = *out;
-      *data = out->data();
+      *keep_out = out;
+      *data = out_data;
       return mpi::Status::Ok();
     };
-    e.done = [ctx, done, keep_in, keep_out](const mpi::Status& s, int) {
-      if (!s.ok()) {
-        KeepOnFailure(s, keep_in);
-        KeepOnFailure(s, *keep_out);
-        ctx->SetStatus(ToTfStatus(s));
-      }
-      done();
-    };
+    e.done = FinishEntry(ctx, done, {input}, keep_out, dtype_, 1.0);
     OP_REQUIRES_OK_ASYNC(ctx, ToTfStatus(set->Enqueue(std::move(e))), done);
   }
 };
@@ -625,27 +573,8 @@ class ReducescatterOp : public HvdKernel {
     hvd::Entry e = MakeEntry(set.get(), hvd::OpType::kReducescatter, input.shape());
     e.input = send.data();
     auto keep_out = std::make_shared<tf::Tensor>();
-    e.allocate = [ctx, keep_out](const std::vector<int64_t>& shape,
-                                 const std::vector<int64_t>&, void** data) {
-      tf::Tensor* out = nullptr;
-      absl::Status s = ctx->allocate_output(0, ToShape(shape), &out);
-      if (!s.ok()) return ToMpiStatus(s);
-      *keep_out = *out;
-      *data = out->data();
-      return mpi::Status::Ok();
-    };
-    double scale = OutputScale(set->size());
-    tf::DataType dtype = dtype_;
-    e.done = [ctx, done, send, keep_out, scale, dtype](const mpi::Status& s, int) {
-      if (s.ok()) {
-        Scale(dtype, Data(*keep_out), keep_out->NumElements(), scale);
-      } else {
-        KeepOnFailure(s, send);
-        KeepOnFailure(s, *keep_out);
-        ctx->SetStatus(ToTfStatus(s));
-      }
-      done();
-    };
+    e.allocate = AllocateOutput(ctx, keep_out);
+    e.done = FinishEntry(ctx, done, {send}, keep_out, dtype_, OutputScale(set->size()));
     OP_REQUIRES_OK_ASYNC(ctx, ToTfStatus(set->Enqueue(std::move(e))), done);
   }
 };

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels/mpi/comm.h"
+#include "ops/mpi/tf_mpi_util.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -120,44 +121,6 @@ Concatenates `input` of every process of communicator `comm` along the first
 dimension, in rank order. The first dimension may differ per rank; the others
 must agree.
 )doc");
-
-absl::Status ToTfStatus(const mpi::Status& s) {
-  switch (s.code) {
-    case mpi::Code::kOk:
-      return absl::OkStatus();
-    case mpi::Code::kInvalidArgument:
-      return absl::InvalidArgumentError(s.message);
-    case mpi::Code::kDeadlineExceeded:
-      return absl::DeadlineExceededError(s.message);
-    case mpi::Code::kFailedPrecondition:
-      return absl::FailedPreconditionError(s.message);
-    case mpi::Code::kInternal:
-      return absl::InternalError(s.message);
-  }
-  return absl::UnknownError(s.message);
-}
-
-// Whether MPI may still hold a failed request's buffers.
-bool MayStillBeInUse(const mpi::Status& s) {
-  return s.code == mpi::Code::kDeadlineExceeded || s.code == mpi::Code::kInternal;
-}
-
-bool ToMpiType(tf::DataType dtype, mpi::DataType* out) {
-  switch (dtype) {
-    case tf::DT_FLOAT: *out = mpi::DataType::kFloat32; return true;
-    case tf::DT_DOUBLE: *out = mpi::DataType::kFloat64; return true;
-    case tf::DT_HALF: *out = mpi::DataType::kFloat16; return true;
-    case tf::DT_BFLOAT16: *out = mpi::DataType::kBFloat16; return true;
-    case tf::DT_INT32: *out = mpi::DataType::kInt32; return true;
-    case tf::DT_INT64: *out = mpi::DataType::kInt64; return true;
-    case tf::DT_UINT8: *out = mpi::DataType::kUint8; return true;
-    case tf::DT_INT8: *out = mpi::DataType::kInt8; return true;
-    case tf::DT_INT16: *out = mpi::DataType::kInt16; return true;
-    case tf::DT_UINT16: *out = mpi::DataType::kUint16; return true;
-    case tf::DT_BOOL: *out = mpi::DataType::kBool; return true;
-    default: return false;
-  }
-}
 
 absl::Status NotInitialised() {
   return absl::FailedPreconditionError(
@@ -360,7 +323,7 @@ class SendOp : public PointToPointOp {
     std::string op_name = name();
     r.done = [keep, op_name](const mpi::Status& s) {
       if (s.ok()) return;
-      if (MayStillBeInUse(s)) new tf::Tensor(keep);
+      KeepOnFailure(s, keep);
       // The op has completed already; the failure is sticky, so the next MPI
       // op of the process raises it.
       LOG(ERROR) << "tf_smdist: send " << op_name << " failed: " << s.message;
@@ -487,7 +450,7 @@ class AllgatherOp : public MpiOpBase {
       next->counts = counts;
       next->dtype = dtype;
       next->done = [finish, state](const mpi::Status& s) {
-        if (!s.ok() && MayStillBeInUse(s)) new tf::Tensor(state->output);
+        if (!s.ok()) KeepOnFailure(s, state->output);
         finish(s);
       };
       return mpi::Status::Ok();

@@ -267,6 +267,20 @@ def _require() -> None:
             "every process of the job.")
 
 
+def _engine_value(key: str) -> int:
+    """Returns the initialized engine's `key` entry of the job topology.
+
+    Args:
+        key: An entry of the engine state set by `init_engine`.
+
+    Example:
+    >>> init_engine(); _engine_value("size")
+    1
+    """
+    _require()
+    return int(_state[key])
+
+
 def rank() -> int:
     """This process's rank in the job.
 
@@ -274,8 +288,7 @@ def rank() -> int:
     >>> init_engine(); rank()
     0
     """
-    _require()
-    return int(_state["rank"])
+    return _engine_value("rank")
 
 
 def size() -> int:
@@ -285,8 +298,7 @@ def size() -> int:
     >>> init_engine(); size()
     1
     """
-    _require()
-    return int(_state["size"])
+    return _engine_value("size")
 
 
 def local_rank() -> int:
@@ -296,8 +308,7 @@ def local_rank() -> int:
     >>> init_engine(); local_rank()
     0
     """
-    _require()
-    return int(_state["local_rank"])
+    return _engine_value("local_rank")
 
 
 def local_size() -> int:
@@ -307,8 +318,7 @@ def local_size() -> int:
     >>> init_engine(); local_size()
     1
     """
-    _require()
-    return int(_state["local_size"])
+    return _engine_value("local_size")
 
 
 def cross_rank() -> int:
@@ -318,8 +328,7 @@ def cross_rank() -> int:
     >>> init_engine(); cross_rank()
     0
     """
-    _require()
-    return int(_state["cross_rank"])
+    return _engine_value("cross_rank")
 
 
 def cross_size() -> int:
@@ -329,8 +338,7 @@ def cross_size() -> int:
     >>> init_engine(); cross_size()
     1
     """
-    _require()
-    return int(_state["cross_size"])
+    return _engine_value("cross_size")
 
 
 def is_homogeneous() -> bool:
