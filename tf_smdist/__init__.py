@@ -10,8 +10,8 @@ Names are imported on first use, so `import tf_smdist` (and the launcher,
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+
+from tf_smdist._lazy import lazy_exports
 
 from tf_smdist._version import __version__
 
@@ -43,16 +43,4 @@ _SUBPACKAGES = ("data_parallel", "pipeline", "planner", "launch", "devices",
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    elif name in _SUBPACKAGES:
-        value = importlib.import_module(f"tf_smdist.{name}")
-    else:
-        raise AttributeError(f"module 'tf_smdist' has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, _SUBPACKAGES)

@@ -7,8 +7,7 @@ TensorFlow or Keras.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from tf_smdist._lazy import lazy_exports
 
 # Public name -> the module that defines it.
 _EXPORTS = {
@@ -38,13 +37,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
