@@ -32,6 +32,21 @@ requires_mpi = pytest.mark.skipif(
            "MPI op library (python setup.py build_ext --inplace)")
 
 
+def package_env(**extra: str) -> dict[str, str]:
+    """The environment of a child Python that must import the tested tf_smdist.
+
+    Run the child with `cwd=TESTS`: `python -c`/`-m` put the working directory
+    first on `sys.path`, so a child started in the repository root would import
+    the source tree (without compiled libraries when the package is installed)
+    instead of the tested package.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = PACKAGE_PARENT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.update(extra)
+    return env
+
+
 def launch(
     args: Sequence[str],
     *,
@@ -39,11 +54,7 @@ def launch(
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Runs `python -m tf_smdist.launch ARGS`; kills its session on timeout."""
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = (
-        PACKAGE_PARENT + os.pathsep + full_env.get("PYTHONPATH", ""))
-    full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    full_env.update(env or {})
+    full_env = package_env(**(env or {}))
     proc = subprocess.Popen(
         [sys.executable, "-m", "tf_smdist.launch", *args], cwd=TESTS, env=full_env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from mp_util import PACKAGE_PARENT, launch, pids_alive, requires_mpi
+from mp_util import TESTS, launch, package_env, pids_alive, requires_mpi
 
 from tf_smdist import launch as launcher
 
@@ -156,11 +156,11 @@ def test_rank_killed_by_a_signal_gives_128_plus_signal(script):
 @pytest.mark.slow
 @requires_mpi
 def test_sigterm_is_forwarded_and_no_rank_survives(script, tmp_path):
-    env = dict(os.environ, PYTHONPATH=PACKAGE_PARENT, TF_CPP_MIN_LOG_LEVEL="3")
+    env = package_env(TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tf_smdist.launch", "--nproc", "2", script, "pids",
-         str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True)
+         str(tmp_path)], env=env, cwd=TESTS, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
         pid_files = [tmp_path / "pid0", tmp_path / "pid1"]

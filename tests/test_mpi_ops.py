@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from mp_ops_worker import DTYPES, REDUCTIONS, expected_reduction
-from mp_util import PACKAGE_PARENT, REPO, TESTS, launch, requires_mpi
+from mp_util import REPO, TESTS, launch, package_env, requires_mpi
 
 from tf_smdist.data_parallel import cluster
 
@@ -333,9 +333,8 @@ def test_loads_exactly_the_mpi_library_it_was_built_against():
         "         if '/libmpi.so' in line}\n"
         "import json; print(json.dumps(sorted(paths)))\n"
     )
-    env = dict(os.environ, PYTHONPATH=PACKAGE_PARENT, TF_CPP_MIN_LOG_LEVEL="2")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], env=package_env(), cwd=TESTS,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert loaded == [os.path.realpath(recorded)]

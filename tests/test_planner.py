@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mp_util import TESTS, package_env
 
 from tf_smdist.pipeline.profile import LayerProfile, Profile
 from tf_smdist.planner import Cluster, Plan, PlanRow, costs, plan
 from tf_smdist.planner.calibrate import _cluster_from, fit_alpha_beta
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_profile(
@@ -382,8 +380,8 @@ def test_planner_imports_without_tensorflow():
     code = ("import sys, tf_smdist as smd; smd.Cluster; smd.plan; "
             "import tf_smdist.planner.cli; "
             "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
-                   timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=TESTS,
+                   env=package_env(), timeout=120)
 
 
 # -- the console script --------------------------------------------------------
@@ -400,7 +398,7 @@ def test_cli_writes_table_and_png(tmp_path):
          "--cluster", str(cluster_path), "--inter-node-bandwidth", "2e9",
          "--global-batch", "64", "--png", str(png), "--json",
          str(tmp_path / "plan.json")],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
+        cwd=TESTS, env=package_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Layouts for toy on 4 x 2 devices, global batch 64" in out.stdout
     assert "aggregation" in out.stdout
@@ -410,7 +408,7 @@ def test_cli_writes_table_and_png(tmp_path):
     bad = subprocess.run(
         [sys.executable, "-m", "tf_smdist.planner.cli", str(profile_path),
          "--nodes", "2", "--global-batch", "8"],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
+        cwd=TESTS, env=package_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--devices-per-node" in bad.stderr
 
 

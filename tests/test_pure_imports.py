@@ -1,10 +1,9 @@
 """The planning modules import with TensorFlow and Keras absent."""
 
-import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from mp_util import TESTS, package_env
 
 PURE_MODULES = (
     "tf_smdist.pipeline.schedule",
@@ -32,7 +31,8 @@ sys.meta_path.insert(0, Blocker())
 def _run(code):
     return subprocess.run(
         [sys.executable, "-c", _BLOCKER + code],
-        cwd=ROOT,
+        cwd=TESTS,
+        env=package_env(),
         capture_output=True,
         text=True,
         timeout=120,
