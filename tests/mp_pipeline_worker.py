@@ -40,8 +40,10 @@ RANK, WORLD = cluster.initialize()
 RESULTS: dict = {}
 
 
-def pipeline(case: str, *, seed: int | None = None, **overrides) -> smd.PipelineModel:
-    kind, stages, micro, schedule, opt, partition, placement, _ = CASES[case]
+def pipeline(case: str, *, seed: int | None = None, opt: str | None = None,
+             **overrides) -> smd.PipelineModel:
+    kind, stages, micro, schedule, case_opt, partition, placement, _ = CASES[case]
+    opt = opt or case_opt
     # Each rank starts from other random weights: equal results mean rank
     # 0's initial weights were broadcast.
     net = model(kind, seed=RANK + 1 if seed is None else seed)
@@ -119,7 +121,7 @@ def run_checkpoint() -> None:
     case = "seq_1f1b_sgd"
     x, y = data()
     backup = os.path.join(OUT, "backup")
-    pipe = pipeline(case)
+    pipe = pipeline(case, opt="adam")  # its moments and step count must resume
     init = pipe.get_weights()
     try:
         pipe.fit(x, y, batch_size=GLOBAL_BATCH, epochs=3, shuffle=False, verbose=0,
@@ -127,17 +129,20 @@ def run_checkpoint() -> None:
     except _Stop:
         pass
     # A fresh process would start here: new model, other initial weights.
-    pipe = pipeline(case, seed=RANK + 50)
+    pipe = pipeline(case, seed=RANK + 50, opt="adam")
     ckpt = os.path.join(OUT, "ckpt.keras")
     history = pipe.fit(x, y, batch_size=GLOBAL_BATCH, epochs=3, shuffle=False,
                        verbose=0, callbacks=[
                            keras.callbacks.BackupAndRestore(backup),
                            keras.callbacks.ModelCheckpoint(ckpt)])
     final = pipe.get_weights()
+    # The whole optimizer state, in the file a compiled plain model writes.
+    pipe.save_weights(os.path.join(OUT, "trained.weights.h5"))
     save("checkpoint", **{f"init_{i}": w for i, w in enumerate(init)},
          **{f"final_{i}": w for i, w in enumerate(final)})
     RESULTS["checkpoint"] = {"loss": history.history["loss"],
-                             "num_weights": len(init)}
+                             "num_weights": len(init),
+                             "iterations": int(pipe.optimizer.iterations.numpy())}
 
 
 def run_custom() -> None:
@@ -158,9 +163,16 @@ def run_custom() -> None:
             losses.append(float(step(x[start:start + GLOBAL_BATCH],
                                      y[start:start + GLOBAL_BATCH])))
     final = pipe.get_weights()
+    # set_weights (the same weights on every rank) sets the whole model, and
+    # train_on_batch is the one-call step: from `init`, the first loss again.
+    pipe.set_weights(init)
+    restored = all(np.array_equal(a, b) for a, b in zip(pipe.get_weights(), init))
+    first = float(pipe.train_on_batch(x[:GLOBAL_BATCH], y[:GLOBAL_BATCH],
+                                      return_dict=True)["loss"])
     save("custom", **{f"init_{i}": w for i, w in enumerate(init)},
          **{f"final_{i}": w for i, w in enumerate(final)})
-    RESULTS["custom"] = {"losses": losses, "num_weights": len(init)}
+    RESULTS["custom"] = {"losses": losses, "num_weights": len(init),
+                         "set_weights": restored, "train_on_batch": first}
 
 
 def run_die() -> None:
@@ -180,10 +192,14 @@ def run_auto() -> None:
     pipe = pipeline("seq_1f1b_sgd", partition="auto")
     init = pipe.get_weights()
     x, y = data()
+    seen = []
+    profiler = smd.ProfilingCallback(warmup=1, repeats=2, on_profile=seen.append)
     history = pipe.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False,
-                       verbose=0, callbacks=[smd.ProfilingCallback(warmup=1,
-                                                                   repeats=2)])
+                       verbose=0, callbacks=[profiler])
     final = pipe.get_weights()
+    # The same callback in a second fit: no new profile, no new partition.
+    pipe.fit(x[:GLOBAL_BATCH], y[:GLOBAL_BATCH], batch_size=GLOBAL_BATCH,
+             epochs=1, verbose=0, callbacks=[profiler])
     save("auto", **{f"init_{i}": w for i, w in enumerate(init)},
          **{f"final_{i}": w for i, w in enumerate(final)})
     runtime = pipe._process.runtime
@@ -191,7 +207,9 @@ def run_auto() -> None:
         "stages": [[layer.name for layer in runtime.stage_layers(s)]
                    for s in range(2)],
         "bandwidth": pipe._partition_options["bandwidth"],
-        "loss": history.history["loss"], "num_weights": len(init)}
+        "loss": history.history["loss"], "num_weights": len(init),
+        "hook_calls": len(seen), "profile_kwargs": profiler.profile_kwargs,
+        "profile": seen[0].to_json() if seen else None}
 
 
 def run_example() -> None:

@@ -319,6 +319,33 @@ def test_save_exports_a_plain_keras_model(tmp_path):
     assert_close(loaded.predict(x, verbose=0), pipe.predict(x, verbose=0))
 
 
+def test_save_and_load_weights_carry_the_optimizer_state(tmp_path):
+    plain, pipe = pipeline("sequential", 2, 2, "1f1b")
+    pipe.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    plain.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    x, y = data("sequential")
+    for model in (pipe, plain):
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    path = str(tmp_path / "pipe.weights.h5")
+    pipe.save_weights(path)
+    # The file a compiled plain model writes: it loads into one, optimizer too.
+    loaded = sequential_model(seed=3)
+    loaded.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    loaded.optimizer.build(loaded.trainable_variables)
+    loaded.load_weights(path)
+    assert int(loaded.optimizer.iterations.numpy()) == 2
+    for a, b in zip(loaded.optimizer.variables, plain.optimizer.variables):
+        assert_close(a.numpy(), b.numpy())
+    # A new pipeline resumes from it as if never stopped.
+    _, resumed = pipeline("sequential", 2, 2, "1f1b")
+    resumed.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    resumed.load_weights(path)
+    for model in (resumed, plain):
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(resumed.get_weights(), plain.get_weights()):
+        assert_close(a, b)
+
+
 def test_batch_not_divisible_by_microbatches_is_an_error():
     _, pipe = pipeline("sequential", 2, 4, "1f1b")
     pipe.compile(optimizer="sgd", loss="mse")

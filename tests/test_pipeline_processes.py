@@ -129,29 +129,51 @@ def test_two_stages_in_two_processes(tmp_path):
     _assert_close(_weights(tmp_path, 1, "custom", "final", count), ref_weights)
     assert results[0]["custom"]["losses"] == results[1]["custom"]["losses"]
     assert len(results[0]["custom"]["losses"]) == 2 * NUM_SAMPLES // 16
+    for r in results:
+        assert r["custom"]["set_weights"]
+        np.testing.assert_allclose(r["custom"]["train_on_batch"],
+                                   r["custom"]["losses"][0], rtol=1e-5)
 
-    # BackupAndRestore: stopped after epoch 1, resumed by a new model with
-    # other initial weights, ends with the uninterrupted run's weights;
-    # ModelCheckpoint's file (written by rank 0) loads in plain Keras.
+    # BackupAndRestore with Adam: stopped after epoch 1, resumed by a new
+    # model with other initial weights and a fresh optimizer, ends with the
+    # uninterrupted run's weights (so the moments and the step count were
+    # restored to their owners); ModelCheckpoint's file (written by rank 0)
+    # loads in plain Keras; save_weights writes the whole optimizer state as
+    # the plain compiled model would.
     count = results[0]["checkpoint"]["num_weights"]
     init = _weights(tmp_path, 0, "checkpoint", "init", count)
     final = _weights(tmp_path, 1, "checkpoint", "final", count)
     net = keras.models.load_model(tmp_path / "ckpt.keras", compile=False)
     plain = model("seq")
     plain.set_weights(init)
-    plain.compile(optimizer=optimizer("sgd"), loss="mse")
+    plain.compile(optimizer=optimizer("adam"), loss="mse")
     x, y = data()
     history = plain.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
     _assert_close(final, plain.get_weights())
     _assert_close(net.get_weights(), plain.get_weights())
     np.testing.assert_allclose(results[0]["checkpoint"]["loss"],
                                history.history["loss"][1:], rtol=1e-5)
+    assert [r["checkpoint"]["iterations"] for r in results] == [12, 12]
+    loaded = model("seq", seed=9)
+    loaded.compile(optimizer=optimizer("adam"), loss="mse")
+    loaded.optimizer.build(loaded.trainable_variables)
+    loaded.load_weights(tmp_path / "trained.weights.h5")
+    _assert_close(loaded.get_weights(), plain.get_weights())
+    _assert_close([v.numpy() for v in loaded.optimizer.variables],
+                  [v.numpy() for v in plain.optimizer.variables])
 
     # partition="auto" with a ProfilingCallback: rank 0's profile and the
     # measured bandwidth give one partition on every rank, chosen before the
     # first step (so training equals the plain model's from the start).
     assert results[0]["auto"]["stages"] == results[1]["auto"]["stages"]
     assert results[0]["auto"]["bandwidth"] == results[1]["auto"]["bandwidth"] > 0
+    # Every rank's callback got rank 0's profile once (a second fit with
+    # the same callback neither profiles nor partitions again), and its
+    # options are the user's.
+    for r in results:
+        assert r["auto"]["hook_calls"] == 1
+        assert r["auto"]["profile"] == results[0]["auto"]["profile"]
+        assert r["auto"]["profile_kwargs"] == {"warmup": 1, "repeats": 2}
     count = results[0]["auto"]["num_weights"]
     init = _weights(tmp_path, 0, "auto", "init", count)
     ref_weights, ref_losses = reference("seq_1f1b_sgd", init, epochs=1)

@@ -43,6 +43,13 @@ class ProfilingCallback(keras.callbacks.Callback):
     (zeros, `batch_size` rows): layer times and sizes depend on shapes, not
     values.
 
+    With a `PipelineModel` whose stages run in separate processes, the
+    callback does not run during `fit`: before the first step rank 0
+    profiles the wrapped model with the callback's options (nested models
+    whole unless `expand_nested` is given) and every rank's callback
+    receives that profile (`record_profile`), so every rank partitions from
+    the same profile. The callback's options are not changed.
+
     Args:
         sample_batch: Inputs `x` of one batch. Defaults to `None`
             (synthesised).
@@ -99,6 +106,31 @@ class ProfilingCallback(keras.callbacks.Callback):
         self.profile: Profile | None = None
         self._steps = 0
         self._profiled: keras.Model | None = None
+
+    @property
+    def profiled_model(self) -> keras.Model | None:
+        """The model `profile` measured (`None` before profiling)."""
+        return self._profiled
+
+    def record_profile(self, profile: Profile, model: keras.Model) -> None:
+        """Takes a profile of `model` measured elsewhere as this callback's result.
+
+        A pipeline across processes profiles on rank 0 only; every rank's
+        callback then holds the same `profile` and calls `on_profile` with
+        it, as if it had profiled `model` itself (no file is written).
+
+        Args:
+            profile: the `Profile`.
+            model: the model it measured.
+
+        Example:
+        >>> callback.record_profile(profile, pipe.wrapped_model)  # doctest: +SKIP
+        """
+        self.profile = profile
+        self._profiled = model
+        self._steps = self.profile_after_steps
+        if self.on_profile is not None:
+            self.on_profile(profile)
 
     def _pipeline(self) -> Any:
         """The `PipelineModel` that `fit` runs, or `None`."""

@@ -704,8 +704,11 @@ class PipelineModel(keras.Model):
     def save(self, filepath: str, *args: Any, **kwargs: Any) -> None:
         """Saves the wrapped (unpartitioned) model, loadable by plain Keras.
 
-        Across processes every rank must call it (callbacks do): the stages'
-        weights are gathered, and rank 0 writes the file.
+        The file also holds the optimizer's state (as a compiled plain
+        model's does), which `load_weights` restores; `keras.models.load_model`
+        gives the plain, uncompiled model. Across processes every rank must
+        call it (callbacks do): the stages' weights and optimizer state are
+        gathered, and rank 0 writes the file.
 
         Example:
         ```python
@@ -713,26 +716,60 @@ class PipelineModel(keras.Model):
         model = keras.models.load_model("model.keras")  # a plain model
         ```
         """
-        if self._process is not None:
-            self._process.sync_weights()
-            if self._topology.rank != 0:
-                return
-        self.wrapped_model.save(filepath, *args, **kwargs)
+        self._write(self.wrapped_model.save, filepath, *args, **kwargs)
 
     def save_weights(self, filepath: str, *args: Any, **kwargs: Any) -> None:
-        """Saves the wrapped model's weights, loadable by the plain model.
+        """Saves the wrapped model's weights and the optimizer's state.
 
-        Across processes every rank must call it; rank 0 writes the file.
+        The file is the one the plain model, compiled with the same
+        optimizer, would write: it loads into the plain model (and its
+        optimizer) and into a `PipelineModel` (`load_weights`). Across
+        processes every rank must call it (`BackupAndRestore` does); rank 0
+        writes the file.
+
+        Example:
+        ```python
+        pipe.save_weights("pipe.weights.h5")
+        ```
         """
-        if self._process is not None:
-            self._process.sync_weights()
+        self._write(self.wrapped_model.save_weights, filepath, *args, **kwargs)
+
+    def _write(self, write: Any, filepath: str, *args: Any, **kwargs: Any) -> None:
+        from tf_smdist.pipeline import checkpoint
+
+        if self._process is None:
+            optimizer = checkpoint.built_optimizer(self)
+        else:
+            optimizer = self._process.gather_checkpoint()
             if self._topology.rank != 0:
                 return
-        self.wrapped_model.save_weights(filepath, *args, **kwargs)
+        with checkpoint.attached_optimizer(self.wrapped_model, optimizer):
+            write(filepath, *args, **kwargs)
 
     def load_weights(self, filepath: str, *args: Any, **kwargs: Any) -> None:
-        """Loads weights saved from the plain or the pipelined model."""
-        self.wrapped_model.load_weights(filepath, *args, **kwargs)
+        """Loads weights (and optimizer state) saved by the plain or pipelined model.
+
+        Optimizer state in the file (from `save_weights`, `save`, or a
+        compiled plain model's `save_weights`) is restored into the compiled
+        optimizer. Across processes every rank must call it
+        (`BackupAndRestore` does): rank 0 reads the file, and every rank
+        takes its weights and its stage's optimizer state.
+
+        Example:
+        ```python
+        pipe.load_weights("pipe.weights.h5")
+        ```
+        """
+        from tf_smdist.pipeline import checkpoint
+
+        optimizer = checkpoint.built_optimizer(self)
+        if self._process is None:
+            if optimizer is not None and not checkpoint.has_optimizer_state(filepath):
+                optimizer = None
+            with checkpoint.attached_optimizer(self.wrapped_model, optimizer):
+                self.wrapped_model.load_weights(filepath, *args, **kwargs)
+            return
+        self._process.load_checkpoint(filepath, *args, **kwargs)
 
     def get_config(self) -> dict[str, Any]:
         raise NotImplementedError(

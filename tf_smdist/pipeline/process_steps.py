@@ -208,6 +208,57 @@ class ProcessSteps:
         """Brings every stage's current values to every rank (collective)."""
         self._rt.broadcast_weights()
 
+    def gather_checkpoint(self) -> Any:
+        """Readies a save (collective): whole weights everywhere, optimizer on rank 0.
+
+        Returns:
+            On rank 0, an optimizer built on the whole model's trainable
+            variables holding every stage's optimizer state (`None` without
+            a compiled optimizer); `None` on other ranks.
+        """
+        from tf_smdist.pipeline import checkpoint  # noqa: PLC0415
+
+        self.sync_weights()
+        pipe = self._pipe
+        return checkpoint.gather_optimizer(
+            self._rt, checkpoint.built_optimizer(pipe), pipe.wrapped_model)
+
+    def load_checkpoint(self, filepath: Any, *args: Any, **kwargs: Any) -> None:
+        """Loads a weight file on rank 0 and hands it to every rank (collective).
+
+        Every rank takes rank 0's weights, and its own stage's optimizer
+        state when the file holds optimizer state.
+        """
+        from tf_smdist.pipeline import checkpoint  # noqa: PLC0415
+
+        pipe = self._pipe
+        optimizer = checkpoint.built_optimizer(pipe)
+        from tf_smdist import _mpi_ops  # noqa: PLC0415
+
+        full, failure, error = None, b"", None
+        if self._rt.topology.rank == 0:
+            try:
+                if optimizer is not None and checkpoint.has_optimizer_state(filepath):
+                    full = checkpoint.fresh_optimizer(
+                        optimizer, pipe.wrapped_model.trainable_variables)
+                with checkpoint.attached_optimizer(pipe.wrapped_model, full):
+                    pipe.wrapped_model.load_weights(filepath, *args, **kwargs)
+            except Exception as e:  # every rank must learn of it, not wait
+                error = e
+                kind = "OSError" if isinstance(e, OSError) else type(e).__name__
+                failure = f"{kind}: {e}".encode()
+        failure = _mpi_ops.broadcast_bytes(failure, root=0)
+        if error is not None:
+            raise error
+        if failure:
+            message = (f"Rank 0 could not load the weights. Received: "
+                       f"filepath={str(filepath)!r}, {failure.decode()}")
+            if failure.startswith(b"OSError"):
+                raise OSError(message)  # as Keras raises it (BackupAndRestore retries)
+            raise RuntimeError(message)
+        self._rt.broadcast_weights(root=0)
+        checkpoint.scatter_optimizer(self._rt, optimizer, full)
+
     def compute_gradients(
         self, x: Any, y: Any = None, sample_weight: Any = None
     ) -> tuple[tf.Tensor, None, list[tf.Tensor]]:
@@ -348,19 +399,45 @@ def measure_bandwidth(pipe: Any, *, nbytes: int = 4 << 20, repeats: int = 3) -> 
 
 
 def agreed_profile(pipe: Any, callback: Any) -> Any:
-    """Rank 0 profiles with `callback`; every rank gets rank 0's profile."""
+    """Rank 0 profiles as `callback` would; every rank gets rank 0's profile.
+
+    The callback is not changed apart from its results: a copy with the
+    same options profiles the wrapped model on rank 0 (nested models whole,
+    unless the callback sets `expand_nested`), and every rank's callback then
+    holds the profile in `profile` and calls its `on_profile` with it. A
+    callback that already profiled this model (an earlier `fit`) is not run
+    again (as in one process), and `None` is returned.
+
+    Args:
+        pipe: the `PipelineModel` (across processes).
+        callback: the user's `ProfilingCallback`.
+
+    Returns:
+        The new `Profile`, the same on every rank, or `None`.
+
+    Example:
+    >>> agreed_profile(pipe, smd.ProfilingCallback())  # doctest: +SKIP
+    Profile of ...
+    """
     from tf_smdist import _mpi_ops
+    from tf_smdist.pipeline.callback import ProfilingCallback
     from tf_smdist.pipeline.profile import Profile
 
-    callback.set_model(pipe)
-    callback.profile_kwargs["expand_nested"] = False
-    user_hook, callback.on_profile = callback.on_profile, None
-    text = callback.run_profile().to_json() if pipe.topology.rank == 0 else ""
+    target = callback.target_model or pipe.profiled_model
+    if callback.profile is not None and callback.profiled_model is target:
+        return None
+    text = ""
+    if pipe.topology.rank == 0:
+        options = {"expand_nested": False, **callback.profile_kwargs}
+        probe = ProfilingCallback(
+            sample_batch=callback.sample_batch, batch_size=callback.batch_size,
+            path=callback.path, model=callback.target_model, **options)
+        probe.set_model(pipe)
+        text = probe.run_profile().to_json()
     profile = Profile.from_json(_mpi_ops.broadcast_bytes(text.encode(), root=0)
                                 .decode())
-    callback.profile = profile
-    if user_hook is not None:
-        user_hook(profile)
+    callback.set_model(pipe)
+    callback.record_profile(profile, target)
     return profile
 
 
@@ -389,6 +466,8 @@ def prepare_fit(pipe: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         profilers = [ProfilingCallback(batch_size=kwargs.get("batch_size") or 32)]
     for callback in profilers:
         profile = agreed_profile(pipe, callback)
+        if profile is None:
+            continue
         if "bandwidth" not in pipe._partition_options:
             # The measured point-to-point bandwidth prices the transfers.
             pipe._partition_options["bandwidth"] = measure_bandwidth(pipe)
@@ -397,8 +476,9 @@ def prepare_fit(pipe: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     if pipe.topology.rank != 0:
         for cb in callbacks:
             if isinstance(cb, keras.callbacks.BackupAndRestore):
-                # Here it only takes part in gathering the weights.
-                _compat.stop_checkpoint_writes(cb, pipe._process.sync_weights)
+                # Here it only takes part in gathering the weights and
+                # the optimizer state (rank 0 writes).
+                _compat.stop_checkpoint_writes(cb, pipe._process.gather_checkpoint)
                 cb.delete_checkpoint = False
     kwargs["callbacks"] = callbacks
     return args, kwargs
