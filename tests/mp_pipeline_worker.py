@@ -101,6 +101,10 @@ def run_mismatch() -> None:
         pipe.fit(x, y, batch_size=10, epochs=1, verbose=0)
     except ValueError as e:
         RESULTS["bad_batch"] = str(e)
+    try:  # the same with the inputs in a list, also before any message
+        pipe.fit([x], y, batch_size=10, epochs=1, verbose=0)
+    except ValueError as e:
+        RESULTS["bad_batch_list"] = str(e)
 
 
 class _Stop(Exception):

@@ -118,6 +118,7 @@ def test_two_stages_in_two_processes(tmp_path):
             "Every global batch must be a multiple of the number of "
             "micro-batches times the number of pipelines. Received: "
             "batch_size 10 (64 samples, batch_size=10) with microbatches=4")
+        assert r["bad_batch_list"] == r["bad_batch"]
         assert r["bad_stages"].startswith(
             "The number of pipeline stages must divide the number of processes."
             " Received: num_stages=3 with 2 processes.")

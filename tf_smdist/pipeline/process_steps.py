@@ -335,6 +335,8 @@ def memory_of(pipe: Any, variables: Sequence[Any],
 def _check_batches(pipe: Any, args: tuple, kwargs: dict) -> None:
     x = args[0] if args else kwargs.get("x")
     unit = pipe.microbatches * pipe.dp_size
+    if isinstance(x, (list, tuple, dict)) and x:
+        x = keras.tree.flatten(x)[0]  # several inputs: one batch size
     size = getattr(x, "shape", None)
     if size is not None and len(size) and size[0] is not None:
         batch = kwargs.get("batch_size") or 32
@@ -447,9 +449,21 @@ def prepare_fit(pipe: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     A `ProfilingCallback` (or `partition="auto"` still pending) profiles the
     model on rank 0 before the first step, every rank partitions from rank
     0's profile and the measured point-to-point bandwidth
-    (`measure_bandwidth`), and training starts on that partition. On ranks other than
-    0, `BackupAndRestore` only takes part in gathering the weights (rank 0
-    writes the backup).
+    (`measure_bandwidth`), and training starts on that partition. On ranks
+    other than 0, `BackupAndRestore` only takes part in gathering the weights
+    and the optimizer state (rank 0 writes the backup); every rank restores
+    from it (`PipelineModel.load_weights`, collective).
+
+    Args:
+        pipe: the `PipelineModel` (across processes).
+        args: `fit`'s positional arguments.
+        kwargs: `fit`'s keyword arguments.
+
+    Returns:
+        `(args, kwargs)` for `keras.Model.fit`.
+
+    Example:
+    >>> args, kwargs = prepare_fit(pipe, (x, y), {"batch_size": 64})  # doctest: +SKIP
     """
     from tf_smdist.pipeline.callback import ProfilingCallback
 
@@ -473,6 +487,13 @@ def prepare_fit(pipe: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             pipe._partition_options["bandwidth"] = measure_bandwidth(pipe)
         pipe.partition_from_profile(profile)
     callbacks = [c for c in callbacks if not isinstance(c, ProfilingCallback)]
+    if any(isinstance(cb, keras.callbacks.BackupAndRestore) for cb in callbacks):
+        # Every rank decides from the files whether to restore (a collective
+        # load): wait until rank 0 has finished an earlier fit, which may
+        # delete its backup at the end.
+        from tf_smdist.data_parallel import cluster
+
+        cluster.allreduce_numpy(np.zeros(1, np.float32))
     if pipe.topology.rank != 0:
         for cb in callbacks:
             if isinstance(cb, keras.callbacks.BackupAndRestore):
