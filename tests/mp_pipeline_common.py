@@ -23,6 +23,8 @@ CASES = {
 }
 # Cases that also check evaluate and predict (each traces more functions).
 EVALUATED = ("seq_1f1b_sgd", "skip3_1f1b_adam", "skip_hybrid_spread")
+# Cases that also save and load their optimizer state (save_weights).
+SAVED = ("seq_hybrid_cluster",)
 
 
 def data() -> tuple[np.ndarray, np.ndarray]:
@@ -59,9 +61,9 @@ def optimizer(name: str) -> keras.optimizers.Optimizer:
     return keras.optimizers.Adam(0.01)
 
 
-def reference(case: str, init: list[np.ndarray],
-              epochs: int | None = None) -> tuple[list, list]:
-    """The plain model trained on the same global batches (mean loss)."""
+def reference_model(case: str, init: list[np.ndarray],
+                    epochs: int | None = None) -> tuple[keras.Model, list]:
+    """The plain model trained on the same global batches (mean loss); its losses."""
     kind, _, _, _, opt, _, _, case_epochs = CASES[case]
     epochs = epochs or case_epochs
     net = model(kind)
@@ -70,4 +72,11 @@ def reference(case: str, init: list[np.ndarray],
     x, y = data()
     history = net.fit(x, y, batch_size=GLOBAL_BATCH, epochs=epochs,
                       shuffle=False, verbose=0)
-    return net.get_weights(), history.history["loss"]
+    return net, history.history["loss"]
+
+
+def reference(case: str, init: list[np.ndarray],
+              epochs: int | None = None) -> tuple[list, list]:
+    """The plain model's weights and losses (see `reference_model`)."""
+    net, losses = reference_model(case, init, epochs)
+    return net.get_weights(), losses

@@ -27,6 +27,7 @@ from mp_pipeline_common import (  # noqa: E402
     CASES,
     EVALUATED,
     GLOBAL_BATCH,
+    SAVED,
     data,
     model,
     optimizer,
@@ -68,6 +69,17 @@ def run_case(case: str) -> None:
                        shuffle=False, verbose=0)
     local = [np.array(v.value) for v in pipe._process.runtime.variables]
     final = pipe.get_weights()
+    restored = None
+    if case in SAVED:
+        # The whole optimizer state to a file (rank 0) and back to each
+        # stage's ranks in every pipeline.
+        pipe.save_weights(os.path.join(OUT, f"{case}.weights.h5"))
+        before = [np.array(v.value) for v in pipe.optimizer.variables]
+        for v in pipe.optimizer.variables:
+            v.assign(tf.zeros_like(v.value))
+        pipe.load_weights(os.path.join(OUT, f"{case}.weights.h5"))
+        restored = all(np.array_equal(a, np.array(v.value))
+                       for a, v in zip(before, pipe.optimizer.variables))
     evaluated, predicted = None, np.zeros(0)
     if case in EVALUATED:
         evaluated = pipe.evaluate(x[:40], y[:40], batch_size=GLOBAL_BATCH, verbose=0)
@@ -81,7 +93,7 @@ def run_case(case: str) -> None:
         "evaluate": evaluated, "stage": pipe.stage_rank, "dp": pipe.dp_rank,
         "pipeline_ranks": pipe.pipeline_ranks,
         "dp_group_ranks": pipe.dp_group_ranks, "memory": pipe.memory_report(),
-        "num_weights": len(init),
+        "num_weights": len(init), "optimizer_restored": restored,
     }
 
 
