@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -135,6 +136,14 @@ def main() -> None:
                             postscale_factor=3.0)
         want = np.trunc(expected_reduce("Sum", "int32", size) * (3.0 / size))
         close(got.numpy(), want.astype(np.int32), "int32")
+        # Integer Average: the sum times 1/size, truncated toward zero (so
+        # -7 / 2 is -3, not NumPy's floor -4), as Horovod's CPU path scales.
+        neg = tf.constant([-3 - rank, 5 + rank, -1, 0], tf.int64)
+        got = hvd.allreduce(neg, op=hvd.Average).numpy()
+        ranks = range(size)
+        sums = np.array([sum(-3 - r for r in ranks), sum(5 + r for r in ranks),
+                         -size, 0], np.float64)
+        close(got, np.trunc(sums / size).astype(np.int64), "int64")
     check("allreduce_scales", scales)
 
     def empty():
@@ -373,10 +382,39 @@ def main() -> None:
     def bad_input():
         expect_error(lambda: hvd.broadcast(tf.zeros([2]), -1),
                      tf.errors.InvalidArgumentError, "root_rank")
-        # Not checked across processes: when a duplicate pending name is refused,
-        # which of the two ops got in first can differ between ranks, and the one
-        # left pending can then wait for a peer that was refused (a known defect;
-        # a clean run of the suite stalled here once).
+        # A name already pending on this rank is refused. Rank 0 issues 'dup'
+        # from two threads; neither can complete before the other ranks issue
+        # 'dup', which they do only after a barrier that rank 0 reaches once
+        # one of its two was refused: exactly one is refused, whatever the
+        # timing, and the other completes with the right sum.
+        x = tf.fill([4], float(rank + 1))
+        want = np.full([4], size * (size + 1) / 2, np.float32)
+        if rank == 0:
+            outcomes: list = [None, None]
+            refused = threading.Event()
+
+            def issue(i: int) -> None:
+                try:
+                    outcomes[i] = hvd.allreduce(x, op=hvd.Sum, name="dup").numpy()
+                except tf.errors.InvalidArgumentError as e:
+                    outcomes[i] = e.message
+                    refused.set()
+
+            threads = [threading.Thread(target=issue, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            assert refused.wait(60), f"neither 'dup' was refused: {outcomes}"
+            hvd.barrier()
+            for t in threads:
+                t.join(60)
+            errors = [o for o in outcomes if isinstance(o, str)]
+            sums = [o for o in outcomes if isinstance(o, np.ndarray)]
+            assert len(errors) == 1 and len(sums) == 1, outcomes
+            assert "'dup' is already pending on this rank (rank 0)" in errors[0], errors
+            close(sums[0], want, "float32")
+        else:
+            hvd.barrier()
+            close(hvd.allreduce(x, op=hvd.Sum, name="dup").numpy(), want, "float32")
         hvd.barrier()
     check("bad_input", bad_input)
 
@@ -484,13 +522,27 @@ def main() -> None:
     def stall():
         hvd.shutdown_engine()
         os.environ["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = "2"
+        os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] = "1"
         hvd.init_engine()
+        missing = ("rank " if size == 2 else "ranks ") + ", ".join(
+            str(r) for r in range(1, size))
+        # Rank 0 issues a name the others never issue; they wait on a name
+        # rank 0 never reaches. Both end in the stall error on every rank.
+        lonely = ("allreduce of tensor 'lonely' issued by rank 0 is waiting for "
+                  + missing)
+        name = "lonely" if rank == 0 else "behind.lonely"
+        expect_error(lambda: hvd.allreduce(tf.ones([2]), name=name),
+                     tf.errors.DeadlineExceededError, "stalled for more than 2 s",
+                     lonely, "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS")
+        # Every rank issues a name of its own.
         mine = f"stall.r{rank}"
         expect_error(lambda: hvd.allreduce(tf.ones([2]), name=mine),
-                     tf.errors.DeadlineExceededError, f"'{mine}' stalled",
-                     f"ranks {rank} issued it", "did not")
+                     tf.errors.DeadlineExceededError, "stalled for more than 2 s",
+                     "of tensor 'stall.r", "which did not issue it")
+        # The set is still usable.
         got = hvd.allreduce(tf.ones([2]), op=hvd.Sum, name="after.stall")
         close(got.numpy(), np.full([2], size, np.float32), "float32")
+        assert hvd.debug_counters()["stalls"] >= 2
     check("stall", stall)
 
     hvd.shutdown_engine()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -115,6 +116,9 @@ def test_collectives_across_processes(tmp_path, nproc):
         missing = REQUIRED - set(res["results"])
         assert not missing, f"rank {r} did not run {sorted(missing)}"
         logger.info("rank %d timings: %s", r, res["timings"])
+    # Before the stall check's set gave up on 'lonely', rank 0 warned about it.
+    assert re.search(r"warning: for \d+ s, allreduce of tensor 'lonely' issued by "
+                     r"rank 0 is waiting for ranks? 1", proc.stdout + proc.stderr)
 
 
 @pytest.mark.slow

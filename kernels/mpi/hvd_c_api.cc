@@ -22,11 +22,12 @@ int Report(const smdist::mpi::Status& s, char* err, int err_len) {
 extern "C" {
 
 int smdist_hvd_init(double cycle_time_s, long long fusion_threshold, double stall_timeout_s,
-                    char* err, int err_len) {
+                    double stall_warning_s, char* err, int err_len) {
   smdist::hvd::NegotiatorOptions options;
   options.cycle_time_s = cycle_time_s;
   options.fusion_threshold = fusion_threshold;
   options.stall_timeout_s = stall_timeout_s;
+  options.stall_warning_s = stall_warning_s;
   return Report(smdist::hvd::Engine::Get().Init(options), err, err_len);
 }
 

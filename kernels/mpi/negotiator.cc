@@ -307,6 +307,7 @@ struct Negotiator::Pending {
   int64_t order = 0;
   double first_seen = 0;
   int count = 0;
+  bool warned = false;  // rank 0: the stall warning was printed
   std::vector<Meta> ranks;
   const Meta& any() const {
     for (const Meta& m : ranks) {
@@ -544,11 +545,24 @@ bool Negotiator::Cycle() {
     std::string name = e.name;
     local_.emplace(name, std::move(e));
   }
-  // The set's rank 0 decides which names stalled, by its own clock.
+  // The set's rank 0 decides which names stalled, by its own clock, and
+  // warns about those pending for longer than the warning time.
   std::vector<std::string> stalled;
   if (rank_ == 0) {
     for (const auto& kv : table_) {
-      if (now - kv.second->first_seen > options_.stall_timeout_s) stalled.push_back(kv.first);
+      Pending& p = *kv.second;
+      double waited = now - p.first_seen;
+      if (waited > options_.stall_timeout_s) {
+        stalled.push_back(kv.first);
+      } else if (options_.stall_warning_s > 0 && waited > options_.stall_warning_s &&
+                 !p.warned) {
+        p.warned = true;
+        std::fprintf(stderr,
+                     "tf_smdist.horovod: warning: for %.0f s, %s; every pending "
+                     "collective of the set fails once one has waited %g s "
+                     "(HOROVOD_STALL_SHUTDOWN_TIME_SECONDS).\n",
+                     waited, Describe(kv.first, p).c_str(), options_.stall_timeout_s);
+      }
     }
   }
   w.I32(static_cast<int32_t>(stalled.size()));
@@ -570,6 +584,23 @@ bool Negotiator::Cycle() {
   std::lock_guard<std::mutex> lock(mu_);
   ++counters_.cycles;
   return true;
+}
+
+std::string Negotiator::Describe(const std::string& name, const Pending& p) const {
+  std::ostringstream os;
+  os << OpTypeName(p.any().type) << " of tensor '" << name << "' issued by rank";
+  std::ostringstream missing;
+  int n_have = 0, n_missing = 0;
+  for (int r = 0; r < size_; ++r) {
+    if (p.ranks[r].present) {
+      os << (n_have++ ? ", " : (p.count > 1 ? "s " : " ")) << r;
+    } else {
+      missing << (n_missing++ ? ", " : "") << r;
+    }
+  }
+  os << " is waiting for rank" << (n_missing > 1 ? "s " : " ") << missing.str()
+     << ", which did not issue it";
+  return os.str();
 }
 
 std::string Negotiator::CheckMismatch(const std::string& name, const Pending& p) const {
@@ -735,35 +766,40 @@ void Negotiator::Decide(const std::vector<std::string>& records, double now) {
     }
     run.push_back(name);
   }
+  // A stalled name stalls the set: every member fails every name still
+  // pending (the others usually wait behind the stalled one, e.g. a
+  // barrier on the ranks that never issued it), so that no rank waits
+  // forever. The decision comes from the same records on every member, so
+  // the tables stay equal and the set stays usable.
+  std::vector<std::string> described;
   for (const std::string& name : stalled) {
     auto it = table_.find(name);
     if (it == table_.end() || std::find(run.begin(), run.end(), name) != run.end()) continue;
-    const Pending& p = *it->second;
+    described.push_back(Describe(name, *it->second));
+  }
+  if (!described.empty()) {
     std::ostringstream os;
-    os << "tf_smdist.horovod: " << OpTypeName(p.any().type) << " of tensor '" << name
-       << "' stalled: ranks";
-    for (int r = 0; r < size_; ++r) {
-      if (p.ranks[r].present) os << " " << r;
+    os << "tf_smdist.horovod: stalled for more than " << options_.stall_timeout_s << " s: ";
+    for (size_t k = 0; k < described.size() && k < 8; ++k) {
+      os << (k ? "; " : "") << described[k];
     }
-    os << " issued it but ranks";
-    for (int r = 0; r < size_; ++r) {
-      if (!p.ranks[r].present) os << " " << r;
-    }
-    os << " did not within " << options_.stall_timeout_s
-       << " s. Every rank must issue every named collective (same names, e.g. the same "
-          "model and data steps on every rank); raise the limit with "
+    if (described.size() > 8) os << "; and " << described.size() - 8 << " more";
+    os << ". Every pending collective of this process set fails on every rank. Every "
+          "rank must issue every named collective (same names, e.g. the same model and "
+          "data steps on every rank); raise the limit with "
           "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=<seconds> if a rank is legitimately late.";
     mpi::Status err = Error(mpi::Code::kDeadlineExceeded, os.str());
-    if (local_.count(name)) {
+    if (local_.empty() || rank_ == 0) std::fprintf(stderr, "%s\n", err.message.c_str());
+    std::vector<std::string> drop;
+    for (const auto& kv : table_) {
+      if (std::find(run.begin(), run.end(), kv.first) == run.end()) drop.push_back(kv.first);
+    }
+    for (const std::string& name : drop) {
       FailLocal(name, err);
-    } else {
-      std::fprintf(stderr, "%s\n", err.message.c_str());
+      table_.erase(name);
     }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      ++counters_.stalls;
-    }
-    table_.erase(it);
+    std::lock_guard<std::mutex> lock(mu_);
+    counters_.stalls += static_cast<int64_t>(described.size());
   }
   Execute(run);
 }

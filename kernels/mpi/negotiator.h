@@ -14,18 +14,24 @@
 //     each rank's value;
 //   * consecutive ready all-reduces of one dtype and reduce op are fused into
 //     one buffer of at most the fusion threshold;
-//   * a name pending for longer than the stall timeout (the clock of the
-//     set's rank 0 decides, and announces it) fails, naming the ranks that
-//     did and did not issue it.
+//   * a name pending for longer than the stall warning time makes the set's
+//     rank 0 print a warning naming it and the ranks that have not issued
+//     it; one pending for longer than the stall timeout (the clock of the
+//     set's rank 0 decides, and announces it) stalls the set: every member
+//     fails every collective it has pending (the stalled ones and those
+//     that wait behind them) with an error naming the stalled names and the
+//     ranks that did and did not issue them, and the set stays usable.
 // Decided collectives are queued, in decision order, on a data ordering group
 // of the set's communicator (arrival order). The negotiator thread never
 // calls MPI: it only queues requests on the communication thread.
 //
 // A member enters a cycle when it has new requests, or when the previous
 // cycle left names pending (the same on every member, so all continue
-// together). An idle member costs nothing; a member whose peers never issue
-// anything waits inside the cycle's gather, and the communication thread's
-// watchdog names both the waiting tensors and the ranks that did not come.
+// together, and the stall timeout covers every name that some member issued
+// while the others went on issuing other collectives). An idle member costs
+// nothing; a member whose peers issue no collective at all waits inside the
+// cycle's gather, and the communication thread's watchdog (its timeout)
+// names both the waiting tensors and the ranks that did not come.
 #ifndef TF_SMDIST_KERNELS_MPI_NEGOTIATOR_H_
 #define TF_SMDIST_KERNELS_MPI_NEGOTIATOR_H_
 
@@ -105,7 +111,8 @@ struct Entry {
 struct NegotiatorOptions {
   double cycle_time_s = 0.001;          // pause between cycles
   int64_t fusion_threshold = 64 << 20;  // bytes; 0 disables fusion
-  double stall_timeout_s = 60.0;        // a name pending longer fails
+  double stall_timeout_s = 60.0;        // a name pending longer stalls the set
+  double stall_warning_s = 30.0;        // a name pending longer is reported; 0: never
 };
 
 // Debug counters of one process set.
@@ -158,6 +165,9 @@ class Negotiator {
   void FailLocal(const std::string& name, const mpi::Status& status);
   void FailAll(const mpi::Status& status);
   std::string CheckMismatch(const std::string& name, const Pending& p) const;
+  // "<collective> of tensor '<name>' issued by ranks .. is waiting for ranks
+  // .., which did not issue it".
+  std::string Describe(const std::string& name, const Pending& p) const;
 
   const int comm_;
   const int nego_group_;

@@ -27,9 +27,15 @@ wins over the `HOROVOD_` one):
 - `HOROVOD_FUSION_THRESHOLD` / `SMDIST_FUSION_THRESHOLD`: bytes of one fused
   all-reduce buffer; `0` disables fusion. Defaults to 64 MiB.
 - `HOROVOD_STALL_SHUTDOWN_TIME_SECONDS` / `SMDIST_STALL_SHUTDOWN_TIME_SECONDS`:
-  seconds a name may stay issued by some ranks but not others before it
-  fails on the ranks that issued it. Defaults to the watchdog timeout
-  (`SMDIST_MPI_TIMEOUT`, 60 s).
+  seconds a name may stay issued by some ranks but not others; then every
+  collective pending in the process set fails, on every rank, with an error
+  naming the stalled names and the ranks that did not issue them (the set
+  stays usable). Defaults to the watchdog timeout (`SMDIST_MPI_TIMEOUT`,
+  60 s), so a job never hangs on a name some rank never issues.
+- `HOROVOD_STALL_CHECK_TIME_SECONDS` / `SMDIST_STALL_CHECK_TIME_SECONDS`:
+  seconds after which rank 0 of the set prints a warning naming such a
+  name and the ranks missing it. Defaults to half the stall shutdown time,
+  at most 60. `HOROVOD_STALL_CHECK_DISABLE=1` turns the warning off.
 
 In a single process (no MPI launcher) no MPI is used: every collective
 returns its input (scaled by the prescale and postscale factors).
@@ -37,9 +43,11 @@ returns its input (scaled by the prescale and postscale factors).
 Errors: ranks that disagree about a name (collective, dtype, shape, reduce
 op, root, scale factors) get `tf.errors.FailedPreconditionError` on every
 rank, listing each rank's value; bad local input (`splits`, `root_rank`) is
-`InvalidArgumentError` before any communication; a name issued by some ranks
-but not others for longer than the stall time is `DeadlineExceededError` on
-the ranks that issued it; a dead or stopped rank is the watchdog's
+`InvalidArgumentError` before any communication, and so is a name already
+pending on this rank; a name issued by some ranks but not others for longer
+than the stall time is `DeadlineExceededError` for every pending collective
+of the set on every rank; a dead or stopped rank, or one that issues no
+collective at all while others wait, is the watchdog's
 `DeadlineExceededError` naming it.
 """
 
@@ -159,7 +167,7 @@ def _check(code: int, err: ctypes.Array) -> None:
 def _bind(cdll: ctypes.CDLL) -> None:
     c_err = [ctypes.c_char_p, ctypes.c_int]
     cdll.smdist_hvd_init.argtypes = [ctypes.c_double, ctypes.c_longlong,
-                                     ctypes.c_double, *c_err]
+                                     ctypes.c_double, ctypes.c_double, *c_err]
     cdll.smdist_hvd_add_process_set.argtypes = [
         ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.POINTER(ctypes.c_int),
         *c_err]
@@ -215,8 +223,12 @@ def init_engine() -> None:
             stall = _env_number("STALL_SHUTDOWN_TIME_SECONDS", 0.0)
             if stall <= 0:
                 stall = cluster._timeout_from_env()  # noqa: SLF001 (same package)
+            warn = _env_number("STALL_CHECK_TIME_SECONDS", min(60.0, stall / 2))
+            if _env_number("STALL_CHECK_DISABLE", 0.0) > 0:
+                warn = 0.0
             err = ctypes.create_string_buffer(_ERR_LEN)
-            code = cdll.smdist_hvd_init(cycle_ms / 1000.0, fusion, stall, err, _ERR_LEN)
+            code = cdll.smdist_hvd_init(cycle_ms / 1000.0, fusion, stall, warn, err,
+                                        _ERR_LEN)
             _check(code, err)
             _state["cdll"] = cdll
             _state.update(_topology(world_rank, world_size))
