@@ -3,11 +3,20 @@
 1. All-reduce, 4 B to 64 MB of float32 between 2 processes (one core each):
    `tf_smdist.horovod.allreduce` (the op, the negotiation engine and MPI),
    `iters` dependent all-reduces in a `tf.while_loop` inside one
-   `tf.function`, against a blocking `MPI_Allreduce` loop on the same ranks
-   (`tf_smdist._mpi_ops.time_native_allreduce`, MPI's own speed). The two
-   are measured in alternation, `--rounds` times; medians are printed with
-   the ratio ours / MPI. A sanity row measures our 64 KB all-reduce twice in
-   alternation as A and B: its ratio shows the noise (no gain is possible).
+   `tf.function`, against two peers on the same ranks:
+   - "MPI op": the same loop with the data-parallel strategy's all-reduce op
+     (`tf_smdist._mpi_ops.host_allreduce`: the same TensorFlow op dispatch,
+     the same communication thread and non-blocking MPI all-reduce, but no
+     negotiation), so the ratio ours / MPI op is what name matching costs;
+   - "MPI_Allreduce": a blocking `MPI_Allreduce` loop in C on the
+     communication thread (`tf_smdist._mpi_ops.time_native_allreduce`,
+     MPI's own speed, no TensorFlow at all). Below about 64 KB this is a
+     floor no TensorFlow op can reach: running one op through the executor
+     costs several microseconds, more than a small shared-memory all-reduce.
+   The three are measured in alternation, `--rounds` times; medians are
+   printed with the ratios. A sanity row measures our 64 KB all-reduce twice
+   in alternation as A and B: its ratio shows the noise (no gain is
+   possible).
 2. Keras `model.fit` of the same MLP (~0.4 M parameters, batch 128 per
    process, SGD) on the same 2 processes: `hvd.keras.DistributedOptimizer`
    (each rank fits on its own shard) against `smd.DataParallelStrategy`
@@ -21,7 +30,7 @@ loaded machine are not comparable with an idle one.
 
 Usage:
     python benchmarks/bench_horovod.py [--rounds 5] [--fit-rounds 2]
-        [--skip-fit] [--skip-allreduce]
+        [--skip-fit] [--skip-allreduce] [--sizes 4,65536,67108864]
 """
 
 from __future__ import annotations
@@ -58,22 +67,31 @@ def _allreduce_worker(args: argparse.Namespace) -> None:
     hvd.init()
     loops = {}
 
-    def make_loop(iters: int):
+    reducers = {
+        "ours": lambda t: hvd.allreduce(t, op=hvd.Sum, name="bench"),
+        "op": lambda t: _mpi_ops.host_allreduce(t, group=5),
+    }
+
+    def make_loop(kind: str, iters: int):
+        reduce = reducers[kind]
+
         @tf.function
         def loop(v):
             def body(i, t):
-                # Each all-reduce waits for the previous one: latency, not fusion.
-                return i + 1, hvd.allreduce(t, op=hvd.Sum, name="bench") * 0.5
+                # Each all-reduce waits for the previous one: latency, not
+                # fusion. The sum of 2 ranks' equal values, halved, keeps
+                # the values (and the work) the same every iteration.
+                return i + 1, reduce(t) * 0.5
 
             return tf.while_loop(lambda i, t: i < iters, body, (0, v))[1]
 
         return loop
 
-    def ours(nbytes: int) -> float:
+    def timed(kind: str, nbytes: int) -> float:
         iters = _iters(nbytes)
-        key = (nbytes, iters)
+        key = (kind, nbytes, iters)
         if key not in loops:
-            loops[key] = make_loop(iters)
+            loops[key] = make_loop(kind, iters)
             loops[key](tf.ones([max(1, nbytes // 4)])).numpy()  # trace, warm up
         x = tf.ones([max(1, nbytes // 4)])
         hvd.barrier()
@@ -81,17 +99,24 @@ def _allreduce_worker(args: argparse.Namespace) -> None:
         loops[key](x).numpy()
         return (time.perf_counter() - start) / iters
 
+    def ours(nbytes: int) -> float:
+        return timed("ours", nbytes)
+
+    def op(nbytes: int) -> float:
+        return timed("op", nbytes)
+
     def native(nbytes: int) -> float:
         return _mpi_ops.time_native_allreduce(max(1, nbytes // 4), _iters(nbytes))
 
     results: dict[str, dict[str, list[float]]] = {}
-    for nbytes in SIZES:
+    for nbytes in args.sizes:
         ours(nbytes)
+        op(nbytes)
         native(nbytes)
-        entry = results.setdefault(str(nbytes), {"ours": [], "mpi": []})
+        entry = results.setdefault(str(nbytes), {"ours": [], "op": [], "mpi": []})
         for r in range(args.rounds):
-            pair = [("ours", ours), ("mpi", native)]
-            for label, fn in (pair if r % 2 == 0 else pair[::-1]):
+            trio = [("ours", ours), ("op", op), ("mpi", native)]
+            for label, fn in (trio if r % 2 == 0 else trio[::-1]):
                 entry[label].append(fn(nbytes))
     sanity = {"a": [], "b": []}
     for r in range(args.rounds):
@@ -210,17 +235,19 @@ def _human(nbytes: int) -> str:
 
 
 def _allreduce_table(args: argparse.Namespace) -> None:
-    res = _launch(["--mode", "allreduce", "--rounds", str(args.rounds)], timeout=1800)
-    print("| bytes | hvd.allreduce (ms) | MPI_Allreduce (ms) | ratio |")
-    print("|---|---|---|---|")
-    for nbytes in SIZES:
+    res = _launch(["--mode", "allreduce", "--rounds", str(args.rounds),
+                   "--sizes", ",".join(map(str, args.sizes))], timeout=1800)
+    print("| bytes | hvd.allreduce (ms) | MPI op, same dispatch (ms) | ratio | "
+          "MPI_Allreduce in C (ms) | ratio |")
+    print("|---|---|---|---|---|---|")
+    for nbytes in args.sizes:
         r = res[str(nbytes)]
-        ours, mpi = statistics.median(r["ours"]), statistics.median(r["mpi"])
-        print(f"| {_human(nbytes)} | {ours * 1e3:.4f} | {mpi * 1e3:.4f} | "
-              f"{ours / mpi:.2f}x |")
+        ours, op, mpi = (statistics.median(r[k]) for k in ("ours", "op", "mpi"))
+        print(f"| {_human(nbytes)} | {ours * 1e3:.4f} | {op * 1e3:.4f} | "
+              f"{ours / op:.2f}x | {mpi * 1e3:.4f} | {ours / mpi:.2f}x |")
     a, b = (statistics.median(res["sanity"][k]) for k in ("a", "b"))
     print(f"| sanity: {_human(SANITY_BYTES)} hvd.allreduce A vs B | {a * 1e3:.4f} | "
-          f"{b * 1e3:.4f} | {a / b:.2f}x |")
+          f"{b * 1e3:.4f} | {a / b:.2f}x | | |")
 
 
 def _fit_table(args: argparse.Namespace) -> None:
@@ -264,6 +291,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128, help="batch per process")
     p.add_argument("--skip-fit", action="store_true")
     p.add_argument("--skip-allreduce", action="store_true")
+    p.add_argument("--sizes", default=",".join(map(str, SIZES)),
+                   type=lambda v: [int(x) for x in v.split(",")],
+                   help="all-reduce sizes in bytes, comma-separated")
     args = p.parse_args()
     if args.worker:
         if args.mode == "allreduce":
