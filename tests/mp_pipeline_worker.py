@@ -113,6 +113,10 @@ def run_mismatch() -> None:
         pipe.fit(x, y, batch_size=10, epochs=1, verbose=0)
     except ValueError as e:
         RESULTS["bad_batch"] = str(e)
+    try:  # rank 0 cannot read the file: every rank raises, none waits
+        pipe.load_weights(os.path.join(OUT, "missing.weights.h5"))
+    except Exception as e:  # noqa: BLE001 (the type differs by rank)
+        RESULTS["bad_load"] = f"{type(e).__name__}: {e}"
     try:  # the same with the inputs in a list, also before any message
         pipe.fit([x], y, batch_size=10, epochs=1, verbose=0)
     except ValueError as e:

@@ -136,6 +136,13 @@ def test_two_stages_in_two_processes(tmp_path):
         assert r["bad_stages"].startswith(
             "The number of pipeline stages must divide the number of processes."
             " Received: num_stages=3 with 2 processes.")
+    # A file rank 0 cannot read: Keras' error there, and the same on rank 1
+    # (an OSError, which BackupAndRestore answers with its previous backup).
+    assert results[0]["bad_load"].startswith("FileNotFoundError: ")
+    assert "missing.weights.h5" in results[0]["bad_load"]
+    assert results[1]["bad_load"].startswith(
+        "OSError: Rank 0 could not load the weights. Received: filepath=")
+    assert results[0]["bad_load"] + ". Make the file" in results[1]["bad_load"]
 
     # Custom loop: compute_gradients + optimizer.apply on the local variables.
     count = results[0]["custom"]["num_weights"]

@@ -229,32 +229,34 @@ class ProcessSteps:
         Every rank takes rank 0's weights, and its own stage's optimizer
         state when the file holds optimizer state.
         """
+        from tf_smdist import _mpi_ops  # noqa: PLC0415
         from tf_smdist.pipeline import checkpoint  # noqa: PLC0415
 
         pipe = self._pipe
         optimizer = checkpoint.built_optimizer(pipe)
-        from tf_smdist import _mpi_ops  # noqa: PLC0415
-
-        full, failure, error = None, b"", None
+        # Rank 0 first holds the current state, so what the file lacks (or
+        # Keras skips: another optimizer's state) stays as it is.
+        full = checkpoint.gather_optimizer(self._rt, optimizer, pipe.wrapped_model)
+        failure, error = b"", None
         if self._rt.topology.rank == 0:
             try:
-                if optimizer is not None and checkpoint.has_optimizer_state(filepath):
-                    full = checkpoint.fresh_optimizer(
-                        optimizer, pipe.wrapped_model.trainable_variables)
+                if full is not None and not checkpoint.has_optimizer_state(filepath):
+                    full = None
                 with checkpoint.attached_optimizer(pipe.wrapped_model, full):
                     pipe.wrapped_model.load_weights(filepath, *args, **kwargs)
             except Exception as e:  # every rank must learn of it, not wait
                 error = e
-                kind = "OSError" if isinstance(e, OSError) else type(e).__name__
-                failure = f"{kind}: {e}".encode()
+                failure = (("1" if isinstance(e, OSError) else "0")
+                           + f"{type(e).__name__}: {e}").encode()
         failure = _mpi_ops.broadcast_bytes(failure, root=0)
         if error is not None:
             raise error
         if failure:
             message = (f"Rank 0 could not load the weights. Received: "
-                       f"filepath={str(filepath)!r}, {failure.decode()}")
-            if failure.startswith(b"OSError"):
-                raise OSError(message)  # as Keras raises it (BackupAndRestore retries)
+                       f"filepath={str(filepath)!r}, {failure[1:].decode()}. "
+                       "Make the file readable by rank 0.")
+            if failure.startswith(b"1"):
+                raise OSError(message)  # as on rank 0 (BackupAndRestore retries)
             raise RuntimeError(message)
         self._rt.broadcast_weights(root=0)
         checkpoint.scatter_optimizer(self._rt, optimizer, full)
