@@ -31,55 +31,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+import _common
+
 ALLREDUCE_BYTES = [16 << 10, 256 << 10, 1600 << 10, 16 << 20, 64 << 20]
 
 
 # -- worker side (one rank) ----------------------------------------------------
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("localhost", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _model(name: str):
-    import keras
-
-    keras.utils.set_random_seed(0)
-    if name == "mlp":  # 784*384 + 384*256 + 256*10 ~ 0.4 M parameters
-        return keras.Sequential([
-            keras.Input((784,)),
-            keras.layers.Dense(384, activation="relu"),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(10),
-        ]), (784,)
-    if name == "convnet":  # ~30 k parameters, ~0.15 GFLOP per sample
-        return keras.Sequential([
-            keras.Input((32, 32, 3)),
-            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
-            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
-            keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(10),
-        ]), (32, 32, 3)
-    raise ValueError(f"unknown model {name!r}")
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -108,7 +68,7 @@ def _worker(args: argparse.Namespace) -> None:
     per_process = args.batch
     global_batch = per_process * size
     with strategy.scope():
-        model, shape = _model(args.model)
+        model, shape = _common.model(args.model)
         optimizer = keras.optimizers.SGD(0.01)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((global_batch * 4,) + shape).astype(np.float32)
@@ -144,9 +104,8 @@ def _worker(args: argparse.Namespace) -> None:
         for t in strategy.experimental_local_results(out):
             t.numpy()
         rates.append(global_batch * steps / (time.perf_counter() - start))
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump({"rates": rates, "params": model.count_params()}, f)
+    _common.write_result(args.out, {"rates": rates, "params": model.count_params()},
+                         rank=rank)
 
 
 def _allreduce_worker(args: argparse.Namespace, rank: int) -> None:
@@ -181,36 +140,15 @@ def _allreduce_worker(args: argparse.Namespace, rank: int) -> None:
             native.append(_mpi_ops.time_native_allreduce(n, iters))
         results[nbytes] = {"ours": statistics.median(ours),
                            "native": statistics.median(native)}
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f)
+    _common.write_result(args.out, results, rank=rank)
 
 
 # -- driver side -----------------------------------------------------------------
 
 
-def _package_parent() -> str:
-    # The ranks import the tf_smdist this driver imports (checkout or install).
-    sys.path.insert(0, REPO)
-    import tf_smdist
-
-    return os.path.dirname(os.path.dirname(os.path.abspath(tf_smdist.__file__)))
-
-
 def _launch(nproc: int, worker_args: list[str], timeout: float) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, "-m", "tf_smdist.launch", "--nproc", str(nproc),
-               "--cpus-per-proc", "1", os.path.abspath(__file__), "--worker",
-               "--out", out, *worker_args]
-        env = dict(os.environ, PYTHONPATH=_package_parent() + os.pathsep
-                   + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="2")
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
-        with open(out) as f:
-            return json.load(f)
+    """Rank 0's result of this script's worker on `nproc` processes, one core each."""
+    return _common.launch(__file__, nproc, worker_args, timeout=timeout)
 
 
 def _driver(args: argparse.Namespace) -> None:
@@ -223,9 +161,12 @@ def _driver(args: argparse.Namespace) -> None:
         for model in models:
             for strategy in ("smd", "mwms"):
                 for nproc in (1, 2):
-                    extra = ["--ports", ",".join(map(str, _free_ports(nproc)))]
-                    res = _launch(nproc, ["--strategy", strategy, "--model", model,
-                                          *common, *extra], timeout=1200)
+                    def worker_args(ports, strategy=strategy, model=model):
+                        return ["--strategy", strategy, "--model", model, *common,
+                                "--ports", ",".join(map(str, ports))]
+
+                    res = _common.launch_with_ports(__file__, nproc, worker_args,
+                                                    timeout=1200)
                     runs.setdefault((model, strategy, nproc), []).append(
                         statistics.median(res["rates"]))
                     params[model] = res["params"]

@@ -36,17 +36,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)
+import _common
+
+sys.path.insert(0, _common.package_parent())
 
 # Per-process batch and steps per timed window of each model.
 BATCH = {"wide_mlp": 4, "convnet": 16}
@@ -55,36 +52,11 @@ MICROBATCHES = 4
 
 
 def _model(name: str):
-    import keras
-
-    keras.utils.set_random_seed(0)
-    if name == "wide_mlp":  # 1024*2048 + 2048*2048 + 2048*10 ~ 6.3 M parameters
-        return keras.Sequential([
-            keras.Input((1024,)),
-            keras.layers.Dense(2048, activation="relu"),
-            keras.layers.Dense(2048, activation="relu"),
-            keras.layers.Dense(10),
-        ]), (1024,)
-    if name == "convnet":  # ~30 k parameters, ~0.15 GFLOP per sample
-        return keras.Sequential([
-            keras.Input((32, 32, 3)),
-            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
-            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
-            keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(10),
-        ]), (32, 32, 3)
-    raise ValueError(f"unknown model {name!r}")
+    return _common.model(name)
 
 
 def _data(shape, n):
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n,) + shape).astype(np.float32)
-    y = rng.integers(0, 10, n).astype(np.int32)
-    return x, y
+    return _common.data(shape, n)
 
 
 # -- worker side -------------------------------------------------------------------
@@ -96,18 +68,62 @@ def _worker(args: argparse.Namespace) -> None:
     size = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
     result = {"profile": _profile_worker, "dp": _dp_worker,
               "pipe": _pipe_worker}[args.mode](args, size)
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(result, f)
+    _common.write_result(args.out, result, rank=rank, every_rank=True)
+
+
+def _local_step(name: str, batch: int):
+    """The plain model (no strategy, no pipeline) training on `batch` samples.
+
+    Timed in windows alternating with the distributed ones: what compute
+    costs on this machine at this moment, in this job (this machine's load
+    changes by the minute).
+    """
+    import keras
+    import tensorflow as tf
+
+    model, shape = _model(name)
+    optimizer = keras.optimizers.SGD(0.01)
+    x, y = _data(shape, batch)
+    xb, yb = tf.constant(x), tf.constant(y)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    step().numpy()
+    return step
+
+
+def _time(step, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = step()
+    out.numpy() if hasattr(out, "numpy") else None
+    return (time.perf_counter() - start) / steps
 
 
 def _profile_worker(args: argparse.Namespace, size: int) -> dict:
     import tf_smdist as smd
 
     model, shape = _model(args.model)
-    x, _ = _data(shape, BATCH[args.model])
+    b = BATCH[args.model]
+    x, _ = _data(shape, b)
     profile = smd.profile_model(model, x, optimizer="sgd", time_budget=20.0)
-    return profile.to_dict()
+    # The plain model's step at the micro-batch and at the pipeline's batch:
+    # is compute linear in the batch size (time = a + c * batch)?
+    batches = sorted({b, b * MICROBATCHES})
+    steps = {n: _local_step(args.model, n) for n in batches}
+    times: dict[int, list[float]] = {n: [] for n in batches}
+    for _ in range(args.windows):
+        for n in batches:
+            times[n].append(_time(steps[n], max(1, STEPS[args.model] * b // n)))
+    return {"profile": profile.to_dict(),
+            "local_by_batch": {str(n): statistics.median(t) for n, t in times.items()}}
 
 
 def _dp_worker(args: argparse.Namespace, size: int) -> dict:
@@ -141,22 +157,15 @@ def _dp_worker(args: argparse.Namespace, size: int) -> dict:
 
         return strategy.run(replica_step, args=batch)
 
-    # The same model alone (no strategy) on this process's share of a batch,
-    # timed in windows alternating with the data-parallel ones: what compute
-    # costs on this machine at this moment (its load changes by the minute).
-    local_model, _ = _model(args.model)
-    local_optimizer = keras.optimizers.SGD(0.01)
-    xb = tf.constant(x[:BATCH[args.model]])
-    yb = tf.constant(y[:BATCH[args.model]])
+    def dp_step():
+        out = step(next(it))
+        return strategy.experimental_local_results(out)[0]
 
-    @tf.function
-    def local_step():
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(loss_fn(yb, local_model(xb, training=True)))
-        grads = tape.gradient(loss, local_model.trainable_variables)
-        local_optimizer.apply_gradients(zip(grads, local_model.trainable_variables))
-        return loss
+    return _alternate(args, size, dp_step, _local_step(args.model, BATCH[args.model]))
 
+
+def _alternate(args: argparse.Namespace, size: int, step, local) -> dict:
+    """Median step seconds of `step` and `local`, timed in alternating windows."""
     barrier = None
     if size > 1:
         from tf_smdist import _mpi_ops
@@ -164,32 +173,27 @@ def _dp_worker(args: argparse.Namespace, size: int) -> dict:
         barrier = _mpi_ops.barrier
     steps = STEPS[args.model]
     for _ in range(args.warmup):
-        out = step(next(it))
-        local_step().numpy()
-    dp, local = [], []
+        step().numpy()
+        local().numpy()
+    timed, alone = [], []
     for _ in range(args.windows):
         if barrier:
             barrier()
-        start = time.perf_counter()
-        for _ in range(steps):
-            out = step(next(it))
-        for t in strategy.experimental_local_results(out):
-            t.numpy()
-        dp.append((time.perf_counter() - start) / steps)
+        timed.append(_time(step, steps))
         if barrier:
             barrier()
-        start = time.perf_counter()
-        for _ in range(steps):
-            loss = local_step()
-        loss.numpy()
-        local.append((time.perf_counter() - start) / steps)
-    return {"step_s": statistics.median(dp), "local_s": statistics.median(local)}
+        alone.append(_time(local, steps))
+    return {"step_s": statistics.median(timed), "local_s": statistics.median(alone),
+            "cpu_count": len(os.sched_getaffinity(0))}
 
 
 def _pipe_worker(args: argparse.Namespace, size: int) -> dict:
     import keras
+    import tensorflow as tf
 
     import tf_smdist as smd
+    from tf_smdist import _mpi_ops
+    from tf_smdist.pipeline.plot import trace_timeline
 
     global_batch = BATCH[args.model] * (size // 2) * MICROBATCHES
     model, shape = _model(args.model)
@@ -198,46 +202,38 @@ def _pipe_worker(args: argparse.Namespace, size: int) -> dict:
                              schedule="1f1b", partition=sizes)
     pipe.compile(optimizer=keras.optimizers.SGD(0.01),
                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    steps = args.warmup + args.windows * STEPS[args.model]
-    x, y = _data(shape, global_batch * steps)
-    times: list[float] = []
+    x, y = _data(shape, global_batch)
+    data = (tf.constant(x), tf.constant(y))
+    train = tf.function(pipe.train_step)
 
-    class Timer(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            self._start = time.perf_counter()
+    def pipe_step():
+        return train(data)["loss"]
 
-        def on_train_batch_end(self, batch, logs=None):
-            times.append(time.perf_counter() - self._start)
-
-    pipe.fit(x, y, batch_size=global_batch, epochs=1, shuffle=False,
-             callbacks=[Timer()], verbose=0)
-    return {"step_s": statistics.median(times[args.warmup:]),
-            "global_batch": global_batch}
+    # The plain model on this process's share of the work, as in the
+    # data-parallel runs: BATCH samples of the whole model.
+    local = _local_step(args.model, BATCH[args.model])
+    result = _alternate(args, size, pipe_step, local)
+    # Each rank's time in its own compute ops during one step (the profiler's
+    # op durations, communication ops left out), and the step's span.
+    busy, span = [], []
+    for _ in range(3):
+        _mpi_ops.barrier()
+        timeline = trace_timeline(train, data, schedule=pipe.pipeline_schedule)
+        busy.append(sum(d for _, n, _, d in timeline.ops if "Smdist" not in n))
+        span.append(max(t + d for _, _, t, d in timeline.ops)
+                    - min(t for _, _, t, _ in timeline.ops))
+    _mpi_ops.barrier()
+    result.update(global_batch=global_batch, busy_s=statistics.median(busy),
+                  span_s=statistics.median(span))
+    return result
 
 
 # -- driver side ---------------------------------------------------------------------
 
 
-def _launch(nproc: int, worker_args: list[str], timeout: float = 900) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, "-m", "tf_smdist.launch", "--nproc", str(nproc),
-               os.path.abspath(__file__), "--worker", "--out", out, *worker_args]
-        if nproc == 1:
-            cmd[5:5] = ["--cpus-per-proc", "1"]
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep
-                   + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="2")
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-        if proc.returncode != 0 and os.path.exists(out):
-            # The timings are written; only the job's end went wrong.
-            print(f"  (exit status {proc.returncode} after writing results: "
-                  f"{proc.stdout.strip().splitlines()[-1:]})", flush=True)
-        elif proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n"
-                               f"{proc.stderr[-3000:]}")
-        with open(out) as f:
-            return json.load(f)
+def _launch(nproc: int, worker_args: list[str], timeout: float = 600) -> list[dict]:
+    return _common.launch(__file__, nproc, worker_args, timeout=timeout,
+                          every_rank=True)
 
 
 def _clusters(directory: str | None):
@@ -275,16 +271,39 @@ def _run_scale(profile, cluster, batch: int, local_s: float) -> float:
     return max(0.05, (local_s - rest) / compute)
 
 
+def _stage_compute(profile, cluster, row, batch: int) -> list[float]:
+    """Predicted compute seconds of each stage over one step (`M` micro-batches)."""
+    bounds, sizes = [0], row.stage_sizes
+    for n in sizes:
+        bounds.append(bounds[-1] + n)
+    per = cluster.compute_scale * batch / profile.batch_size
+    return [sum(x.time for x in profile.layers[bounds[s]:bounds[s + 1]]) * per
+            for s in range(len(sizes))]
+
+
 def _driver(args: argparse.Namespace) -> None:
     from tf_smdist.pipeline.profile import Profile
 
+    print(f"start: {_common.load_text()}", flush=True)
     clusters = _clusters(args.clusters)
     common = ["--windows", str(args.windows), "--warmup", str(args.warmup)]
     rows = []
     for name in args.models.split(","):
-        profile = Profile.from_dict(_launch(1, ["--mode", "profile", "--model", name]))
+        measured = _launch(1, ["--mode", "profile", "--model", name, *common])[0]
+        profile = Profile.from_dict(measured["profile"])
         print(profile, flush=True)
         b = BATCH[name]
+        by_batch = {int(n): t for n, t in measured["local_by_batch"].items()}
+        if len(by_batch) == 2:
+            (n0, t0), (n1, t1) = sorted(by_batch.items())
+            slope = (t1 - t0) / (n1 - n0)
+            print(f"  plain step on one core: {t0 * 1e3:.2f} ms at batch {n0}, "
+                  f"{t1 * 1e3:.2f} ms at batch {n1}: {t1 / t0:.2f}x for "
+                  f"{n1 / n0:.0f}x the samples; fixed part a = "
+                  f"{(t0 - slope * n0) * 1e3:.2f} ms, per sample "
+                  f"{slope * 1e3:.3f} ms; the profile's sum of layers at batch "
+                  f"{profile.batch_size}: {profile.total_time * 1e3:.2f} ms "
+                  f"(+ call overhead {profile.call_overhead * 1e3:.2f} ms)", flush=True)
         cases = [("DP", n, n, 1, 1) for n in (1, 2, 4)]
         if not args.skip_pipeline:
             cases += [("PP 2", 2, 1, 2, MICROBATCHES),
@@ -293,55 +312,65 @@ def _driver(args: argparse.Namespace) -> None:
         cases = [c for c in cases
                  if (c[0].replace(" ", "") + (str(c[1]) if c[0] == "DP" else ""))
                  in wanted]
-        scales = {}
         for label, nproc, d, k, m in cases:
             global_batch = b * d * (m if k > 1 else 1)
             cluster = clusters[nproc]
             row = _predict(profile, cluster, global_batch, d, k, m)
             split = ",".join(map(str, row.stage_sizes))
             mode = "dp" if k == 1 else "pipe"
+            before = os.getloadavg()[0]
             try:
-                result = _launch(nproc, ["--mode", mode, "--model", name,
-                                         "--partition", split, *common])
+                ranks = _launch(nproc, ["--mode", mode, "--model", name,
+                                        "--partition", split, *common])
             except Exception as error:  # noqa: BLE001 - reported as a row
                 if k == 1:
                     raise
                 reason = str(error).strip().splitlines()
                 print(f"  {name} {label}: not measured "
                       f"({reason[-1] if reason else error})", flush=True)
-                result = {"step_s": None}
-            if "local_s" in result:
-                scales[nproc] = _run_scale(profile, cluster, b, result["local_s"])
-            scale = scales.get(nproc)
-            in_run = None
-            if scale is not None:
-                in_run = _predict(profile, cluster.replace(compute_scale=scale),
-                                  global_batch, d, k, m).step_time_s
-            rows.append((name, label, nproc, global_batch, row.step_time_s, in_run,
-                         scale, result["step_s"]))
-            shown = ("not measured" if result["step_s"] is None
-                     else f"{result['step_s'] * 1e3:.2f} ms")
+                rows.append((name, label, nproc, global_batch, row.step_time_s,
+                             None, None, None))
+                continue
+            step_s = ranks[0]["step_s"]
+            # Each process's own compute speed in this run, averaged.
+            local_s = statistics.mean(r["local_s"] for r in ranks)
+            scale = _run_scale(profile, cluster, b, local_s)
+            in_cluster = cluster.replace(compute_scale=scale)
+            in_run = _predict(profile, in_cluster, global_batch, d, k, m)
+            rows.append((name, label, nproc, global_batch, row.step_time_s,
+                         in_run.step_time_s, scale, step_s))
             print(f"  {name:9s} {label:12s} {nproc} proc: predicted "
                   f"{row.step_time_s * 1e3:.2f} ms (compute as measured in the "
-                  f"run: {in_run * 1e3 if in_run else float('nan'):.2f} ms), "
-                  f"measured {shown}; load average {os.getloadavg()[0]:.1f}",
+                  f"run: {in_run.step_time_s * 1e3:.2f} ms = compute "
+                  f"{in_run.compute_s * 1e3:.2f} + aggregation "
+                  f"{in_run.aggregation_s * 1e3:.2f} + rest), measured "
+                  f"{step_s * 1e3:.2f} ms; plain step per process "
+                  f"{[round(r['local_s'] * 1e3, 2) for r in ranks]} ms; load "
+                  f"average {before:.1f} before, {os.getloadavg()[0]:.1f} after",
                   flush=True)
-    print(f"\nload average at the end: {os.getloadavg()}")
+            if k > 1:
+                stage = _stage_compute(profile, in_cluster, in_run,
+                                       global_batch // d)
+                print(f"    per rank: busy in compute ops "
+                      f"{[round(r['busy_s'] * 1e3, 2) for r in ranks]} ms, traced "
+                      f"step span {[round(r['span_s'] * 1e3, 2) for r in ranks]} "
+                      f"ms; predicted compute per stage "
+                      f"{[round(t * 1e3, 2) for t in stage]} ms; split {split}",
+                      flush=True)
+    print(f"\nend: {_common.load_text()}")
     print()
     print("| model | layout | processes | global batch | predicted ms "
           "(calibration) | predicted ms (compute measured in the run, scale) | "
           "measured ms | ratio (calibration) | ratio (compute in run) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, label, nproc, gb, predicted, in_run, scale, measured in rows:
-        run = f"{in_run * 1e3:.2f} ({scale:.2f})" if in_run else "-"
         if measured is None:
             print(f"| {name} | {label} | {nproc} | {gb} | {predicted * 1e3:.2f} | "
-                  f"{run} | not measured | - | - |")
+                  f"- | not measured | - | - |")
             continue
-        second = f"{in_run / measured:.2f}" if in_run else "-"
         print(f"| {name} | {label} | {nproc} | {gb} | {predicted * 1e3:.2f} | "
-              f"{run} | {measured * 1e3:.2f} | {predicted / measured:.2f} | "
-              f"{second} |")
+              f"{in_run * 1e3:.2f} ({scale:.2f}) | {measured * 1e3:.2f} | "
+              f"{predicted / measured:.2f} | {in_run / measured:.2f} |")
     for column, title in ((4, "calibration"), (5, "compute measured in the run")):
         ratios = [r[column] / r[7] for r in rows if r[7] and r[column]]
         if ratios:
