@@ -149,6 +149,41 @@ def test_pipeline_bubble_step_time():
         assert row.efficiency == pytest.approx(0.8)
 
 
+def test_interleaved_schedule_by_hand():
+    # 4 layers of 1 ms per 8 samples, K = 2 devices, v = 2 stages per device
+    # (one layer each, device 0 holds stages 0 and 2), M = 4 micro-batches of
+    # 8 samples: 2 (v M + K - 1) = 18 ticks of 1 ms, forward and backward
+    # each counted, so 9 ms; 1F1B runs (M + K - 1) = 5 stage times of 2 ms.
+    profile = make_profile(output_bytes=100)
+    cluster = make_cluster()
+    row = plan(profile, cluster, global_batch=32, pipeline_stages=2,
+               microbatches=4, schedule="interleaved").rows[0]
+    assert (row.virtual_stages, row.stage_sizes) == (2, (1, 1, 1, 1))
+    assert row.step_time_s == pytest.approx(9e-3)
+    one_f_one_b = plan(profile, cluster, global_batch=32, pipeline_stages=2,
+                       microbatches=4, schedule="1f1b").rows[0]
+    assert one_f_one_b.step_time_s == pytest.approx(10e-3)
+    # Memory of device 0: 2 layers x (1000 params + 1000 grads), plus each
+    # stage's activations (100 bytes x 8 samples) times its micro-batches in
+    # flight: stage 0 runs 4 forwards before its first backward, stage 2
+    # holds at most 2 (device 0 runs, as micro-batch.stage: F0.0 F1.0 F0.2
+    # F1.2 F2.0 B0.2 F3.0 B1.2 F2.2 B0.0 ...).
+    assert row.memory_per_device == pytest.approx(4000 + 4 * 800 + 2 * 800)
+    # 1F1B's stage 0 holds min(K, M) = 2 micro-batches of 2 layers' outputs.
+    assert one_f_one_b.memory_per_device == pytest.approx(4000 + 2 * 1600)
+    # v = 4 needs K * v = 8 positions: only 4 here, so it is not searched.
+    searched = plan(profile, cluster, global_batch=32, pipeline_stages=2)
+    assert {r.virtual_stages for r in searched.rows
+            if r.schedule == "interleaved"} == {2}
+    assert "interleaved v=2" in searched.table()
+    # M not a multiple of K: no interleaved row.
+    with pytest.raises(ValueError, match="interleaved"):
+        plan(profile, cluster, global_batch=32, pipeline_stages=2,
+             microbatches=1, schedule="interleaved")
+    with pytest.raises(ValueError, match="virtual_stages=1"):
+        plan(profile, cluster, global_batch=32, virtual_stages=1)
+
+
 def test_pipeline_transfer_cost_counts_both_directions():
     # 100 live bytes per sample across the cut, 2 samples per micro-batch,
     # 1e6 B/s and 1e-4 s per message: each way 2e-4 + 1e-4 s.

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from tf_smdist.pipeline.profile import Profile
 from tf_smdist.planner.cluster import _FIELDS, Cluster
 from tf_smdist.planner.costs import AGGREGATIONS
+from tf_smdist.planner.model import SCHEDULES
 from tf_smdist.planner.search import Plan, plan
 
 __all__ = ["main", "scaling_curves"]
@@ -111,7 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-parallel", type=int, default=None)
     p.add_argument("--pipeline-stages", type=int, default=None)
     p.add_argument("--microbatches", type=int, default=None)
-    p.add_argument("--schedule", default=None, choices=("1f1b", "gpipe"))
+    p.add_argument("--schedule", default=None, choices=SCHEDULES)
+    p.add_argument("--virtual-stages", type=int, default=None,
+                   help="stages per device of the interleaved schedule")
     p.add_argument("--aggregation", default=None, choices=AGGREGATIONS)
     p.add_argument("--top", type=int, default=20, help="rows shown (0: all)")
     p.add_argument("--json", default=None, help="also write the plan as JSON here")
@@ -147,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cluster = Cluster(**options)
         fixed = {
             key: getattr(args, key)
-            for key in ("data_parallel", "pipeline_stages", "microbatches", "schedule")
+            for key in ("data_parallel", "pipeline_stages", "microbatches", "schedule",
+                        "virtual_stages")
             if getattr(args, key) is not None
         }
         result: Plan = plan(profile, cluster, global_batch=args.global_batch,
@@ -163,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_device = max(1, args.global_batch // cluster.num_devices)
         curves = scaling_curves(profile, cluster, per_device_batch=per_device,
                                 **{k: v for k, v in fixed.items()
-                                   if k in ("schedule",)})
+                                   if k in ("schedule", "virtual_stages")})
         _plot(curves, args.png,
               f"{profile.model_name or 'model'}, {per_device} samples/device")
         sys.stdout.write(f"wrote {args.png}\n")

@@ -11,7 +11,11 @@ replicas of a `K`-stage pipeline with `M` micro-batches:
   `tf_smdist.pipeline.partition` (compute plus the point-to-point transfer of
   the tensors live across each cut, forward and back); the step runs the
   schedule's clocks (`tf_smdist.pipeline.schedule`) at the slowest stage's
-  pace, `(M + K - 1)` stage times for GPipe and 1F1B;
+  pace, `(M + K - 1)` stage times for GPipe and 1F1B; interleaved 1F1B
+  cuts the model into `K * v` virtual stages, device `d` holding stages
+  `d, d + K, ...`, and runs `v * M + K - 1` virtual-stage times, each `1/v`
+  of a device's work: the bubble shrinks `v`-fold, for `v` times the
+  point-to-point messages and more activations in flight;
 - aggregation: each stage's gradients are all-reduced over its `D`-replica
   group with the α-β cost of the algorithm (`tf_smdist.planner.costs`),
   partly hidden under the last backward pass by bucketing
@@ -38,7 +42,7 @@ __all__ = ["BACKWARD_SHARE", "PlanRow", "SCHEDULES", "estimate_layout"]
 # Share of a layer's forward+backward time spent in backward (the usual
 # 1:2 forward:backward ratio; the profile records only the sum).
 BACKWARD_SHARE = 2.0 / 3.0
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = ("1f1b", "gpipe", "interleaved")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +53,7 @@ class PlanRow:
         data_parallel: Data-parallel replicas `D`.
         pipeline_stages: Pipeline stages `K` (devices per replica).
         microbatches: Micro-batches per replica batch `M`.
-        schedule: Pipeline schedule, `"1f1b"` or `"gpipe"`.
+        schedule: Pipeline schedule, `"1f1b"`, `"gpipe"` or `"interleaved"`.
         aggregation: Gradient all-reduce: `"ring"`, `"hierarchical"`,
             `"host_sharded"`, or `"none"` for one replica.
         step_time_s: Predicted seconds per step of `global_batch` samples.
@@ -63,6 +67,8 @@ class PlanRow:
         compute_s: Seconds of the pipeline's compute and transfers.
         aggregation_s: Seconds of aggregation not hidden under compute.
         update_s: Seconds of the optimizer update.
+        virtual_stages: Stages per device `v` of the interleaved schedule
+            (`stage_sizes` then lists `K * v` virtual stages); `1` otherwise.
 
     Example:
 
@@ -86,6 +92,7 @@ class PlanRow:
     compute_s: float = 0.0
     aggregation_s: float = 0.0
     update_s: float = 0.0
+    virtual_stages: int = 1
 
     @property
     def devices(self) -> int:
@@ -130,17 +137,29 @@ def scaled_profile(profile: Profile, compute_scale: float) -> Profile:
 
 
 @functools.lru_cache(maxsize=1024)
-def clocks(schedule: str, stages: int, microbatches: int) -> int:
+def clocks(
+    schedule: str, stages: int, microbatches: int, virtual_stages: int = 1
+) -> int:
     """Clock ticks of a schedule, each one forward or one backward of a stage.
+
+    Args:
+        schedule: `"1f1b"`, `"gpipe"` or `"interleaved"`.
+        stages: Devices of the pipeline `K`.
+        microbatches: Micro-batches `M`.
+        virtual_stages: Stages per device `v` (interleaved only; a tick is
+            then one virtual stage's task). Defaults to `1`.
 
     Example:
 
     >>> clocks("1f1b", 2, 4)  # 2 (M + K - 1)
     10
+    >>> clocks("interleaved", 2, 4, 2)  # 2 (v M + K - 1)
+    18
     """
     from tf_smdist.pipeline.schedule import make_schedule
 
-    return len(make_schedule(schedule, stages, microbatches).clocks)
+    plan = make_schedule(schedule, stages, microbatches, virtual_stages=virtual_stages)
+    return len(plan.clocks)
 
 
 def _update_time(layers: tuple[LayerProfile, ...], cluster: Cluster) -> float:
@@ -249,6 +268,7 @@ def estimate_layout(
     microbatches: int,
     schedule: str,
     aggregations: tuple[str, ...],
+    virtual_stages: int = 1,
 ) -> list[PlanRow]:
     """Predicts one layout, once per aggregation algorithm.
 
@@ -260,8 +280,11 @@ def estimate_layout(
         data_parallel: Replicas `D`.
         pipeline_stages: Stages `K`.
         microbatches: Micro-batches `M`.
-        schedule: `"1f1b"` or `"gpipe"`.
+        schedule: `"1f1b"`, `"gpipe"` or `"interleaved"`.
         aggregations: The aggregation algorithms to predict.
+        virtual_stages: Stages per device `v` with `"interleaved"` (which
+            needs `K >= 2`, `M` a multiple of `K`, and `K * v` profile
+            positions); ignored otherwise. Defaults to `1`.
 
     Returns:
         One `PlanRow` per aggregation.
@@ -275,6 +298,7 @@ def estimate_layout(
     from tf_smdist.pipeline.partition import partition
 
     d, k, m = data_parallel, pipeline_stages, microbatches
+    v = virtual_stages if schedule == "interleaved" else 1
     replica_batch = global_batch // d
     scaled = scaled_profile(profile, cluster.compute_scale)
     across = k > cluster.devices_per_node
@@ -285,26 +309,35 @@ def estimate_layout(
         batch_size=replica_batch,
         bandwidth=bandwidth,
         latency=latency,
+        virtual_stages=max(v, 1),
     )
     capacity = cluster.device_memory
-    part = partition(scaled, k, **common)
+    part = partition(scaled, k * v, **common)
     feasible, why = True, ""
-    if max(part.stage_memory) > capacity:
+    if max(part.device_memory) > capacity:
         try:
-            part = partition(scaled, k, memory_capacity=capacity, **common)
+            part = partition(scaled, k * v, memory_capacity=capacity, **common)
         except ValueError:
             feasible = False
-            tight = partition(scaled, k, optimize="memory", **common)
-            why = _why(tight, profile, capacity)
+            tight = partition(scaled, k * v, optimize="memory", **common)
+            why = _why(tight, profile, capacity, v)
             part = tight
     estimates = part.estimates
     task = 2 * cluster.task_overhead
     stage_max = max(e.time for e in estimates) + task
-    pipe = clocks(schedule, k, m) / 2 * stage_max
+    pipe = clocks(schedule, k, m, v) / 2 * stage_max
     bounds = [0]
     for size in part.stage_sizes:
         bounds.append(bounds[-1] + size)
-    layer_groups = [profile.layers[bounds[s] : bounds[s + 1]] for s in range(k)]
+    # Device s holds (virtual) stages s, s + K, ...
+    layer_groups = [
+        tuple(
+            x
+            for chunk in range(s, k * v, k)
+            for x in profile.layers[bounds[chunk] : bounds[chunk + 1]]
+        )
+        for s in range(k)
+    ]
     update = max(_update_time(group, cluster) for group in layer_groups)
     nodes, per_node = _group_shape(cluster, d, k)
     backward_clock = BACKWARD_SHARE * stage_max
@@ -322,7 +355,8 @@ def estimate_layout(
                 costs.num_buckets(grad_bytes, cluster.bucket_bytes),
                 cluster.overlap,
             )
-            # Stage s ends its last backward s backward-clocks before stage 0.
+            # Stage s ends its last backward s backward-clocks before stage 0
+            # (with interleaving, device s's last task is stage s's backward).
             exposed = max(exposed, tail - s * backward_clock)
         step = pipe + exposed + update + profile.call_overhead
         rows.append(
@@ -335,13 +369,14 @@ def estimate_layout(
                 step_time_s=step,
                 samples_per_s=global_batch / step,
                 efficiency=(global_batch / step) / (d * k * replica_batch / single),
-                memory_per_device=max(part.stage_memory),
+                memory_per_device=max(part.device_memory),
                 feasible=feasible,
                 why=why,
                 stage_sizes=tuple(part.stage_sizes),
                 compute_s=pipe,
                 aggregation_s=exposed,
                 update_s=update,
+                virtual_stages=v,
             )
         )
         if d == 1:
@@ -349,17 +384,25 @@ def estimate_layout(
     return rows
 
 
-def _why(tight: Any, profile: Profile, capacity: float) -> str:
+def _why(tight: Any, profile: Profile, capacity: float, virtual_stages: int = 1) -> str:
     """The stage and bytes that do not fit, from the least-memory split."""
     estimates = tight.estimates
     worst = max(range(len(estimates)), key=lambda s: estimates[s].memory)
     e = estimates[worst]
     names = tight.stage_layer_names[worst]
+    share = ""
+    if virtual_stages > 1:
+        devices = len(estimates) // virtual_stages
+        capacity /= virtual_stages
+        share = (
+            f"/{virtual_stages} (device {worst % devices} holds "
+            f"{virtual_stages} stages)"
+        )
     return (
         f"stage {worst} ({names[0]} .. {names[-1]}) needs "
         f"{e.memory:.0f} bytes ({format_bytes(e.memory)}: "
         f"{format_bytes(e.static_bytes)} parameters, gradients and optimizer "
         f"state + {e.in_flight} x {format_bytes(e.activation_bytes)} "
-        f"activations) > device_memory {capacity:.0f} bytes "
+        f"activations) > device_memory{share} {capacity:.0f} bytes "
         f"({format_bytes(capacity)}) even in the split that needs least memory"
     )

@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 
 # Micro-batch counts tried when `microbatches` is not fixed.
 _MICROBATCHES = (1, 2, 4, 8, 16, 32, 64)
+# Stages per device tried for the interleaved schedule when not fixed.
+_VIRTUAL_STAGES = (2, 4)
 
 
 class Plan:
@@ -109,7 +111,8 @@ class Plan:
                 str(r.data_parallel),
                 str(r.pipeline_stages),
                 str(r.microbatches),
-                r.schedule,
+                r.schedule if r.virtual_stages == 1
+                else f"{r.schedule} v={r.virtual_stages}",
                 r.aggregation,
                 f"{r.step_time_s * 1e3:.3f}",
                 f"{r.samples_per_s:,.1f}",
@@ -201,13 +204,15 @@ def plan(
     microbatches: int | None = None,
     schedule: str | Sequence[str] | None = None,
     aggregation: str | Sequence[str] | None = None,
+    virtual_stages: int | None = None,
     use_all_devices: bool = True,
 ) -> Plan:
     """Predicts the step time and memory of every layout and ranks them.
 
     Searches data-parallel degree `D` × pipeline stages `K` (using all the
     cluster's devices, `D * K = nodes * devices_per_node`, unless
-    `use_all_devices=False`) × micro-batches `M` × schedule × gradient
+    `use_all_devices=False`) × micro-batches `M` × schedule (GPipe, 1F1B,
+    and interleaved 1F1B with `v` stages per device) × gradient
     aggregation. A keyword argument fixes its dimension. See
     `tf_smdist.planner.model` for the cost model and the README section
     "Planning a layout" for what it ignores.
@@ -223,10 +228,14 @@ def plan(
         pipeline_stages: Fix `K`. Defaults to `None` (searched).
         microbatches: Fix `M`. Defaults to `None` (searched: powers of two
             up to 64 that divide the per-replica batch).
-        schedule: Fix the schedule(s): `"1f1b"`, `"gpipe"`. Defaults to
-            `None` (both).
+        schedule: Fix the schedule(s): `"1f1b"`, `"gpipe"`,
+            `"interleaved"`. Defaults to `None` (all three; interleaved
+            where `K >= 2`, `M` is a multiple of `K` and the profile has
+            `K * v` positions).
         aggregation: Fix the aggregation(s): `"ring"`, `"hierarchical"`,
             `"host_sharded"`. Defaults to `None` (all three).
+        virtual_stages: Fix the interleaved schedule's stages per device
+            `v >= 2`. Defaults to `None` (searched: 2 and 4).
         use_all_devices: Whether `D * K` must equal the cluster's device
             count (else any `D * K` up to it). Defaults to `True`.
 
@@ -257,9 +266,16 @@ def plan(
         ("data_parallel", data_parallel),
         ("pipeline_stages", pipeline_stages),
         ("microbatches", microbatches),
+        ("virtual_stages", virtual_stages),
     ):
         if value is not None:
             _positive(name, value)
+    if virtual_stages is not None and virtual_stages < 2:
+        raise ValueError(
+            "`virtual_stages` (the interleaved schedule's stages per device) "
+            f"must be at least 2. Received: virtual_stages={virtual_stages}. "
+            "Use 2 or more, or the '1f1b' schedule for one stage per device."
+        )
     schedules = _choices("schedule", schedule, SCHEDULES)
     aggregations = _choices("aggregation", aggregation, AGGREGATIONS)
     if pipeline_stages is not None and pipeline_stages > len(profile):
@@ -295,26 +311,48 @@ def plan(
             # One stage: the schedules coincide; keep one unless fixed.
             names = schedules if (k > 1 or schedule is not None) else schedules[:1]
             for name in names:
-                rows.extend(
-                    estimate_layout(
-                        profile,
-                        cluster,
-                        global_batch=global_batch,
-                        data_parallel=d,
-                        pipeline_stages=k,
-                        microbatches=m,
-                        schedule=name,
-                        aggregations=aggregations,
+                vs = _virtual(name, k, m, len(profile), virtual_stages)
+                if not vs:
+                    skipped.append(
+                        f"D={d}, K={k}, M={m}, interleaved (needs K >= 2, M % K "
+                        "== 0 and K * virtual_stages <= the profile's positions)"
                     )
-                )
+                for v in vs:
+                    rows.extend(
+                        estimate_layout(
+                            profile,
+                            cluster,
+                            global_batch=global_batch,
+                            data_parallel=d,
+                            pipeline_stages=k,
+                            microbatches=m,
+                            schedule=name,
+                            aggregations=aggregations,
+                            virtual_stages=v,
+                        )
+                    )
     if not rows:
         raise ValueError(
-            "No layout divides the global batch evenly. Received: "
+            "No layout fits the fixed dimensions. Received: "
             f"global_batch={global_batch}, skipped: {skipped[:5]}. Use a "
-            "global batch divisible by data_parallel * microbatches."
+            "global batch divisible by data_parallel * microbatches (and, for "
+            "the interleaved schedule, microbatches divisible by "
+            "pipeline_stages)."
         )
     logger.debug("plan: %d rows, skipped %s", len(rows), skipped)
     return Plan(rows, cluster, global_batch, profile.model_name)
+
+
+def _virtual(
+    schedule: str, stages: int, microbatches: int, layers: int, fixed: int | None
+) -> tuple[int, ...]:
+    """Stages per device to try: `(1,)`, or the interleaved schedule's `v`s."""
+    if schedule != "interleaved":
+        return (1,)
+    if stages < 2 or microbatches % stages:
+        return ()
+    candidates = (fixed,) if fixed is not None else _VIRTUAL_STAGES
+    return tuple(v for v in candidates if stages * v <= layers)
 
 
 def _layouts(
