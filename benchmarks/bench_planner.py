@@ -7,11 +7,11 @@ time of each layout with `smd.plan`, then measures it:
   - data parallel on 1, 2 and 4 processes (`smd.DataParallelStrategy`, custom
     loop under `python -m tf_smdist.launch`, one core per process; 4 processes
     on a 2-core machine share the cores, which the 4-process calibration
-    carries as `compute_scale = processes / cores`);
+    carries as `compute_slots = cores`);
   - 2 processes as 2 pipeline stages and 4 processes as 2 stages x 2
-    replicas (`smd.PipelineModel` under the launcher), when this tf_smdist
-    has the process-per-stage pipeline; otherwise those rows say
-    "not measured".
+    replicas (`smd.PipelineModel`, 1F1B, M = 4, a custom loop over its
+    `train_step`, on the planner's split); each rank also reports its time
+    in compute ops during one traced step.
 
 Models: "wide_mlp" (6.3 M parameters, batch 4 per process: little compute
 per parameter, so the gradient all-reduce dominates) and "convnet" (30 k
@@ -21,11 +21,12 @@ Prints, per row, two predictions and the measured step time:
   - from the calibration alone (the profile taken once, the calibrated
     cluster), and
   - with `compute_scale` set from the plain model's step timed in the same
-    run, in windows alternating with the data-parallel ones (this machine's
-    load from other jobs changes the speed of a core by the minute; the
-    pipeline rows reuse the scale of the data-parallel run with as many
-    processes),
-and each one's ratio to the measured time.
+    run, by every process, in windows alternating with the distributed ones
+    (this machine's load from other jobs changes the speed of a core by the
+    minute),
+and each one's ratio to the measured time. The profile run also times the
+plain model at the micro-batch and at M times it (is compute linear in the
+batch size?).
 
 Usage:
     python benchmarks/bench_planner.py [--models wide_mlp,convnet]
@@ -261,14 +262,20 @@ def _predict(profile, cluster, global_batch, d, k, m):
     ).rows[0]
 
 
-def _run_scale(profile, cluster, batch: int, local_s: float) -> float:
-    """The compute_scale that makes the model's one-process step `local_s`."""
+def _run_scale(profile, cluster, batch: int, local_s: float, nproc: int) -> float:
+    """The compute_scale that makes the model's one-process step `local_s`.
+
+    `local_s` was timed with all `nproc` processes computing at once: with
+    more processes than cores (`cluster.compute_slots`), each had
+    `slots / nproc` of a core, and the scale is that of a whole core.
+    """
     from tf_smdist.planner.model import single_device_step
 
     one = cluster.replace(compute_scale=1.0)
     compute = profile.total_time * batch / profile.batch_size
     rest = single_device_step(profile, one, batch) - compute
-    return max(0.05, (local_s - rest) / compute)
+    share = min(1.0, (cluster.compute_slots or nproc) / nproc)
+    return max(0.05, (local_s * share - rest) / compute)
 
 
 def _stage_compute(profile, cluster, row, batch: int) -> list[float]:
@@ -334,7 +341,7 @@ def _driver(args: argparse.Namespace) -> None:
             step_s = ranks[0]["step_s"]
             # Each process's own compute speed in this run, averaged.
             local_s = statistics.mean(r["local_s"] for r in ranks)
-            scale = _run_scale(profile, cluster, b, local_s)
+            scale = _run_scale(profile, cluster, b, local_s, nproc)
             in_cluster = cluster.replace(compute_scale=scale)
             in_run = _predict(profile, in_cluster, global_batch, d, k, m)
             rows.append((name, label, nproc, global_batch, row.step_time_s,

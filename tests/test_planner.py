@@ -128,7 +128,9 @@ def test_calibration_fit_inverts_ring_formula():
     assert cluster.inter_node_bandwidth == pytest.approx(2e9)
     assert cluster.latency == pytest.approx(3e-6)
     assert cluster.p2p(False) == pytest.approx((5e9, 7e-6))
-    assert cluster.compute_scale == 2.0  # 4 processes on 2 cores
+    # 4 processes on 2 cores: 2 compute at once, each at full speed.
+    assert (cluster.compute_scale, cluster.compute_slots) == (1.0, 2.0)
+    assert _cluster_from(raw, 2, cores=2).compute_slots is None
     assert (cluster.nodes, cluster.devices_per_node) == (4, 1)
     assert cluster.overlap == 0.0 and cluster.device_host_bandwidth == 1e9
 
@@ -203,6 +205,27 @@ def test_data_parallel_ring_without_overlap():
     assert row.pipeline_stages == 1
     assert row.aggregation_s == pytest.approx(4e-6 + 2e-5)
     assert row.step_time_s == pytest.approx(2e-3 + 4e-6 + 2e-5)
+
+
+def test_shared_compute_slots():
+    # Layers of 1, 1, 1, 5 ms per 8 samples; 4 processes on 2 cores.
+    profile = make_profile(times=(1e-3, 1e-3, 1e-3, 5e-3))
+    shared = make_cluster(nodes=4, devices_per_node=1, compute_slots=2)
+    own = make_cluster(nodes=4, devices_per_node=1)
+    # Data parallel, 8 samples each: 8 ms of compute per process, 4 of them
+    # on 2 cores: 16 ms.
+    dp = dict(global_batch=32, data_parallel=4, aggregation="ring")
+    assert plan(profile, own, **dp).rows[0].compute_s == pytest.approx(8e-3)
+    assert plan(profile, shared, **dp).rows[0].compute_s == pytest.approx(16e-3)
+    # 2 x 2, M = 4 of 8 samples: stages of 3 ms and 5 ms, (M + K - 1) x 5 ms =
+    # 25 ms on own cores; the 4 processes' work, 2 x 4 x (3 + 5) ms, on 2
+    # cores takes 32 ms; on 3 cores 21.3 ms, below the schedule's 25 ms.
+    pp = dict(global_batch=64, data_parallel=2, pipeline_stages=2,
+              microbatches=4, schedule="1f1b", aggregation="ring")
+    assert plan(profile, own, **pp).rows[0].compute_s == pytest.approx(25e-3)
+    assert plan(profile, shared, **pp).rows[0].compute_s == pytest.approx(32e-3)
+    three = shared.replace(compute_slots=3)
+    assert plan(profile, three, **pp).rows[0].compute_s == pytest.approx(25e-3)
 
 
 def test_optimizer_update_and_compute_scale():

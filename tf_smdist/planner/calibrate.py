@@ -81,9 +81,9 @@ def calibrate(
     The all-reduce times are fitted to the ring formula
     `2(p-1)α + 2(p-1)/p · n/B`, the messages to `α + n/B` (least squares
     on absolute times, so the large messages set the bandwidth). The
-    processes share this host's cores: with more processes than cores, each
-    gets `cores / processes` of one, which `compute_scale` carries (so
-    profile the model on one core).
+    processes share this host's cores: with more processes than cores,
+    `compute_slots = cores` (at most that many compute at full speed at
+    once; profile the model on one core).
     Communication and compute share each process's core: `overlap=0`.
 
     Args:
@@ -203,7 +203,7 @@ def _cluster_from(raw: dict, processes: int, cores: int) -> Cluster:
         p2p_bandwidth=1.0 / pb,
         p2p_latency=pa,
         memory_bandwidth=raw["memory_bandwidth"],
-        compute_scale=max(1.0, p / max(cores, 1)),
+        compute_slots=float(cores) if p > cores else None,
         task_overhead=raw["call_overhead"],
         overlap=0.0,
         metadata={

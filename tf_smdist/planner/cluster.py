@@ -28,6 +28,7 @@ _FIELDS = (
     ("p2p_latency", "optional_nonneg"),
     ("memory_bandwidth", "optional"),
     ("compute_scale", "positive"),
+    ("compute_slots", "optional"),
     ("task_overhead", "nonneg"),
     ("overlap", "fraction"),
     ("bucket_bytes", "positive"),
@@ -67,6 +68,12 @@ class Cluster(JsonSerializable):
             give the target device's: `0.5` for a device twice as fast as
             the one profiled, `2.0` for a process that gets half a core.
             Defaults to `1.0`.
+        compute_slots: How many devices of the whole cluster can compute at
+            full speed at the same time, when they share compute (processes
+            on a host's cores: the cores). A step then takes at least the
+            devices' summed compute over `compute_slots`, so a pipeline
+            stage idle in the bubble lends its core to the others.
+            Defaults to `None` (every device computes on its own).
         task_overhead: Seconds of fixed cost per pipeline task (one forward
             or backward of one stage on one micro-batch): kernel launches,
             framework dispatch. Defaults to `0.0`.
@@ -104,6 +111,7 @@ class Cluster(JsonSerializable):
         p2p_latency: float | None = None,
         memory_bandwidth: float | None = None,
         compute_scale: float = 1.0,
+        compute_slots: float | None = None,
         task_overhead: float = 0.0,
         overlap: float = 1.0,
         bucket_bytes: float = 25 * 2**20,
@@ -201,6 +209,11 @@ class Cluster(JsonSerializable):
     def compute_scale(self) -> float:
         """Target layer time / profiled layer time."""
         return self._values["compute_scale"]
+
+    @property
+    def compute_slots(self) -> float | None:
+        """Devices that can compute at once, or `None` (all of them)."""
+        return self._values["compute_slots"]
 
     @property
     def task_overhead(self) -> float:

@@ -20,6 +20,9 @@ replicas of a `K`-stage pipeline with `M` micro-batches:
   group with the α-β cost of the algorithm (`tf_smdist.planner.costs`),
   partly hidden under the last backward pass by bucketing
   (`Cluster.overlap`), and fully under the time later stages finish early;
+- shared compute: when the devices share fewer compute units
+  (`Cluster.compute_slots`, processes on a host's cores), the compute takes
+  at least the busy time of every device together over the units;
 - update: the optimizer streams parameters, gradients and state through
   device memory (`Cluster.memory_bandwidth`, if given);
 - memory per device: parameters, gradients, optimizer state and the
@@ -326,6 +329,12 @@ def estimate_layout(
     task = 2 * cluster.task_overhead
     stage_max = max(e.time for e in estimates) + task
     pipe = clocks(schedule, k, m, v) / 2 * stage_max
+    slots = cluster.compute_slots
+    if slots is not None and d * k > slots:
+        # Processor sharing: a device idle in the bubble lends its compute
+        # unit to the others, so the whole job's work sets a floor.
+        busy = d * m * sum(e.time + task for e in estimates)
+        pipe = max(pipe, busy / slots)
     bounds = [0]
     for size in part.stage_sizes:
         bounds.append(bounds[-1] + size)
