@@ -207,6 +207,30 @@ def test_data_parallel_ring_without_overlap():
     assert row.step_time_s == pytest.approx(2e-3 + 4e-6 + 2e-5)
 
 
+def test_batch_profile_keeps_the_fixed_part():
+    # 2 ms per layer at batch 8, 5 ms at batch 32: a + c b with c = 0.125 ms
+    # per sample and a = 1 ms. K = 2, M = 4 micro-batches of 4 samples:
+    # 1.5 ms per layer, 3 ms per stage, (M + K - 1) x 3 ms = 15 ms; linear
+    # scaling from batch 8 alone predicts 1 ms per layer, 10 ms.
+    small = make_profile(times=(2e-3,) * 4, batch_size=8)
+    large = make_profile(times=(5e-3,) * 4, batch_size=32)
+    fixed = dict(global_batch=16, pipeline_stages=2, microbatches=4,
+                 schedule="1f1b")
+    linear = plan(small, make_cluster(), **fixed).rows[0]
+    assert linear.step_time_s == pytest.approx(10e-3)
+    row = plan(small, make_cluster(), batch_profile=large, **fixed).rows[0]
+    assert row.step_time_s == pytest.approx(15e-3)
+    # One device on the replica batch of 16: 4 x 3 ms; efficiency 12 / (2 x 15).
+    assert row.efficiency == pytest.approx(12 / 30)
+    with pytest.raises(ValueError, match="another batch size"):
+        plan(small, make_cluster(), batch_profile=small, **fixed)
+    with pytest.raises(ValueError, match="same layers"):
+        plan(small, make_cluster(), batch_profile=make_profile(
+            times=(1e-3,) * 3, batch_size=32), **fixed)
+    with pytest.raises(TypeError, match="batch_profile"):
+        plan(small, make_cluster(), batch_profile={"batch": 32}, **fixed)
+
+
 def test_shared_compute_slots():
     # Layers of 1, 1, 1, 5 ms per 8 samples; 4 processes on 2 cores.
     profile = make_profile(times=(1e-3, 1e-3, 1e-3, 5e-3))

@@ -6,7 +6,11 @@ replicas of a `K`-stage pipeline with `M` micro-batches:
 - compute: each layer's profiled forward+backward time, scaled by
   `Cluster.compute_scale` and linearly by the micro-batch size (the profile
   holds one batch size, so time per sample is `time / profile.batch_size`;
-  fixed per-call costs go in `Cluster.task_overhead`);
+  fixed per-call costs go in `Cluster.task_overhead`); with a second
+  profile of the model at another batch size (`batch_profile`), each
+  layer's time is the line `a + c * batch` through the two, so a fixed
+  per-call part (weights read, weight gradients written) is kept whole at
+  small micro-batches;
 - pipeline: the stages are the exact min-max split of
   `tf_smdist.pipeline.partition` (compute plus the point-to-point transfer of
   the tensors live across each cut, forward and back); the step runs the
@@ -40,7 +44,13 @@ from tf_smdist.pipeline.profile import LayerProfile, Profile, format_bytes
 from tf_smdist.planner import costs
 from tf_smdist.planner.cluster import Cluster
 
-__all__ = ["BACKWARD_SHARE", "PlanRow", "SCHEDULES", "estimate_layout"]
+__all__ = [
+    "BACKWARD_SHARE",
+    "PlanRow",
+    "SCHEDULES",
+    "estimate_layout",
+    "profile_at_batch",
+]
 
 # Share of a layer's forward+backward time spent in backward (the usual
 # 1:2 forward:backward ratio; the profile records only the sum).
@@ -137,6 +147,68 @@ def scaled_profile(profile: Profile, compute_scale: float) -> Profile:
         model_name=profile.model_name,
         call_overhead=profile.call_overhead,
     )
+
+
+def profile_at_batch(
+    profile: Profile, batch: int, other: Profile | None = None
+) -> Profile:
+    """`profile` with each layer's time at `batch` samples.
+
+    Without `other`, times scale linearly: `time * batch / batch_size`.
+    With `other` (the same model profiled at another batch size), each
+    layer's time is the line `a + c * batch` through its two measurements;
+    its fixed part `a` is kept within `[0, time]` so that noise cannot
+    make a time negative.
+
+    Args:
+        profile: The model's `Profile`.
+        batch: Samples per call.
+        other: The same layers profiled at another batch size. Defaults to
+            `None`.
+
+    Returns:
+        A `Profile` whose `batch_size` is `batch`.
+
+    Example:
+
+    >>> profile_at_batch(profile_at_8, 4, profile_at_32).batch_size
+    4
+    """
+    if other is None:
+        times = [x.time * batch / profile.batch_size for x in profile.layers]
+    else:
+        _check_pair(profile, other)
+        b0, b1 = profile.batch_size, other.batch_size
+        times = []
+        for x, y in zip(profile.layers, other.layers):
+            per_sample = (y.time - x.time) / (b1 - b0)
+            fixed = min(max(x.time - per_sample * b0, 0.0), x.time)
+            per_sample = (x.time - fixed) / b0
+            times.append(fixed + per_sample * batch)
+    return Profile(
+        [dataclasses.replace(x, time=t) for x, t in zip(profile.layers, times)],
+        batch_size=batch,
+        input_bytes=profile.input_bytes,
+        device_kind=profile.device_kind,
+        optimizer=profile.optimizer,
+        model_name=profile.model_name,
+        call_overhead=profile.call_overhead,
+    )
+
+
+def _check_pair(profile: Profile, other: Profile) -> None:
+    if other.layer_names != profile.layer_names:
+        raise ValueError(
+            "`batch_profile` must profile the same layers as the profile. "
+            f"Received: layers {other.layer_names} against "
+            f"{profile.layer_names}. Profile the same model at another batch size."
+        )
+    if other.batch_size == profile.batch_size:
+        raise ValueError(
+            "`batch_profile` must be measured at another batch size than the "
+            f"profile. Received: batch_size={other.batch_size} for both. "
+            "Profile the model at, say, 4 times the batch size."
+        )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -272,6 +344,7 @@ def estimate_layout(
     schedule: str,
     aggregations: tuple[str, ...],
     virtual_stages: int = 1,
+    batch_profile: Profile | None = None,
 ) -> list[PlanRow]:
     """Predicts one layout, once per aggregation algorithm.
 
@@ -288,6 +361,9 @@ def estimate_layout(
         virtual_stages: Stages per device `v` with `"interleaved"` (which
             needs `K >= 2`, `M` a multiple of `K`, and `K * v` profile
             positions); ignored otherwise. Defaults to `1`.
+        batch_profile: The same model profiled at another batch size:
+            layer times become `a + c * batch` (`profile_at_batch`).
+            Defaults to `None` (times proportional to the batch).
 
     Returns:
         One `PlanRow` per aggregation.
@@ -303,6 +379,15 @@ def estimate_layout(
     d, k, m = data_parallel, pipeline_stages, microbatches
     v = virtual_stages if schedule == "interleaved" else 1
     replica_batch = global_batch // d
+    if batch_profile is not None:
+        single = single_device_step(
+            profile_at_batch(profile, replica_batch, batch_profile),
+            cluster,
+            replica_batch,
+        )
+        profile = profile_at_batch(profile, replica_batch // m, batch_profile)
+    else:
+        single = single_device_step(profile, cluster, replica_batch)
     scaled = scaled_profile(profile, cluster.compute_scale)
     across = k > cluster.devices_per_node
     bandwidth, latency = cluster.p2p(across)
@@ -350,7 +435,6 @@ def estimate_layout(
     update = max(_update_time(group, cluster) for group in layer_groups)
     nodes, per_node = _group_shape(cluster, d, k)
     backward_clock = BACKWARD_SHARE * stage_max
-    single = single_device_step(profile, cluster, replica_batch)
     rows = []
     for aggregation in aggregations:
         exposed = 0.0

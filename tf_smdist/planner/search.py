@@ -9,7 +9,7 @@ from typing import Any
 from tf_smdist.pipeline.profile import Profile, format_bytes
 from tf_smdist.planner.cluster import Cluster
 from tf_smdist.planner.costs import AGGREGATIONS
-from tf_smdist.planner.model import SCHEDULES, PlanRow, estimate_layout
+from tf_smdist.planner.model import SCHEDULES, PlanRow, _check_pair, estimate_layout
 
 __all__ = ["Plan", "plan"]
 
@@ -205,6 +205,7 @@ def plan(
     schedule: str | Sequence[str] | None = None,
     aggregation: str | Sequence[str] | None = None,
     virtual_stages: int | None = None,
+    batch_profile: Profile | None = None,
     use_all_devices: bool = True,
 ) -> Plan:
     """Predicts the step time and memory of every layout and ranks them.
@@ -236,6 +237,11 @@ def plan(
             `"host_sharded"`. Defaults to `None` (all three).
         virtual_stages: Fix the interleaved schedule's stages per device
             `v >= 2`. Defaults to `None` (searched: 2 and 4).
+        batch_profile: The same model profiled at another batch size
+            (`smd.profile_model` on a larger batch): each layer's time is
+            then the line `a + c * batch` through the two profiles instead
+            of proportional to the batch, which matters when small
+            micro-batches keep a fixed per-call cost. Defaults to `None`.
         use_all_devices: Whether `D * K` must equal the cluster's device
             count (else any `D * K` up to it). Defaults to `True`.
 
@@ -261,6 +267,13 @@ def plan(
             f"`cluster` must be a smd.Cluster. Received: cluster={cluster!r}"
         )
     _positive("global_batch", global_batch)
+    if batch_profile is not None:
+        if not isinstance(batch_profile, Profile):
+            raise TypeError(
+                "`batch_profile` must be a smd.Profile. Received: "
+                f"batch_profile={type(batch_profile).__name__}"
+            )
+        _check_pair(profile, batch_profile)
     n = cluster.num_devices
     for name, value in (
         ("data_parallel", data_parallel),
@@ -329,6 +342,7 @@ def plan(
                             schedule=name,
                             aggregations=aggregations,
                             virtual_stages=v,
+                            batch_profile=batch_profile,
                         )
                     )
     if not rows:
