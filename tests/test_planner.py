@@ -151,6 +151,18 @@ def test_pipeline_bubble_step_time():
         assert row.efficiency == pytest.approx(0.8)
 
 
+def test_unequal_stages_fill_and_drain_with_their_own_times():
+    # Layers of 1, 1, 4, 0.5 ms per 8 samples, K = 2, M = 4 micro-batches of
+    # 8: the split (2, 2) gives stages of 2 ms and 4.5 ms. The busy stage
+    # paces the 4 micro-batches, the other fills and drains:
+    # (M - 1) x 4.5 + (2 + 4.5) = 20 ms, not (M + K - 1) x 4.5 = 22.5 ms.
+    profile = make_profile(times=(1e-3, 1e-3, 4e-3, 0.5e-3))
+    row = plan(profile, make_cluster(), global_batch=32, pipeline_stages=2,
+               microbatches=4, schedule="1f1b").rows[0]
+    assert row.stage_sizes == (2, 2)
+    assert row.step_time_s == pytest.approx(20e-3)
+
+
 def test_interleaved_schedule_by_hand():
     # 4 layers of 1 ms per 8 samples, K = 2 devices, v = 2 stages per device
     # (one layer each, device 0 holds stages 0 and 2), M = 4 micro-batches of
@@ -241,15 +253,15 @@ def test_shared_compute_slots():
     dp = dict(global_batch=32, data_parallel=4, aggregation="ring")
     assert plan(profile, own, **dp).rows[0].compute_s == pytest.approx(8e-3)
     assert plan(profile, shared, **dp).rows[0].compute_s == pytest.approx(16e-3)
-    # 2 x 2, M = 4 of 8 samples: stages of 3 ms and 5 ms, (M + K - 1) x 5 ms =
-    # 25 ms on own cores; the 4 processes' work, 2 x 4 x (3 + 5) ms, on 2
-    # cores takes 32 ms; on 3 cores 21.3 ms, below the schedule's 25 ms.
+    # 2 x 2, M = 4 of 8 samples: stages of 3 ms and 5 ms, (M - 1) x 5 + 3 + 5
+    # = 23 ms on own cores; the 4 processes' work, 2 x 4 x (3 + 5) ms, on 2
+    # cores takes 32 ms; on 3 cores 21.3 ms, below the schedule's 23 ms.
     pp = dict(global_batch=64, data_parallel=2, pipeline_stages=2,
               microbatches=4, schedule="1f1b", aggregation="ring")
-    assert plan(profile, own, **pp).rows[0].compute_s == pytest.approx(25e-3)
+    assert plan(profile, own, **pp).rows[0].compute_s == pytest.approx(23e-3)
     assert plan(profile, shared, **pp).rows[0].compute_s == pytest.approx(32e-3)
     three = shared.replace(compute_slots=3)
-    assert plan(profile, three, **pp).rows[0].compute_s == pytest.approx(25e-3)
+    assert plan(profile, three, **pp).rows[0].compute_s == pytest.approx(23e-3)
 
 
 def test_optimizer_update_and_compute_scale():

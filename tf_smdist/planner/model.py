@@ -13,12 +13,15 @@ replicas of a `K`-stage pipeline with `M` micro-batches:
   small micro-batches;
 - pipeline: the stages are the exact min-max split of
   `tf_smdist.pipeline.partition` (compute plus the point-to-point transfer of
-  the tensors live across each cut, forward and back); the step runs the
-  schedule's clocks (`tf_smdist.pipeline.schedule`) at the slowest stage's
-  pace, `(M + K - 1)` stage times for GPipe and 1F1B; interleaved 1F1B
+  the tensors live across each cut, forward and back); the slowest device
+  sets the pace of the `M` micro-batches and the others' stages fill and
+  drain the pipeline: `(M - 1) * max(t) + sum(t)` for GPipe and 1F1B with
+  per-micro-batch stage times `t` (`(M + K - 1) t` for equal stages, the
+  schedule's clock count); interleaved 1F1B
   cuts the model into `K * v` virtual stages, device `d` holding stages
   `d, d + K, ...`, and runs `v * M + K - 1` virtual-stage times, each `1/v`
-  of a device's work: the bubble shrinks `v`-fold, for `v` times the
+  of a device's work (`M * max(T) + (sum(t) - max(T)) / v` with `T` a
+  device's per-micro-batch time): the bubble shrinks `v`-fold, for `v` times the
   point-to-point messages and more activations in flight;
 - aggregation: each stage's gradients are all-reduced over its `D`-replica
   group with the α-β cost of the algorithm (`tf_smdist.planner.costs`),
@@ -36,7 +39,6 @@ replicas of a `K`-stage pipeline with `M` micro-batches:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -49,6 +51,7 @@ __all__ = [
     "PlanRow",
     "SCHEDULES",
     "estimate_layout",
+    "pipeline_time",
     "profile_at_batch",
 ]
 
@@ -211,30 +214,41 @@ def _check_pair(profile: Profile, other: Profile) -> None:
         )
 
 
-@functools.lru_cache(maxsize=1024)
-def clocks(
-    schedule: str, stages: int, microbatches: int, virtual_stages: int = 1
-) -> int:
-    """Clock ticks of a schedule, each one forward or one backward of a stage.
+def pipeline_time(
+    stage_times: list[float], microbatches: int, virtual_stages: int = 1
+) -> float:
+    """Seconds of a pipelined step from each stage's time per micro-batch.
+
+    The busiest device sets the pace of the `M` micro-batches; the other
+    stages fill and drain the pipeline: `(M - 1) * max(t) + sum(t)` with one
+    stage per device, which is the schedule's `(M + K - 1)` stage times when
+    the stages are equal. With `v` stages per device (interleaved, device
+    `d` holding stages `d, d + K, ...`), device `d` spends `T_d`, the sum of
+    its stages' times, per micro-batch, and fill and drain take one
+    virtual stage per device: `M * max(T) + (sum(t) - max(T)) / v`, equal to
+    `(v M + K - 1)` virtual-stage times for equal stages.
 
     Args:
-        schedule: `"1f1b"`, `"gpipe"` or `"interleaved"`.
-        stages: Devices of the pipeline `K`.
+        stage_times: Seconds per micro-batch (forward + backward) of each
+            stage, in order.
         microbatches: Micro-batches `M`.
-        virtual_stages: Stages per device `v` (interleaved only; a tick is
-            then one virtual stage's task). Defaults to `1`.
+        virtual_stages: Stages per device `v`. Defaults to `1`.
+
+    Returns:
+        Seconds.
 
     Example:
 
-    >>> clocks("1f1b", 2, 4)  # 2 (M + K - 1)
-    10
-    >>> clocks("interleaved", 2, 4, 2)  # 2 (v M + K - 1)
-    18
+    >>> pipeline_time([3.0, 1.0], 4)  # 3 x 3 + (3 + 1)
+    13.0
+    >>> pipeline_time([1.0] * 4, 4, 2)  # 2 devices: (2 x 4 + 2 - 1) x 1
+    9.0
     """
-    from tf_smdist.pipeline.schedule import make_schedule
-
-    plan = make_schedule(schedule, stages, microbatches, virtual_stages=virtual_stages)
-    return len(plan.clocks)
+    v = max(1, int(virtual_stages))
+    devices = len(stage_times) // v
+    per_device = [sum(stage_times[d::devices]) for d in range(devices)]
+    busiest = max(per_device)
+    return microbatches * busiest + (sum(stage_times) - busiest) / v
 
 
 def _update_time(layers: tuple[LayerProfile, ...], cluster: Cluster) -> float:
@@ -412,8 +426,9 @@ def estimate_layout(
             part = tight
     estimates = part.estimates
     task = 2 * cluster.task_overhead
-    stage_max = max(e.time for e in estimates) + task
-    pipe = clocks(schedule, k, m, v) / 2 * stage_max
+    stage_times = [e.time + task for e in estimates]
+    stage_max = max(stage_times)
+    pipe = pipeline_time(stage_times, m, v)
     slots = cluster.compute_slots
     if slots is not None and d * k > slots:
         # Processor sharing: a device idle in the bubble lends its compute
