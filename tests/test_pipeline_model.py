@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_smdist.pipeline import execution
+from tf_smdist.pipeline import checkpoint, execution
 from tf_smdist.pipeline.model import PipelineModel
 from tf_smdist.pipeline.schedule import Task
 from tf_smdist.pipeline.stages import layer_order
@@ -328,6 +328,10 @@ def test_save_and_load_weights_carry_the_optimizer_state(tmp_path):
         model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     path = str(tmp_path / "pipe.weights.h5")
     pipe.save_weights(path)
+    plain_path = str(tmp_path / "plain.weights.h5")
+    sequential_model().save_weights(plain_path)  # uncompiled: no optimizer
+    assert checkpoint.has_optimizer_state(path)
+    assert not checkpoint.has_optimizer_state(plain_path)
     # The file a compiled plain model writes: it loads into one, optimizer too.
     loaded = sequential_model(seed=3)
     loaded.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")

@@ -322,6 +322,24 @@ def test_profiling_callback_profiles_during_fit(tmp_path):
     assert smd.Profile.load(tmp_path / "p.json") == callback.profile
 
 
+def test_a_recorded_profile_counts_as_the_callbacks_own():
+    # How every rank's callback gets rank 0's profile across processes.
+    model = mlp()
+    model.compile(optimizer="adam", loss="mse")
+    x = np.zeros((8, 16), "float32")
+    profile = smd.profile_model(model, x[:4], **FAST)
+    seen = []
+    callback = smd.ProfilingCallback(on_profile=seen.append, batch_size=4, **FAST)
+    callback.record_profile(profile, model)
+    assert callback.profile is profile
+    assert callback.profiled_model is model
+    assert seen == [profile]
+    model.fit(x, np.zeros((8, 8), "float32"), batch_size=4, epochs=1, verbose=0,
+              callbacks=[callback])
+    assert callback.profile is profile  # not profiled again
+    assert seen == [profile]
+
+
 def test_profiling_callback_rejects_unknown_options():
     with pytest.raises(TypeError, match="repeat"):
         smd.ProfilingCallback(repeat=3)

@@ -45,6 +45,9 @@ _MISSING = object()
 def built_optimizer(model: Any) -> keras.optimizers.Optimizer | None:
     """`model.optimizer` when it exists and is built, else `None`.
 
+    Args:
+        model: a Keras model (compiled or not).
+
     Example:
     >>> built_optimizer(pipe)  # doctest: +SKIP
     <keras.src.optimizers.adam.Adam object at ...>
