@@ -103,6 +103,10 @@ def run_mismatch() -> None:
         pipeline("seq_1f1b_sgd", partition=partition)
     except ValueError as e:
         RESULTS["mismatch"] = str(e)
+    try:  # other gradient buckets on each rank
+        pipeline("seq_1f1b_sgd", bucket_cap_mb=1.0 + RANK)
+    except ValueError as e:
+        RESULTS["mismatch_buckets"] = str(e)
     try:
         smd.PipelineModel(model("seq"), num_stages=WORLD + 1, microbatches=2)
     except ValueError as e:

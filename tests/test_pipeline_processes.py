@@ -128,6 +128,8 @@ def test_two_stages_in_two_processes(tmp_path):
             "match. Received: the partition differs (rank 0: ")
         assert "(stage sizes [2, 2]), rank 1: " in r["mismatch"]
         assert "(stage sizes [3, 1])" in r["mismatch"]
+        assert ("Received: the bucket_cap_mb differs (rank 0: 1.0, rank 1: 2.0)"
+                in r["mismatch_buckets"])
         assert r["bad_batch"].startswith(
             "Every global batch must be a multiple of the number of "
             "micro-batches times the number of pipelines. Received: "

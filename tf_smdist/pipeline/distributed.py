@@ -267,6 +267,8 @@ class ProcessPipeline:
             "placement": self._topo.placement + placement_summary,
             "transfer compression": str(self._compression_name),
             "recompute": str(self._recompute),
+            # The gradient buckets of a data-parallel group must match.
+            "bucket_cap_mb": str(self._bucket_cap_mb),
         }
 
     def _handshake(
