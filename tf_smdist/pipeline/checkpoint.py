@@ -4,7 +4,7 @@ A compiled plain Keras model writes its optimizer's variables into its
 weight files (`save_weights`, `save`) next to the layers' weights, and
 reads them back in `load_weights`; that is how `BackupAndRestore` resumes
 Adam's moments and step count. A `PipelineModel` saves the model it wraps,
-which has no optimizer, so the helpers here attach one for the duration of
+which has no optimizer, so the functions here attach one for the duration of
 the call: the file then holds exactly what the plain model compiled with
 the same optimizer would write (and loads into it).
 
