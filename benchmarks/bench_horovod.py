@@ -13,7 +13,11 @@
      MPI's own speed, no TensorFlow at all). Below about 64 KB this is a
      floor no TensorFlow op can reach: running one op through the executor
      costs several microseconds, more than a small shared-memory all-reduce.
-   The three are measured in alternation, `--rounds` times; medians are
+   A fourth column, "TF loop alone", runs the same loop without any
+   all-reduce (`t * 0.5` only): the TensorFlow side's own cost per
+   iteration (dispatch, and for large tensors allocating and writing them),
+   which both TensorFlow columns pay and the C loop does not.
+   They are measured in alternation, `--rounds` times; medians are
    printed with the ratios. A sanity row measures our 64 KB all-reduce twice
    in alternation as A and B: its ratio shows the noise (no gain is
    possible).
@@ -70,6 +74,7 @@ def _allreduce_worker(args: argparse.Namespace) -> None:
     reducers = {
         "ours": lambda t: hvd.allreduce(t, op=hvd.Sum, name="bench"),
         "op": lambda t: _mpi_ops.host_allreduce(t, group=5),
+        "tf": lambda t: t,
     }
 
     def make_loop(kind: str, iters: int):
@@ -105,18 +110,20 @@ def _allreduce_worker(args: argparse.Namespace) -> None:
     def op(nbytes: int) -> float:
         return timed("op", nbytes)
 
+    def tf_alone(nbytes: int) -> float:
+        return timed("tf", nbytes)
+
     def native(nbytes: int) -> float:
         return _mpi_ops.time_native_allreduce(max(1, nbytes // 4), _iters(nbytes))
 
     results: dict[str, dict[str, list[float]]] = {}
     for nbytes in args.sizes:
-        ours(nbytes)
-        op(nbytes)
-        native(nbytes)
-        entry = results.setdefault(str(nbytes), {"ours": [], "op": [], "mpi": []})
+        kinds = [("ours", ours), ("op", op), ("mpi", native), ("tf", tf_alone)]
+        for _, fn in kinds:
+            fn(nbytes)
+        entry = results.setdefault(str(nbytes), {k: [] for k, _ in kinds})
         for r in range(args.rounds):
-            trio = [("ours", ours), ("op", op), ("mpi", native)]
-            for label, fn in (trio if r % 2 == 0 else trio[::-1]):
+            for label, fn in (kinds if r % 2 == 0 else kinds[::-1]):
                 entry[label].append(fn(nbytes))
     sanity = {"a": [], "b": []}
     for r in range(args.rounds):
@@ -238,16 +245,18 @@ def _allreduce_table(args: argparse.Namespace) -> None:
     res = _launch(["--mode", "allreduce", "--rounds", str(args.rounds),
                    "--sizes", ",".join(map(str, args.sizes))], timeout=1800)
     print("| bytes | hvd.allreduce (ms) | MPI op, same dispatch (ms) | ratio | "
-          "MPI_Allreduce in C (ms) | ratio |")
-    print("|---|---|---|---|---|---|")
+          "MPI_Allreduce in C (ms) | ratio | TF loop alone (ms) |")
+    print("|---|---|---|---|---|---|---|")
     for nbytes in args.sizes:
         r = res[str(nbytes)]
-        ours, op, mpi = (statistics.median(r[k]) for k in ("ours", "op", "mpi"))
+        ours, op, mpi, tf_ = (statistics.median(r[k])
+                              for k in ("ours", "op", "mpi", "tf"))
         print(f"| {_human(nbytes)} | {ours * 1e3:.4f} | {op * 1e3:.4f} | "
-              f"{ours / op:.2f}x | {mpi * 1e3:.4f} | {ours / mpi:.2f}x |")
+              f"{ours / op:.2f}x | {mpi * 1e3:.4f} | {ours / mpi:.2f}x | "
+              f"{tf_ * 1e3:.4f} |")
     a, b = (statistics.median(res["sanity"][k]) for k in ("a", "b"))
     print(f"| sanity: {_human(SANITY_BYTES)} hvd.allreduce A vs B | {a * 1e3:.4f} | "
-          f"{b * 1e3:.4f} | {a / b:.2f}x | | |")
+          f"{b * 1e3:.4f} | {a / b:.2f}x | | | |")
 
 
 def _fit_table(args: argparse.Namespace) -> None:

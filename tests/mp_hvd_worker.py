@@ -432,13 +432,13 @@ def main() -> None:
 
     def fusion():
         before = hvd.debug_counters()
-        # Above the size whose values travel with the negotiation.
-        xs = [tf.fill([100 + i], float(rank + i)) for i in range(40)]
+        # Above the size whose values travel with the negotiation (2 KB).
+        xs = [tf.fill([600 + i], float(rank + i)) for i in range(40)]
         fused = many(xs)
         one_by_one = [hvd.allreduce(x, op=hvd.Average) for x in xs]
         after = hvd.debug_counters()
         for a, b, i in zip(fused, one_by_one, range(40)):
-            want = np.full([100 + i], sum(r + i for r in range(size)) / size,
+            want = np.full([600 + i], sum(r + i for r in range(size)) / size,
                            np.float32)
             close(a.numpy(), want, "float32")
             close(b.numpy(), want, "float32")

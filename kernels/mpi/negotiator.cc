@@ -16,13 +16,17 @@ namespace hvd {
 
 namespace {
 
-// Bytes of the first, fixed-size gather of a cycle; longer announcements
-// take a second gather of the rest.
-constexpr int64_t kSlot = 1024;
+// Bytes per rank of the first, fixed-size gather of a cycle (longer
+// announcements take a second gather of the rest): 32 KB over the set,
+// between 1 and 4 KB per rank, so the gather stays small for large sets.
+int64_t SlotBytes(int size) {
+  return std::max<int64_t>(1024, std::min<int64_t>(4096, (32 << 10) / std::max(1, size)));
+}
 // All-reduces of at most this many bytes carry their values in the
 // announcement: every rank reduces them from the gathered announcements, so
-// they need no collective of their own.
-constexpr int64_t kInlineBytes = 256;
+// they need no collective of their own (one round trip instead of two).
+// Half the slot, which leaves room for the names.
+int64_t InlineBytes(int size) { return SlotBytes(size) / 2; }
 // The world's ordering groups reserved for the global process set (the
 // bucket plans of the data-parallel strategy take groups 1..61).
 constexpr int kWorldNegoGroup = 62;
@@ -466,12 +470,13 @@ mpi::Status Negotiator::Exchange(const std::string& mine, std::vector<std::strin
     }
     label += ", which the late ranks have not)";
   }
-  std::vector<char> send(kSlot, 0);
+  const int64_t slot = SlotBytes(size_);
+  std::vector<char> send(slot, 0);
   int64_t len = static_cast<int64_t>(mine.size());
   std::memcpy(send.data(), &len, sizeof(len));
-  int64_t first = std::min<int64_t>(len, kSlot - 8);
+  int64_t first = std::min<int64_t>(len, slot - 8);
   std::memcpy(send.data() + 8, mine.data(), static_cast<size_t>(first));
-  std::vector<char> recv(static_cast<size_t>(kSlot * size_));
+  std::vector<char> recv(static_cast<size_t>(slot * size_));
   mpi::Request r;
   r.kind = mpi::Kind::kAllgather;
   r.name = label;
@@ -479,25 +484,25 @@ mpi::Status Negotiator::Exchange(const std::string& mine, std::vector<std::strin
   r.group = nego_group_;
   r.send = send.data();
   r.recv = recv.data();
-  r.count = kSlot;
+  r.count = slot;
   r.dtype = mpi::DataType::kUint8;
   mpi::Status s = comm.Run(r);
   if (!s.ok()) return s;
   std::vector<int64_t> lens(size_);
   int64_t max_len = 0;
   for (int i = 0; i < size_; ++i) {
-    std::memcpy(&lens[i], recv.data() + kSlot * i, sizeof(int64_t));
+    std::memcpy(&lens[i], recv.data() + slot * i, sizeof(int64_t));
     max_len = std::max(max_len, lens[i]);
   }
   all->assign(size_, std::string());
   for (int i = 0; i < size_; ++i) {
-    (*all)[i].assign(recv.data() + kSlot * i + 8,
-                     static_cast<size_t>(std::min<int64_t>(lens[i], kSlot - 8)));
+    (*all)[i].assign(recv.data() + slot * i + 8,
+                     static_cast<size_t>(std::min<int64_t>(lens[i], slot - 8)));
   }
-  if (max_len > kSlot - 8) {
-    int64_t rest = max_len - (kSlot - 8);
+  if (max_len > slot - 8) {
+    int64_t rest = max_len - (slot - 8);
     std::vector<char> send2(static_cast<size_t>(rest), 0);
-    if (len > kSlot - 8) std::memcpy(send2.data(), mine.data() + first, len - first);
+    if (len > slot - 8) std::memcpy(send2.data(), mine.data() + first, len - first);
     std::vector<char> recv2(static_cast<size_t>(rest * size_));
     mpi::Request r2;
     r2.kind = mpi::Kind::kAllgather;
@@ -511,9 +516,9 @@ mpi::Status Negotiator::Exchange(const std::string& mine, std::vector<std::strin
     s = comm.Run(r2);
     if (!s.ok()) return s;
     for (int i = 0; i < size_; ++i) {
-      if (lens[i] > kSlot - 8) {
+      if (lens[i] > slot - 8) {
         (*all)[i].append(recv2.data() + rest * i,
-                         static_cast<size_t>(lens[i] - (kSlot - 8)));
+                         static_cast<size_t>(lens[i] - (slot - 8)));
       }
     }
   }
@@ -540,7 +545,7 @@ bool Negotiator::Cycle() {
     w.I64s(e.shape);
     w.I64s(e.splits);
     int64_t bytes = NumElements(e.shape) * ElementSize(e.dtype);
-    bool inline_values = e.type == OpType::kAllreduce && bytes <= kInlineBytes;
+    bool inline_values = e.type == OpType::kAllreduce && bytes <= InlineBytes(size_);
     w.Bytes(e.output, inline_values ? static_cast<size_t>(bytes) : 0);
     std::string name = e.name;
     local_.emplace(name, std::move(e));
@@ -835,7 +840,8 @@ void Negotiator::Execute(const std::vector<std::string>& names) {
     ++i;
     ++executions;
     int64_t meta_bytes = NumElements(meta.shape) * ElementSize(meta.dtype);
-    if (meta.type == OpType::kAllreduce && meta_bytes > 0 && meta_bytes <= kInlineBytes) {
+    if (meta.type == OpType::kAllreduce && meta_bytes > 0 &&
+        meta_bytes <= InlineBytes(size_)) {
       // Every rank sent its values with the announcement: reduce them here,
       // in rank order (the same on every rank). Joined ranks add nothing.
       --executions;
@@ -870,7 +876,7 @@ void Negotiator::Execute(const std::vector<std::string>& names) {
         const Meta& m = next.any();
         int64_t c = NumElements(m.shape);
         if (m.type != OpType::kAllreduce || m.dtype != meta.dtype ||
-            c * esize <= kInlineBytes ||
+            c * esize <= InlineBytes(size_) ||
             ToReduction(m.reduce_op) != red ||
             (total + c) * esize > options_.fusion_threshold) {
           break;
