@@ -58,8 +58,8 @@ def value(rank: int, dtype: str, shape=(2, 3)) -> np.ndarray:
     return base.astype(np_dtype(dtype))
 
 
-def expected_reduce(op: str, dtype: str, size: int) -> np.ndarray:
-    vals = [value(r, dtype).astype(np.float64) for r in range(size)]
+def expected_reduce(op: str, dtype: str, size: int, shape=(2, 3)) -> np.ndarray:
+    vals = [value(r, dtype, shape).astype(np.float64) for r in range(size)]
     if dtype == "bool":
         vals = [v.astype(bool) for v in vals]
         out = {"Sum": np.logical_or.reduce, "Max": np.logical_or.reduce,
@@ -127,6 +127,19 @@ def main() -> None:
                 got = hvd.allreduce(tf.constant(value(rank, dtype)), op=op)
                 close(got.numpy(), expected_reduce(op_name, dtype, size), dtype)
             check(f"allreduce_{dtype}_{op_name}", f)
+
+    # Above the size whose values travel with the negotiation (2 KB): the
+    # MPI all-reduce itself (16-bit floats through MPI's user reductions).
+    def allreduce_large():
+        for dtype in DTYPES:
+            for op_name, op in OPS.items():
+                if dtype == "bool" and op_name == "Average":
+                    continue
+                x = tf.constant(value(rank, dtype, shape=(1024, 3)))
+                got = hvd.allreduce(x, op=op)
+                want = expected_reduce(op_name, dtype, size, shape=(1024, 3))
+                close(got.numpy(), want, dtype)
+    check("allreduce_large", allreduce_large)
 
     def scales():
         x = tf.constant(value(rank, "float32"))
