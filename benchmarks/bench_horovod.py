@@ -40,16 +40,11 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+import _common
+
 SIZES = [4, 64, 1 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20,
          16 << 20, 64 << 20]
 SANITY_BYTES = 64 << 10
@@ -130,21 +125,7 @@ def _allreduce_worker(args: argparse.Namespace) -> None:
         for label in ("a", "b") if r % 2 == 0 else ("b", "a"):
             sanity[label].append(ours(SANITY_BYTES))
     results["sanity"] = sanity
-    if hvd.rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f)
-
-
-def _mlp():
-    import keras
-
-    keras.utils.set_random_seed(0)
-    return keras.Sequential([
-        keras.Input((784,)),
-        keras.layers.Dense(384, activation="relu"),
-        keras.layers.Dense(256, activation="relu"),
-        keras.layers.Dense(10),
-    ])
+    _common.write_result(args.out, results, rank=hvd.rank())
 
 
 def _fit_worker(args: argparse.Namespace) -> None:
@@ -169,7 +150,7 @@ def _fit_worker(args: argparse.Namespace) -> None:
         y = rng.integers(0, 10, per_process * 8).astype(np.int32)
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(
             per_process, drop_remainder=True).repeat()
-        model = _mlp()
+        model, _ = _common.model("mlp")
         model.compile(optimizer=hvd.DistributedOptimizer(keras.optimizers.SGD(0.01)),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         callbacks = [hvd.callbacks.BroadcastGlobalVariablesCallback(0), Clock()]
@@ -185,7 +166,7 @@ def _fit_worker(args: argparse.Namespace) -> None:
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(
             global_batch, drop_remainder=True).repeat()
         with strategy.scope():
-            model = _mlp()
+            model, _ = _common.model("mlp")
             model.compile(optimizer=keras.optimizers.SGD(0.01),
                           loss=keras.losses.SparseCategoricalCrossentropy(
                               from_logits=True))
@@ -197,41 +178,15 @@ def _fit_worker(args: argparse.Namespace) -> None:
         start = args.warmup - 1 + w * args.steps
         elapsed = times[start + args.steps] - times[start]
         rates.append(per_process * size * args.steps / elapsed)
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump({"rates": rates, "params": model.count_params()}, f)
+    _common.write_result(args.out, {"rates": rates, "params": model.count_params()},
+                         rank=rank)
 
 
 # -- driver side -----------------------------------------------------------------
 
 
-def _package_parent() -> str:
-    sys.path.insert(0, REPO)
-    import tf_smdist
-
-    return os.path.dirname(os.path.dirname(os.path.abspath(tf_smdist.__file__)))
-
-
-def _launch(worker_args: list[str], timeout: float) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, "-m", "tf_smdist.launch", "--nproc", "2",
-               "--cpus-per-proc", "1", os.path.abspath(__file__), "--worker",
-               "--out", out, *worker_args]
-        env = dict(os.environ, PYTHONPATH=_package_parent() + os.pathsep
-                   + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="2")
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
-        with open(out) as f:
-            return json.load(f)
-
-
-def _load() -> str:
-    one, five, _ = os.getloadavg()
-    return (f"load average {one:.2f} (1 min), {five:.2f} (5 min) "
-            f"on {os.cpu_count()} cores")
+def _launch_2(worker_args: list[str], timeout: float) -> dict:
+    return _common.launch(__file__, 2, worker_args, timeout=timeout)
 
 
 def _human(nbytes: int) -> str:
@@ -242,7 +197,7 @@ def _human(nbytes: int) -> str:
 
 
 def _allreduce_table(args: argparse.Namespace) -> None:
-    res = _launch(["--mode", "allreduce", "--rounds", str(args.rounds),
+    res = _launch_2(["--mode", "allreduce", "--rounds", str(args.rounds),
                    "--sizes", ",".join(map(str, args.sizes))], timeout=1800)
     print("| bytes | hvd.allreduce (ms) | MPI op, same dispatch (ms) | ratio | "
           "MPI_Allreduce in C (ms) | ratio | TF loop alone (ms) |")
@@ -266,7 +221,7 @@ def _fit_table(args: argparse.Namespace) -> None:
     params = 0
     for r in range(args.fit_rounds):
         for mode in ("hvd", "smd") if r % 2 == 0 else ("smd", "hvd"):
-            res = _launch(["--mode", mode, *common], timeout=1800)
+            res = _launch_2(["--mode", mode, *common], timeout=1800)
             runs[mode].append(statistics.median(res["rates"]))
             params = res["params"]
             print(f"  round {r}: {mode}: {runs[mode][-1]:,.0f} samples/s", flush=True)
@@ -310,13 +265,13 @@ def main() -> None:
         else:
             _fit_worker(args)
         return
-    print(_load(), flush=True)
+    print(_common.load_text(), flush=True)
     if not args.skip_allreduce:
         _allreduce_table(args)
         print(flush=True)
     if not args.skip_fit:
         _fit_table(args)
-    print(_load())
+    print(_common.load_text())
 
 
 if __name__ == "__main__":
