@@ -254,6 +254,7 @@ struct Communicator::Impl {
   double spin_s = 0.002;
   double spin_until = 0;
   double last_activity = 0;
+  int64_t send_poll_us = 500;  // 0: sends are polled like receives (see Setup)
 
   const Options& options() const { return c.options_; }
 
@@ -314,6 +315,19 @@ struct Communicator::Impl {
     ctrl->groups[0].comm = ctrl_comm;
     comms[kControlComm] = std::move(ctrl);
     spin_s = EnvDouble("SMDIST_MPI_SPIN_US", 2000.0) * 1e-6;
+    // Lazy send polling only where every rank shares this host's memory.
+    MPI_Comm node = MPI_COMM_NULL;
+    s = MpiStatus(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL,
+                                      &node),
+                  "MPI_Comm_split_type");
+    if (!s.ok()) return s;
+    int node_size = 0;
+    s = MpiStatus(MPI_Comm_size(node, &node_size), "MPI_Comm_size");
+    if (s.ok()) s = MpiStatus(MPI_Comm_free(&node), "MPI_Comm_free");
+    if (!s.ok()) return s;
+    double poll_default = node_size == c.size_ ? 500.0 : 0.0;
+    send_poll_us = static_cast<int64_t>(
+        std::max(0.0, EnvDouble("SMDIST_MPI_SEND_POLL_US", poll_default)));
     return heartbeats.Start(c.rank_, c.size_, hb_comm, options().heartbeat_s);
   }
 
@@ -716,7 +730,9 @@ struct Communicator::Impl {
   }
 
   void StartPointToPoint(CommState* cs, Request r, double now) {
-    NoteTransfer(r, now);
+    // Only a receive is worth spinning for: a send on one host completes when
+    // the receiver copies the data, whatever this thread does meanwhile.
+    if (r.kind == Kind::kRecv || send_poll_us == 0) NoteTransfer(r, now);
     cs->p2p_inflight.emplace_back();
     InFlight& f = cs->p2p_inflight.back();
     f.start = now;
@@ -843,20 +859,28 @@ struct Communicator::Impl {
   }
 
   // Completes finished requests: each group's in order, point to point in
-  // any order. Returns whether anything completed; sets `*inflight`.
-  bool Complete(bool* inflight) {
+  // any order. Returns whether a collective (or, with `send_poll_us == 0`,
+  // a message) completed; sets `*inflight`
+  // (anything in flight) and `*eager` (a collective or a receive in flight:
+  // someone waits on this thread's polling).
+  bool Complete(bool* inflight, bool* eager) {
     bool busy = false;
     *inflight = false;
+    *eager = false;
     for (auto& kv : comms) {
       CommState& cs = *kv.second;
       for (Group& g : cs.groups) {
         busy = CompleteGroup(cs, g) || busy;
         if (!failure.ok()) return true;
-        *inflight = *inflight || !g.inflight.empty();
+        *eager = *eager || !g.inflight.empty();
       }
-      busy = CompletePointToPoint(cs) || busy;
+      bool messages = CompletePointToPoint(cs);
       if (!failure.ok()) return true;
-      *inflight = *inflight || !cs.p2p_inflight.empty();
+      busy = busy || (messages && send_poll_us == 0);
+      for (const InFlight& f : cs.p2p_inflight) {
+        *eager = *eager || f.request.kind == Kind::kRecv || send_poll_us == 0;
+      }
+      *inflight = *inflight || *eager || !cs.p2p_inflight.empty();
     }
     return busy;
   }
@@ -1022,12 +1046,18 @@ struct Communicator::Impl {
         stop = c.stop_;
       }
       double now = Now();
-      for (Request& r : batch) Accept(std::move(r), now);
+      // Collective activity keeps the thread spinning a while (the next
+      // request of a chain follows soon); messages do not (see Wait).
+      bool busy = !tasks.empty();
+      for (Request& r : batch) {
+        busy = busy || !IsPointToPoint(r.kind) || send_poll_us == 0;
+        Accept(std::move(r), now);
+      }
       for (auto& task : tasks) task();
-      bool busy = !batch.empty() || !tasks.empty();
       if (failure.ok()) busy = StartReady(now) || busy;
       bool inflight = false;
-      if (failure.ok()) busy = Complete(&inflight) || busy;
+      bool eager = false;
+      if (failure.ok()) busy = Complete(&inflight, &eager) || busy;
       now = Now();
       Status hb = heartbeats.Send(now, false, my_state, WorldStarted());
       if (hb.ok()) hb = heartbeats.Poll(now);
@@ -1037,22 +1067,37 @@ struct Communicator::Impl {
       if (failure.ok()) FinishDestroys();
       if (busy) last_activity = now;
       bool idle = failure.ok() ? !inflight && !AnyWaiting() : true;
+      if (!failure.ok()) eager = false;
       if (!benchmarks.empty() && idle) {
         RunBenchmarks();
         last_activity = Now();
         continue;
       }
       if (stop && idle) break;
-      Wait(now, inflight);
+      Wait(now, inflight, eager);
     }
     Finish();
   }
 
-  // Between polls: while requests are in flight, yield the core (spinning
-  // for about as long as the transfer should take, then short sleeps: MPI
-  // progresses non-blocking requests only inside MPI calls); otherwise sleep
-  // until a request arrives or the next heartbeat is due.
-  void Wait(double now, bool inflight) {
+  // Between polls: while a collective or a receive is in flight, yield the
+  // core (spinning for about as long as the transfer should take, then
+  // short sleeps: MPI progresses non-blocking requests only inside MPI
+  // calls). While only sends are in flight, sleep until a request arrives or
+  // `send_poll_us` passes: on one host the receiver copies the data itself
+  // (single-copy shared memory), so polling sends only releases them, and
+  // spinning would take the core from the computation that shares it (a
+  // pipeline stage pinned to one core); with `SMDIST_MPI_SEND_POLL_US=0`
+  // sends are polled like receives (transports where the sender pushes the
+  // data). Otherwise sleep until a request arrives or the next heartbeat is
+  // due.
+  void Wait(double now, bool inflight, bool eager) {
+    if (inflight && !eager) {
+      std::unique_lock<std::mutex> lock(c.mu_);
+      c.cv_.wait_for(lock, std::chrono::microseconds(send_poll_us), [this] {
+        return !c.incoming_.empty() || !c.tasks_.empty() || c.stop_;
+      });
+      return;
+    }
     if (inflight) {
       if (now - last_activity < spin_s || now < spin_until) {
         sched_yield();
