@@ -575,10 +575,14 @@ class ProcessPipeline:
                        local_out: dict) -> list[tf.Tensor]:
         outgoing = self._plan.outgoing(s)
         local_out[(s, m)] = {e.key: values[e.key] for e in outgoing}
+        done = [values[e.key] for e in outgoing]
         for e in outgoing:
             if not self._is_local(e.dst):
-                self._send(values[e.key], e, m, backward=False)
-        return [values[e.key] for e in outgoing]
+                # The next task waits for the send to be posted: with one
+                # inter-op thread it would otherwise run first, and the peer
+                # would wait for it too.
+                done.append(self._send(values[e.key], e, m, backward=False))
+        return done
 
     def train(
         self, micro_x: Sequence[Sequence[tf.Tensor]], loss_fn: LossFn, *,
@@ -686,7 +690,7 @@ class ProcessPipeline:
                         if self._is_local(e.src):
                             local_grad[(e.index, m)] = g
                         else:
-                            self._send(g, e, m, backward=True)
+                            done.append(self._send(g, e, m, backward=True))
                     grads[s] = (var_grads if s not in grads else
                                 [a + g for a, g in zip(grads[s], var_grads)])
                     if last_backward[s] == i:
