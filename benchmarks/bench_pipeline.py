@@ -40,9 +40,14 @@ throughput ratio, the measured bubble `1 - sum(busy) / (K * step)` where
 the ranks' ops, both from the same profiled steps (medians of 3), against
 `(K - 1) / (M + K - 1)`, the share of the step each rank waits beyond the
 formula's bubble (`1 - busy / step - formula`: waiting on
-transfers, the shared end-of-step all-reduce and imbalance), and the bytes
-of variables, gradients and optimizer state (Adam) each process holds
-against the whole model's.
+transfers, the shared end-of-step all-reduce and imbalance), the CPU time
+per step of each rank (all its threads: computation and the communication
+thread), the transfers' own share of the step (the busiest rank's messages
+times one message's time, half a ping-pong round trip of a micro-batch's
+activations between stages 0 and 1), and the bytes of variables, gradients
+and optimizer state (Adam) each process holds against the whole model's.
+
+Every mode always runs M = 1, the sanity row where a pipeline cannot win.
 
 Usage:
     python benchmarks/bench_pipeline.py [--width 1024] [--layers 8]
@@ -54,11 +59,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import time
 
+# The ping-pong's tag on the world communicator (the pipelines use their own).
+_PING_TAG = 7
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -129,9 +137,7 @@ def _serve(args: argparse.Namespace) -> None:
     try:
         _loop(args, build, data, trace_timeline, tf)
     finally:
-        for server in servers:
-            server.kill()
-            server.wait(timeout=30)
+        _stop_servers(servers)
 
 
 _SERVER = (
@@ -144,24 +150,66 @@ _SERVER = (
 )
 
 
-def _start_servers(cores: list[int]) -> tuple[list, list[str]]:
-    """Two TensorFlow servers on free localhost ports, one core each."""
+def _unused_port() -> int:
+    # Free now; a server started later may still lose it to another process,
+    # which `_start_servers` detects (the server exits) and retries.
     import socket
 
-    ports = []
-    for _ in cores:
-        with socket.socket() as s:
-            s.bind(("localhost", 0))
-            ports.append(s.getsockname()[1])
-    workers = [f"localhost:{p}" for p in ports]
-    servers = [
-        subprocess.Popen(
-            [sys.executable, "-c", _SERVER, json.dumps(workers), str(i), str(c)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        for i, c in enumerate(cores)
-    ]
-    return servers, workers
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("localhost", port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _stop_servers(servers: list) -> None:
+    for server in servers:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    for server in servers:
+        server.wait(timeout=30)
+
+
+def _start_servers(
+    cores: list[int], *, attempts: int = 3, timeout: float = 120.0
+) -> tuple[list, list[str]]:
+    """Two TensorFlow servers on localhost, one core each, both listening.
+
+    Waits until every server accepts connections; if one exits first (it
+    lost its port to another process between the choice and the bind), all
+    start again on new ports, up to `attempts` times.
+    """
+    for _ in range(attempts):
+        workers = [f"localhost:{_unused_port()}" for _ in cores]
+        servers = [
+            subprocess.Popen(
+                [sys.executable, "-c", _SERVER, json.dumps(workers), str(i), str(c)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            for i, c in enumerate(cores)
+        ]
+        deadline = time.monotonic() + timeout
+        ready: set[int] = set()
+        while len(ready) < len(workers) and time.monotonic() < deadline:
+            if any(server.poll() is not None for server in servers):
+                break
+            ready |= {i for i, w in enumerate(workers)
+                      if _accepts(int(w.rsplit(":", 1)[1]))}
+            time.sleep(0.2)
+        if len(ready) == len(workers):
+            return servers, workers
+        _stop_servers(servers)
+    raise RuntimeError(
+        f"TensorFlow servers did not start listening in {attempts} attempts")
 
 
 def _loop(args, build, data, trace_timeline, tf) -> None:  # noqa: ANN001
@@ -283,7 +331,7 @@ def main() -> None:
     if args.processes:
         _launch_processes(args)
         return
-    ms = [int(v) for v in args.microbatch_list.split(",")]
+    ms = _microbatches(args)
     configs = [("plain", 1)] + [(mode, m) for m in ms for mode in ("gpipe", "1f1b")]
     workers = {
         "plain": _Worker("plain", args),
@@ -361,6 +409,11 @@ def main() -> None:
         )
 
 
+def _microbatches(args: argparse.Namespace) -> list[int]:
+    """The micro-batch counts to run; M = 1 (the sanity row) always."""
+    return sorted({1, *(int(v) for v in args.microbatch_list.split(","))})
+
+
 def _launch_processes(args: argparse.Namespace) -> None:
     """Starts `--stages` stage processes through the launcher."""
     cmd = [
@@ -415,7 +468,7 @@ def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
             float(step(data)["loss"])
         return model, step
 
-    ms = [int(v) for v in args.microbatch_list.split(",")]
+    ms = _microbatches(args)
     configs = [(mode, m) for m in ms for mode in ("gpipe", "1f1b")]
     size = args.layers // k
     sizes = [size] * (k - 1) + [args.layers - size * (k - 1)]
@@ -428,19 +481,22 @@ def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
     # rank, which the start-up check compares); rank 0 times it.
     plain = compiled(net())[1]
 
-    def timed(step) -> float:  # noqa: ANN001
-        start = time.perf_counter()
+    def timed(step, cpu: list | None = None) -> float:  # noqa: ANN001
+        start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(args.steps):
             out = step(data)
         float(out["loss"])
+        if cpu is not None:
+            cpu.append((time.process_time() - start_cpu) / args.steps)
         return (time.perf_counter() - start) / args.steps
 
     times: dict = {c: [] for c in configs}
+    cpus: dict = {c: [] for c in configs}
     base = []
     for _ in range(args.rounds):
         for c in configs:
             _mpi_ops.barrier()
-            times[c].append(timed(built[c][1]))
+            times[c].append(timed(built[c][1], cpus[c]))
         _mpi_ops.barrier()
         if rank == 0:
             base.append(timed(plain))
@@ -455,9 +511,28 @@ def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
             busy.append(sum(d for _, n, _, d in timeline.ops if "Smdist" not in n))
             span.append(max(t + d for _, _, t, d in timeline.ops)
                         - min(t for _, _, t, _ in timeline.ops))
-        mine = np.array([statistics.median(busy), statistics.median(span)])
+        mine = np.array([statistics.median(busy), statistics.median(span),
+                         statistics.median(cpus[c])])
         every = _mpi_ops.allgather_bytes(mine.astype("float64").tobytes())
         rows.append((c, [np.frombuffer(b, "float64") for b in every]))
+    # One message's time between stages 0 and 1 (half a round trip of two
+    # messages of a micro-batch's activations), per micro-batch count.
+    one_way = {}
+    for m in ms:
+        nbytes = args.batch // m * args.width * 4
+        payload, trips = bytes(nbytes), []
+        _mpi_ops.barrier()
+        for _ in range(20 if rank < 2 else 0):
+            start = time.perf_counter()
+            if rank == 0:
+                _mpi_ops.send_bytes(payload, peer=1, tag=_PING_TAG)
+                _mpi_ops.recv_bytes(nbytes, peer=1, tag=_PING_TAG)
+            else:
+                _mpi_ops.recv_bytes(nbytes, peer=0, tag=_PING_TAG)
+                _mpi_ops.send_bytes(payload, peer=0, tag=_PING_TAG)
+            trips.append(time.perf_counter() - start)
+        if rank == 0:
+            one_way[m] = (nbytes, statistics.median(trips) / 2)
     adam = smd.PipelineModel(net(), num_stages=k, microbatches=ms[-1],
                              partition=sizes)
     adam.compile(optimizer="adam", loss="mse")
@@ -476,10 +551,12 @@ def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
         f"one core with one thread; medians of {args.rounds} interleaved rounds "
         f"of {args.steps} steps; load average {load}"
     )
-    print(f"plain 1 core: {plain_s * 1e3:.1f} ms/step")
-    print("| schedule | M | ms/step | RATIO vs plain | busy ms per rank "
-          "| measured bubble | (K-1)/(M+K-1) | waiting beyond the bubble per rank |")
-    print("|" + "---|" * 8)
+    print(f"plain 1 core: {plain_s * 1e3:.1f} ms/step (per round: "
+          + ", ".join(f"{b * 1e3:.0f}" for b in base) + ")")
+    print("| schedule | M | ms/step | RATIO vs plain | CPU ms/step per rank "
+          "| busy ms per rank | measured bubble | (K-1)/(M+K-1) "
+          "| waiting beyond the bubble per rank | transfers (share of the step) |")
+    print("|" + "---|" * 10)
     for c, per_rank in rows:
         step_s = statistics.median(times[c])
         busy = [r[0] for r in per_rank]
@@ -487,12 +564,17 @@ def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
         traced = max(r[1] for r in per_rank)
         bubble = 1 - sum(busy) / (k * traced)
         formula = (k - 1) / (c[1] + k - 1)
+        nbytes, seconds = one_way[c[1]]
+        # The busiest rank receives 2 M messages (M on the first and last stage).
+        recvs = (2 if k > 2 else 1) * c[1]
         print(
             f"| {c[0]} | {c[1]} | {step_s * 1e3:.1f} | {plain_s / step_s:.2f}x | "
+            + "/".join(f"{r[2] * 1e3:.0f}" for r in per_rank) + " | "
             + "/".join(f"{b * 1e3:.1f}" for b in busy)
             + f" | {bubble:.3f} | {formula:.3f} | "
             + "/".join(f"{max(0.0, 1 - b / traced - formula):.0%}" for b in busy)
-            + " |"
+            + f" | {recvs} x {nbytes / 2**10:.0f} KiB x {seconds * 1e6:.0f} us"
+            f" = {recvs * seconds / step_s:.1%} |"
         )
     names = ["variables", "gradients", "optimizer state", "whole model"]
     print("bytes held per process with Adam (whole model = the model every "
