@@ -398,9 +398,15 @@ def test_more_bandwidth_never_predicts_slower(profile, factor, nodes, latency,
     a = plan(profile, slow, global_batch=16 * nodes)
     b = plan(profile, fast, global_batch=16 * nodes)
     key = lambda r: (r.data_parallel, r.pipeline_stages, r.microbatches,  # noqa: E731
-                     r.schedule, r.aggregation)
+                     r.schedule, r.virtual_stages, r.aggregation)
     slow_rows = {key(r): r for r in a.rows}
-    for r in b.rows:
+    assert len(slow_rows) == len(a.rows) == len(b.rows)
+    # A layout's split minimises its slowest stage, which cheaper transfers
+    # can move (README: "What it ignores"); on the same split, more
+    # bandwidth never predicts a slower step.
+    same_split = [r for r in b.rows if r.stage_sizes == slow_rows[key(r)].stage_sizes]
+    assert same_split
+    for r in same_split:
         assert r.step_time_s <= slow_rows[key(r)].step_time_s * (1 + 1e-9)
     assert b.rows[0].step_time_s <= a.rows[0].step_time_s * (1 + 1e-9)
 
