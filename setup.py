@@ -44,6 +44,15 @@ MPI_SOURCES = [
 ]
 
 
+def _showme(mpicc: str, what: str) -> list[str] | None:
+    """The words of `mpicc --showme:WHAT`, or None when it cannot run."""
+    try:
+        return subprocess.run([mpicc, f"--showme:{what}"], check=True,
+                              capture_output=True, text=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def mpi_build_flags() -> tuple[list[str], list[str]] | None:
     """Returns MPI's (compile, link) flags from `mpicc --showme`, or None.
 
@@ -54,12 +63,8 @@ def mpi_build_flags() -> tuple[list[str], list[str]] | None:
     mpicc = shutil.which("mpicc")
     if mpicc is None:
         return None
-    try:
-        cflags = subprocess.run([mpicc, "--showme:compile"], check=True,
-                                capture_output=True, text=True).stdout.split()
-        lflags = subprocess.run([mpicc, "--showme:link"], check=True,
-                                capture_output=True, text=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
+    cflags, lflags = _showme(mpicc, "compile"), _showme(mpicc, "link")
+    if cflags is None or lflags is None:
         return None
     rpath = ["-Wl,-rpath," + f[2:] for f in lflags if f.startswith("-L")]
     return cflags, lflags + rpath
@@ -87,10 +92,8 @@ def linked_mpi_library(library: str) -> str | None:
     mpicc = shutil.which("mpicc")
     if mpicc is None:
         return None
-    try:
-        dirs = subprocess.run([mpicc, "--showme:libdirs"], check=True,
-                              capture_output=True, text=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
+    dirs = _showme(mpicc, "libdirs")
+    if dirs is None:
         return None
     for d in dirs:
         candidate = os.path.join(d, "libmpi.so")

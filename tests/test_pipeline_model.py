@@ -802,16 +802,7 @@ def test_one_callback_partitions_each_pipeline_it_is_given_to():
 
 
 def test_auto_partition_keeps_nested_models_whole():
-    def make(seed):
-        keras.utils.set_random_seed(seed)
-        inner = keras.Sequential(
-            [keras.Input((5,)), keras.layers.Dense(5, activation="tanh"),
-             keras.layers.Dense(5, activation="tanh")], name="inner")
-        return keras.Sequential(
-            [keras.Input((6,)), keras.layers.Dense(5, activation="tanh"), inner,
-             keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(3)])
-
-    plain, copy = make(0), make(1)
+    plain, copy = nested_model(0), nested_model(1)
     copy.set_weights(plain.get_weights())
     pipe = PipelineModel(copy, num_stages=2, microbatches=2, schedule="1f1b")
     x, y = data("sequential", batch=32)
