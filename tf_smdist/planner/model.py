@@ -11,9 +11,10 @@ replicas of a `K`-stage pipeline with `M` micro-batches:
   layer's time is the line `a + c * batch` through the two, so a fixed
   per-call part (weights read, weight gradients written) is kept whole at
   small micro-batches;
-- pipeline: the stages are the exact min-max split of
-  `tf_smdist.pipeline.partition` (compute plus the point-to-point transfer of
-  the tensors live across each cut, forward and back); the slowest device
+- pipeline: each stage's time per micro-batch is its compute plus the
+  point-to-point transfer of the tensors live across its cuts, forward and
+  back (`tf_smdist.pipeline.cost_model`); the split is the candidate split
+  with the smallest predicted step (`estimate_layout`); the slowest device
   sets the pace of the `M` micro-batches and the others' stages fill and
   drain the pipeline: `(M - 1) * max(t) + sum(t)` for GPipe and 1F1B with
   per-micro-batch stage times `t` (`(M + K - 1) t` for equal stages, the
@@ -26,7 +27,8 @@ replicas of a `K`-stage pipeline with `M` micro-batches:
 - aggregation: each stage's gradients are all-reduced over its `D`-replica
   group with the α-β cost of the algorithm (`tf_smdist.planner.costs`),
   partly hidden under the last backward pass by bucketing
-  (`Cluster.overlap`), and fully under the time later stages finish early;
+  (`Cluster.overlap`), and fully under the time later stages finish early
+  (stage `s` by `s` times the slowest stage's backward compute);
 - shared compute: when the devices share fewer compute units
   (`Cluster.compute_slots`, processes on a host's cores), the compute takes
   at least the busy time of every device together over the units;
@@ -39,21 +41,37 @@ replicas of a `K`-stage pipeline with `M` micro-batches:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 from typing import Any
 
+from tf_smdist.pipeline.cost_model import CostModel
+from tf_smdist.pipeline.partition import partition
 from tf_smdist.pipeline.profile import LayerProfile, Profile, format_bytes
 from tf_smdist.planner import costs
 from tf_smdist.planner.cluster import Cluster
 
 __all__ = [
     "BACKWARD_SHARE",
+    "EXHAUSTIVE_SPLITS",
     "PlanRow",
+    "SPLIT_BANDWIDTHS",
     "SCHEDULES",
     "estimate_layout",
     "pipeline_time",
     "profile_at_batch",
 ]
+
+# Point-to-point bytes/s at which the partitioner's min-max splits are a
+# layout's candidate splits: infinity (compute alone), then every decade
+# from 1e13 down to 1e6. Fixed, so that the candidates do not depend on the
+# cluster's bandwidths.
+SPLIT_BANDWIDTHS = (math.inf, *(10.0**e for e in range(13, 5, -1)))
+# A layout with at most this many splits has every split evaluated.
+EXHAUSTIVE_SPLITS = 128
+# Relative margin within which two predicted steps tie.
+_TIE = 1e-12
 
 # Share of a layer's forward+backward time spent in backward (the usual
 # 1:2 forward:backward ratio; the profile records only the sum).
@@ -79,7 +97,9 @@ class PlanRow:
         memory_per_device: Peak bytes of the most loaded device.
         feasible: Whether every device's memory fits `device_memory`.
         why: Why it is infeasible (the stage and the bytes), else `""`.
-        stage_sizes: Profile positions per stage.
+        stage_sizes: Profile positions per stage of the split chosen for
+            this row (the one with the smallest predicted step among the
+            layout's candidates, see `estimate_layout`).
         compute_s: Seconds of the pipeline's compute and transfers.
         aggregation_s: Seconds of aggregation not hidden under compute.
         update_s: Seconds of the optimizer update.
@@ -359,8 +379,24 @@ def estimate_layout(
     aggregations: tuple[str, ...],
     virtual_stages: int = 1,
     batch_profile: Profile | None = None,
+    split_cache: dict[Any, Any] | None = None,
 ) -> list[PlanRow]:
     """Predicts one layout, once per aggregation algorithm.
+
+    Each row's split of the layers into (virtual) stages is the one, among
+    a set of candidate splits, with the smallest predicted step for that
+    row's aggregation: pipeline, exposed aggregation, update and call
+    overhead, evaluated at the cluster's bandwidths. The candidates are
+    every split when there are at most `EXHAUSTIVE_SPLITS` of them, else
+    the partitioner's min-max splits (`tf_smdist.pipeline.partition`) at
+    the fixed point-to-point bandwidths `SPLIT_BANDWIDTHS`; the candidates
+    that do not fit `device_memory` are dropped, and when some do not, the
+    least-memory split and the memory-constrained min-max splits at the
+    same bandwidths are added. The candidates do not depend on the
+    cluster's bandwidths, and on a fixed split no bandwidth can slow the
+    step, so more bandwidth never predicts a slower row. The layout is
+    feasible when a candidate fits; else its rows are infeasible, on the
+    least-memory split, and say why.
 
     Args:
         profile: The model's `Profile` (as measured; scaled here).
@@ -378,6 +414,9 @@ def estimate_layout(
         batch_profile: The same model profiled at another batch size:
             layer times become `a + c * batch` (`profile_at_batch`).
             Defaults to `None` (times proportional to the batch).
+        split_cache: A dict that keeps the partitioner's splits between
+            calls for the same `profile`, `cluster` and `batch_profile`, as
+            `plan` passes. Defaults to `None` (nothing kept).
 
     Returns:
         One `PlanRow` per aggregation.
@@ -388,8 +427,6 @@ def estimate_layout(
     ...     pipeline_stages=1, microbatches=1, schedule="1f1b",
     ...     aggregations=("ring",))[0].step_time_s
     """
-    from tf_smdist.pipeline.partition import partition
-
     d, k, m = data_parallel, pipeline_stages, microbatches
     v = virtual_stages if schedule == "interleaved" else 1
     replica_batch = global_batch // d
@@ -403,40 +440,180 @@ def estimate_layout(
     else:
         single = single_device_step(profile, cluster, replica_batch)
     scaled = scaled_profile(profile, cluster.compute_scale)
-    across = k > cluster.devices_per_node
-    bandwidth, latency = cluster.p2p(across)
-    common = dict(
+    bandwidth, latency = cluster.p2p(k > cluster.devices_per_node)
+    stages = k * v
+    options = dict(
         microbatches=m,
         schedule=schedule,
         batch_size=replica_batch,
-        bandwidth=bandwidth,
         latency=latency,
         virtual_stages=max(v, 1),
     )
+    cost_model = CostModel(scaled, stages, bandwidth=bandwidth, **options)
     capacity = cluster.device_memory
-    part = partition(scaled, k * v, **common)
-    feasible, why = True, ""
-    if max(part.device_memory) > capacity:
+    cache = {} if split_cache is None else split_cache
+    # Splits at a point-to-point bandwidth depend on the micro-batch size
+    # and latency; with a memory limit, also on the schedule's in-flight
+    # micro-batches.
+    speed_key = (stages, replica_batch / m, latency)
+    limit_key = (*speed_key, m, schedule, v, capacity)
+    # With no tensor live across a cut, every bandwidth gives one split.
+    moving = any(x.live_bytes for x in profile.layers[:-1])
+    bandwidths = SPLIT_BANDWIDTHS if moving else SPLIT_BANDWIDTHS[:1]
+
+    def solve(key: tuple[Any, ...], **kwargs: Any) -> tuple[int, ...]:
+        if key not in cache:
+            split = partition(scaled, stages, **options, **kwargs)
+            cache[key] = tuple(split.stage_sizes)
+        return cache[key]
+
+    splits = [solve(("speed", *speed_key, math.inf), bandwidth=math.inf)]
+    exhaustive = math.comb(len(profile) - 1, stages - 1) <= EXHAUSTIVE_SPLITS
+    if exhaustive:
+        splits.extend(_compositions(len(profile), stages))
+    else:
+        splits.extend(
+            solve(("speed", *speed_key, b), bandwidth=b) for b in bandwidths[1:]
+        )
+    splits = list(dict.fromkeys(splits))
+    evaluate = functools.lru_cache(maxsize=None)(
+        lambda sizes: _evaluate_split(sizes, cost_model, profile, cluster, d, k, m, v)
+    )
+    fitting = [s for s in splits if evaluate(s).memory <= capacity]
+    if len(fitting) < len(splits) and not exhaustive:
+        extra = [solve(("memory", *limit_key), optimize="memory", bandwidth=math.inf)]
         try:
-            part = partition(scaled, k * v, memory_capacity=capacity, **common)
+            extra.extend(
+                solve(("limit", *limit_key, b), bandwidth=b, memory_capacity=capacity)
+                for b in bandwidths
+            )
         except ValueError:
-            feasible = False
-            tight = partition(scaled, k * v, optimize="memory", **common)
-            why = _why(tight, profile, capacity, v)
-            part = tight
-    estimates = part.estimates
+            pass  # No split has every stage within its share of the device.
+        fitting.extend(
+            s
+            for s in dict.fromkeys(extra)
+            if s not in fitting and evaluate(s).memory <= capacity
+        )
+    why = ""
+    if not fitting:
+        tight = partition(
+            scaled, stages, optimize="memory", bandwidth=bandwidth, **options
+        )
+        why = _why(tight, profile, capacity, v)
+        fitting = [tuple(tight.stage_sizes)]
+    rows = []
+    for aggregation in aggregations:
+        name = aggregation if d > 1 else "none"
+        steps = [evaluate(s).step(name, cluster, d, k) for s in fitting]
+        fastest = min(steps)
+        # The first candidate within rounding of the fastest: the min-max
+        # split at infinite bandwidth wins ties.
+        index = next(i for i, t in enumerate(steps) if t <= fastest * (1 + _TIE))
+        split = evaluate(fitting[index])
+        step = steps[index]
+        rows.append(
+            PlanRow(
+                data_parallel=d,
+                pipeline_stages=k,
+                microbatches=m,
+                schedule=schedule,
+                aggregation=name,
+                step_time_s=step,
+                samples_per_s=global_batch / step,
+                efficiency=(global_batch / step) / (d * k * replica_batch / single),
+                memory_per_device=split.memory,
+                feasible=not why,
+                why=why,
+                stage_sizes=split.sizes,
+                compute_s=split.pipe,
+                aggregation_s=split.exposed(name, cluster, d, k),
+                update_s=split.update,
+                virtual_stages=v,
+            )
+        )
+        if d == 1:
+            break
+    return rows
+
+
+def _compositions(total: int, parts: int) -> list[tuple[int, ...]]:
+    """Every split of `total` positions into `parts` non-empty stages."""
+    out = []
+    for cuts in itertools.combinations(range(1, total), parts - 1):
+        bounds = (0, *cuts, total)
+        out.append(tuple(bounds[i + 1] - bounds[i] for i in range(parts)))
+    return out
+
+
+@dataclasses.dataclass
+class _Split:
+    """One split of a layout, evaluated at the cluster's bandwidths."""
+
+    sizes: tuple[int, ...]
+    memory: float
+    pipe: float
+    update: float
+    call_overhead: float
+    grad_bytes: list[float]
+    backward: list[float]
+    clock: float
+
+    _exposed: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def exposed(self, aggregation: str, cluster: Cluster, d: int, k: int) -> float:
+        """Seconds of aggregation not hidden under compute."""
+        if aggregation == "none":
+            return 0.0
+        if aggregation in self._exposed:
+            return self._exposed[aggregation]
+        nodes, per_node = _group_shape(cluster, d, k)
+        exposed = 0.0
+        for s, (grad_bytes, backward) in enumerate(zip(self.grad_bytes, self.backward)):
+            total = aggregation_time(grad_bytes, aggregation, cluster, nodes, per_node)
+            tail = costs.overlapped_aggregation(
+                total,
+                backward,
+                costs.num_buckets(grad_bytes, cluster.bucket_bytes),
+                cluster.overlap,
+            )
+            # Stage s ends its last backward s backward-clocks before stage 0
+            # (with interleaving, device s's last task is stage s's backward).
+            exposed = max(exposed, tail - s * self.clock)
+        self._exposed[aggregation] = exposed
+        return exposed
+
+    def step(self, aggregation: str, cluster: Cluster, d: int, k: int) -> float:
+        """Predicted seconds per step."""
+        return (
+            self.pipe
+            + self.exposed(aggregation, cluster, d, k)
+            + self.update
+            + self.call_overhead
+        )
+
+
+def _evaluate_split(
+    sizes: tuple[int, ...],
+    cost_model: CostModel,
+    profile: Profile,
+    cluster: Cluster,
+    d: int,
+    k: int,
+    m: int,
+    v: int,
+) -> _Split:
+    """The step's parts on the split `sizes` (`K * v` stages)."""
+    estimates = cost_model.estimate(sizes)
     task = 2 * cluster.task_overhead
     stage_times = [e.time + task for e in estimates]
-    stage_max = max(stage_times)
     pipe = pipeline_time(stage_times, m, v)
     slots = cluster.compute_slots
     if slots is not None and d * k > slots:
         # Processor sharing: a device idle in the bubble lends its compute
         # unit to the others, so the whole job's work sets a floor.
-        busy = d * m * sum(e.time + task for e in estimates)
-        pipe = max(pipe, busy / slots)
+        pipe = max(pipe, d * m * sum(stage_times) / slots)
     bounds = [0]
-    for size in part.stage_sizes:
+    for size in sizes:
         bounds.append(bounds[-1] + size)
     # Device s holds (virtual) stages s, s + K, ...
     layer_groups = [
@@ -447,49 +624,19 @@ def estimate_layout(
         )
         for s in range(k)
     ]
-    update = max(_update_time(group, cluster) for group in layer_groups)
-    nodes, per_node = _group_shape(cluster, d, k)
-    backward_clock = BACKWARD_SHARE * stage_max
-    rows = []
-    for aggregation in aggregations:
-        exposed = 0.0
-        for s, group in enumerate(layer_groups):
-            grad_bytes = sum(x.trainable_bytes for x in group)
-            total = aggregation_time(grad_bytes, aggregation, cluster, nodes, per_node)
-            backward = BACKWARD_SHARE * (estimates[s].compute_time + task)
-            tail = costs.overlapped_aggregation(
-                total,
-                backward,
-                costs.num_buckets(grad_bytes, cluster.bucket_bytes),
-                cluster.overlap,
-            )
-            # Stage s ends its last backward s backward-clocks before stage 0
-            # (with interleaving, device s's last task is stage s's backward).
-            exposed = max(exposed, tail - s * backward_clock)
-        step = pipe + exposed + update + profile.call_overhead
-        rows.append(
-            PlanRow(
-                data_parallel=d,
-                pipeline_stages=k,
-                microbatches=m,
-                schedule=schedule,
-                aggregation=aggregation if d > 1 else "none",
-                step_time_s=step,
-                samples_per_s=global_batch / step,
-                efficiency=(global_batch / step) / (d * k * replica_batch / single),
-                memory_per_device=max(part.device_memory),
-                feasible=feasible,
-                why=why,
-                stage_sizes=tuple(part.stage_sizes),
-                compute_s=pipe,
-                aggregation_s=exposed,
-                update_s=update,
-                virtual_stages=v,
-            )
-        )
-        if d == 1:
-            break
-    return rows
+    computes = [e.compute_time + task for e in estimates]
+    return _Split(
+        sizes=tuple(sizes),
+        memory=max(cost_model.device_memory(estimates)),
+        pipe=pipe,
+        update=max(_update_time(group, cluster) for group in layer_groups),
+        call_overhead=profile.call_overhead,
+        grad_bytes=[sum(x.trainable_bytes for x in group) for group in layer_groups],
+        backward=[BACKWARD_SHARE * computes[s] for s in range(k)],
+        # Compute only: transfers would make the clock, and so the hidden
+        # aggregation, shrink as the point-to-point bandwidth grows.
+        clock=BACKWARD_SHARE * max(computes),
+    )
 
 
 def _why(tight: Any, profile: Profile, capacity: float, virtual_stages: int = 1) -> str:

@@ -308,6 +308,7 @@ def plan(
         )
     rows: list[PlanRow] = []
     skipped = []
+    split_cache: dict[Any, Any] = {}
     for d, k in layouts:
         if global_batch % d:
             skipped.append(f"D={d} (global_batch % D != 0)")
@@ -343,6 +344,7 @@ def plan(
                             aggregations=aggregations,
                             virtual_stages=v,
                             batch_profile=batch_profile,
+                            split_cache=split_cache,
                         )
                     )
     if not rows:
