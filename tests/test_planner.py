@@ -316,6 +316,16 @@ def test_memory_limit_moves_the_split_before_giving_up():
     tight = plan(profile, make_cluster(device_memory=45_000), global_batch=8,
                  pipeline_stages=2, microbatches=1).rows[0]
     assert tight.feasible and tight.stage_sizes == (2, 2)
+    # With the partitioner's candidates only (a large model's), the
+    # memory-constrained split is added when the fastest does not fit.
+    with mock.patch.object(planner_model, "EXHAUSTIVE_SPLITS", 0):
+        tight = plan(profile, make_cluster(device_memory=45_000), global_batch=8,
+                     pipeline_stages=2, microbatches=1).rows[0]
+        assert tight.feasible and tight.stage_sizes == (2, 2)
+        infeasible = plan(profile, make_cluster(device_memory=35_000),
+                          global_batch=8, pipeline_stages=2,
+                          microbatches=1).rows[0]
+        assert not infeasible.feasible and "needs 40000 bytes" in infeasible.why
 
 
 # -- the search ----------------------------------------------------------------
