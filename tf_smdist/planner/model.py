@@ -44,6 +44,7 @@ import dataclasses
 import functools
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 from tf_smdist.pipeline.cost_model import CostModel
@@ -476,7 +477,7 @@ def estimate_layout(
             solve(("speed", *speed_key, b), bandwidth=b) for b in bandwidths[1:]
         )
     splits = list(dict.fromkeys(splits))
-    evaluate = functools.lru_cache(maxsize=None)(
+    evaluate = functools.cache(
         lambda sizes: _evaluate_split(sizes, cost_model, profile, cluster, d, k, m, v)
     )
     fitting = [s for s in splits if evaluate(s).memory <= capacity]
@@ -501,16 +502,26 @@ def estimate_layout(
         )
         why = _why(tight, profile, capacity, v)
         fitting = [tuple(tight.stage_sizes)]
+    nodes, per_node = _group_shape(cluster, d, k)
+
+    @functools.cache
+    def tail(aggregation: str, grad_bytes: float, backward: float) -> float:
+        """Seconds a device's aggregation runs past its last backward."""
+        total = aggregation_time(grad_bytes, aggregation, cluster, nodes, per_node)
+        return costs.overlapped_aggregation(
+            total,
+            backward,
+            costs.num_buckets(grad_bytes, cluster.bucket_bytes),
+            cluster.overlap,
+        )
+
+    candidates = [evaluate(s) for s in fitting]
     rows = []
     for aggregation in aggregations:
         name = aggregation if d > 1 else "none"
-        steps = [evaluate(s).step(name, cluster, d, k) for s in fitting]
-        fastest = min(steps)
-        # The first candidate within rounding of the fastest: the min-max
-        # split at infinite bandwidth wins ties.
-        index = next(i for i, t in enumerate(steps) if t <= fastest * (1 + _TIE))
-        split = evaluate(fitting[index])
-        step = steps[index]
+        split, step = _fastest(
+            candidates, functools.partial(_Split.step, aggregation=name, tail=tail)
+        )
         rows.append(
             PlanRow(
                 data_parallel=d,
@@ -526,7 +537,7 @@ def estimate_layout(
                 why=why,
                 stage_sizes=split.sizes,
                 compute_s=split.pipe,
-                aggregation_s=split.exposed(name, cluster, d, k),
+                aggregation_s=split.exposed(name, tail),
                 update_s=split.update,
                 virtual_stages=v,
             )
@@ -560,36 +571,63 @@ class _Split:
 
     _exposed: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    def exposed(self, aggregation: str, cluster: Cluster, d: int, k: int) -> float:
-        """Seconds of aggregation not hidden under compute."""
+    @property
+    def base(self) -> float:
+        """The step without aggregation: a lower bound of `step`."""
+        return self.pipe + self.update + self.call_overhead
+
+    def exposed(self, aggregation: str, tail: Callable[..., float]) -> float:
+        """Seconds of aggregation not hidden under compute.
+
+        `tail(aggregation, grad_bytes, backward)` gives the seconds a
+        device's aggregation runs past its last backward.
+        """
         if aggregation == "none":
             return 0.0
-        if aggregation in self._exposed:
-            return self._exposed[aggregation]
-        nodes, per_node = _group_shape(cluster, d, k)
-        exposed = 0.0
-        for s, (grad_bytes, backward) in enumerate(zip(self.grad_bytes, self.backward)):
-            total = aggregation_time(grad_bytes, aggregation, cluster, nodes, per_node)
-            tail = costs.overlapped_aggregation(
-                total,
-                backward,
-                costs.num_buckets(grad_bytes, cluster.bucket_bytes),
-                cluster.overlap,
-            )
-            # Stage s ends its last backward s backward-clocks before stage 0
-            # (with interleaving, device s's last task is stage s's backward).
-            exposed = max(exposed, tail - s * self.clock)
-        self._exposed[aggregation] = exposed
-        return exposed
+        if aggregation not in self._exposed:
+            exposed = 0.0
+            for s, (grad_bytes, backward) in enumerate(
+                zip(self.grad_bytes, self.backward)
+            ):
+                # Stage s ends its last backward s backward-clocks before
+                # stage 0 (with interleaving, device s's last task is stage
+                # s's backward).
+                late = tail(aggregation, grad_bytes, backward) - s * self.clock
+                exposed = max(exposed, late)
+            self._exposed[aggregation] = exposed
+        return self._exposed[aggregation]
 
-    def step(self, aggregation: str, cluster: Cluster, d: int, k: int) -> float:
-        """Predicted seconds per step."""
-        return (
-            self.pipe
-            + self.exposed(aggregation, cluster, d, k)
-            + self.update
-            + self.call_overhead
-        )
+    def step(self, aggregation: str, tail: Callable[..., float]) -> float:
+        """Predicted seconds per step (never below `base`)."""
+        exposed = self.exposed(aggregation, tail)
+        return self.pipe + exposed + self.update + self.call_overhead
+
+
+def _fastest(
+    candidates: list[_Split], step: Callable[[_Split], float]
+) -> tuple[_Split, float]:
+    """The first candidate whose step ties the smallest, and its step.
+
+    Candidates whose `base` already exceeds the fastest step found are not
+    evaluated; the result is the same as evaluating every one.
+    """
+    steps: dict[int, float] = {}
+    fastest = math.inf
+    for i in sorted(range(len(candidates)), key=lambda i: candidates[i].base):
+        if candidates[i].base > fastest:
+            break
+        steps[i] = step(candidates[i])
+        fastest = min(fastest, steps[i])
+    # The first within rounding of the fastest, in the candidates' order:
+    # the min-max split at infinite bandwidth wins ties.
+    limit = fastest * (1 + _TIE)
+    for i, candidate in enumerate(candidates):
+        if candidate.base <= limit:
+            if i not in steps:
+                steps[i] = step(candidate)
+            if steps[i] <= limit:
+                return candidate, steps[i]
+    raise AssertionError("unreachable: the fastest candidate is within limit")
 
 
 def _evaluate_split(
