@@ -221,3 +221,28 @@ def test_solver_is_fast_for_hundreds_of_layers():
     compute = rng.exponential(1.0, 400)
     sizes = solve_partition(compute, 8, cut_costs=rng.exponential(0.1, 399))
     assert sum(sizes) == 400 and len(sizes) == 8
+
+
+def test_broadcast_gives_the_loops_result():
+    # Stage-dependent costs and limits, ties included (integer costs): one
+    # call per stage over every end returns what one call per end returns.
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        n = int(rng.integers(1, 12))
+        k = int(rng.integers(1, n + 1))
+        prefix = np.concatenate([[0], np.cumsum(rng.integers(0, 4, n))])
+        cut = np.concatenate([rng.integers(0, 3, n), [0]])
+        scale = rng.integers(1, 3, k)
+        limit = int(rng.integers(1, 12))
+
+        def cost(s, a, b, prefix=prefix, cut=cut, scale=scale):
+            return scale[s] * (prefix[b] - prefix[a]) + cut[b - 1] + cut[a]
+
+        def fits(s, a, b, limit=limit):
+            return b - a <= limit + s
+
+        for stage_fits in (None, fits):
+            loop = min_max_partition(n, k, cost, stage_fits=stage_fits)
+            once = min_max_partition(n, k, cost, stage_fits=stage_fits,
+                                     broadcast=True)
+            assert once == loop

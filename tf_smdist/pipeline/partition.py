@@ -476,7 +476,11 @@ def _solve(
         return model.stage_memory(s, starts, end) <= capacity[s]  # type: ignore[index]
 
     _, sizes = min_max_partition(
-        n, num_stages, objective, stage_fits=None if capacity is None else fits
+        n,
+        num_stages,
+        objective,
+        stage_fits=None if capacity is None else fits,
+        broadcast=True,
     )
     if sizes:
         return sizes
@@ -486,7 +490,7 @@ def _solve(
     def ratio(s: int, starts: np.ndarray, end: int) -> np.ndarray:
         return model.stage_memory(s, starts, end) / capacity[s]
 
-    worst_ratio, tight = min_max_partition(n, num_stages, ratio)
+    worst_ratio, tight = min_max_partition(n, num_stages, ratio, broadcast=True)
     estimates = model.estimate(tight)
     worst = max(range(num_stages), key=lambda s: estimates[s].memory / capacity[s])
     names = model.profile.layer_names

@@ -49,6 +49,7 @@ def min_max_partition(
     stage_cost: StageFn,
     *,
     stage_fits: StageFn | None = None,
+    broadcast: bool = False,
 ) -> tuple[float, list[int]]:
     """Splits `num_layers` layers into contiguous stages minimising the worst one.
 
@@ -56,7 +57,8 @@ def min_max_partition(
     smallest possible largest cost of splitting layers `[0, b)` into `s + 1`
     stages, and `best[s][b] = min_a max(best[s-1][a], stage_cost(s, a, b))` over
     the starts `a` whose stage `[a, b)` fits (`stage_fits(s, a, b)` true). It
-    runs in O(num_stages * num_layers^2) cost evaluations, vectorised over `a`.
+    runs in O(num_stages * num_layers^2) cost evaluations, vectorised over `a`
+    (and over `b` with `broadcast`).
 
     Args:
         num_layers: Number of layers, `n >= num_stages`.
@@ -66,6 +68,11 @@ def min_max_partition(
         stage_fits: Optional `stage_fits(s, a, b)` returning a boolean array,
             true where stage `s` may hold layers `[a[i], b)`. Defaults to `None`
             (every stage fits).
+        broadcast: Whether `stage_cost` and `stage_fits` also take `a` as a
+            column and `b` as a row of ints and return their broadcast
+            shape (as `CostModel.stage_time` does); each stage is then one
+            call for all its ends, with the same result. Defaults to
+            `False`.
 
     Returns:
         `(bottleneck, stage_sizes)`; `bottleneck` is `math.inf` and
@@ -79,20 +86,23 @@ def min_max_partition(
     n, k_total = num_layers, num_stages
     best = np.full((k_total, n + 1), np.inf)
     choice = np.zeros((k_total, n + 1), dtype=np.int64)
-    for s in range(k_total):
-        # Stage s ends at b; it starts after s earlier stages of >= 1 layer each
-        # and leaves >= 1 layer for each of the K - 1 - s later stages.
-        for b in range(s + 1, n - (k_total - 1 - s) + 1):
-            starts = np.arange(s, b) if s else np.zeros(1, dtype=np.int64)
-            costs = np.asarray(stage_cost(s, starts, b), dtype=np.float64)
-            if s:
-                costs = np.maximum(best[s - 1, starts], costs)
-            if stage_fits is not None:
-                fits = np.asarray(stage_fits(s, starts, b), dtype=bool)
-                costs = np.where(fits, costs, np.inf)
-            index = int(np.argmin(costs))
-            best[s, b] = costs[index]
-            choice[s, b] = starts[index]
+    if broadcast:
+        _fill_by_stage(best, choice, stage_cost, stage_fits)
+    else:
+        for s in range(k_total):
+            # Stage s ends at b; it starts after s earlier stages of >= 1 layer each
+            # and leaves >= 1 layer for each of the K - 1 - s later stages.
+            for b in range(s + 1, n - (k_total - 1 - s) + 1):
+                starts = np.arange(s, b) if s else np.zeros(1, dtype=np.int64)
+                costs = np.asarray(stage_cost(s, starts, b), dtype=np.float64)
+                if s:
+                    costs = np.maximum(best[s - 1, starts], costs)
+                if stage_fits is not None:
+                    fits = np.asarray(stage_fits(s, starts, b), dtype=bool)
+                    costs = np.where(fits, costs, np.inf)
+                index = int(np.argmin(costs))
+                best[s, b] = costs[index]
+                choice[s, b] = starts[index]
     bottleneck = float(best[k_total - 1, n])
     if math.isinf(bottleneck):
         return bottleneck, []
@@ -102,6 +112,34 @@ def min_max_partition(
     bounds.append(0)
     bounds.reverse()
     return bottleneck, [bounds[i + 1] - bounds[i] for i in range(k_total)]
+
+
+def _fill_by_stage(
+    best: np.ndarray,
+    choice: np.ndarray,
+    stage_cost: StageFn,
+    stage_fits: StageFn | None,
+) -> None:
+    """`min_max_partition`'s tables, one call per stage for all its ends.
+
+    Starts form a column and ends a row; starts at or past their end are
+    masked, so each end's first minimum is the one the per-end loop finds.
+    """
+    k_total, n = best.shape[0], best.shape[1] - 1
+    for s in range(k_total):
+        ends = np.arange(s + 1, n - (k_total - 1 - s) + 1)
+        starts = np.arange(s, ends[-1])[:, None] if s else np.zeros((1, 1), np.int64)
+        costs = np.asarray(stage_cost(s, starts, ends[None, :]), dtype=np.float64)
+        costs = np.broadcast_to(costs, (starts.shape[0], ends.shape[0]))
+        if s:
+            costs = np.maximum(best[s - 1, starts], costs)
+        if stage_fits is not None:
+            fits = np.asarray(stage_fits(s, starts, ends[None, :]), dtype=bool)
+            costs = np.where(fits, costs, np.inf)
+        costs = np.where(starts < ends[None, :], costs, np.inf)
+        index = np.argmin(costs, axis=0)
+        best[s, ends] = costs[index, np.arange(ends.shape[0])]
+        choice[s, ends] = starts[index, 0]
 
 
 def solve_partition(
