@@ -47,6 +47,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from tf_smdist.pipeline.cost_model import CostModel
 from tf_smdist.pipeline.partition import partition
 from tf_smdist.pipeline.profile import LayerProfile, Profile, format_bytes
@@ -273,10 +275,15 @@ def pipeline_time(
 
 
 def _update_time(layers: tuple[LayerProfile, ...], cluster: Cluster) -> float:
-    if cluster.memory_bandwidth is None:
-        return 0.0
     trainable = sum(x.trainable_bytes for x in layers)
     state = sum(x.optimizer_bytes for x in layers)
+    return _update_seconds(trainable, state, cluster)
+
+
+def _update_seconds(trainable: Any, state: Any, cluster: Cluster) -> Any:
+    """Seconds to update `trainable` parameter bytes and `state` bytes."""
+    if cluster.memory_bandwidth is None:
+        return 0.0 * trainable
     # Read parameters and gradients, write parameters; read and write state.
     return (3 * trainable + 2 * state) / cluster.memory_bandwidth
 
@@ -477,9 +484,18 @@ def estimate_layout(
             solve(("speed", *speed_key, b), bandwidth=b) for b in bandwidths[1:]
         )
     splits = list(dict.fromkeys(splits))
-    evaluate = functools.cache(
-        lambda sizes: _evaluate_split(sizes, cost_model, profile, cluster, d, k, m, v)
-    )
+    evaluated: dict[tuple[int, ...], _Split] = {}
+
+    def evaluate(sizes: tuple[int, ...]) -> _Split:
+        return evaluated[sizes]
+
+    def evaluate_all(candidates: list[tuple[int, ...]]) -> None:
+        new = [s for s in dict.fromkeys(candidates) if s not in evaluated]
+        if new:
+            args = (cost_model, profile, cluster, d, k, m, v)
+            evaluated.update(zip(new, _evaluate_splits(new, *args)))
+
+    evaluate_all(splits)
     fitting = [s for s in splits if evaluate(s).memory <= capacity]
     if len(fitting) < len(splits) and not exhaustive:
         extra = [solve(("memory", *limit_key), optimize="memory", bandwidth=math.inf)]
@@ -490,6 +506,7 @@ def estimate_layout(
             )
         except ValueError:
             pass  # No split has every stage within its share of the device.
+        evaluate_all(extra)
         fitting.extend(
             s
             for s in dict.fromkeys(extra)
@@ -502,6 +519,7 @@ def estimate_layout(
         )
         why = _why(tight, profile, capacity, v)
         fitting = [tuple(tight.stage_sizes)]
+        evaluate_all(fitting)
     nodes, per_node = _group_shape(cluster, d, k)
 
     @functools.cache
@@ -630,8 +648,8 @@ def _fastest(
     raise AssertionError("unreachable: the fastest candidate is within limit")
 
 
-def _evaluate_split(
-    sizes: tuple[int, ...],
+def _evaluate_splits(
+    splits: list[tuple[int, ...]],
     cost_model: CostModel,
     profile: Profile,
     cluster: Cluster,
@@ -639,42 +657,60 @@ def _evaluate_split(
     k: int,
     m: int,
     v: int,
-) -> _Split:
-    """The step's parts on the split `sizes` (`K * v` stages)."""
-    estimates = cost_model.estimate(sizes)
+) -> list[_Split]:
+    """The step's parts on each split of `K * v` stages, all splits at once."""
+    count, stages = len(splits), k * v
+    bounds = np.zeros((count, stages + 1), dtype=np.int64)
+    bounds[:, 1:] = np.cumsum(np.array(splits, dtype=np.int64), axis=1)
+    a, b = bounds[:, :-1], bounds[:, 1:]
     task = 2 * cluster.task_overhead
-    stage_times = [e.time + task for e in estimates]
-    pipe = pipeline_time(stage_times, m, v)
-    slots = cluster.compute_slots
-    if slots is not None and d * k > slots:
-        # Processor sharing: a device idle in the bubble lends its compute
-        # unit to the others, so the whole job's work sets a floor.
-        pipe = max(pipe, d * m * sum(stage_times) / slots)
-    bounds = [0]
-    for size in sizes:
-        bounds.append(bounds[-1] + size)
-    # Device s holds (virtual) stages s, s + K, ...
-    layer_groups = [
-        tuple(
-            x
-            for chunk in range(s, k * v, k)
-            for x in profile.layers[bounds[chunk] : bounds[chunk + 1]]
-        )
-        for s in range(k)
-    ]
-    computes = [e.compute_time + task for e in estimates]
-    return _Split(
-        sizes=tuple(sizes),
-        memory=max(cost_model.device_memory(estimates)),
-        pipe=pipe,
-        update=max(_update_time(group, cluster) for group in layer_groups),
-        call_overhead=profile.call_overhead,
-        grad_bytes=[sum(x.trainable_bytes for x in group) for group in layer_groups],
-        backward=[BACKWARD_SHARE * computes[s] for s in range(k)],
-        # Compute only: transfers would make the clock, and so the hidden
-        # aggregation, shrink as the point-to-point bandwidth grows.
-        clock=BACKWARD_SHARE * max(computes),
+    # One column per stage: CostModel takes arrays of starts and ends.
+    times = task + np.stack(
+        [cost_model.stage_time(s, a[:, s], b[:, s]) for s in range(stages)], axis=1
     )
+    memory = np.stack(
+        [cost_model.stage_memory(s, a[:, s], b[:, s]) for s in range(stages)], axis=1
+    )
+    compute_prefix = np.concatenate([[0.0], np.cumsum(cost_model.compute_costs)])
+    computes = task + compute_prefix[b] - compute_prefix[a]
+
+    def per_device(values: np.ndarray) -> np.ndarray:
+        # Device s holds (virtual) stages s, s + K, ...
+        return values.reshape(-1, v, k).sum(axis=1)
+
+    def layer_sums(values: list[int]) -> np.ndarray:
+        prefix = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
+        return per_device(prefix[b] - prefix[a])
+
+    grad_bytes = layer_sums([x.trainable_bytes for x in profile.layers])
+    state = layer_sums([x.optimizer_bytes for x in profile.layers])
+    device_memory = per_device(memory).max(axis=1)
+    update = _update_seconds(grad_bytes, state, cluster).max(axis=1)
+    slots = cluster.compute_slots
+    out = []
+    for c, sizes in enumerate(splits):
+        pipe = pipeline_time(times[c].tolist(), m, v)
+        if slots is not None and d * k > slots:
+            # Processor sharing: a device idle in the bubble lends its
+            # compute unit to the others, so the whole job's work sets a
+            # floor.
+            pipe = max(pipe, d * m * float(times[c].sum()) / slots)
+        out.append(
+            _Split(
+                sizes=tuple(sizes),
+                memory=float(device_memory[c]),
+                pipe=pipe,
+                update=float(update[c]),
+                call_overhead=profile.call_overhead,
+                grad_bytes=grad_bytes[c].tolist(),
+                backward=(BACKWARD_SHARE * computes[c, :k]).tolist(),
+                # Compute only: transfers would make the clock, and so the
+                # hidden aggregation, shrink as the point-to-point bandwidth
+                # grows.
+                clock=BACKWARD_SHARE * float(computes[c].max()),
+            )
+        )
+    return out
 
 
 def _why(tight: Any, profile: Profile, capacity: float, virtual_stages: int = 1) -> str:
