@@ -418,7 +418,7 @@ def _check_more_bandwidth_never_predicts_slower(profile, factor, nodes, latency,
     assert b.rows[0].step_time_s <= a.rows[0].step_time_s * (1 + 1e-9)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(profile=profiles, factor=st.floats(1.0, 100.0),
        nodes=st.sampled_from([1, 2, 4]), latency=st.floats(0, 1e-4),
        overlap=st.floats(0, 1))
@@ -429,7 +429,7 @@ def test_more_bandwidth_never_predicts_slower(profile, factor, nodes, latency,
                                                 overlap)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(profile=profiles, factor=st.floats(1.0, 100.0),
        nodes=st.sampled_from([1, 2, 4]), latency=st.floats(0, 1e-4),
        overlap=st.floats(0, 1))
