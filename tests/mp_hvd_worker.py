@@ -141,6 +141,22 @@ def main() -> None:
                 close(got.numpy(), want, dtype)
     check("allreduce_large", allreduce_large)
 
+    # From 256 KB the communication thread runs its own ring all-reduce
+    # (point-to-point chunks, summed by MPI_Reduce_local); an element count
+    # that no process count divides leaves blocks of unequal length, and
+    # 2 chunks of 256 KB per block exercise the chunk loop.
+    def allreduce_ring():
+        n = 2 * (256 << 10) * 3 // 2 + 7
+        for dtype in DTYPES:
+            for op_name, op in OPS.items():
+                if dtype == "bool" and op_name == "Average":
+                    continue
+                x = tf.constant(value(rank, dtype, shape=(n,)))
+                got = hvd.allreduce(x, op=op)
+                close(got.numpy(), expected_reduce(op_name, dtype, size, shape=(n,)),
+                      dtype)
+    check("allreduce_ring", allreduce_ring)
+
     def scales():
         x = tf.constant(value(rank, "float32"))
         got = hvd.allreduce(x, op=hvd.Sum, prescale_factor=2.0, postscale_factor=0.25)

@@ -24,7 +24,7 @@ REQUIRED = {
     *(f"{kind}_{d}_{op}" for kind in ("allreduce", "reducescatter") for d in DTYPES
       for op in OPS if not (d == "bool" and op == "Average")),
     *(f"{kind}_{d}" for kind in ("allgather", "broadcast", "alltoall") for d in DTYPES),
-    "allreduce_large", "allreduce_scales", "allreduce_empty",
+    "allreduce_large", "allreduce_ring", "allreduce_scales", "allreduce_empty",
     "allgather_even_and_empty",
     "alltoall_even_and_grad", "reducescatter_grad_and_grouped", "process_sets",
     "tf_function", "graph_mode", "out_of_order", "mismatch_shape", "mismatch_dtype",
