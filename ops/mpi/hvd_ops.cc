@@ -318,18 +318,24 @@ hvd::AllocateFn AllocateOutput(tf::OpKernelContext* ctx, std::shared_ptr<tf::Ten
 
 // An entry's completion: on success scales `*output` by `scale` (for types
 // it applies to); on failure keeps `inputs` and `*output` alive where MPI may
-// still write them and sets the op's status; then calls `done`.
+// still write them and sets the op's status; then drops the entry's
+// references to them, so that the next op may reuse (forward) the output
+// buffer (the entry itself is destroyed only later, on the communication
+// thread), and calls `done`.
 hvd::EntryDoneFn FinishEntry(tf::OpKernelContext* ctx, tf::AsyncOpKernel::DoneCallback done,
                              std::vector<tf::Tensor> inputs, std::shared_ptr<tf::Tensor> output,
                              tf::DataType dtype, double scale) {
-  return [ctx, done, inputs, output, dtype, scale](const mpi::Status& s, int) {
+  auto held = std::make_shared<std::vector<tf::Tensor>>(std::move(inputs));
+  return [ctx, done, held, output, dtype, scale](const mpi::Status& s, int) {
     if (s.ok()) {
       if (scale != 1.0) Scale(dtype, Data(*output), output->NumElements(), scale);
     } else {
-      for (const tf::Tensor& t : inputs) KeepOnFailure(s, t);
+      for (const tf::Tensor& t : *held) KeepOnFailure(s, t);
       KeepOnFailure(s, *output);
       ctx->SetStatus(ToTfStatus(s));
     }
+    held->clear();
+    *output = tf::Tensor();
     done();
   };
 }

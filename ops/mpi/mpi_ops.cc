@@ -174,14 +174,18 @@ class MpiOpBase : public tf::AsyncOpKernel {
   }
 
   // The request's completion: keeps `keep` alive for ever on a failure that
-  // may leave MPI writing it, sets the op's status, calls `done`.
+  // may leave MPI writing it, sets the op's status, drops this op's
+  // references to `keep` (so that the next op may reuse the buffers: the
+  // request itself is destroyed only after `done` returns), calls `done`.
   static mpi::DoneCallback Finish(tf::OpKernelContext* ctx, DoneCallback done,
                                   std::vector<tf::Tensor> keep) {
-    return [ctx, done, keep](const mpi::Status& s) {
+    auto held = std::make_shared<std::vector<tf::Tensor>>(std::move(keep));
+    return [ctx, done, held](const mpi::Status& s) {
       if (!s.ok()) {
-        if (MayStillBeInUse(s)) new std::vector<tf::Tensor>(keep);
+        if (MayStillBeInUse(s)) new std::vector<tf::Tensor>(*held);
         ctx->SetStatus(ToTfStatus(s));
       }
+      held->clear();
       done();
     };
   }
