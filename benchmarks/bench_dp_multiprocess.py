@@ -24,6 +24,7 @@ Every throughput figure is the median over `--windows` timed windows of
 Usage:
     python benchmarks/bench_dp_multiprocess.py [--steps 30] [--windows 5]
         [--repeats 1] [--models mlp,convnet] [--skip-allreduce]
+    python benchmarks/bench_dp_multiprocess.py --models ""   # the all-reduce table alone
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def _launch(nproc: int, worker_args: list[str], timeout: float) -> dict:
 
 
 def _driver(args: argparse.Namespace) -> None:
-    models = args.models.split(",")
+    models = [m for m in args.models.split(",") if m]  # "" : the all-reduce alone
     common = ["--steps", str(args.steps), "--windows", str(args.windows),
               "--warmup", str(args.warmup), "--batch", str(args.batch)]
     runs: dict[tuple, list[float]] = {}
@@ -173,6 +174,8 @@ def _driver(args: argparse.Namespace) -> None:
                     print(f"  {model:8s} {strategy:5s} {nproc} proc: "
                           f"{runs[(model, strategy, nproc)][-1]:10.0f} samples/s",
                           flush=True)
+    if not models:
+        print("(no models: the all-reduce table alone)")
     print()
     print("| model | params | strategy | 1 process (samples/s) | 2 processes "
           "(samples/s) | scaling efficiency |")
