@@ -242,6 +242,8 @@ def _clusters(directory: str | None):
     import tf_smdist as smd
 
     clusters = {}
+    if directory:
+        os.makedirs(directory, exist_ok=True)
     for n in (2, 4):
         path = os.path.join(directory, f"local-{n}.json") if directory else None
         if path and os.path.exists(path):

@@ -637,3 +637,12 @@ def test_calibrate_two_processes(tmp_path):
     assert math.isfinite(cluster.intra_node_bandwidth)
     assert cluster.intra_node_bandwidth > 0 and cluster.host_reduce_bandwidth > 0
     assert set(cluster.metadata["allreduce_s"]) == {"4096", "262144"}
+
+
+def test_calibrate_rejects_a_missing_folder_before_measuring(tmp_path):
+    # Fails at once (no job launched: no MPI needed), not after minutes.
+    path = tmp_path / "missing" / "local.json"
+    with pytest.raises(FileNotFoundError, match="folder of `path` does not exist"):
+        Cluster.calibrate(processes=2, path=path)
+    with pytest.raises(ValueError, match="processes"):
+        Cluster.calibrate(processes=1)

@@ -126,6 +126,15 @@ def calibrate(
             "`sizes` must hold at least two byte counts, each a positive "
             f"multiple of 4. Received: sizes={sizes}"
         )
+    if path is not None:
+        # Checked before the minutes of measuring, not after.
+        folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                "The folder of `path` does not exist. Received: "
+                f"path={os.fspath(path)!r}. Create {folder!r} first, or pass "
+                "another path."
+            )
     if cores is None:
         cores = (
             len(os.sched_getaffinity(0))
@@ -198,8 +207,10 @@ def _cluster_from(raw: dict, processes: int, cores: int) -> Cluster:
         inter_node_bandwidth=bandwidth,
         latency=latency,
         host_reduce_bandwidth=raw["host_reduce_bandwidth"],
-        # Packing a bucket into (and out of) its host buffer is a copy.
-        device_host_bandwidth=raw["memory_bandwidth"] / 2,
+        # Packing a bucket into (and out of) its host buffer is a copy into
+        # a new tensor (timed as the strategy does it; older calibration
+        # files have only the copy into a warm buffer).
+        device_host_bandwidth=raw.get("pack_bandwidth", raw["memory_bandwidth"] / 2),
         p2p_bandwidth=1.0 / pb,
         p2p_latency=pa,
         memory_bandwidth=raw["memory_bandwidth"],
