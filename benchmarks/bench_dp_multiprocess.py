@@ -24,7 +24,7 @@ Every throughput figure is the median over `--windows` timed windows of
 Usage:
     python benchmarks/bench_dp_multiprocess.py [--steps 30] [--windows 5]
         [--repeats 1] [--models mlp,convnet] [--skip-allreduce]
-    python benchmarks/bench_dp_multiprocess.py --models ""   # the all-reduce table alone
+    python benchmarks/bench_dp_multiprocess.py --models ""  # the all-reduce alone
 """
 
 from __future__ import annotations
@@ -174,8 +174,22 @@ def _driver(args: argparse.Namespace) -> None:
                     print(f"  {model:8s} {strategy:5s} {nproc} proc: "
                           f"{runs[(model, strategy, nproc)][-1]:10.0f} samples/s",
                           flush=True)
-    if not models:
-        print("(no models: the all-reduce table alone)")
+    if models:
+        _print_models(models, runs, params)
+    if args.skip_allreduce:
+        return
+    res = _launch(2, ["--strategy", "allreduce", "--windows", str(args.windows)],
+                  timeout=1200)
+    print()
+    print("| bytes | SmdistHostAllreduce (ms) | MPI_Allreduce (ms) | overhead |")
+    print("|---|---|---|---|")
+    for nbytes in ALLREDUCE_BYTES:
+        r = res[str(nbytes)]
+        print(f"| {nbytes:,} | {r['ours'] * 1e3:.4f} | {r['native'] * 1e3:.4f} | "
+              f"{(r['ours'] / r['native'] - 1) * 100:+.0f}% |")
+
+
+def _print_models(models: list[str], runs: dict, params: dict) -> None:
     print()
     print("| model | params | strategy | 1 process (samples/s) | 2 processes "
           "(samples/s) | scaling efficiency |")
@@ -196,17 +210,6 @@ def _driver(args: argparse.Namespace) -> None:
               f"MultiWorkerMirroredStrategy = {ours[1] / theirs[1]:.2f}x; "
               f"efficiency {ours[1] / (2 * ours[0]):.2f} vs "
               f"{theirs[1] / (2 * theirs[0]):.2f}")
-    if args.skip_allreduce:
-        return
-    res = _launch(2, ["--strategy", "allreduce", "--windows", str(args.windows)],
-                  timeout=1200)
-    print()
-    print("| bytes | SmdistHostAllreduce (ms) | MPI_Allreduce (ms) | overhead |")
-    print("|---|---|---|---|")
-    for nbytes in ALLREDUCE_BYTES:
-        r = res[str(nbytes)]
-        print(f"| {nbytes:,} | {r['ours'] * 1e3:.4f} | {r['native'] * 1e3:.4f} | "
-              f"{(r['ours'] / r['native'] - 1) * 100:+.0f}% |")
 
 
 def main() -> None:
