@@ -36,7 +36,6 @@ def _ping_pong(rank: int, nbytes: int):
 
     shape = [nbytes // 4]
     value = tf.ones(shape)
-    functions = {}
 
     def build(iters: int):
         @tf.function
@@ -53,15 +52,7 @@ def _ping_pong(rank: int, nbytes: int):
 
         return trips
 
-    def run(iters: int) -> None:
-        if rank > 1:
-            return
-        if iters not in functions:
-            functions[iters] = build(iters)
-            functions[iters]().numpy()  # trace outside the timing
-        functions[iters]().numpy()
-
-    return run
+    return _runner(build, active=rank <= 1)
 
 
 def _allreduce_chain(nbytes: int):
@@ -77,7 +68,6 @@ def _allreduce_chain(nbytes: int):
     from tf_smdist import _mpi_ops
 
     value = tf.ones([nbytes // 4])
-    functions = {}
 
     def build(iters: int):
         @tf.function
@@ -90,7 +80,16 @@ def _allreduce_chain(nbytes: int):
 
         return chain
 
+    return _runner(build)
+
+
+def _runner(build, active: bool = True):
+    """`run(iters)`: calls the `tf.function` `build(iters)` (traced once)."""
+    functions = {}
+
     def run(iters: int) -> None:
+        if not active:
+            return
         if iters not in functions:
             functions[iters] = build(iters)
             functions[iters]().numpy()  # trace outside the timing
