@@ -143,10 +143,11 @@ def main() -> None:
 
     # From 256 KB the communication thread runs its own ring all-reduce
     # (point-to-point chunks, summed by MPI_Reduce_local); an element count
-    # that no process count divides leaves blocks of unequal length, and
-    # 2 chunks of 256 KB per block exercise the chunk loop.
+    # that no process count divides leaves blocks of unequal length, and the
+    # test's 64 KB chunks (SMDIST_MPI_RING_CHUNK_BYTES) give blocks of
+    # 2-8 chunks from 2-byte elements up.
     def allreduce_ring():
-        n = 2 * (256 << 10) * 3 // 2 + 7
+        n = (256 << 10) + 7
         for dtype in DTYPES:
             for op_name, op in OPS.items():
                 if dtype == "bool" and op_name == "Average":
