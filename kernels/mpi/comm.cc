@@ -188,52 +188,35 @@ namespace {
 
 // Reusable scratch buffers of the communication thread. A fresh 32 MB buffer
 // costs about 25 ms here (page faults, zero filling), as much as the transfer
-// it serves; a buffer handed out goes back to the pool when its last holder
-// drops it. Only the communication thread takes and returns buffers.
+// it serves. Only the communication thread takes and gives back buffers.
 class ScratchPool {
  public:
-  ScratchPool() = default;
-  ScratchPool(const ScratchPool&) = delete;
-  ScratchPool& operator=(const ScratchPool&) = delete;
-  ~ScratchPool() {
-    state_->alive = false;
-    state_->free.clear();
-  }
-
-  std::shared_ptr<char> Take(size_t bytes) {
+  // The smallest kept buffer of at least `bytes` (else a new one); its size
+  // in `*size`.
+  std::unique_ptr<char[]> Take(size_t bytes, size_t* size) {
     bytes = std::max<size_t>(bytes, 1);
     auto best = free_.end();
     for (auto it = free_.begin(); it != free_.end(); ++it) {
       if (it->second >= bytes && (best == free_.end() || it->second < best->second)) best = it;
     }
-    std::unique_ptr<char[]> buf;
-    size_t size = bytes;
-    if (best != free_.end()) {
-      buf = std::move(best->first);
-      size = best->second;
-      free_.erase(best);
-    } else {
-      buf.reset(new char[bytes]);
+    if (best == free_.end()) {
+      *size = bytes;
+      return std::unique_ptr<char[]>(new char[bytes]);
     }
-    std::shared_ptr<State> state = state_;
-    char* raw = buf.release();
-    return std::shared_ptr<char>(raw, [state, size](char* p) {
-      std::unique_ptr<char[]> owned(p);
-      if (state->alive && state->free.size() < kKeep) {
-        state->free.emplace_back(std::move(owned), size);
-      }
-    });
+    std::unique_ptr<char[]> buf = std::move(best->first);
+    *size = best->second;
+    free_.erase(best);
+    return buf;
+  }
+
+  // Keeps `buf` for a later Take (up to a few buffers).
+  void Give(std::unique_ptr<char[]> buf, size_t size) {
+    if (buf && free_.size() < kKeep) free_.emplace_back(std::move(buf), size);
   }
 
  private:
   static constexpr size_t kKeep = 4;
-  using Buffers = std::vector<std::pair<std::unique_ptr<char[]>, size_t>>;
-  struct State {
-    bool alive = true;
-    Buffers free;
-  };
-  std::shared_ptr<State> state_ = std::make_shared<State>();
-  Buffers& free_ = state_->free;
+  std::vector<std::pair<std::unique_ptr<char[]>, size_t>> free_;
 };
 
 // An all-reduce built from point-to-point messages: a ring reduce-scatter
@@ -250,14 +233,17 @@ class RingAllreduce {
                 MPI_Comm comm, int rank, int size, int tag, int64_t chunk_bytes,
                 ScratchPool* pool)
       : buf_(buf), esize_(elem_size), dtype_(dtype), op_(op), comm_(comm), rank_(rank),
-        size_(size), tag_(tag) {
+        size_(size), tag_(tag), pool_(pool) {
     chunk_ = std::max<int64_t>(1, chunk_bytes / static_cast<int64_t>(elem_size));
     offsets_.resize(size + 1);
     for (int b = 0; b <= size; ++b) offsets_[b] = count * b / size;
     int64_t largest = 0;
     for (int b = 0; b < size; ++b) largest = std::max(largest, offsets_[b + 1] - offsets_[b]);
-    tmp_ = pool->Take(static_cast<size_t>(largest) * esize_);
+    tmp_ = pool->Take(static_cast<size_t>(largest) * esize_, &tmp_size_);
   }
+  RingAllreduce(const RingAllreduce&) = delete;
+  RingAllreduce& operator=(const RingAllreduce&) = delete;
+  ~RingAllreduce() { pool_->Give(std::move(tmp_), tmp_size_); }
 
   // Advances as far as the messages allow; `*done` once every rank's data is
   // summed into `buf`. Returns an MPI error code.
@@ -340,7 +326,9 @@ class RingAllreduce {
   int tag_;
   int64_t chunk_ = 1;
   std::vector<int64_t> offsets_;  // element offset of each block, and the end
-  std::shared_ptr<char> tmp_;     // the received block of a reduce-scatter step
+  ScratchPool* pool_;
+  std::unique_ptr<char[]> tmp_;  // the received block of a reduce-scatter step
+  size_t tmp_size_ = 0;
   int phase_ = 0;                 // 0: reduce-scatter, 1: all-gather, 2: done
   int step_ = 0;
   bool posted_ = false;
@@ -407,6 +395,7 @@ struct Communicator::Impl {
 
   Communicator& c;
   bool we_initialised = false;
+  ScratchPool scratch;  // first: outlives the rings that give buffers back
   std::map<int, std::unique_ptr<CommState>> comms;  // by id
   MPI_Comm hb_comm = MPI_COMM_NULL;
   MPI_Comm ctrl_comm = MPI_COMM_NULL;
@@ -423,7 +412,6 @@ struct Communicator::Impl {
   // All-reduces of at least `ring_bytes` run as RingAllreduce, in chunks.
   int64_t ring_bytes = 256 << 10;
   int64_t ring_chunk_bytes = 1 << 20;
-  ScratchPool scratch;  // before abandoned_rings: outlives their buffers
   std::vector<std::shared_ptr<RingAllreduce>> abandoned_rings;  // after a failure
 
   const Options& options() const { return c.options_; }
