@@ -30,6 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_smdist import _compat
 from tf_smdist.data_parallel.buckets import plan_buckets
 from tf_smdist.pipeline import routing
 from tf_smdist.pipeline.execution import split_microbatches, task_scope
@@ -674,10 +675,11 @@ class ProcessPipeline:
                         targets, seeds = self._seeds(s, m, values, loss, local_grad,
                                                      rows)
                         sources = watched(inputs)
-                        result = tape.gradient(
-                            targets, [inputs[k] for k in sources] + variables,
-                            output_gradients=seeds,
-                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                        with _compat.small_rows_matmul_gradients():
+                            result = tape.gradient(
+                                targets, [inputs[k] for k in sources] + variables,
+                                output_gradients=seeds,
+                                unconnected_gradients=tf.UnconnectedGradients.ZERO)
                     input_grads = dict(zip(sources, result[: len(sources)]))
                     var_grads = [tf.convert_to_tensor(g)
                                  for g in result[len(sources):]]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
+from tf_smdist import _compat
 from tf_smdist.pipeline.schedule import Schedule
 from tf_smdist.pipeline.stages import Stage
 
@@ -253,12 +254,13 @@ def run_train(
                     seeds = [dy for _, dy in pairs]
                 sources = [t for t in inputs if _differentiable(t)]
                 variables = stage.trainable_variables
-                result = tape.gradient(
-                    targets,
-                    sources + variables,
-                    output_gradients=seeds,
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                )
+                with _compat.small_rows_matmul_gradients():
+                    result = tape.gradient(
+                        targets,
+                        sources + variables,
+                        output_gradients=seeds,
+                        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                    )
             input_grads = iter(result[: len(sources)])
             var_grads = result[len(sources) :]
             if s > 0:
