@@ -35,9 +35,13 @@ stage over MPI, started by the launcher), each pinned to one core with one
 intra-op and one inter-op thread, against the plain model pinned to one core
 with one thread; rank 0 runs the plain model between the pipeline's rounds,
 on its own core, while the other ranks wait. Reported per configuration: the
-throughput ratio, the measured bubble `1 - sum(busy) / (K * step)` where
-`busy` is each rank's time in its tasks' compute ops and `step` the span of
-the ranks' ops, both from the same profiled steps (medians of 3), against
+throughput ratio (against the plain model as Keras runs it, and against it
+traced with the pipeline's MatMul gradient rule,
+`_compat.small_rows_matmul_gradients`, which alone speeds up steps whose
+rows are at most half a layer's width), the measured bubble
+`1 - sum(busy) / (K * step)` where `busy` is each rank's time in its
+tasks' compute ops and `step` the span of the ranks' ops, both from the
+same profiled steps (medians of 3), against
 `(K - 1) / (M + K - 1)`, the share of the step each rank waits beyond the
 formula's bubble (`1 - busy / step - formula`: waiting on
 transfers, the shared end-of-step all-reduce and imbalance), the CPU time
@@ -398,7 +402,7 @@ def main() -> None:
         "| busiest device ms | measured bubble | (K-1)/(M+K-1) "
         "| step peak MB (both devices) | in flight s0/s1 |"
     )
-    print("|" + "---|" * 10)
+    print("|" + "---|" * 11)
     for c in configs[1:]:
         d = details[c]
         print(
@@ -444,7 +448,7 @@ def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
     import keras
 
     import tf_smdist as smd
-    from tf_smdist import _mpi_ops
+    from tf_smdist import _compat, _mpi_ops
     from tf_smdist.pipeline.plot import trace_timeline
 
     cluster.initialize()
@@ -478,8 +482,12 @@ def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
         for c in configs
     }
     # Every rank builds the plain model too (the same layer names on every
-    # rank, which the start-up check compares); rank 0 times it.
+    # rank, which the start-up check compares); rank 0 times it, as Keras
+    # runs it and traced with the pipeline's MatMul gradient rule (so that
+    # the rule's own gain is not counted as pipelining's).
     plain = compiled(net())[1]
+    with _compat.small_rows_matmul_gradients():
+        ruled = compiled(net())[1]
 
     def timed(step, cpu: list | None = None) -> float:  # noqa: ANN001
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -492,7 +500,7 @@ def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
 
     times: dict = {c: [] for c in configs}
     cpus: dict = {c: [] for c in configs}
-    base = []
+    base, base_ruled = [], []
     for _ in range(args.rounds):
         for c in configs:
             _mpi_ops.barrier()
@@ -500,6 +508,7 @@ def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
         _mpi_ops.barrier()
         if rank == 0:
             base.append(timed(plain))
+            base_ruled.append(timed(ruled))
     _mpi_ops.barrier()
     rows = []
     for c in configs:
@@ -551,12 +560,17 @@ def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
         f"one core with one thread; medians of {args.rounds} interleaved rounds "
         f"of {args.steps} steps; load average {load}"
     )
+    ruled_s = statistics.median(base_ruled)
     print(f"plain 1 core: {plain_s * 1e3:.1f} ms/step (per round: "
           + ", ".join(f"{b * 1e3:.0f}" for b in base) + ")")
-    print("| schedule | M | ms/step | RATIO vs plain | CPU ms/step per rank "
+    print(f"plain 1 core, pipeline's MatMul gradient rule: {ruled_s * 1e3:.1f} "
+          "ms/step (per round: " + ", ".join(f"{b * 1e3:.0f}" for b in base_ruled)
+          + ")")
+    print("| schedule | M | ms/step | RATIO vs plain | RATIO vs plain with the "
+          "rule | CPU ms/step per rank "
           "| busy ms per rank | measured bubble | (K-1)/(M+K-1) "
           "| waiting beyond the bubble per rank | transfers (share of the step) |")
-    print("|" + "---|" * 10)
+    print("|" + "---|" * 11)
     for c, per_rank in rows:
         step_s = statistics.median(times[c])
         busy = [r[0] for r in per_rank]
@@ -569,6 +583,7 @@ def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
         recvs = (2 if k > 2 else 1) * c[1]
         print(
             f"| {c[0]} | {c[1]} | {step_s * 1e3:.1f} | {plain_s / step_s:.2f}x | "
+            f"{ruled_s / step_s:.2f}x | "
             + "/".join(f"{r[2] * 1e3:.0f}" for r in per_rank) + " | "
             + "/".join(f"{b * 1e3:.1f}" for b in busy)
             + f" | {bubble:.3f} | {formula:.3f} | "
