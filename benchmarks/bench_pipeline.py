@@ -6,6 +6,10 @@ devices, one intra-op thread and two inter-op threads, pinned to two cores
 the plain model in its own process with the same cores and threads (2 cores,
 one intra-op and two inter-op threads), so that a ratio measures pipelining,
 not extra threads; M = 1, where a pipeline cannot win, is the sanity row.
+A second peer, the plain model traced with the pipeline's MatMul gradient
+rule (`_compat.small_rows_matmul_gradients`, which alone speeds up steps whose
+rows are at most half a layer's width), separates that rule's gain from
+pipelining's.
 Both run the same balanced MLP's training step (forward, backward, SGD
 update) in a `tf.function`.
 
@@ -61,6 +65,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -89,6 +94,9 @@ def _serve(args: argparse.Namespace) -> None:
     # the remote stages (one core, one thread each).
     os.sched_setaffinity(0, cores[:1] if plain and args.remote else cores[:2])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow keeps CPU memory statistics (the step's peak) only with its
+    # BFC allocator; both workers use it.
+    os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
     sys.path.insert(0, ROOT)
     servers = []
     if remote:
@@ -102,6 +110,7 @@ def _serve(args: argparse.Namespace) -> None:
     import numpy as np
 
     import tf_smdist as smd
+    from tf_smdist import _compat
     from tf_smdist.pipeline.plot import trace_timeline
 
     devices = None
@@ -124,7 +133,7 @@ def _serve(args: argparse.Namespace) -> None:
             for _ in range(args.layers)
         ]
         net = keras.Sequential(layers)
-        if mode != "plain":
+        if not mode.startswith("plain"):
             half = args.layers // 2
             net = smd.PipelineModel(
                 net, num_stages=2, microbatches=m, schedule=mode,
@@ -134,8 +143,11 @@ def _serve(args: argparse.Namespace) -> None:
             optimizer=keras.optimizers.SGD(1e-4), loss="mse", jit_compile=False
         )
         step = tf.function(net.train_step)
-        for _ in range(3):
-            float(step(data)["loss"])
+        # "plain-rule": traced with the pipeline's MatMul gradient rule.
+        with (_compat.small_rows_matmul_gradients() if mode == "plain-rule"
+              else contextlib.nullcontext()):
+            for _ in range(3):
+                float(step(data)["loss"])
         return net, step
 
     try:
@@ -336,7 +348,8 @@ def main() -> None:
         _launch_processes(args)
         return
     ms = _microbatches(args)
-    configs = [("plain", 1)] + [(mode, m) for m in ms for mode in ("gpipe", "1f1b")]
+    configs = [("plain", 1), ("plain-rule", 1)] + [
+        (mode, m) for m in ms for mode in ("gpipe", "1f1b")]
     workers = {
         "plain": _Worker("plain", args),
         "pipe": _Worker("remote" if args.remote else "pipe", args),
@@ -346,12 +359,12 @@ def main() -> None:
         cpu: dict = {c: [] for c in configs}
         for _ in range(args.rounds):  # round-robin: load changes hit all alike
             for c in configs:
-                w = workers["plain" if c[0] == "plain" else "pipe"]
+                w = workers["plain" if c[0].startswith("plain") else "pipe"]
                 answer = w.ask({"config": list(c)})
                 times[c].append(answer["step_s"])
                 cpu[c].append(answer["cpu_s"])
         details = {
-            c: workers["plain" if c[0] == "plain" else "pipe"].ask(
+            c: workers["plain" if c[0].startswith("plain") else "pipe"].ask(
                 {"details": list(c)}
             )
             for c in configs
@@ -390,23 +403,27 @@ def main() -> None:
             "| implied bubble 1 - RATIO/K | (K-1)/(M+K-1) |"
         )
         print("|---|---|---|---|---|---|")
-        for c in configs[1:]:
+        for c in configs[2:]:
             ratio = base / med[c]
             print(
                 f"| {c[0]} | {c[1]} | {med[c] * 1e3:.1f} | {ratio:.2f}x | "
                 f"{1 - ratio / 2:.3f} | {1 / (c[1] + 1):.3f} |"
             )
         return
+    ruled = med[("plain-rule", 1)]
+    print(f"plain with the pipeline's MatMul gradient rule: {ruled * 1e3:.1f} "
+          "ms/step")
     print(
-        "| schedule | M | ms/step | RATIO vs plain | CPU ms/step "
-        "| busiest device ms | measured bubble | (K-1)/(M+K-1) "
+        "| schedule | M | ms/step | RATIO vs plain | RATIO vs plain with the rule "
+        "| CPU ms/step | busiest device ms | measured bubble | (K-1)/(M+K-1) "
         "| step peak MB (both devices) | in flight s0/s1 |"
     )
     print("|" + "---|" * 11)
-    for c in configs[1:]:
+    for c in configs[2:]:
         d = details[c]
         print(
             f"| {c[0]} | {c[1]} | {med[c] * 1e3:.1f} | {base / med[c]:.2f}x | "
+            f"{ruled / med[c]:.2f}x | "
             f"{statistics.median(cpu[c]) * 1e3:.1f} | {d['busy_s'] * 1e3:.1f} | "
             f"{d['bubble']:.3f} | {1 / (c[1] + 1):.3f} | {d['peak_mb'][0]:.0f} | "
             f"{d['in_flight'][0]}/{d['in_flight'][1]} |"
