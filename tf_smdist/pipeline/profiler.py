@@ -20,7 +20,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_smdist import _compat
 from tf_smdist.pipeline.graph import LayerGraph, flatten_model
 from tf_smdist.pipeline.profile import LayerProfile, Profile
 
@@ -225,10 +224,9 @@ class _StageStep:
         sources = [known[k] for k in self.floating] + self.variables
         if not outputs or not sources:
             return [known[k] for k in self.produced]
-        with _compat.small_rows_matmul_gradients():  # as the pipeline trains
-            grads = tape.gradient(
-                outputs, sources, output_gradients=[tf.ones_like(t) for t in outputs]
-            )
+        grads = tape.gradient(
+            outputs, sources, output_gradients=[tf.ones_like(t) for t in outputs]
+        )
         return [g for g in grads if g is not None] or outputs
 
 
