@@ -57,14 +57,14 @@ def test_transposed_and_other_dtypes_keep_tensorflows_rule():
         np.testing.assert_allclose(g, w, rtol=1e-12)
 
 
-def _gradient_op_types(rule):
+def _gradient_op_types(rule, device=None):
     @tf.function
     def run(a, b):
         with tf.GradientTape() as tape:
             tape.watch(a)
             y = tf.reduce_sum(tf.matmul(a, b))
         if rule:
-            with _compat.small_rows_matmul_gradients():
+            with _compat.small_rows_matmul_gradients(device):
                 return tape.gradient(y, a)
         return tape.gradient(y, a)
 
@@ -99,3 +99,9 @@ def test_second_order_gradients():
 
     np.testing.assert_allclose(hessian_vector(True), hessian_vector(False),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_only_for_cpu_devices():
+    # GPU kernels transpose operands for free: TensorFlow's rule stays.
+    assert "Transpose" not in _gradient_op_types(True, "/GPU:0")
+    assert "Transpose" in _gradient_op_types(True, "/job:worker/replica:0/task:1/CPU:0")

@@ -278,7 +278,13 @@ class small_rows_matmul_gradients:  # noqa: N801 (used as a context manager)
     context, gradient tapes compute it as `(weights @ grad^T)^T` when the
     rows are at most half the weights' rows (the same value up to fp32
     rounding order). Used around the pipeline's own `tape.gradient` calls,
-    where micro-batches are small; the change is undone on exit.
+    where micro-batches are small; the change is undone on exit. GPU
+    kernels transpose operands for free, so for a stage on a GPU (or on
+    the default device when a GPU is visible) it changes nothing.
+
+    Args:
+        device: the device the gradients run on. Defaults to `None` (the
+            default device).
 
     TensorFlow's tape looks gradient functions up by op type in its
     gradient registry and offers no public way to override one for a
@@ -286,7 +292,18 @@ class small_rows_matmul_gradients:  # noqa: N801 (used as a context manager)
     so the registry's entry is swapped for the duration.
     """
 
+    def __init__(self, device: str | None = None) -> None:
+        import tensorflow as tf
+
+        kind = tf.DeviceSpec.from_string(device).device_type if device else None
+        if kind is None:
+            kind = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+        self._enabled = kind.upper() == "CPU"
+        self._saved = None
+
     def __enter__(self) -> None:
+        if not self._enabled:
+            return
         # The gradient registry (see the class docstring) is private.
         from tensorflow.python.framework import ops
 
@@ -297,7 +314,10 @@ class small_rows_matmul_gradients:  # noqa: N801 (used as a context manager)
         registry["MatMul"] = entry
 
     def __exit__(self, *exc: Any) -> None:
+        if self._saved is None:
+            return
         # The same private registry as in __enter__.
         from tensorflow.python.framework import ops
 
         ops._gradient_registry._registry["MatMul"] = self._saved  # noqa: SLF001
+        self._saved = None

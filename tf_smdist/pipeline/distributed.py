@@ -675,7 +675,7 @@ class ProcessPipeline:
                         targets, seeds = self._seeds(s, m, values, loss, local_grad,
                                                      rows)
                         sources = watched(inputs)
-                        with _compat.small_rows_matmul_gradients():
+                        with _compat.small_rows_matmul_gradients(self._device):
                             result = tape.gradient(
                                 targets, [inputs[k] for k in sources] + variables,
                                 output_gradients=seeds,

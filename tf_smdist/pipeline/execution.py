@@ -254,7 +254,7 @@ def run_train(
                     seeds = [dy for _, dy in pairs]
                 sources = [t for t in inputs if _differentiable(t)]
                 variables = stage.trainable_variables
-                with _compat.small_rows_matmul_gradients():
+                with _compat.small_rows_matmul_gradients(stage.device):
                     result = tape.gradient(
                         targets,
                         sources + variables,
