@@ -1,8 +1,10 @@
 """The planner's predictions against our own runs on this machine.
 
 Calibrates this machine (`smd.Cluster.calibrate`, 2 and 4 processes),
-profiles two models on one core (`smd.profile_model`), predicts the step
-time of each layout with `smd.plan`, then measures it:
+profiles two models on one core (`smd.profile_model`, with TensorFlow's
+MatMul gradient and with the pipeline's rule, `matmul_rule=True`, which
+`smd.plan` gets as `pipeline_profile` for the pipelined layouts), predicts
+the step time of each layout with `smd.plan`, then measures it:
 
   - data parallel on 1, 2 and 4 processes (`smd.DataParallelStrategy`, custom
     loop under `python -m tf_smdist.launch`, one core per process; 4 processes
@@ -116,6 +118,9 @@ def _profile_worker(args: argparse.Namespace, size: int) -> dict:
     b = BATCH[args.model]
     x, _ = _data(shape, b)
     profile = smd.profile_model(model, x, optimizer="sgd", time_budget=20.0)
+    # As the pipeline trains (its MatMul gradient rule): prices the stages.
+    pipeline = smd.profile_model(model, x, optimizer="sgd", time_budget=20.0,
+                                 matmul_rule=True)
     # The plain model's step at the micro-batch and at the pipeline's batch:
     # is compute linear in the batch size (time = a + c * batch)?
     batches = sorted({b, b * MICROBATCHES})
@@ -124,7 +129,7 @@ def _profile_worker(args: argparse.Namespace, size: int) -> dict:
     for _ in range(args.windows):
         for n in batches:
             times[n].append(_time(steps[n], max(1, STEPS[args.model] * b // n)))
-    return {"profile": profile.to_dict(),
+    return {"profile": profile.to_dict(), "pipeline_profile": pipeline.to_dict(),
             "local_by_batch": {str(n): statistics.median(t) for n, t in times.items()}}
 
 
@@ -255,13 +260,14 @@ def _clusters(directory: str | None):
     return clusters
 
 
-def _predict(profile, cluster, global_batch, d, k, m):
+def _predict(profile, cluster, global_batch, d, k, m, pipeline_profile=None):
     import tf_smdist as smd
 
     return smd.plan(
         profile, cluster, global_batch=global_batch, data_parallel=d,
         pipeline_stages=k, microbatches=m, schedule="1f1b",
         aggregation="host_sharded", use_all_devices=False,
+        pipeline_profile=pipeline_profile,
     ).rows[0]
 
 
@@ -301,7 +307,13 @@ def _driver(args: argparse.Namespace) -> None:
     for name in args.models.split(","):
         measured = _launch(1, ["--mode", "profile", "--model", name, *common])[0]
         profile = Profile.from_dict(measured["profile"])
+        pipe_profile = Profile.from_dict(measured["pipeline_profile"])
         print(profile, flush=True)
+        print(f"  with the pipeline's MatMul gradient rule: layers sum to "
+              f"{pipe_profile.total_time * 1e3:.2f} ms (TensorFlow's rule: "
+              f"{profile.total_time * 1e3:.2f} ms); per layer "
+              + ", ".join(f"{x.time * 1e3:.2f}" for x in pipe_profile.layers),
+              flush=True)
         b = BATCH[name]
         by_batch = {int(n): t for n, t in measured["local_by_batch"].items()}
         if len(by_batch) == 2:
@@ -325,7 +337,7 @@ def _driver(args: argparse.Namespace) -> None:
         for label, nproc, d, k, m in cases:
             global_batch = b * d * (m if k > 1 else 1)
             cluster = clusters[nproc]
-            row = _predict(profile, cluster, global_batch, d, k, m)
+            row = _predict(profile, cluster, global_batch, d, k, m, pipe_profile)
             split = ",".join(map(str, row.stage_sizes))
             mode = "dp" if k == 1 else "pipe"
             before = os.getloadavg()[0]
@@ -346,7 +358,8 @@ def _driver(args: argparse.Namespace) -> None:
             local_s = statistics.mean(r["local_s"] for r in ranks)
             scale = _run_scale(profile, cluster, b, local_s, nproc)
             in_cluster = cluster.replace(compute_scale=scale)
-            in_run = _predict(profile, in_cluster, global_batch, d, k, m)
+            in_run = _predict(profile, in_cluster, global_batch, d, k, m,
+                              pipe_profile)
             rows.append((name, label, nproc, global_batch, row.step_time_s,
                          in_run.step_time_s, scale, step_s))
             print(f"  {name:9s} {label:12s} {nproc} proc: predicted "
@@ -359,7 +372,7 @@ def _driver(args: argparse.Namespace) -> None:
                   f"average {before:.1f} before, {os.getloadavg()[0]:.1f} after",
                   flush=True)
             if k > 1:
-                stage = _stage_compute(profile, in_cluster, in_run,
+                stage = _stage_compute(pipe_profile, in_cluster, in_run,
                                        global_batch // d)
                 print(f"    per rank: busy in compute ops "
                       f"{[round(r['busy_s'] * 1e3, 2) for r in ranks]} ms, traced "

@@ -248,6 +248,38 @@ def test_batch_profile_keeps_the_fixed_part():
         plan(small, make_cluster(), batch_profile={"batch": 32}, **fixed)
 
 
+def test_pipeline_profile_prices_the_stages_only():
+    # 2 ms per layer per 8 samples as plain Keras trains, 1 ms as the
+    # pipeline does (its MatMul gradient rule). K = 2, M = 4 micro-batches of
+    # 4 samples: 0.5 ms per layer, 1 ms per stage, (M + K - 1) x 1 ms = 5 ms
+    # (10 ms from the plain profile).
+    plain_profile = make_profile(times=(2e-3,) * 4, batch_size=8)
+    piped = make_profile(times=(1e-3,) * 4, batch_size=8)
+    pp = dict(global_batch=16, pipeline_stages=2, microbatches=4, schedule="1f1b")
+    assert plan(plain_profile, make_cluster(), **pp).rows[0].step_time_s == (
+        pytest.approx(10e-3))
+    row = plan(plain_profile, make_cluster(), pipeline_profile=piped, **pp).rows[0]
+    assert row.step_time_s == pytest.approx(5e-3)
+    # One device still trains as plain Keras: 4 layers x 4 ms at batch 16.
+    assert row.efficiency == pytest.approx(16 / (2 * 5))
+    # Data parallelism alone keeps the plain profile: 4 x 2 ms per replica.
+    dp = dict(global_batch=16, data_parallel=2, pipeline_stages=1,
+              aggregation="ring")
+    assert plan(plain_profile, make_cluster(), pipeline_profile=piped,
+                **dp).rows[0].compute_s == pytest.approx(8e-3)
+    with pytest.raises(ValueError, match="same layers"):
+        plan(plain_profile, make_cluster(), pipeline_profile=make_profile(
+            times=(1e-3,) * 3, batch_size=8), **pp)
+    with pytest.raises(ValueError, match="same batch size"):
+        plan(plain_profile, make_cluster(), pipeline_profile=make_profile(
+            times=(1e-3,) * 4, batch_size=16), **pp)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        plan(plain_profile, make_cluster(), pipeline_profile=piped,
+             batch_profile=make_profile(times=(5e-3,) * 4, batch_size=32), **pp)
+    with pytest.raises(TypeError, match="pipeline_profile"):
+        plan(plain_profile, make_cluster(), pipeline_profile={"time": 1}, **pp)
+
+
 def test_shared_compute_slots():
     # Layers of 1, 1, 1, 5 ms per 8 samples; 4 processes on 2 cores.
     profile = make_profile(times=(1e-3, 1e-3, 1e-3, 5e-3))

@@ -7,6 +7,7 @@ import logging
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tf_smdist as smd
 from tf_smdist.pipeline.graph import SubclassedModelError, flatten_model
@@ -425,3 +426,26 @@ def test_profiling_many_layers_does_not_log_retracing():
     finally:
         logging.getLogger("tensorflow").removeHandler(handler)
     assert not [m for m in messages if "retracing" in m]
+
+
+def test_matmul_rule_profile_same_layers_and_gradients():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256),
+                              keras.layers.Dense(8)])
+    x = np.random.RandomState(0).randn(4, 64).astype("float32")
+    plain = smd.profile_model(model, x, repeats=2, time_budget=1.0)
+    ruled = smd.profile_model(model, x, repeats=2, time_budget=1.0,
+                              matmul_rule=True)
+    assert [layer.name for layer in ruled.layers] == [
+        layer.name for layer in plain.layers]
+    assert [layer.param_bytes for layer in ruled.layers] == [
+        layer.param_bytes for layer in plain.layers]
+    assert all(layer.time > 0 for layer in ruled.layers)
+    # The timed step computes the same gradients under either rule.
+    graph = flatten_model(model)
+    values = graph.run([tf.constant(x)], training=True)
+    want = stage_step(graph, values, 0, 2)()
+    got = stage_step(graph, values, 0, 2, matmul_rule=True)()
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5,
+                                   atol=1e-5)

@@ -298,11 +298,11 @@ class small_rows_matmul_gradients:  # noqa: N801 (used as a context manager)
         kind = tf.DeviceSpec.from_string(device).device_type if device else None
         if kind is None:
             kind = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
-        self._enabled = kind.upper() == "CPU"
+        self.enabled = kind.upper() == "CPU"  # whether it changes anything
         self._saved = None
 
     def __enter__(self) -> None:
-        if not self._enabled:
+        if not self.enabled:
             return
         # The gradient registry (see the class docstring) is private.
         from tensorflow.python.framework import ops

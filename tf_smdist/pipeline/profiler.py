@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_smdist import _compat
 from tf_smdist.pipeline.graph import LayerGraph, flatten_model
 from tf_smdist.pipeline.profile import LayerProfile, Profile
 
@@ -138,6 +139,7 @@ def stage_step(
     stop: int,
     *,
     live: Sequence[Sequence[str]] | None = None,
+    matmul_rule: bool = False,
 ) -> Callable[[], Any]:
     """A callable running nodes `[start, stop)` forward and backward, as a stage.
 
@@ -153,6 +155,8 @@ def stage_step(
         start: First node.
         stop: One past the last node.
         live: `graph.live_after()`, if already computed. Defaults to `None`.
+        matmul_rule: Run the backward with the pipeline's MatMul gradient
+            rule (see `profile_model`). Defaults to `False`.
 
     Returns:
         A no-argument callable that runs the step once.
@@ -182,7 +186,8 @@ def stage_step(
                 variables.append(variable)
     inputs = [values[k] for k in needed]
     step = tf.function(
-        _StageStep(graph, start, stop, needed, floating, targets, produced, variables)
+        _StageStep(graph, start, stop, needed, floating, targets, produced, variables,
+                   matmul_rule)
     )
     return lambda: step(*inputs)
 
@@ -206,11 +211,13 @@ class _StageStep:
         targets: list[str],
         produced: list[str],
         variables: list[Any],
+        matmul_rule: bool = False,
     ) -> None:
         self.graph, self.start, self.stop = graph, start, stop
         self.needed, self.floating = needed, floating
         self.targets, self.produced = targets, produced
         self.variables = variables
+        self.matmul_rule = matmul_rule
 
     def __call__(self, *tensors: tf.Tensor) -> list[tf.Tensor]:
         known = dict(zip(self.needed, tensors))
@@ -224,9 +231,11 @@ class _StageStep:
         sources = [known[k] for k in self.floating] + self.variables
         if not outputs or not sources:
             return [known[k] for k in self.produced]
-        grads = tape.gradient(
-            outputs, sources, output_gradients=[tf.ones_like(t) for t in outputs]
-        )
+        with (_compat.small_rows_matmul_gradients() if self.matmul_rule
+              else contextlib.nullcontext()):
+            grads = tape.gradient(
+                outputs, sources, output_gradients=[tf.ones_like(t) for t in outputs]
+            )
         return [g for g in grads if g is not None] or outputs
 
 
@@ -242,6 +251,7 @@ def profile_model(
     expand_nested: bool = True,
     clock: Callable[[], float] = time.perf_counter,
     chunk: int = 8,
+    matmul_rule: bool = False,
 ) -> Profile:
     """Measures each layer of a Sequential or functional model.
 
@@ -288,6 +298,13 @@ def profile_model(
             accounts for costs that isolated layers do not show, such as
             activations evicted from cache between forward and backward).
             `1` turns calibration off. Defaults to `8`.
+        matmul_rule: Time the backward passes with the pipeline's MatMul
+            gradient rule (`tf_smdist._compat.small_rows_matmul_gradients`:
+            the input gradient of a product as `(W @ dY^T)^T` when the rows
+            are at most half the weight's rows, on CPU), as `PipelineModel`
+            trains, instead of TensorFlow's, as plain Keras and the
+            data-parallel paths train. Pass the two profiles to `smd.plan`
+            as `profile` and `pipeline_profile`. Defaults to `False`.
 
     Returns:
         A `Profile`.
@@ -340,6 +357,8 @@ def profile_model(
                 sync=sync,
                 clock=clock,
                 chunk=chunk,
+                matmul_rule=matmul_rule
+                and _compat.small_rows_matmul_gradients(device).enabled,
             )
     finally:
         for variable, value in state:
@@ -381,16 +400,19 @@ def _measure(
     sync: bool,
     clock: Callable[[], float],
     chunk: int,
+    matmul_rule: bool = False,
 ) -> tuple[list[LayerProfile], float]:
     values = graph.run(inputs, training=True)
     live = graph.live_after()
     empty = _empty_function()
     tiny = tf.zeros([1])
     n = len(graph.nodes)
-    singles = [stage_step(graph, values, i, i + 1, live=live) for i in range(n)]
+    singles = [stage_step(graph, values, i, i + 1, live=live, matmul_rule=matmul_rule)
+               for i in range(n)]
     bounds = list(range(0, n, chunk)) + [n] if chunk > 1 else []
     chunks = [
-        stage_step(graph, values, bounds[c], bounds[c + 1], live=live)
+        stage_step(graph, values, bounds[c], bounds[c + 1], live=live,
+                   matmul_rule=matmul_rule)
         for c in range(len(bounds) - 1)
     ]
     overhead, *seconds = _timed_rounds(

@@ -388,6 +388,7 @@ def estimate_layout(
     virtual_stages: int = 1,
     batch_profile: Profile | None = None,
     split_cache: dict[Any, Any] | None = None,
+    pipeline_profile: Profile | None = None,
 ) -> list[PlanRow]:
     """Predicts one layout, once per aggregation algorithm.
 
@@ -425,6 +426,12 @@ def estimate_layout(
         split_cache: A dict that keeps the partitioner's splits between
             calls for the same `profile`, `cluster` and `batch_profile`, as
             `plan` passes. Defaults to `None` (nothing kept).
+        pipeline_profile: The same model profiled as a pipeline trains it
+            (`profile_model(..., matmul_rule=True)`), at the same batch
+            size: its layer times price the stages when `K >= 2`; `profile`
+            still prices one device and data parallelism alone. Defaults to
+            `None` (`profile` for everything). Not combined with
+            `batch_profile`.
 
     Returns:
         One `PlanRow` per aggregation.
@@ -447,6 +454,13 @@ def estimate_layout(
         profile = profile_at_batch(profile, replica_batch // m, batch_profile)
     else:
         single = single_device_step(profile, cluster, replica_batch)
+    if pipeline_profile is not None and k > 1:
+        if batch_profile is not None:
+            raise ValueError(
+                "`pipeline_profile` and `batch_profile` cannot be combined "
+                "yet. Received both. Pass one of them."
+            )
+        profile = pipeline_profile
     scaled = scaled_profile(profile, cluster.compute_scale)
     bandwidth, latency = cluster.p2p(k > cluster.devices_per_node)
     stages = k * v

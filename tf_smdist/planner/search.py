@@ -207,6 +207,7 @@ def plan(
     virtual_stages: int | None = None,
     batch_profile: Profile | None = None,
     use_all_devices: bool = True,
+    pipeline_profile: Profile | None = None,
 ) -> Plan:
     """Predicts the step time and memory of every layout and ranks them.
 
@@ -244,6 +245,13 @@ def plan(
             micro-batches keep a fixed per-call cost. Defaults to `None`.
         use_all_devices: Whether `D * K` must equal the cluster's device
             count (else any `D * K` up to it). Defaults to `True`.
+        pipeline_profile: The same model profiled as `PipelineModel`
+            trains it (`smd.profile_model(..., matmul_rule=True)`: on CPU
+            the pipeline computes dense layers' input gradients with its
+            own rule, much faster on small micro-batches), at the same
+            batch size: layouts with `K >= 2` price their stages with it.
+            Defaults to `None` (`profile` for every layout). Not combined
+            with `batch_profile`.
 
     Returns:
         A `Plan`; `plan.rows[0]` is the best feasible layout.
@@ -274,6 +282,8 @@ def plan(
                 f"batch_profile={type(batch_profile).__name__}"
             )
         _check_pair(profile, batch_profile)
+    if pipeline_profile is not None:
+        _check_same_model(profile, pipeline_profile, batch_profile)
     n = cluster.num_devices
     for name, value in (
         ("data_parallel", data_parallel),
@@ -345,6 +355,7 @@ def plan(
                             virtual_stages=v,
                             batch_profile=batch_profile,
                             split_cache=split_cache,
+                            pipeline_profile=pipeline_profile,
                         )
                     )
     if not rows:
@@ -409,3 +420,25 @@ def _as_profile(profile_or_model: Any, sample_batch: Any) -> Profile:
     from tf_smdist.pipeline.profiler import profile_model
 
     return profile_model(profile_or_model, sample_batch)
+
+
+def _check_same_model(profile: Profile, other: Any, batch_profile: Any) -> None:
+    if not isinstance(other, Profile):
+        raise TypeError(
+            "`pipeline_profile` must be a smd.Profile. Received: "
+            f"pipeline_profile={type(other).__name__}"
+        )
+    if batch_profile is not None:
+        raise ValueError(
+            "`pipeline_profile` and `batch_profile` cannot be combined yet. "
+            "Received both. Pass one of them."
+        )
+    names = [x.name for x in profile.layers]
+    other_names = [x.name for x in other.layers]
+    if names != other_names or other.batch_size != profile.batch_size:
+        raise ValueError(
+            "`pipeline_profile` must profile the same layers as the profile, "
+            "at the same batch size. Received: "
+            f"{len(other_names)} layers at batch {other.batch_size} against "
+            f"{len(names)} layers at batch {profile.batch_size}."
+        )
