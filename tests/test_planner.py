@@ -625,6 +625,29 @@ def test_cli_writes_table_and_png(tmp_path):
     assert bad.returncode == 2 and "--devices-per-node" in bad.stderr
 
 
+def test_cli_pipeline_profile(tmp_path):
+    # The example of test_pipeline_profile_prices_the_stages_only, by file.
+    make_profile(times=(2e-3,) * 4, batch_size=8).save(tmp_path / "p.json")
+    make_profile(times=(1e-3,) * 4, batch_size=8).save(tmp_path / "piped.json")
+    make_cluster().save(tmp_path / "c.json")
+    common = [sys.executable, "-m", "tf_smdist.planner.cli", str(tmp_path / "p.json"),
+              "--cluster", str(tmp_path / "c.json"), "--global-batch", "16",
+              "--pipeline-stages", "2", "--microbatches", "4", "--schedule", "1f1b",
+              "--json", str(tmp_path / "plan.json")]
+    steps = []
+    for extra in ([], ["--pipeline-profile", str(tmp_path / "piped.json")]):
+        out = subprocess.run(common + extra, cwd=TESTS, env=package_env(),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        saved = json.loads((tmp_path / "plan.json").read_text())
+        steps.append(saved["rows"][0]["step_time_s"])
+    assert steps == [pytest.approx(10e-3), pytest.approx(5e-3)]
+    missing = subprocess.run(common + ["--pipeline-profile", str(tmp_path / "no.json")],
+                             cwd=TESTS, env=package_env(), capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and "no.json" in missing.stderr
+
+
 # -- published results ---------------------------------------------------------
 
 

@@ -103,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Predict and rank data-parallel x pipeline layouts of a "
                     "profiled model on a cluster (SI units).")
     p.add_argument("profile", help="profile JSON (smd.Profile.save)")
+    p.add_argument("--pipeline-profile", default=None,
+                   help="the same model profiled as the pipeline trains "
+                        "(smd.profile_model(..., matmul_rule=True)), JSON: "
+                        "prices layouts with 2 or more stages")
     p.add_argument("--cluster", help="cluster JSON (smd.Cluster.save or "
                                      "Cluster.calibrate); options below override it")
     for name, kind in _FIELDS:
@@ -134,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         profile = Profile.load(args.profile)
+        extra = ({"pipeline_profile": Profile.load(args.pipeline_profile)}
+                 if args.pipeline_profile else {})
         options = {name: getattr(args, name) for name, _ in _FIELDS
                    if getattr(args, name) is not None}
         if args.cluster:
@@ -155,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(args, key) is not None
         }
         result: Plan = plan(profile, cluster, global_batch=args.global_batch,
-                            aggregation=args.aggregation, **fixed)
+                            aggregation=args.aggregation, **fixed, **extra)
     except (ValueError, TypeError, OSError, KeyError) as error:
         sys.stderr.write(f"tf-smdist-plan: {error}\n")
         return 2
@@ -167,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_device = max(1, args.global_batch // cluster.num_devices)
         curves = scaling_curves(profile, cluster, per_device_batch=per_device,
                                 **{k: v for k, v in fixed.items()
-                                   if k in ("schedule", "virtual_stages")})
+                                   if k in ("schedule", "virtual_stages")},
+                                **extra)
         _plot(curves, args.png,
               f"{profile.model_name or 'model'}, {per_device} samples/device")
         sys.stdout.write(f"wrote {args.png}\n")
