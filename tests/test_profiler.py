@@ -440,7 +440,10 @@ def test_matmul_rule_profile_same_layers_and_gradients():
         layer.name for layer in plain.layers]
     assert [layer.param_bytes for layer in ruled.layers] == [
         layer.param_bytes for layer in plain.layers]
-    assert all(layer.time > 0 for layer in ruled.layers)
+    # A layer this small can time at or under the cost of an empty call, which
+    # the profiler subtracts and clamps at zero; the step as a whole cannot.
+    assert all(layer.time >= 0 for layer in ruled.layers)
+    assert sum(layer.time for layer in ruled.layers) > 0
     # The timed step computes the same gradients under either rule.
     graph = flatten_model(model)
     values = graph.run([tf.constant(x)], training=True)
