@@ -156,6 +156,14 @@ def main() -> None:
                 got = hvd.allreduce(x, op=op)
                 close(got.numpy(), expected_reduce(op_name, dtype, size, shape=(n,)),
                       dtype)
+                # `x` is still referenced, so the op reads it where it is
+                # (out of place) and must leave it as it was.
+                np.testing.assert_array_equal(x.numpy(), value(rank, dtype, shape=(n,)))
+        # A fresh intermediate is forwarded: the ring runs in place on it.
+        x = tf.constant(value(rank, "float32", shape=(n,)))
+        in_place = tf.function(lambda v: hvd.allreduce(v * 1.0, op=hvd.Sum))
+        close(in_place(x).numpy(), expected_reduce("Sum", "float32", size, shape=(n,)),
+              "float32")
     check("allreduce_ring", allreduce_ring)
 
     def scales():

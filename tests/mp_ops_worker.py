@@ -239,6 +239,14 @@ def collectives() -> dict:
     out["min"] = _mpi_ops.host_allreduce(v, reduction="min").numpy().tolist()
     out["max"] = _mpi_ops.host_allreduce(v, reduction="max").numpy().tolist()
     out["empty"] = _mpi_ops.host_allreduce(tf.zeros([0])).shape.as_list()
+    # From 256 KB the communication thread's ring: out of place from an input
+    # still referenced here (it must stay as it was), in place on a fresh
+    # intermediate; an odd length gives blocks of unequal size.
+    big = tf.constant(np.arange((256 << 10) + 3, dtype=np.float32) * (rank + 1))
+    held = _mpi_ops.host_allreduce(big)
+    fresh = tf.function(lambda v: _mpi_ops.host_allreduce(v * 1.0))(big)
+    out["ring"] = [float(tf.reduce_max(tf.abs(held - fresh))),
+                   float(held[-1]), float(big[-1])]
     out["bcast"] = _mpi_ops.broadcast(
         tf.fill([3], float(rank + 10)), root=size - 1).numpy().tolist()
     out["bcast_bool"] = _mpi_ops.broadcast(

@@ -62,6 +62,8 @@ def test_collectives_across_processes(tmp_path, nproc):
         assert res["min"] == [0.0, -(nproc - 1.0), 5.0]
         assert res["max"] == [nproc - 1.0, 0.0, 5.0]
         assert res["empty"] == [0]
+        last = float((256 << 10) + 2)
+        assert res["ring"] == [0.0, last * sum(range(1, nproc + 1)), last * (r + 1)]
         assert res["bcast"] == [float(nproc - 1 + 10)] * 3
         assert res["bcast_bool"] == [True, False]
         assert res["gather"] == [f"r{i}" for i in range(nproc)]

@@ -227,23 +227,29 @@ class ScratchPool {
 // messages on one host; this takes less than the blocking call, and the
 // communication thread still polls for failures between steps. Every rank
 // ends with the same bits: each block is reduced on one rank, then copied.
+// With a separate input `in` (not nullptr), this rank's values are read from
+// it and `buf` only receives: blocks arrive straight into `buf` and are
+// reduced there with the input, so no copy of the input is needed (the
+// reductions are commutative).
 class RingAllreduce {
  public:
-  RingAllreduce(char* buf, int64_t count, size_t elem_size, MPI_Datatype dtype, MPI_Op op,
-                MPI_Comm comm, int rank, int size, int tag, int64_t chunk_bytes,
-                ScratchPool* pool)
-      : buf_(buf), esize_(elem_size), dtype_(dtype), op_(op), comm_(comm), rank_(rank),
-        size_(size), tag_(tag), pool_(pool) {
+  RingAllreduce(const char* in, char* buf, int64_t count, size_t elem_size,
+                MPI_Datatype dtype, MPI_Op op, MPI_Comm comm, int rank, int size, int tag,
+                int64_t chunk_bytes, ScratchPool* pool)
+      : in_(in), buf_(buf), esize_(elem_size), dtype_(dtype), op_(op), comm_(comm),
+        rank_(rank), size_(size), tag_(tag), pool_(pool) {
     chunk_ = std::max<int64_t>(1, chunk_bytes / static_cast<int64_t>(elem_size));
     offsets_.resize(size + 1);
     for (int b = 0; b <= size; ++b) offsets_[b] = count * b / size;
     int64_t largest = 0;
     for (int b = 0; b < size; ++b) largest = std::max(largest, offsets_[b + 1] - offsets_[b]);
-    tmp_ = pool->Take(static_cast<size_t>(largest) * esize_, &tmp_size_);
+    if (in_ == nullptr) tmp_ = pool->Take(static_cast<size_t>(largest) * esize_, &tmp_size_);
   }
   RingAllreduce(const RingAllreduce&) = delete;
   RingAllreduce& operator=(const RingAllreduce&) = delete;
-  ~RingAllreduce() { pool_->Give(std::move(tmp_), tmp_size_); }
+  ~RingAllreduce() {
+    if (tmp_) pool_->Give(std::move(tmp_), tmp_size_);
+  }
 
   // Advances as far as the messages allow; `*done` once every rank's data is
   // summed into `buf`. Returns an MPI error code.
@@ -262,7 +268,9 @@ class RingAllreduce {
         if (phase_ == 0) {
           int64_t at = offsets_[recv_block_] + static_cast<int64_t>(reduced_) * chunk_;
           int64_t n = std::min(chunk_, offsets_[recv_block_ + 1] - at);
-          char* in = tmp_.get() + static_cast<size_t>(reduced_) * chunk_ * esize_;
+          const char* in = in_ != nullptr
+                               ? in_ + at * esize_
+                               : tmp_.get() + static_cast<size_t>(reduced_) * chunk_ * esize_;
           err = MPI_Reduce_local(in, buf_ + at * esize_, static_cast<int>(n), dtype_, op_);
           if (err != MPI_SUCCESS) return err;
         }
@@ -288,7 +296,10 @@ class RingAllreduce {
 
   // Reduce-scatter step s: send block r - s, receive block r - s - 1 and add
   // it in; rank r then holds the sum of block r + 1. All-gather step s: send
-  // block r + 1 - s, receive block r - s.
+  // block r + 1 - s, receive block r - s. Out of place, the first step sends
+  // from the input (nothing is summed yet) and every block is received into
+  // `buf`: the reduce-scatter's block before it is summed, the all-gather's
+  // over partial sums already sent.
   int PostStep() {
     int right = (rank_ + 1) % size_;
     int left = (rank_ + size_ - 1) % size_;
@@ -299,16 +310,18 @@ class RingAllreduce {
     reduced_ = 0;
     for (int64_t at = offsets_[recv_block_]; at < offsets_[recv_block_ + 1]; at += chunk_) {
       int64_t n = std::min(chunk_, offsets_[recv_block_ + 1] - at);
-      char* into = phase_ == 0 ? tmp_.get() + (at - offsets_[recv_block_]) * esize_
-                               : buf_ + at * esize_;
+      char* into = phase_ == 0 && in_ == nullptr
+                       ? tmp_.get() + (at - offsets_[recv_block_]) * esize_
+                       : buf_ + at * esize_;
       recvs_.push_back(MPI_REQUEST_NULL);
       int err = MPI_Irecv(into, static_cast<int>(n), dtype_, left, tag_, comm_, &recvs_.back());
       if (err != MPI_SUCCESS) return err;
     }
+    const char* from = phase_ == 0 && step_ == 0 && in_ != nullptr ? in_ : buf_;
     for (int64_t at = offsets_[send_block]; at < offsets_[send_block + 1]; at += chunk_) {
       int64_t n = std::min(chunk_, offsets_[send_block + 1] - at);
       sends_.push_back(MPI_REQUEST_NULL);
-      int err = MPI_Isend(buf_ + at * esize_, static_cast<int>(n), dtype_, right, tag_, comm_,
+      int err = MPI_Isend(from + at * esize_, static_cast<int>(n), dtype_, right, tag_, comm_,
                           &sends_.back());
       if (err != MPI_SUCCESS) return err;
     }
@@ -316,6 +329,7 @@ class RingAllreduce {
     return MPI_SUCCESS;
   }
 
+  const char* in_;  // this rank's values, or nullptr: in `buf_` (in place)
   char* buf_;
   size_t esize_;
   MPI_Datatype dtype_;
@@ -945,14 +959,15 @@ struct Communicator::Impl {
             static_cast<int64_t>(count) * static_cast<int64_t>(DataTypeSize(r.dtype)) >=
                 ring_bytes) {
           f.ring = std::make_shared<RingAllreduce>(
+              static_cast<const char*>(r.send == r.recv ? nullptr : r.send),
               static_cast<char*>(r.recv), count, DataTypeSize(r.dtype), dt,
               SelectOp(r.dtype, r.reduction), comm, cs.rank, n,
               static_cast<int>(1 + f.seq % 30000), ring_chunk_bytes, &scratch);
           bool done = false;
           return f.ring->Progress(&done);
         }
-        return MPI_Iallreduce(MPI_IN_PLACE, r.recv, count, dt, SelectOp(r.dtype, r.reduction),
-                              comm, &f.mpi);
+        return MPI_Iallreduce(r.send == nullptr || r.send == r.recv ? MPI_IN_PLACE : r.send,
+                              r.recv, count, dt, SelectOp(r.dtype, r.reduction), comm, &f.mpi);
       case Kind::kBroadcast:
         if (count == 0) return MPI_SUCCESS;
         return MPI_Ibcast(r.recv, count, dt, r.root, comm, &f.mpi);

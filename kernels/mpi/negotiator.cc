@@ -546,7 +546,7 @@ bool Negotiator::Cycle() {
     w.I64s(e.splits);
     int64_t bytes = NumElements(e.shape) * ElementSize(e.dtype);
     bool inline_values = e.type == OpType::kAllreduce && bytes <= InlineBytes(size_);
-    w.Bytes(e.output, inline_values ? static_cast<size_t>(bytes) : 0);
+    w.Bytes(AllreduceValues(e), inline_values ? static_cast<size_t>(bytes) : 0);
     std::string name = e.name;
     local_.emplace(name, std::move(e));
   }
@@ -899,6 +899,7 @@ void Negotiator::Execute(const std::vector<std::string>& names) {
       r.reduction = red;
       r.count = total;
       if (group.size() == 1 && (*have)[0]) {
+        r.send = AllreduceValues((*entries)[0]);
         r.recv = (*entries)[0].output;
         r.done = [entries](const mpi::Status& s) { (*entries)[0].done(s, -1); };
       } else {
@@ -914,7 +915,7 @@ void Negotiator::Execute(const std::vector<std::string>& names) {
         for (size_t k = 0; k < group.size(); ++k) {
           size_t bytes = static_cast<size_t>(counts[k] * esize);
           if ((*have)[k]) {
-            if (bytes > 0) std::memcpy(buf.get() + off, (*entries)[k].output, bytes);
+            if (bytes > 0) std::memcpy(buf.get() + off, AllreduceValues((*entries)[k]), bytes);
           } else {
             std::memset(buf.get() + off, 0, bytes);
           }

@@ -99,14 +99,20 @@ struct Entry {
   double postscale = 1.0;  // checked across ranks; applied by the caller
   int root = 0;            // broadcast: a rank of the set
   std::vector<int64_t> splits;  // alltoall: rows sent to each rank of the set
-  // allreduce / broadcast: the buffer reduced in place (holds this rank's
-  // values, prescaled); allgather / alltoall / reduce-scatter: `input` is
-  // sent and `allocate` provides the output.
+  // allreduce: this rank's values (prescaled) are in `input`, or in `output`
+  // when `input` is nullptr, and the result goes to `output`; broadcast: the
+  // buffer broadcast in place; allgather / alltoall / reduce-scatter: `input`
+  // is sent and `allocate` provides the output.
   const void* input = nullptr;
   void* output = nullptr;
   AllocateFn allocate;
   EntryDoneFn done;
 };
+
+// Where an all-reduce entry's own values are: `input`, else `output`.
+inline const void* AllreduceValues(const Entry& e) {
+  return e.input != nullptr ? e.input : e.output;
+}
 
 struct NegotiatorOptions {
   double cycle_time_s = 0.001;          // pause between cycles

@@ -352,14 +352,21 @@ class AllreduceOp : public HvdKernel {
     tf::Tensor* output = nullptr;
     OP_REQUIRES_OK_ASYNC(
         ctx, ctx->forward_input_or_allocate_output({0}, 0, input.shape(), &output), done);
-    if (output->data() != input.data() && input.TotalBytes() > 0) {
-      std::memcpy(output->data(), input.data(), input.TotalBytes());
-    }
-    Scale(dtype_, output->data(), output->NumElements(), prescale_);
     hvd::Entry e = MakeEntry(set.get(), hvd::OpType::kAllreduce, input.shape());
     e.output = output->data();
-    e.done = FinishEntry(ctx, done, {}, std::make_shared<tf::Tensor>(*output), dtype_,
-                         OutputScale(set->size()));
+    std::vector<tf::Tensor> inputs;
+    if (output->data() != input.data() && input.TotalBytes() > 0) {
+      if (prescale_ == 1.0) {
+        // Reduced from the input straight into the output: no copy.
+        e.input = input.data();
+        inputs.push_back(input);
+      } else {
+        std::memcpy(output->data(), input.data(), input.TotalBytes());
+      }
+    }
+    if (e.input == nullptr) Scale(dtype_, output->data(), output->NumElements(), prescale_);
+    e.done = FinishEntry(ctx, done, std::move(inputs), std::make_shared<tf::Tensor>(*output),
+                         dtype_, OutputScale(set->size()));
     OP_REQUIRES_OK_ASYNC(ctx, ToTfStatus(set->Enqueue(std::move(e))), done);
   }
 };

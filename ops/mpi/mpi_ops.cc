@@ -195,8 +195,9 @@ class MpiOpBase : public tf::AsyncOpKernel {
   int group_ = 0;
 };
 
-// All-reduce and broadcast: output = input (forwarded or copied), then the
-// collective runs in place on the output buffer.
+// All-reduce and broadcast into the output (the input's buffer when it can be
+// forwarded): a broadcast runs in place on it (copied from the input), an
+// all-reduce reads a separate input where it is.
 class MpiCollectiveOp : public MpiOpBase {
  public:
   MpiCollectiveOp(tf::OpKernelConstruction* ctx, mpi::Kind kind)
@@ -235,10 +236,15 @@ class MpiCollectiveOp : public MpiOpBase {
     tf::Tensor* output = nullptr;
     OP_REQUIRES_OK_ASYNC(
         ctx, ctx->forward_input_or_allocate_output({0}, 0, input.shape(), &output), done);
-    if (output->data() != input.data() && input.TotalBytes() > 0) {
+    // An all-reduce reads a separate input where it is (no copy); a
+    // broadcast runs in place on the output.
+    bool separate = output->data() != input.data() && input.TotalBytes() > 0;
+    if (separate && kind_ != mpi::Kind::kAllreduce) {
       std::memcpy(output->data(), input.data(), input.TotalBytes());
+      separate = false;
     }
     mpi::Request r;
+    if (separate) r.send = input.data();
     r.kind = kind_;
     r.name = name();
     r.comm = comm_;
@@ -250,7 +256,9 @@ class MpiCollectiveOp : public MpiOpBase {
     r.dtype = dtype_;
     r.reduction = reduction_;
     r.root = root_;
-    r.done = Finish(ctx, done, {*output});
+    std::vector<tf::Tensor> keep{*output};
+    if (separate) keep.push_back(input);
+    r.done = Finish(ctx, done, std::move(keep));
     comm.Enqueue(std::move(r));
   }
 
