@@ -311,6 +311,27 @@ def test_optimizer_update_and_compute_scale():
     assert row.step_time_s == pytest.approx(8e-3 + 28e-3)
 
 
+def test_micro_batch_gradients_are_summed_at_memory_bandwidth():
+    # test_pipeline_bubble_step_time's layout (stages of 2 layers, 0.5 ms per
+    # micro-batch, M = 4) with 1000 gradient bytes per layer: each stage adds
+    # M - 1 = 3 micro-batch gradients of 2000 bytes, reading two and writing
+    # one, at 1e6 B/s: 18 ms per step, 4.5 ms per micro-batch. The update
+    # (3 x 2000 bytes at 1e6 B/s) comes after. M = 1 sums nothing.
+    profile = make_profile()
+    cluster = make_cluster(memory_bandwidth=1e6)
+    row = plan(profile, cluster, global_batch=8, pipeline_stages=2,
+               microbatches=4, schedule="1f1b").rows[0]
+    assert row.compute_s == pytest.approx(5 * (0.5e-3 + 4.5e-3))
+    assert row.update_s == pytest.approx(6e-3)
+    one = plan(profile, cluster, global_batch=8, pipeline_stages=2,
+               microbatches=1, schedule="1f1b").rows[0]
+    assert one.compute_s == pytest.approx(2 * 2e-3)
+    # Without a memory bandwidth, neither is priced.
+    free = plan(profile, make_cluster(), global_batch=8, pipeline_stages=2,
+                microbatches=4, schedule="1f1b").rows[0]
+    assert free.compute_s == pytest.approx(5 * 0.5e-3)
+
+
 def test_memory_per_device_by_hand():
     # Stage 0 of 2 (layers 0-1): params + grads + Adam-like state
     # 2 x (1000 + 1000 + 500); activations per micro-batch of 2 samples:

@@ -288,6 +288,23 @@ def _update_seconds(trainable: Any, state: Any, cluster: Cluster) -> Any:
     return (3 * trainable + 2 * state) / cluster.memory_bandwidth
 
 
+def _accumulation_seconds(trainable: Any, microbatches: int, cluster: Cluster) -> Any:
+    """Seconds per micro-batch to sum `trainable` bytes of weight gradients
+    over `microbatches` micro-batches (`M - 1` additions, each reading two
+    gradients and writing one, spread over the `M` micro-batches).
+
+    >>> c = Cluster(nodes=1, devices_per_node=1, device_memory=1e9,
+    ...             intra_node_bandwidth=1e9, inter_node_bandwidth=1e9,
+    ...             memory_bandwidth=3e9)
+    >>> _accumulation_seconds(1e9, 4, c)  # 3 additions of 3 GB at 3 GB/s, over 4
+    0.75
+    """
+    if cluster.memory_bandwidth is None or microbatches <= 1:
+        return 0.0 * trainable
+    additions = (microbatches - 1) / microbatches
+    return additions * 3 * trainable / cluster.memory_bandwidth
+
+
 def _group_shape(cluster: Cluster, data_parallel: int, stages: int) -> tuple[int, int]:
     """(nodes, devices per node) of one stage's data-parallel group.
 
@@ -696,6 +713,13 @@ def _evaluate_splits(
         prefix = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
         return per_device(prefix[b] - prefix[a])
 
+    trainable_prefix = np.concatenate(
+        [[0], np.cumsum([x.trainable_bytes for x in profile.layers], dtype=np.int64)])
+    # Each (virtual) stage sums its micro-batches' weight gradients: M - 1
+    # additions per step, each reading two gradients and writing one,
+    # spread over the M micro-batches of the stage's time.
+    times = times + _accumulation_seconds(
+        trainable_prefix[b] - trainable_prefix[a], m, cluster)
     grad_bytes = layer_sums([x.trainable_bytes for x in profile.layers])
     state = layer_sums([x.optimizer_bytes for x in profile.layers])
     device_memory = per_device(memory).max(axis=1)
