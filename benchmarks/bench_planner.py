@@ -25,7 +25,8 @@ Prints, per row, two predictions and the measured step time:
   - with `compute_scale` set from the plain model's step timed in the same
     run, by every process, in windows alternating with the distributed ones
     (this machine's load from other jobs changes the speed of a core by the
-    minute),
+    minute; for the pipelined rows, the step under the pipeline's MatMul
+    gradient rule, against `pipeline_profile`),
 and each one's ratio to the measured time. The profile run also times the
 plain model at the micro-batch and at M times it (is compute linear in the
 batch size?).
@@ -74,15 +75,22 @@ def _worker(args: argparse.Namespace) -> None:
     _common.write_result(args.out, result, rank=rank, every_rank=True)
 
 
-def _local_step(name: str, batch: int):
+def _local_step(name: str, batch: int, matmul_rule: bool = False):
     """The plain model (no strategy, no pipeline) training on `batch` samples.
 
     Timed in windows alternating with the distributed ones: what compute
     costs on this machine at this moment, in this job (this machine's load
-    changes by the minute).
+    changes by the minute). With `matmul_rule`, its gradient is taken under
+    the pipeline's MatMul gradient rule, as the pipeline's stages (and the
+    `pipeline_profile`) compute it: a slower machine slows that
+    compute-bound work and TensorFlow's weight transposes differently.
     """
+    import contextlib
+
     import keras
     import tensorflow as tf
+
+    from tf_smdist import _compat
 
     model, shape = _model(name)
     optimizer = keras.optimizers.SGD(0.01)
@@ -94,7 +102,10 @@ def _local_step(name: str, batch: int):
     def step():
         with tf.GradientTape() as tape:
             loss = loss_fn(yb, model(xb, training=True))
-        grads = tape.gradient(loss, model.trainable_variables)
+        rule = (_compat.small_rows_matmul_gradients() if matmul_rule
+                else contextlib.nullcontext())
+        with rule:
+            grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 
@@ -217,8 +228,9 @@ def _pipe_worker(args: argparse.Namespace, size: int) -> dict:
         return train(data)["loss"]
 
     # The plain model on this process's share of the work, as in the
-    # data-parallel runs: BATCH samples of the whole model.
-    local = _local_step(args.model, BATCH[args.model])
+    # data-parallel runs: BATCH samples of the whole model, under the
+    # pipeline's MatMul gradient rule (what `pipeline_profile` timed).
+    local = _local_step(args.model, BATCH[args.model], matmul_rule=True)
     result = _alternate(args, size, pipe_step, local)
     # Each rank's time in its own compute ops during one step (the profiler's
     # op durations, communication ops left out), and the step's span.
@@ -356,7 +368,10 @@ def _driver(args: argparse.Namespace) -> None:
             step_s = ranks[0]["step_s"]
             # Each process's own compute speed in this run, averaged.
             local_s = statistics.mean(r["local_s"] for r in ranks)
-            scale = _run_scale(profile, cluster, b, local_s, nproc)
+            # Pipelined rows are priced by the pipeline profile, and their
+            # plain step was timed under the same rule.
+            scale = _run_scale(profile if k == 1 else pipe_profile, cluster, b,
+                               local_s, nproc)
             in_cluster = cluster.replace(compute_scale=scale)
             in_run = _predict(profile, in_cluster, global_batch, d, k, m,
                               pipe_profile)
@@ -367,7 +382,8 @@ def _driver(args: argparse.Namespace) -> None:
                   f"run: {in_run.step_time_s * 1e3:.2f} ms = compute "
                   f"{in_run.compute_s * 1e3:.2f} + aggregation "
                   f"{in_run.aggregation_s * 1e3:.2f} + rest), measured "
-                  f"{step_s * 1e3:.2f} ms; plain step per process "
+                  f"{step_s * 1e3:.2f} ms; plain step per process"
+                  f"{' (MatMul gradient rule)' if k > 1 else ''} "
                   f"{[round(r['local_s'] * 1e3, 2) for r in ranks]} ms; load "
                   f"average {before:.1f} before, {os.getloadavg()[0]:.1f} after",
                   flush=True)
