@@ -58,8 +58,13 @@ def test_bazel_builds_a_working_op_library(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable)
     subprocess.run(["bash", "configure_bazel.sh"], cwd=ROOT, env=env, check=True,
                    timeout=300, capture_output=True)
-    proc = subprocess.run(["bazel", "build", "//:smdist_ops"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    try:
+        proc = subprocess.run(["bazel", "build", "//:smdist_ops"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=900)
+    finally:
+        # Bazel leaves its server running for hours: stop it with the test.
+        subprocess.run(["bazel", "shutdown"], cwd=ROOT, capture_output=True,
+                       timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     library = os.path.join(ROOT, "bazel-bin", "libsmdist_ops.so")
     # Load it in a fresh interpreter: one process cannot register the ops twice.

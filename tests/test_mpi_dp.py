@@ -71,7 +71,10 @@ def _assert_same_on_every_rank(out, name: str, nproc: int) -> list[np.ndarray]:
     return first
 
 
-@pytest.mark.parametrize("nproc,local", [(2, 1), (2, 2), (3, 1), (3, 2)])
+# Each process count with two devices per process, and one device per process
+# on 3 ranks; 2 ranks of one device each train in the tests below
+# (compression, mixed precision, uneven batches, checkpoints, embeddings).
+@pytest.mark.parametrize("nproc,local", [(2, 2), (3, 1), (3, 2)])
 def test_custom_loop_and_fit_equal_mirrored_strategy(tmp_path, nproc, local):
     proc = launch(["--nproc", str(nproc), WORKER, "equiv", str(local), str(tmp_path)],
                   timeout=400)
