@@ -959,15 +959,15 @@ struct Communicator::Impl {
             static_cast<int64_t>(count) * static_cast<int64_t>(DataTypeSize(r.dtype)) >=
                 ring_bytes) {
           f.ring = std::make_shared<RingAllreduce>(
-              static_cast<const char*>(r.send == r.recv ? nullptr : r.send),
+              static_cast<const char*>(r.send),
               static_cast<char*>(r.recv), count, DataTypeSize(r.dtype), dt,
               SelectOp(r.dtype, r.reduction), comm, cs.rank, n,
               static_cast<int>(1 + f.seq % 30000), ring_chunk_bytes, &scratch);
           bool done = false;
           return f.ring->Progress(&done);
         }
-        return MPI_Iallreduce(r.send == nullptr || r.send == r.recv ? MPI_IN_PLACE : r.send,
-                              r.recv, count, dt, SelectOp(r.dtype, r.reduction), comm, &f.mpi);
+        return MPI_Iallreduce(r.send == nullptr ? MPI_IN_PLACE : r.send, r.recv, count, dt,
+                              SelectOp(r.dtype, r.reduction), comm, &f.mpi);
       case Kind::kBroadcast:
         if (count == 0) return MPI_SUCCESS;
         return MPI_Ibcast(r.recv, count, dt, r.root, comm, &f.mpi);

@@ -104,8 +104,9 @@ struct Request {
                                // part already at its offset in recv); for
                                // reduce-scatter: in place (recv holds all
                                // sum(counts) inputs, the result goes first)
-                               // allreduce: this rank's values, read only;
-                               // nullptr: in place (they are in recv)
+                               // allreduce: this rank's values, read only,
+                               // not overlapping recv; nullptr: in place
+                               // (they are in recv)
   void* recv = nullptr;        // in place for broadcast
   int64_t count = 0;           // elements (per rank for allgather)
   std::vector<int64_t> counts;       // per rank of `comm` (allgatherv,

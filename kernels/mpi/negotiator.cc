@@ -899,7 +899,7 @@ void Negotiator::Execute(const std::vector<std::string>& names) {
       r.reduction = red;
       r.count = total;
       if (group.size() == 1 && (*have)[0]) {
-        r.send = AllreduceValues((*entries)[0]);
+        r.send = (*entries)[0].input;  // nullptr: in place
         r.recv = (*entries)[0].output;
         r.done = [entries](const mpi::Status& s) { (*entries)[0].done(s, -1); };
       } else {

@@ -288,6 +288,15 @@ def _update_seconds(trainable: Any, state: Any, cluster: Cluster) -> Any:
     return (3 * trainable + 2 * state) / cluster.memory_bandwidth
 
 
+def _refuse_both_profiles(pipeline_profile: Any, batch_profile: Any) -> None:
+    """Raises `ValueError` when both profiles are given (not combined yet)."""
+    if pipeline_profile is not None and batch_profile is not None:
+        raise ValueError(
+            "`pipeline_profile` and `batch_profile` cannot be combined "
+            "yet. Received both. Pass one of them."
+        )
+
+
 def _accumulation_seconds(trainable: Any, microbatches: int, cluster: Cluster) -> Any:
     """Seconds per micro-batch to sum `trainable` bytes of weight gradients
     over `microbatches` micro-batches (`M - 1` additions, each reading two
@@ -472,11 +481,7 @@ def estimate_layout(
     else:
         single = single_device_step(profile, cluster, replica_batch)
     if pipeline_profile is not None and k > 1:
-        if batch_profile is not None:
-            raise ValueError(
-                "`pipeline_profile` and `batch_profile` cannot be combined "
-                "yet. Received both. Pass one of them."
-            )
+        _refuse_both_profiles(pipeline_profile, batch_profile)
         profile = pipeline_profile
     scaled = scaled_profile(profile, cluster.compute_scale)
     bandwidth, latency = cluster.p2p(k > cluster.devices_per_node)
@@ -709,19 +714,17 @@ def _evaluate_splits(
         # Device s holds (virtual) stages s, s + K, ...
         return values.reshape(-1, v, k).sum(axis=1)
 
-    def layer_sums(values: list[int]) -> np.ndarray:
+    def stage_sums(values: list[int]) -> np.ndarray:
         prefix = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
-        return per_device(prefix[b] - prefix[a])
+        return prefix[b] - prefix[a]
 
-    trainable_prefix = np.concatenate(
-        [[0], np.cumsum([x.trainable_bytes for x in profile.layers], dtype=np.int64)])
+    stage_grads = stage_sums([x.trainable_bytes for x in profile.layers])
     # Each (virtual) stage sums its micro-batches' weight gradients: M - 1
     # additions per step, each reading two gradients and writing one,
     # spread over the M micro-batches of the stage's time.
-    times = times + _accumulation_seconds(
-        trainable_prefix[b] - trainable_prefix[a], m, cluster)
-    grad_bytes = layer_sums([x.trainable_bytes for x in profile.layers])
-    state = layer_sums([x.optimizer_bytes for x in profile.layers])
+    times = times + _accumulation_seconds(stage_grads, m, cluster)
+    grad_bytes = per_device(stage_grads)
+    state = per_device(stage_sums([x.optimizer_bytes for x in profile.layers]))
     device_memory = per_device(memory).max(axis=1)
     update = _update_seconds(grad_bytes, state, cluster).max(axis=1)
     slots = cluster.compute_slots

@@ -9,7 +9,13 @@ from typing import Any
 from tf_smdist.pipeline.profile import Profile, format_bytes
 from tf_smdist.planner.cluster import Cluster
 from tf_smdist.planner.costs import AGGREGATIONS
-from tf_smdist.planner.model import SCHEDULES, PlanRow, _check_pair, estimate_layout
+from tf_smdist.planner.model import (
+    SCHEDULES,
+    PlanRow,
+    _check_pair,
+    _refuse_both_profiles,
+    estimate_layout,
+)
 
 __all__ = ["Plan", "plan"]
 
@@ -428,11 +434,7 @@ def _check_same_model(profile: Profile, other: Any, batch_profile: Any) -> None:
             "`pipeline_profile` must be a smd.Profile. Received: "
             f"pipeline_profile={type(other).__name__}"
         )
-    if batch_profile is not None:
-        raise ValueError(
-            "`pipeline_profile` and `batch_profile` cannot be combined yet. "
-            "Received both. Pass one of them."
-        )
+    _refuse_both_profiles(other, batch_profile)
     names = [x.name for x in profile.layers]
     other_names = [x.name for x in other.layers]
     if names != other_names or other.batch_size != profile.batch_size:
