@@ -22,7 +22,7 @@ HVD_NAMES = """
 init shutdown is_initialized size rank local_size local_rank cross_size cross_rank
 is_homogeneous rank_op size_op local_rank_op local_size_op mpi_built mpi_enabled
 mpi_threads_supported gloo_built gloo_enabled nccl_built ddl_built ccl_built cuda_built
-rocm_built start_timeline stop_timeline Average Sum Min Max Product Adasum
+rocm_built sycl_built start_timeline stop_timeline Average Sum Min Max Product Adasum
 allreduce grouped_allreduce allgather grouped_allgather broadcast broadcast_
 broadcast_variables alltoall reducescatter grouped_reducescatter join barrier
 broadcast_object broadcast_object_fn allgather_object Compression ProcessSet
@@ -32,7 +32,7 @@ broadcast_global_variables BroadcastGlobalVariablesHook
 """.split()
 KERAS_NAMES = """
 init shutdown size rank local_size local_rank mpi_built mpi_enabled
-mpi_threads_supported gloo_built nccl_built cuda_built Compression
+mpi_threads_supported gloo_built nccl_built cuda_built sycl_built Compression
 DistributedOptimizer PartialDistributedOptimizer broadcast_global_variables
 allreduce allgather broadcast load_model callbacks elastic Average Sum
 """.split()
@@ -100,7 +100,8 @@ def test_build_queries_answer_truthfully():
     assert hvd.cuda_built() == bool(_build_info.GPU_KERNELS)
     assert hvd.gloo_built() is False and hvd.gloo_enabled() is False
     assert hvd.nccl_built() == 0
-    assert not (hvd.ddl_built() or hvd.ccl_built() or hvd.rocm_built())
+    assert not (hvd.ddl_built() or hvd.ccl_built() or hvd.rocm_built()
+                or hvd.sycl_built() or hvd_keras.sycl_built())
     assert hvd.mpi_threads_supported() is False
 
 
@@ -281,6 +282,32 @@ def test_distributed_optimizer_fit_equals_plain_fit(make):
     config.pop("name"), plain_config.pop("name")
     assert config == plain_config
     assert len(history.history["loss"]) == 2
+
+
+def test_compile_takes_tf_keras_experimental_run_tf_function(tmp_path):
+    # Horovod's Keras examples compile with tf.keras 2's argument, which
+    # Keras 3 alone rejects; it is dropped, any other unknown one still fails.
+    x, y = _data()
+    model = _model()
+    model.compile(optimizer=hvd_keras.DistributedOptimizer(keras.optimizers.SGD(0.1)),
+                  loss="mse", metrics=["mae"], experimental_run_tf_function=False)
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0]) and "mae" in history.history
+    plain = _model()
+    plain.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", metrics=["mae"])
+    plain.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    for a, b in zip(model.get_weights(), plain.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(TypeError, match="not_an_argument"):
+        _model().compile(optimizer="sgd", loss="mse", not_an_argument=1)
+    hvd.init()  # again: the wrapper is not stacked
+    assert not getattr(keras.Model.compile.__wrapped__,
+                       "_smdist_accepts_tf_keras_arguments", False)
+    # Keras still compiles the models it loads (it skips models whose class
+    # overrides `compile`).
+    plain.save(tmp_path / "plain.keras")
+    loaded = keras.models.load_model(tmp_path / "plain.keras")
+    assert isinstance(loaded.optimizer, keras.optimizers.SGD)
 
 
 def test_distributed_optimizer_custom_loop_apply_gradients():

@@ -8,6 +8,7 @@ from typing import Any
 
 __all__ = [
     "MirroredExtended",
+    "accept_tf_keras_compile_arguments",
     "all_sublayers",
     "compiled_parts",
     "cross_device_gather",
@@ -321,3 +322,37 @@ class small_rows_matmul_gradients:  # noqa: N801 (used as a context manager)
 
         ops._gradient_registry._registry["MatMul"] = self._saved  # noqa: SLF001
         self._saved = None
+
+
+# --- tf.keras 2 arguments that Keras 3 rejects ---------------------------------
+def accept_tf_keras_compile_arguments() -> None:
+    """Lets Keras models' `compile` take `experimental_run_tf_function` again.
+
+    tf.keras 2 accepted that argument and ignored it (the training function
+    is always a `tf.function`), and Horovod's Keras examples, with the
+    scripts written from them, pass `experimental_run_tf_function=False`.
+    Keras 3's `compile` has no such parameter and raises `TypeError`, and it
+    offers no hook for extra arguments. So the class that defines `compile`
+    for `keras.Model` (Keras' private `Trainer`) gets its `compile` wrapped,
+    once, to drop that one argument: wrapped there rather than on
+    `keras.Model`, because model loading skips compiling any model whose
+    class's `compile` differs from `Trainer.compile`. Every other argument,
+    and every other unknown one, reaches Keras unchanged.
+    """
+    import functools
+
+    import keras
+
+    owner = next(c for c in keras.Model.__mro__ if "compile" in vars(c))
+    original = vars(owner)["compile"]
+    if getattr(original, "_smdist_accepts_tf_keras_arguments", False):
+        return
+
+    @functools.wraps(original)
+    def compile(self: Any, *args: Any, experimental_run_tf_function: Any = None,
+                **kwargs: Any) -> Any:
+        del experimental_run_tf_function  # tf.keras 2 ignored it as well
+        return original(self, *args, **kwargs)
+
+    compile._smdist_accepts_tf_keras_arguments = True  # type: ignore[attr-defined]
+    owner.compile = compile

@@ -52,6 +52,7 @@ from tf_smdist.horovod.basics import (
     size_op,
     start_timeline,
     stop_timeline,
+    sycl_built,
 )
 from tf_smdist.horovod.collectives import (
     allgather,
@@ -146,6 +147,7 @@ __all__ = [
     "shutdown",
     "size",
     "size_op",
+    "sycl_built",
     "start_timeline",
     "stop_timeline",
 ]

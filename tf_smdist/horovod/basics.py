@@ -10,6 +10,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from tf_smdist import _compat
 from tf_smdist.horovod import mpi_ops
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "shutdown",
     "size",
     "size_op",
+    "sycl_built",
     "start_timeline",
     "stop_timeline",
 ]
@@ -66,7 +68,9 @@ def init(comm: Any = None, process_sets: Sequence[Any] | None = None) -> None:
     Every process of the job calls it once at start-up. In a plain `python`
     run (no MPI launcher) the job has one process and every collective
     returns its input. Calling it again does nothing (process sets passed
-    again are registered if they are new).
+    again are registered if they are new). It also lets `keras.Model.compile`
+    take tf.keras 2's `experimental_run_tf_function` (ignored, as tf.keras 2
+    did), which Horovod's Keras examples pass and Keras 3 rejects.
 
     Args:
         comm: Horovod's communicator argument. Only `None` (the whole job)
@@ -88,6 +92,7 @@ def init(comm: Any = None, process_sets: Sequence[Any] | None = None) -> None:
     with _lock:
         if not mpi_ops.is_engine_initialized():
             mpi_ops.init_engine()
+        _compat.accept_tf_keras_compile_arguments()
     if comm is not None:
         ranks = list(comm) if isinstance(comm, (list, tuple, range)) else None
         if ranks != list(range(size())):
@@ -390,6 +395,19 @@ def ddl_built() -> bool:
     Example:
     >>> import tf_smdist.horovod as hvd
     >>> hvd.ddl_built()
+    False
+    """
+    return False
+
+
+def sycl_built() -> bool:
+    """Whether Intel SYCL (XPU) support is built: False.
+
+    Horovod's newer Keras examples ask it before listing `XPU` devices.
+
+    Example:
+    >>> import tf_smdist.horovod as hvd
+    >>> hvd.sycl_built()
     False
     """
     return False

@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_smdist import _compat
 from tf_smdist.horovod import collectives
 from tf_smdist.horovod.basics import (
     Adasum,
@@ -54,6 +55,7 @@ from tf_smdist.horovod.basics import (
     size,
     start_timeline,
     stop_timeline,
+    sycl_built,
 )
 from tf_smdist.horovod.compression import Compression, Compressor
 from tf_smdist.horovod.global_variables import (
@@ -72,6 +74,11 @@ from tf_smdist.horovod.process_sets import (
     remove_process_set,
 )
 from tf_smdist.horovod.sync_batch_norm import SyncBatchNormalization
+
+# Horovod's Keras scripts compile with tf.keras 2's
+# `experimental_run_tf_function=False`, which Keras 3 rejects (see
+# `horovod.basics.init`); accepted from the import on, before `init`.
+_compat.accept_tf_keras_compile_arguments()
 
 __all__ = [
     "Adasum",
@@ -117,6 +124,7 @@ __all__ = [
     "size",
     "start_timeline",
     "stop_timeline",
+    "sycl_built",
 ]
 
 
