@@ -302,12 +302,34 @@ def test_compile_takes_tf_keras_experimental_run_tf_function(tmp_path):
         _model().compile(optimizer="sgd", loss="mse", not_an_argument=1)
     hvd.init()  # again: the wrapper is not stacked
     assert not getattr(keras.Model.compile.__wrapped__,
-                       "_smdist_accepts_tf_keras_arguments", False)
+                       "_smdist_tf_keras_spelling", False)
     # Keras still compiles the models it loads (it skips models whose class
     # overrides `compile`).
     plain.save(tmp_path / "plain.keras")
     loaded = keras.models.load_model(tmp_path / "plain.keras")
     assert isinstance(loaded.optimizer, keras.optimizers.SGD)
+
+
+def test_optimizer_variables_also_answer_a_call():
+    # tf.keras 2's `opt.variables()` (Horovod's examples broadcast it) and
+    # Keras 3's `opt.variables` give the same list.
+    model = _model()
+    sgd = keras.optimizers.SGD(0.1, momentum=0.9)
+    for opt in (keras.optimizers.Adam(0.1), hvd_keras.DistributedOptimizer(sgd)):
+        opt.build(model.trainable_variables)
+        listed, called = opt.variables, opt.variables()
+        assert isinstance(listed, list) and len(listed) > len(model.trainable_variables)
+        assert [v.path for v in called] == [v.path for v in listed]
+        assert listed == list(listed) and listed[:] == listed
+    before = [v.numpy() for v in opt.variables]
+
+    @tf.function
+    def broadcast():
+        hvd.broadcast_variables(opt.variables(), root_rank=0)
+
+    broadcast()
+    for a, v in zip(before, opt.variables):
+        np.testing.assert_array_equal(a, v.numpy())
 
 
 def test_distributed_optimizer_custom_loop_apply_gradients():

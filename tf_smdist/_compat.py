@@ -8,7 +8,7 @@ from typing import Any
 
 __all__ = [
     "MirroredExtended",
-    "accept_tf_keras_compile_arguments",
+    "accept_tf_keras_spellings",
     "all_sublayers",
     "compiled_parts",
     "cross_device_gather",
@@ -324,20 +324,33 @@ class small_rows_matmul_gradients:  # noqa: N801 (used as a context manager)
         self._saved = None
 
 
-# --- tf.keras 2 arguments that Keras 3 rejects ---------------------------------
-def accept_tf_keras_compile_arguments() -> None:
-    """Lets Keras models' `compile` take `experimental_run_tf_function` again.
+# --- tf.keras 2 spellings that Keras 3 rejects ----------------------------------
+class _CallableList(list):
+    """A list that a call also returns (tf.keras 2's `optimizer.variables()`)."""
 
-    tf.keras 2 accepted that argument and ignored it (the training function
-    is always a `tf.function`), and Horovod's Keras examples, with the
-    scripts written from them, pass `experimental_run_tf_function=False`.
-    Keras 3's `compile` has no such parameter and raises `TypeError`, and it
-    offers no hook for extra arguments. So the class that defines `compile`
-    for `keras.Model` (Keras' private `Trainer`) gets its `compile` wrapped,
-    once, to drop that one argument: wrapped there rather than on
-    `keras.Model`, because model loading skips compiling any model whose
-    class's `compile` differs from `Trainer.compile`. Every other argument,
-    and every other unknown one, reaches Keras unchanged.
+    def __call__(self) -> "_CallableList":
+        return self
+
+
+def accept_tf_keras_spellings() -> None:
+    """Lets two tf.keras 2 spellings that Horovod's examples use run on Keras 3.
+
+    - `model.compile(..., experimental_run_tf_function=False)`: tf.keras 2
+      accepted that argument and ignored it (the training function is always
+      a `tf.function`); Keras 3's `compile` has no such parameter and raises
+      `TypeError`, with no hook for extra arguments. The class that defines
+      `compile` for `keras.Model` (Keras' private `Trainer`) gets its
+      `compile` wrapped to drop that one argument: wrapped there rather than
+      on `keras.Model`, because model loading skips compiling any model whose
+      class's `compile` differs from `Trainer.compile`. Every other argument,
+      and every other unknown one, reaches Keras unchanged.
+    - `optimizer.variables()`: a method in tf.keras 2, a property returning a
+      list in Keras 3, so the call raises `TypeError: 'list' object is not
+      callable`. The property (defined on Keras' private `BaseOptimizer`)
+      now returns that same list as a `list` subclass that a call returns
+      too, so both spellings give the optimizer's variables.
+
+    Idempotent: each wrapper is installed once.
     """
     import functools
 
@@ -345,14 +358,26 @@ def accept_tf_keras_compile_arguments() -> None:
 
     owner = next(c for c in keras.Model.__mro__ if "compile" in vars(c))
     original = vars(owner)["compile"]
-    if getattr(original, "_smdist_accepts_tf_keras_arguments", False):
-        return
+    if not getattr(original, "_smdist_tf_keras_spelling", False):
 
-    @functools.wraps(original)
-    def compile(self: Any, *args: Any, experimental_run_tf_function: Any = None,
-                **kwargs: Any) -> Any:
-        del experimental_run_tf_function  # tf.keras 2 ignored it as well
-        return original(self, *args, **kwargs)
+        @functools.wraps(original)
+        def compile(self: Any, *args: Any, experimental_run_tf_function: Any = None,
+                    **kwargs: Any) -> Any:
+            del experimental_run_tf_function  # tf.keras 2 ignored it as well
+            return original(self, *args, **kwargs)
 
-    compile._smdist_accepts_tf_keras_arguments = True  # type: ignore[attr-defined]
-    owner.compile = compile
+        compile._smdist_tf_keras_spelling = True  # type: ignore[attr-defined]
+        owner.compile = compile
+
+    mro = keras.optimizers.Optimizer.__mro__
+    owner = next(c for c in mro if "variables" in vars(c))
+    prop = vars(owner)["variables"]
+    installed = getattr(getattr(prop, "fget", None), "_smdist_tf_keras_spelling", False)
+    if isinstance(prop, property) and not installed:
+        get = prop.fget
+
+        def variables(self: Any) -> _CallableList:
+            return _CallableList(get(self))
+
+        variables._smdist_tf_keras_spelling = True  # type: ignore[attr-defined]
+        owner.variables = property(variables, doc=prop.__doc__)

@@ -68,9 +68,11 @@ def init(comm: Any = None, process_sets: Sequence[Any] | None = None) -> None:
     Every process of the job calls it once at start-up. In a plain `python`
     run (no MPI launcher) the job has one process and every collective
     returns its input. Calling it again does nothing (process sets passed
-    again are registered if they are new). It also lets `keras.Model.compile`
-    take tf.keras 2's `experimental_run_tf_function` (ignored, as tf.keras 2
-    did), which Horovod's Keras examples pass and Keras 3 rejects.
+    again are registered if they are new). It also lets two tf.keras 2
+    spellings that Horovod's examples use run on Keras 3:
+    `model.compile(..., experimental_run_tf_function=False)` (ignored, as
+    tf.keras 2 did) and `optimizer.variables()` (the same list as
+    `optimizer.variables`).
 
     Args:
         comm: Horovod's communicator argument. Only `None` (the whole job)
@@ -92,7 +94,7 @@ def init(comm: Any = None, process_sets: Sequence[Any] | None = None) -> None:
     with _lock:
         if not mpi_ops.is_engine_initialized():
             mpi_ops.init_engine()
-        _compat.accept_tf_keras_compile_arguments()
+        _compat.accept_tf_keras_spellings()
     if comm is not None:
         ranks = list(comm) if isinstance(comm, (list, tuple, range)) else None
         if ranks != list(range(size())):

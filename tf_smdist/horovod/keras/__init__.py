@@ -76,9 +76,9 @@ from tf_smdist.horovod.process_sets import (
 from tf_smdist.horovod.sync_batch_norm import SyncBatchNormalization
 
 # Horovod's Keras scripts compile with tf.keras 2's
-# `experimental_run_tf_function=False`, which Keras 3 rejects (see
-# `horovod.basics.init`); accepted from the import on, before `init`.
-_compat.accept_tf_keras_compile_arguments()
+# `experimental_run_tf_function=False` and broadcast `opt.variables()`, which
+# Keras 3 rejects (see `horovod.basics.init`): accepted from the import on.
+_compat.accept_tf_keras_spellings()
 
 __all__ = [
     "Adasum",
