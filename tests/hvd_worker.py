@@ -153,6 +153,48 @@ def check_tape() -> None:
     results["tape"] = entry
 
 
+def check_v1_optimizer() -> None:
+    """hvd.DistributedOptimizer over a tf.compat.v1 optimizer, in a TF1 session."""
+    x, y = data()
+
+    def train(w0: np.ndarray, xs: np.ndarray, ys: np.ndarray, batch: int,
+              distributed: bool) -> np.ndarray:
+        g = tf.Graph()
+        with g.as_default():
+            w = tf.compat.v1.get_variable("w", initializer=w0)
+            xb = tf.compat.v1.placeholder(tf.float32, [batch, 5])
+            yb = tf.compat.v1.placeholder(tf.float32, [batch, 2])
+            loss = tf.reduce_mean(tf.square(tf.tanh(xb @ w) - yb))
+            opt = tf.compat.v1.train.MomentumOptimizer(LR, 0.9)
+            if distributed:
+                opt = hvd.DistributedOptimizer(opt)
+            train_op = opt.minimize(loss)
+            init = tf.compat.v1.global_variables_initializer()
+            bcast = hvd.broadcast_global_variables(0) if distributed else None
+            with tf.compat.v1.Session(graph=g) as sess:
+                sess.run(init)
+                if bcast is not None:
+                    sess.run(bcast)
+                for s in range(STEPS):
+                    sl = slice(s * batch, (s + 1) * batch)
+                    sess.run(train_op, {xb: xs[sl], yb: ys[sl]})
+                return sess.run(w)
+
+    def start(seed: int) -> np.ndarray:
+        return np.random.RandomState(seed).randn(5, 2).astype("float32")
+
+    got = train(start(RANK), shard(x), shard(y), GLOBAL_BATCH // SIZE, True)
+    entry: dict[str, object] = {"same_on_every_rank": same_on_every_rank([got])}
+    if RANK == 0:
+        want = train(start(0), x, y, GLOBAL_BATCH, False)
+        entry["weights_rel_diff"] = rel_diff([got], [want])
+        entry["moved"] = float(np.max(np.abs(want - start(0))))
+        # What the test would see if the gradients were not reduced.
+        alone = train(start(0), shard(x), shard(y), GLOBAL_BATCH // SIZE, False)
+        entry["unreduced_rel_diff"] = rel_diff([alone], [want])
+    results["v1_optimizer"] = entry
+
+
 def check_collectives() -> None:
     entry: dict[str, object] = {}
     # IndexedSlices: gathered rows, values averaged by the size.
@@ -303,6 +345,7 @@ CHECKS = {
     "sync_batch_norm": check_sync_batch_norm,
     "sdp": check_sdp,
     "tape": check_tape,
+    "v1_optimizer": check_v1_optimizer,
     "fit": lambda: check_fit(hvd_keras.DistributedOptimizer, hvd_keras.callbacks,
                              "fit"),
     "sdp_fit": lambda: check_fit(sdp_keras.DistributedOptimizer, sdp_keras.callbacks,

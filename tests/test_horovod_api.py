@@ -27,7 +27,7 @@ allreduce grouped_allreduce allgather grouped_allgather broadcast broadcast_
 broadcast_variables alltoall reducescatter grouped_reducescatter join barrier
 broadcast_object broadcast_object_fn allgather_object Compression ProcessSet
 global_process_set add_process_set remove_process_set DistributedGradientTape
-PartialDistributedGradientTape SyncBatchNormalization elastic
+PartialDistributedGradientTape SyncBatchNormalization elastic DistributedOptimizer
 broadcast_global_variables BroadcastGlobalVariablesHook
 """.split()
 KERAS_NAMES = """
@@ -308,6 +308,43 @@ def test_compile_takes_tf_keras_experimental_run_tf_function(tmp_path):
     plain.save(tmp_path / "plain.keras")
     loaded = keras.models.load_model(tmp_path / "plain.keras")
     assert isinstance(loaded.optimizer, keras.optimizers.SGD)
+
+
+def test_tensorflow_level_distributed_optimizer():
+    # Keras 3 optimizers go to the Keras wrapper; TF1 optimizers are wrapped
+    # for tf.compat.v1 graphs (one process: the plain optimizer's result).
+    keras_opt = hvd.DistributedOptimizer(keras.optimizers.SGD(0.1), op=hvd.Sum)
+    assert isinstance(keras_opt, keras.optimizers.SGD)
+    assert hvd_keras.is_distributed(keras_opt)
+
+    def train(distributed: bool) -> tuple[np.ndarray, list[str]]:
+        with tf.Graph().as_default():
+            w = tf.compat.v1.get_variable("w", initializer=[[1.0], [-2.0]])
+            loss = tf.reduce_sum(tf.square(tf.constant([[1.0, 3.0]]) @ w - 1.0))
+            opt = tf.compat.v1.train.AdamOptimizer(0.05)
+            if distributed:
+                opt = hvd.DistributedOptimizer(opt, name="Dist")
+                assert opt.get_name() == "Dist"
+            step = opt.minimize(loss)
+            slots = opt.get_slot_names()
+            assert opt.get_slot(w, "m") is not None
+            with tf.compat.v1.Session() as sess:
+                sess.run(tf.compat.v1.global_variables_initializer())
+                for _ in range(5):
+                    sess.run(step)
+                return sess.run(w), slots
+
+    (plain, plain_slots), (dist, dist_slots) = train(False), train(True)
+    np.testing.assert_allclose(dist, plain, rtol=1e-6)
+    assert dist_slots == plain_slots and not np.allclose(plain, [[1.0], [-2.0]])
+    with pytest.raises(ValueError, match="tf.compat.v1.train.Optimizer"):
+        hvd.DistributedOptimizer(object())
+    with pytest.raises(NotImplementedError, match="backward_passes_per_step"):
+        hvd.DistributedOptimizer(tf.compat.v1.train.GradientDescentOptimizer(0.1),
+                                 backward_passes_per_step=2)
+    with pytest.raises(ValueError, match="gradient_predivide_factor"):
+        hvd.DistributedOptimizer(tf.compat.v1.train.GradientDescentOptimizer(0.1),
+                                 op=hvd.Sum, gradient_predivide_factor=2.0)
 
 
 def test_optimizer_variables_also_answer_a_call():

@@ -16,7 +16,7 @@ WORKER = os.path.join(TESTS, "hvd_worker.py")
 pytestmark = [pytest.mark.slow, requires_mpi]
 CHECKS = {
     2: "collectives,partial_tape,sync_batch_norm,sdp,tape,fit,sdp_fit",
-    3: "collectives,process_sets,tape,fit",
+    3: "collectives,process_sets,tape,fit,v1_optimizer",
 }
 
 
@@ -51,6 +51,17 @@ def test_fit_and_tape_equal_one_process_on_the_whole_batches(job, nproc):
         assert all(r[check]["same_on_every_rank"] for r in results), check
         assert root[check]["weights_rel_diff"] < 1e-5, (check, root[check])
     assert root["fit"]["moved"] > 0.1
+
+
+def test_tf1_distributed_optimizer_equals_one_process_on_the_whole_batches(job):
+    # hvd.DistributedOptimizer over tf.compat.v1.train.MomentumOptimizer in
+    # TF1 sessions (each rank starts elsewhere; broadcast_global_variables
+    # fixes it), each rank on its third of every batch.
+    results = job(3)
+    assert all(r["v1_optimizer"]["same_on_every_rank"] for r in results)
+    root = results[0]["v1_optimizer"]
+    assert root["weights_rel_diff"] < 1e-5, root
+    assert root["moved"] > 0.05 and root["unreduced_rel_diff"] > 1e-3, root
 
 
 @pytest.mark.parametrize("nproc", [2, 3])

@@ -78,6 +78,7 @@ from tf_smdist.horovod.objects import (
     broadcast_object,
     broadcast_object_fn,
 )
+from tf_smdist.horovod.optimizer import DistributedOptimizer
 from tf_smdist.horovod.process_sets import (
     ProcessSet,
     add_process_set,
@@ -96,6 +97,7 @@ __all__ = [
     "BroadcastGlobalVariablesHook",
     "Compression",
     "DistributedGradientTape",
+    "DistributedOptimizer",
     "Max",
     "Min",
     "PartialDistributedGradientTape",
