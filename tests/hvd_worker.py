@@ -195,6 +195,40 @@ def check_v1_optimizer() -> None:
     results["v1_optimizer"] = entry
 
 
+def check_mixed_precision() -> None:
+    """Loss scaling around a DistributedOptimizer when only one rank overflows."""
+    entry: dict[str, object] = {}
+    previous = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        rng = np.random.RandomState(RANK)
+        x = 0.01 * rng.randn(32, 4).astype("float32")
+        y = x.sum(axis=1, keepdims=True)
+        if RANK == 1:
+            x[3, 0] = 6e4  # this rank's first batch overflows in float16
+        for wrap in ("compile", "explicit"):
+            keras.utils.set_random_seed(0)
+            m = keras.Sequential([keras.Input((4,)),
+                                  keras.layers.Dense(8, activation="relu"),
+                                  keras.layers.Dense(1, dtype="float32")])
+            if wrap == "compile":  # Keras wraps the DistributedOptimizer
+                opt = hvd_keras.DistributedOptimizer(keras.optimizers.SGD(0.01))
+            else:  # the user wraps the loss-scale optimizer
+                opt = hvd_keras.DistributedOptimizer(
+                    keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01)))
+            m.compile(optimizer=opt, loss="mse")
+            m.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+            scale = float(m.optimizer.dynamic_scale.numpy())
+            entry[wrap] = {
+                "same_on_every_rank": same_on_every_rank(m.get_weights() + [scale]),
+                "scale": scale,
+                "iterations": int(m.optimizer.iterations.numpy()),
+            }
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
+    results["mixed_precision"] = entry
+
+
 def check_collectives() -> None:
     entry: dict[str, object] = {}
     # IndexedSlices: gathered rows, values averaged by the size.
@@ -345,6 +379,7 @@ CHECKS = {
     "sync_batch_norm": check_sync_batch_norm,
     "sdp": check_sdp,
     "tape": check_tape,
+    "mixed_precision": check_mixed_precision,
     "v1_optimizer": check_v1_optimizer,
     "fit": lambda: check_fit(hvd_keras.DistributedOptimizer, hvd_keras.callbacks,
                              "fit"),

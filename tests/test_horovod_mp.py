@@ -15,7 +15,7 @@ from mp_util import REPO, TESTS, launch, requires_mpi
 WORKER = os.path.join(TESTS, "hvd_worker.py")
 pytestmark = [pytest.mark.slow, requires_mpi]
 CHECKS = {
-    2: "collectives,partial_tape,sync_batch_norm,sdp,tape,fit,sdp_fit",
+    2: "collectives,partial_tape,sync_batch_norm,sdp,tape,fit,sdp_fit,mixed_precision",
     3: "collectives,process_sets,tape,fit,v1_optimizer",
 }
 
@@ -51,6 +51,19 @@ def test_fit_and_tape_equal_one_process_on_the_whole_batches(job, nproc):
         assert all(r[check]["same_on_every_rank"] for r in results), check
         assert root[check]["weights_rel_diff"] < 1e-5, (check, root[check])
     assert root["fit"]["moved"] > 0.1
+
+
+def test_loss_scaling_skips_a_step_on_every_rank_together(job):
+    # mixed_float16: only rank 1's first batch overflows. Every rank skips
+    # that step and halves its loss scale (before, rank 0 applied it and
+    # waited in an all-reduce that rank 1 never issued), whether Keras wraps
+    # the DistributedOptimizer or the user wraps the LossScaleOptimizer.
+    results = job(2)
+    for wrap in ("compile", "explicit"):
+        for r in results:
+            entry = r["mixed_precision"][wrap]
+            assert entry["same_on_every_rank"], (wrap, entry)
+            assert entry["scale"] == 2.0**14 and entry["iterations"] == 3, (wrap, entry)
 
 
 def test_tf1_distributed_optimizer_equals_one_process_on_the_whole_batches(job):

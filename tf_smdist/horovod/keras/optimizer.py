@@ -23,6 +23,7 @@ class _DistributedMixin:
 
     def _hvd_setup(self, reducer: GradientReducer, backward_passes_per_step: int,
                    average_aggregated_gradients: bool) -> None:
+        _agree_on_finite_gradients()
         self._hvd_reducer = reducer
         self._hvd_passes = int(backward_passes_per_step)
         self._hvd_average_aggregated = bool(average_aggregated_gradients)
@@ -95,6 +96,43 @@ class _DistributedMixin:
             return tf.constant(False)
 
         return tf.cond(counter + 1 >= passes, apply_now, skip)
+
+
+def _agree_on_finite_gradients() -> None:
+    """Makes loss scaling around a DistributedOptimizer skip steps on every rank.
+
+    Under a `mixed_float16` policy, Keras' `compile` wraps the optimizer in a
+    `keras.optimizers.LossScaleOptimizer`, which checks this rank's scaled
+    gradients for inf/NaN and calls the inner optimizer (whose `apply`
+    all-reduces the gradients) only when they are finite. Where one rank's
+    gradients overflow and another's do not, the first would skip the
+    all-reduce the second waits in. So when the inner optimizer is a
+    `DistributedOptimizer`, `check_finite` also takes the minimum of the
+    flag over the optimizer's process set: every rank skips (and lowers
+    its loss scale) when any rank overflowed, as a tf.distribute strategy's
+    all-reduced gradients make it. Installed once, on the first
+    `DistributedOptimizer`; other optimizers are not affected.
+    """
+    cls = keras.optimizers.LossScaleOptimizer
+    original = cls.check_finite
+    if getattr(original, "_hvd_agrees", False):
+        return
+
+    def check_finite(self: Any, grads: Any) -> Any:
+        finite = original(self, grads)
+        inner = getattr(self, "inner_optimizer", None)
+        if not is_distributed(inner):
+            return finite
+        from tf_smdist.horovod.collectives import allreduce  # noqa: PLC0415
+
+        flag = allreduce(tf.cast(finite, tf.int32), op=mpi_ops.Min,
+                         name=f"{inner.name}.all_finite",
+                         process_set=inner._hvd_reducer.process_set)
+        return flag > 0
+
+    check_finite.__doc__ = original.__doc__
+    check_finite._hvd_agrees = True  # type: ignore[attr-defined]
+    cls.check_finite = check_finite
 
 
 def _distributed_class(cls: type) -> type:
