@@ -125,9 +125,12 @@ def _agree_on_finite_gradients() -> None:
             return finite
         from tf_smdist.horovod.collectives import allreduce  # noqa: PLC0415
 
+        # Named like the gradients' all-reduces (not after the optimizer,
+        # whose automatic name can differ between ranks).
+        reducer = inner._hvd_reducer
         flag = allreduce(tf.cast(finite, tf.int32), op=mpi_ops.Min,
-                         name=f"{inner.name}.all_finite",
-                         process_set=inner._hvd_reducer.process_set)
+                         name=f"{reducer.name}.all_finite",
+                         process_set=reducer.process_set)
         return flag > 0
 
     check_finite.__doc__ = original.__doc__
