@@ -420,6 +420,12 @@ struct Communicator::Impl {
   Status failure;  // sticky watchdog / MPI failure
   int64_t my_state = kRunning;
   double spin_s = 0.002;
+  // Sleep between polls once spinning ends: from recv_poll_us, doubling
+  // after each idle poll up to recv_poll_max_us, back to the start on any
+  // activity or new request (see Wait).
+  int64_t recv_poll_us = 50;
+  int64_t recv_poll_max_us = 500;
+  int64_t recv_poll_next_us = 50;
   double spin_until = 0;
   double last_activity = 0;
   int64_t send_poll_us = 500;  // 0: sends are polled like receives (see Setup)
@@ -487,6 +493,12 @@ struct Communicator::Impl {
     ctrl->groups[0].comm = ctrl_comm;
     comms[kControlComm] = std::move(ctrl);
     spin_s = EnvDouble("SMDIST_MPI_SPIN_US", 2000.0) * 1e-6;
+    recv_poll_us = static_cast<int64_t>(
+        std::max(1.0, EnvDouble("SMDIST_MPI_RECV_POLL_US", static_cast<double>(recv_poll_us))));
+    recv_poll_max_us = std::max(
+        recv_poll_us, static_cast<int64_t>(EnvDouble("SMDIST_MPI_RECV_POLL_MAX_US",
+                                                     static_cast<double>(recv_poll_max_us))));
+    recv_poll_next_us = recv_poll_us;
     ring_bytes = static_cast<int64_t>(
         std::max(0.0, EnvDouble("SMDIST_MPI_RING_BYTES", static_cast<double>(ring_bytes))));
     ring_chunk_bytes = static_cast<int64_t>(std::max(
@@ -1266,6 +1278,7 @@ struct Communicator::Impl {
       if (failure.ok()) CheckDeadlines(now);
       if (failure.ok()) FinishDestroys();
       if (busy) last_activity = now;
+      if (busy || !batch.empty()) recv_poll_next_us = recv_poll_us;
       bool idle = failure.ok() ? !inflight && !AnyWaiting() : true;
       if (!failure.ok()) eager = false;
       if (!benchmarks.empty() && idle) {
@@ -1281,8 +1294,11 @@ struct Communicator::Impl {
 
   // Between polls: while a collective or a receive is in flight, yield the
   // core (spinning for about as long as the transfer should take, then
-  // short sleeps: MPI progresses non-blocking requests only inside MPI
-  // calls). While only sends are in flight, sleep until a request arrives or
+  // sleeps: MPI progresses non-blocking requests only inside MPI calls).
+  // The sleeps grow from `recv_poll_us` to `recv_poll_max_us` while nothing
+  // happens: a receive posted long before its data (the next stage's input
+  // while the previous stage computes) then costs about 2,000 wake-ups a
+  // second instead of 20,000, CPU that a stage sharing the core needs. While only sends are in flight, sleep until a request arrives or
   // `send_poll_us` passes: on one host the receiver copies the data itself
   // (single-copy shared memory), so polling sends only releases them, and
   // spinning would take the core from the computation that shares it (a
@@ -1302,7 +1318,8 @@ struct Communicator::Impl {
       if (now - last_activity < spin_s || now < spin_until) {
         sched_yield();
       } else {
-        std::this_thread::sleep_for(std::chrono::microseconds(50));
+        std::this_thread::sleep_for(std::chrono::microseconds(recv_poll_next_us));
+        recv_poll_next_us = std::min(recv_poll_max_us, 2 * recv_poll_next_us);
       }
       return;
     }
