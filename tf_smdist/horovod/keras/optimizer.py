@@ -110,8 +110,10 @@ def _agree_on_finite_gradients() -> None:
     `DistributedOptimizer`, `check_finite` also takes the minimum of the
     flag over the optimizer's process set: every rank skips (and lowers
     its loss scale) when any rank overflowed, as a tf.distribute strategy's
-    all-reduced gradients make it. Installed once, on the first
-    `DistributedOptimizer`; other optimizers are not affected.
+    all-reduced gradients make it. Keras offers no hook for that check
+    outside a tf.distribute strategy, so the public `check_finite` method is
+    wrapped, once, on the first `DistributedOptimizer`; loss scaling around
+    any other optimizer is not affected.
     """
     cls = keras.optimizers.LossScaleOptimizer
     original = cls.check_finite
