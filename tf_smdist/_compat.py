@@ -9,6 +9,7 @@ from typing import Any
 __all__ = [
     "MirroredExtended",
     "accept_tf_keras_spellings",
+    "wrap_loss_scale_check",
     "all_sublayers",
     "compiled_parts",
     "cross_device_gather",
@@ -381,3 +382,31 @@ def accept_tf_keras_spellings() -> None:
 
         variables._smdist_tf_keras_spelling = True  # type: ignore[attr-defined]
         owner.variables = property(variables, doc=prop.__doc__)
+
+
+# --- loss scaling -----------------------------------------------------------------
+def wrap_loss_scale_check(agree: Any) -> None:
+    """Routes `LossScaleOptimizer.check_finite`'s answer through `agree`.
+
+    Keras' loss scaling decides whether to apply a step from this process's
+    gradients alone; outside a tf.distribute strategy it has no hook to
+    make processes agree, so the (public) method is wrapped, once: it
+    returns `agree(loss_scale_optimizer, finite)`.
+
+    Args:
+        agree: called with the `LossScaleOptimizer` and its own boolean
+            tensor; returns the boolean tensor to use.
+    """
+    import keras
+
+    cls = keras.optimizers.LossScaleOptimizer
+    original = cls.check_finite
+    if getattr(original, "_smdist_agree", None) is not None:
+        return
+
+    def check_finite(self: Any, grads: Any) -> Any:
+        return agree(self, original(self, grads))
+
+    check_finite.__doc__ = original.__doc__
+    check_finite._smdist_agree = agree  # type: ignore[attr-defined]
+    cls.check_finite = check_finite

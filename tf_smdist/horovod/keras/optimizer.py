@@ -8,6 +8,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tf_smdist import _compat
 from tf_smdist.horovod import mpi_ops
 from tf_smdist.horovod.compression import Compression, Compressor
 from tf_smdist.horovod.gradients import GradientReducer
@@ -115,29 +116,23 @@ def _agree_on_finite_gradients() -> None:
     wrapped, once, on the first `DistributedOptimizer`; loss scaling around
     any other optimizer is not affected.
     """
-    cls = keras.optimizers.LossScaleOptimizer
-    original = cls.check_finite
-    if getattr(original, "_hvd_agrees", False):
-        return
+    _compat.wrap_loss_scale_check(_agree_on_finite)
 
-    def check_finite(self: Any, grads: Any) -> Any:
-        finite = original(self, grads)
-        inner = getattr(self, "inner_optimizer", None)
-        if not is_distributed(inner):
-            return finite
-        from tf_smdist.horovod.collectives import allreduce  # noqa: PLC0415
 
-        # Named like the gradients' all-reduces (not after the optimizer,
-        # whose automatic name can differ between ranks).
-        reducer = inner._hvd_reducer
-        flag = allreduce(tf.cast(finite, tf.int32), op=mpi_ops.Min,
-                         name=f"{reducer.name}.all_finite",
-                         process_set=reducer.process_set)
-        return flag > 0
+def _agree_on_finite(loss_scale_optimizer: Any, finite: Any) -> Any:
+    """`finite` on every rank of the inner DistributedOptimizer's process set."""
+    inner = getattr(loss_scale_optimizer, "inner_optimizer", None)
+    if not is_distributed(inner):
+        return finite
+    from tf_smdist.horovod.collectives import allreduce  # noqa: PLC0415
 
-    check_finite.__doc__ = original.__doc__
-    check_finite._hvd_agrees = True  # type: ignore[attr-defined]
-    cls.check_finite = check_finite
+    # Named like the gradients' all-reduces (not after the optimizer, whose
+    # automatic name can differ between ranks).
+    reducer = inner._hvd_reducer
+    flag = allreduce(tf.cast(finite, tf.int32), op=mpi_ops.Min,
+                     name=f"{reducer.name}.all_finite",
+                     process_set=reducer.process_set)
+    return flag > 0
 
 
 def _distributed_class(cls: type) -> type:
