@@ -430,9 +430,11 @@ def test_profiling_many_layers_does_not_log_retracing():
 
 def test_matmul_rule_profile_same_layers_and_gradients():
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256),
+    # Large enough (about 50 MFLOP per step) that the step times well above
+    # an empty call even on a loaded machine.
+    model = keras.Sequential([keras.Input((256,)), keras.layers.Dense(512),
                               keras.layers.Dense(8)])
-    x = np.random.RandomState(0).randn(4, 64).astype("float32")
+    x = np.random.RandomState(0).randn(64, 256).astype("float32")
     plain = smd.profile_model(model, x, repeats=2, time_budget=1.0)
     ruled = smd.profile_model(model, x, repeats=2, time_budget=1.0,
                               matmul_rule=True)
@@ -440,8 +442,8 @@ def test_matmul_rule_profile_same_layers_and_gradients():
         layer.name for layer in plain.layers]
     assert [layer.param_bytes for layer in ruled.layers] == [
         layer.param_bytes for layer in plain.layers]
-    # A layer this small can time at or under the cost of an empty call, which
-    # the profiler subtracts and clamps at zero; the step as a whole cannot.
+    # A small layer can time at or under the cost of an empty call, which the
+    # profiler subtracts and clamps at zero; the step as a whole cannot.
     assert all(layer.time >= 0 for layer in ruled.layers)
     assert sum(layer.time for layer in ruled.layers) > 0
     # The timed step computes the same gradients under either rule.
