@@ -1298,7 +1298,8 @@ struct Communicator::Impl {
   // The sleeps grow from `recv_poll_us` to `recv_poll_max_us` while nothing
   // happens: a receive posted long before its data (the next stage's input
   // while the previous stage computes) then costs about 2,000 wake-ups a
-  // second instead of 20,000, CPU that a stage sharing the core needs. While only sends are in flight, sleep until a request arrives or
+  // second instead of 20,000, CPU that a stage sharing the core needs.
+  // While only sends are in flight, sleep until a request arrives or
   // `send_poll_us` passes: on one host the receiver copies the data itself
   // (single-copy shared memory), so polling sends only releases them, and
   // spinning would take the core from the computation that shares it (a

@@ -31,6 +31,8 @@ class GradientReducer:
             engine), a positive int (that many grouped all-reduces), or
             lists of variables whose gradients are reduced together.
             Defaults to `None`.
+        num_groups: Horovod's older spelling of an int `groups`, used when
+            `groups` is `None`. Defaults to `0`.
         process_set: the ranks to reduce over. Defaults to
             `global_process_set`.
         scale_local_gradients: with Average, divide the gradients of local
@@ -54,10 +56,13 @@ class GradientReducer:
         op: int = mpi_ops.Average,
         gradient_predivide_factor: float = 1.0,
         groups: int | Sequence[Sequence[Any]] | None = None,
+        num_groups: int = 0,
         process_set: ProcessSet = global_process_set,
         scale_local_gradients: bool = True,
         name: str = "DistributedGradients",
     ) -> None:
+        if groups is None and num_groups:
+            groups = num_groups
         self.op = resolve_op(op)
         if gradient_predivide_factor != 1.0 and self.op != mpi_ops.Average:
             raise ValueError(

@@ -107,11 +107,10 @@ def DistributedOptimizer(  # noqa: N802 (Horovod's name)
             "only. Received: backward_passes_per_step="
             f"{backward_passes_per_step} with {type(optimizer).__name__}. "
             "Accumulate the gradients yourself, or use a keras.optimizers one.")
-    if groups is None and num_groups:
-        groups = num_groups
     reducer = GradientReducer(
         compression=compression, sparse_as_dense=sparse_as_dense, op=op,
         gradient_predivide_factor=gradient_predivide_factor, groups=groups,
+        num_groups=num_groups,
         process_set=process_set, name="DistributedOptimizer")
     return _LegacyDistributedOptimizer(
         optimizer, name or f"Distributed{type(optimizer).__name__}", use_locking,

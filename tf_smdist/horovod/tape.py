@@ -73,12 +73,11 @@ class DistributedGradientTape:
                 "`gradtape` must be a tf.GradientTape. Received: "
                 f"gradtape={type(gradtape).__name__}. Wrap the tape: "
                 "`hvd.DistributedGradientTape(tf.GradientTape())`.")
-        if groups is None and num_groups:
-            groups = num_groups
         self._tape = gradtape
         self._reducer = GradientReducer(
             compression=compression, sparse_as_dense=sparse_as_dense, op=op,
             gradient_predivide_factor=gradient_predivide_factor, groups=groups,
+            num_groups=num_groups,
             process_set=process_set, scale_local_gradients=scale_local_gradients,
             name="DistributedGradientTape")
 

@@ -236,11 +236,10 @@ def DistributedOptimizer(  # noqa: N802 (Horovod's name)
         raise ValueError(
             "`backward_passes_per_step` must be >= 1. Received: "
             f"backward_passes_per_step={backward_passes_per_step}")
-    if groups is None and num_groups:
-        groups = num_groups
     reducer = GradientReducer(
         compression=compression, sparse_as_dense=sparse_as_dense, op=op,
         gradient_predivide_factor=gradient_predivide_factor, groups=groups,
+        num_groups=num_groups,
         process_set=process_set, scale_local_gradients=scale_local_gradients,
         name="DistributedOptimizer")
     config = optimizer.get_config()
