@@ -5,7 +5,8 @@ Usage: python mp_ops_worker.py MODE OUT_DIR
 MODE: collectives (writes OUT_DIR/rank{r}.json with every result), stall
 (rank 1 stops issuing collectives; the others must fail naming it), stop
 (rank 1 is stopped with SIGSTOP: no heartbeats either), stop_recv (rank 1 is
-stopped while rank 0 receives from it).
+stopped while rank 0 receives from it), patient and patient_stop (a
+broadcast's longer `timeout`, see `patient`).
 
 The input generators below are imported by the test to compute the expected
 values with NumPy.
@@ -302,6 +303,40 @@ def stall() -> None:
     sys.exit(3)
 
 
+def patient() -> None:
+    """Broadcasts whose root works alone for longer than the usual deadline.
+
+    `patient`: rank 0 sleeps past the deadline before a broadcast with a
+    longer `timeout` (every rank must get the data), then before one without
+    (every other rank must fail at the usual deadline). `patient_stop`: rank
+    1, the root, is stopped (no heartbeats): the longer `timeout` must not
+    keep the others waiting past the usual deadline.
+    """
+    rank, _ = cluster.initialize()
+    _mpi_ops.host_allreduce(tf.ones([8]))
+    out: dict = {}
+    if MODE == "patient_stop":
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        steps = [("stopped_root", 1, 120.0)]
+    else:
+        steps = [("late_root", 0, 60.0), ("late_root_usual", 0, None)]
+    for label, root, timeout in steps:
+        if rank == root:
+            time.sleep(8)
+        start = time.monotonic()
+        try:
+            data = _mpi_ops.broadcast_bytes(f"from {rank}".encode(), root=root,
+                                            timeout=timeout)
+            out[label] = {"data": data.decode()}
+        except tf.errors.DeadlineExceededError as e:
+            out[label] = {"error": e.message}
+        out[label]["seconds"] = time.monotonic() - start
+    with open(os.path.join(OUT, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    sys.exit(3 if any("error" in v for v in out.values()) else 0)
+
+
 if __name__ == "__main__":
     if MODE == "collectives":
         result = collectives()
@@ -309,5 +344,7 @@ if __name__ == "__main__":
             json.dump(result, f)
     elif MODE in ("stall", "stop", "stop_recv"):
         stall()
+    elif MODE in ("patient", "patient_stop"):
+        patient()
     else:
         raise SystemExit(f"unknown mode {MODE}")

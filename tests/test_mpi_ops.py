@@ -214,6 +214,43 @@ def test_watchdog_names_the_stopped_peer_of_a_recv(tmp_path):
     assert "it is dead or stopped" in res["message"]
 
 
+@pytest.mark.slow
+@requires_mpi
+def test_a_broadcast_waits_past_the_deadline_for_a_live_root_only_when_told(tmp_path):
+    # SMDIST_MPI_TIMEOUT=3; the root starts each broadcast 8 s late.
+    proc = launch(["--nproc", "3", WORKER, "patient", str(tmp_path)], timeout=180,
+                  env={"SMDIST_MPI_TIMEOUT": "3"})
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    for r in (1, 2):
+        with open(tmp_path / f"rank{r}.json") as f:
+            res = json.load(f)
+        # With timeout=60 the late root's data arrives after its 8 s of work.
+        assert res["late_root"]["data"] == "from 0", res
+        assert res["late_root"]["seconds"] >= 6.0
+        # Without, the usual deadline fails the broadcast and names rank 0.
+        message = res["late_root_usual"]["error"]
+        assert f"did not complete within 3 s on rank {r} of 3" in message
+        assert "has not joined" in message
+        assert 3.0 <= res["late_root_usual"]["seconds"] < 60.0
+
+
+@pytest.mark.slow
+@requires_mpi
+def test_a_longer_broadcast_timeout_still_fails_fast_on_a_stopped_root(tmp_path):
+    # Rank 1, the root, is stopped: no heartbeats. timeout=120 must not keep
+    # the others waiting: they fail once the usual 4 s have passed and the
+    # silence names rank 1.
+    proc = launch(["--nproc", "3", WORKER, "patient_stop", str(tmp_path)],
+                  timeout=180, env={"SMDIST_MPI_TIMEOUT": "4"})
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    for r in (0, 2):
+        with open(tmp_path / f"rank{r}.json") as f:
+            res = json.load(f)["stopped_root"]
+        assert "did not complete within 4 s" in res["error"], res
+        assert "it is dead or stopped" in res["error"]
+        assert 4.0 <= res["seconds"] < 60.0
+
+
 def test_env_rank_and_size_reads_each_launcher():
     assert cluster.env_rank_and_size({}) == (0, 1)
     assert cluster.env_rank_and_size(

@@ -192,7 +192,8 @@ def _declare(cdll: ctypes.CDLL) -> None:
     cdll.smdist_mpi_allgather_bytes.argtypes = [
         c_ptr, c_ll, c_int, c_int, out_ptr, ll_ptr, c_str, c_int]
     cdll.smdist_mpi_broadcast_bytes.argtypes = [
-        c_ptr, c_ll, c_int, c_int, c_int, out_ptr, ll_ptr, c_str, c_int]
+        c_ptr, c_ll, c_int, c_int, c_int, ctypes.c_double, out_ptr, ll_ptr, c_str,
+        c_int]
     cdll.smdist_mpi_free.argtypes = [c_ptr]
     cdll.smdist_mpi_shutdown.argtypes = [c_str, c_int]
     cdll.smdist_mpi_time_native_allreduce.argtypes = [c_ll, c_int]
@@ -684,7 +685,7 @@ def allgather_bytes(data: bytes, *, group: int = 0, comm: int = 0) -> list[bytes
 
 
 def broadcast_bytes(data: bytes, *, root: int = 0, group: int = 0,
-                    comm: int = 0) -> bytes:
+                    comm: int = 0, timeout: float | None = None) -> bytes:
     """Returns `root`'s `data` on every rank (any length).
 
     Args:
@@ -692,6 +693,11 @@ def broadcast_bytes(data: bytes, *, root: int = 0, group: int = 0,
         root: the sending rank (a rank of `comm`). Defaults to `0`.
         group: the ordering group. Defaults to `0`.
         comm: the communicator. Defaults to `0` (the world).
+        timeout: seconds to wait for a late `root` that is alive, when
+            `root` legitimately works alone for long first (profiling a
+            model); `None` keeps the usual deadline (`SMDIST_MPI_TIMEOUT`).
+            A rank found dead, stopped or failed still fails the broadcast
+            within the usual deadline.
 
     Example:
     >>> broadcast_bytes(b"hello")  # doctest: +SKIP
@@ -701,9 +707,13 @@ def broadcast_bytes(data: bytes, *, root: int = 0, group: int = 0,
     out = ctypes.c_void_p()
     length = ctypes.c_longlong(0)
     err = ctypes.create_string_buffer(_ERR_LEN)
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"`timeout` must be positive seconds or None. Received: "
+                         f"timeout={timeout!r}")
     lib = _lib()
     _check(lib.smdist_mpi_broadcast_bytes(data, len(data), int(root), int(comm),
-                                          int(group), ctypes.byref(out),
+                                          int(group), float(timeout or 0.0),
+                                          ctypes.byref(out),
                                           ctypes.byref(length), err, _ERR_LEN), err)
     try:
         return ctypes.string_at(out.value, length.value) if length.value else b""

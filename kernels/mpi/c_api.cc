@@ -199,8 +199,11 @@ int smdist_mpi_allgather_bytes(const void* data, long long n, int comm, int grou
 // Returns `root`'s bytes on every rank of `comm` (any length): a broadcast
 // of the length, then of the data, back to back in `group`. On success
 // `*out` is a malloc'd buffer of `*out_n` bytes (free with smdist_mpi_free).
+// `timeout_s` > 0 lets the broadcast wait that long for a peer that is alive
+// (see Request::timeout_s); 0 keeps the usual deadline.
 int smdist_mpi_broadcast_bytes(const void* data, long long n, int root, int comm, int group,
-                               char** out, long long* out_n, char* err, int err_len) {
+                               double timeout_s, char** out, long long* out_n, char* err,
+                               int err_len) {
   *out = nullptr;
   *out_n = 0;
   mpi::Communicator& c = mpi::Communicator::Get();
@@ -223,6 +226,7 @@ int smdist_mpi_broadcast_bytes(const void* data, long long n, int root, int comm
   r.root = root;
   r.comm = comm;
   r.group = group;
+  r.timeout_s = timeout_s;
   auto promise = std::make_shared<std::promise<mpi::Status>>();
   std::future<mpi::Status> future = promise->get_future();
   auto done = [promise, state](const mpi::Status& s) {

@@ -770,8 +770,32 @@ struct Communicator::Impl {
     return os.str();
   }
 
+  // True when a peer is known to be dead, stopped, failed or leaving (not
+  // merely late): from this rank's predecessor's heartbeats, and from the
+  // facts the heartbeat ring brought about the others.
+  bool AnyPeerGone(double now) const {
+    if (c.size_ == 1) return false;
+    if (now - heartbeats.last_heard() > heartbeats.fact_ttl() ||
+        heartbeats.pred_state() == kFailed || heartbeats.pred_state() == kFinishing) {
+      return true;
+    }
+    for (const Fact& f : heartbeats.Facts(now)) {
+      if (f.kind == Fact::kDead || f.kind == Fact::kFailed || f.kind == Fact::kFinishing) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  // The deadline of `r` after `waited` seconds: the usual one, or its own
+  // longer `timeout_s` while every peer is alive.
+  double LimitOf(const Request& r, double waited, double now) const {
+    const double usual = options().timeout_s;
+    if (r.timeout_s <= usual || waited <= usual) return usual;
+    return AnyPeerGone(now) ? usual : r.timeout_s;
+  }
+
   void CheckDeadlines(double now) {
-    const double limit = options().timeout_s;
     const std::string hint =
         " Every rank must run the same steps; if a step legitimately takes longer, raise "
         "the limit with SMDIST_MPI_TIMEOUT=<seconds>.";
@@ -779,6 +803,11 @@ struct Communicator::Impl {
       CommState& cs = *kv.second;
       for (size_t gi = 0; gi < cs.groups.size(); ++gi) {
         Group& g = cs.groups[gi];
+        double limit = options().timeout_s;
+        if (!g.inflight.empty()) {
+          const Request& front = g.inflight.front().request;
+          limit = LimitOf(front, now - g.inflight.front().start, now);
+        }
         if (!g.inflight.empty() && now - g.inflight.front().start > limit) {
           const InFlight& f = g.inflight.front();
           std::ostringstream os;
@@ -792,12 +821,12 @@ struct Communicator::Impl {
           return;
         }
         for (auto& w : g.waiting_since) {
-          if (now - w.second > limit) {
+          if (now - w.second > options().timeout_s) {
             std::ostringstream os;
             os << "tf_smdist: on rank " << c.rank_ << ", collective index " << w.first
                << " of group " << gi;
             if (cs.id > 0) os << " of communicator " << cs.id;
-            os << " waited " << limit << " s for index " << g.next_index
+            os << " waited " << options().timeout_s << " s for index " << g.next_index
                << " of the same group, which this rank never issued. Each bucket plan must "
                   "issue all of its buckets every step.";
             Fail({Code::kDeadlineExceeded, os.str()});
@@ -806,6 +835,7 @@ struct Communicator::Impl {
         }
       }
       for (const InFlight& f : cs.p2p_inflight) {
+        const double limit = LimitOf(f.request, now - f.start, now);
         if (now - f.start <= limit) continue;
         const Request& r = f.request;
         std::ostringstream os;
@@ -1116,6 +1146,7 @@ struct Communicator::Impl {
           next.group = r.group;
           next.index = r.index;
           next.group_size = r.group_size;
+          next.timeout_s = r.timeout_s;
           Start(cs, g, std::move(next), Now());
           if (!failure.ok()) return true;
         } else {

@@ -128,6 +128,12 @@ struct Request {
   // While a request with `then` is in flight its group starts nothing else,
   // so the order of collectives stays the same on every rank.
   std::function<Status(Request* next)> then;
+  // Deadline of this request in seconds, for a wait known to be long (the
+  // other ranks wait while rank 0 alone profiles a model): 0 takes the
+  // communicator's `Options::timeout_s`. Past that usual limit the request
+  // still fails at once if a peer is dead, stopped, failed or leaving; it
+  // waits on only for a peer that is alive and late.
+  double timeout_s = 0.0;
 };
 
 struct Options {

@@ -248,7 +248,8 @@ class ProcessSteps:
                 error = e
                 failure = (("1" if isinstance(e, OSError) else "0")
                            + f"{type(e).__name__}: {e}").encode()
-        failure = _mpi_ops.broadcast_bytes(failure, root=0)
+        # Rank 0 alone reads the file (maybe large) while the others wait.
+        failure = _mpi_ops.broadcast_bytes(failure, root=0, timeout=_ALONE_WAIT_S)
         if error is not None:
             raise error
         if failure:
@@ -402,6 +403,14 @@ def measure_bandwidth(pipe: Any, *, nbytes: int = 4 << 20, repeats: int = 3) -> 
     return float(agreed[0])
 
 
+_PROFILE_FAILED = "\0profile failed: "
+# Seconds the other ranks wait while rank 0 alone reads a weight file, and
+# for its profile beyond 10 x the profile's time budget: longer than the
+# watchdog's usual deadline, as that work may be (a dead or failed rank 0
+# still fails them within the usual deadline).
+_ALONE_WAIT_S = 600.0
+
+
 def agreed_profile(pipe: Any, callback: Any) -> Any:
     """Rank 0 profiles as `callback` would; every rank gets rank 0's profile.
 
@@ -410,7 +419,10 @@ def agreed_profile(pipe: Any, callback: Any) -> Any:
     unless the callback sets `expand_nested`), and every rank's callback then
     holds the profile in `profile` and calls its `on_profile` with it. A
     callback that already profiled this model (an earlier `fit`) is not run
-    again (as in one process), and `None` is returned.
+    again (as in one process), and `None` is returned. The other ranks wait
+    for rank 0's profile past the watchdog's usual deadline (up to 600 s +
+    10 x the profile's `time_budget`) while rank 0 is alive; if profiling
+    fails on rank 0, every rank raises.
 
     Args:
         pipe: the `PipelineModel` (across processes).
@@ -430,16 +442,33 @@ def agreed_profile(pipe: Any, callback: Any) -> Any:
     target = callback.target_model or pipe.profiled_model
     if callback.profile is not None and callback.profiled_model is target:
         return None
-    text = ""
+    text, error = "", None
     if pipe.topology.rank == 0:
         options = {"expand_nested": False, **callback.profile_kwargs}
-        probe = ProfilingCallback(
-            sample_batch=callback.sample_batch, batch_size=callback.batch_size,
-            path=callback.path, model=callback.target_model, **options)
-        probe.set_model(pipe)
-        text = probe.run_profile().to_json()
-    profile = Profile.from_json(_mpi_ops.broadcast_bytes(text.encode(), root=0)
-                                .decode())
+        try:
+            probe = ProfilingCallback(
+                sample_batch=callback.sample_batch, batch_size=callback.batch_size,
+                path=callback.path, model=callback.target_model, **options)
+            probe.set_model(pipe)
+            text = probe.run_profile().to_json()
+        except Exception as e:  # every rank must learn of it, not wait
+            error = e
+            text = _PROFILE_FAILED + f"{type(e).__name__}: {e}"
+    # The other ranks wait while rank 0 profiles, which may take longer than
+    # the watchdog's usual deadline (up to `time_budget` seconds of timed
+    # calls, and tracing every layer): wait on while rank 0 is alive.
+    budget = float(callback.profile_kwargs.get("time_budget", 60.0))
+    text = _mpi_ops.broadcast_bytes(
+        text.encode(), root=0, timeout=_ALONE_WAIT_S + 10.0 * budget).decode()
+    if error is not None:
+        raise error
+    if text.startswith(_PROFILE_FAILED):
+        raise RuntimeError(
+            "Rank 0 could not profile the model for partition='auto' (or the "
+            f"ProfilingCallback), so no rank can partition it. Received: "
+            f"{text[len(_PROFILE_FAILED):]}. Pass an explicit partition, or fix "
+            "the error above on rank 0.")
+    profile = Profile.from_json(text)
     callback.set_model(pipe)
     callback.record_profile(profile, target)
     return profile
