@@ -80,3 +80,38 @@ def reference(case: str, init: list[np.ndarray],
     """The plain model's weights and losses (see `reference_model`)."""
     net, losses = reference_model(case, init, epochs)
     return net.get_weights(), losses
+
+
+# An embedding model: its gradient is a tf.IndexedSlices with repeated rows
+# (20 tokens, 16 x 7 per batch), which Keras' Adam treats otherwise than the
+# dense sum, so a pipeline must hand the optimizer the same slices.
+EMBEDDING_PARTITION = [2, 3]
+
+
+def embedding_model(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((7,), dtype="int32")
+    h = keras.layers.Embedding(20, 4)(inputs)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    h = keras.layers.Dense(8, activation="tanh")(h)
+    h = keras.layers.Dense(8, activation="tanh")(h)
+    outputs = keras.layers.Dense(3)(h)
+    return keras.Model(inputs, outputs)
+
+
+def embedding_data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(5)
+    return (rng.integers(0, 20, (NUM_SAMPLES, 7)).astype(np.int32),
+            rng.integers(0, 3, NUM_SAMPLES).astype(np.int32))
+
+
+def embedding_reference(init: list[np.ndarray]) -> tuple[list, list]:
+    """The plain embedding model trained with Adam on the same global batches."""
+    net = embedding_model()
+    net.set_weights(init)
+    net.compile(optimizer=keras.optimizers.Adam(0.01),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = embedding_data()
+    history = net.fit(x, y, batch_size=GLOBAL_BATCH, epochs=2, shuffle=False,
+                      verbose=0)
+    return net.get_weights(), history.history["loss"]

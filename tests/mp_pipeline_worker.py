@@ -6,8 +6,8 @@ A CHECK is a case name of `mp_pipeline_common.CASES` (fit, then the
 weights, losses, evaluate and predict), `mismatch` (rank-dependent
 partitions), `auto` (partition from rank 0's profile), `example` (runs
 examples/pipeline_hybrid.py), `checkpoint` (BackupAndRestore interrupted
-and resumed, ModelCheckpoint), `custom` (custom training loop) or `die`
-(the last rank exits during training).
+and resumed, ModelCheckpoint), `custom` (custom training loop), `embedding`
+(sparse gradients, Adam) or `die` (the last rank exits during training).
 Each rank writes OUT_DIR/rank{r}_{check}.npz and OUT_DIR/rank{r}.json.
 """
 
@@ -25,10 +25,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from mp_pipeline_common import (  # noqa: E402
     CASES,
+    EMBEDDING_PARTITION,
     EVALUATED,
     GLOBAL_BATCH,
     SAVED,
     data,
+    embedding_data,
+    embedding_model,
     model,
     optimizer,
 )
@@ -95,6 +98,23 @@ def run_case(case: str) -> None:
         "dp_group_ranks": pipe.dp_group_ranks, "memory": pipe.memory_report(),
         "num_weights": len(init), "optimizer_restored": restored,
     }
+
+
+def run_embedding() -> None:
+    pipe = smd.PipelineModel(embedding_model(seed=RANK + 1), num_stages=2,
+                             microbatches=2, schedule="gpipe",
+                             partition=EMBEDDING_PARTITION)
+    pipe.compile(optimizer=keras.optimizers.Adam(0.01),
+                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    init = pipe.get_weights()
+    x, y = embedding_data()
+    history = pipe.fit(x, y, batch_size=GLOBAL_BATCH, epochs=2, shuffle=False,
+                       verbose=0)
+    final = pipe.get_weights()
+    save("embedding", **{f"init_{i}": w for i, w in enumerate(init)},
+         **{f"final_{i}": w for i, w in enumerate(final)})
+    RESULTS["embedding"] = {"loss": history.history["loss"],
+                            "num_weights": len(init)}
 
 
 def run_mismatch() -> None:
@@ -245,7 +265,7 @@ def run_example() -> None:
 
 for check in CHECKS:
     {"mismatch": run_mismatch, "checkpoint": run_checkpoint, "example": run_example,
-     "auto": run_auto,
+     "auto": run_auto, "embedding": run_embedding,
      "custom": run_custom, "die": run_die}.get(check, lambda c=check: run_case(c))()
 with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
     json.dump(RESULTS, f)

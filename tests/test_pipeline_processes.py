@@ -20,6 +20,7 @@ from mp_pipeline_common import (
     NUM_SAMPLES,
     SAVED,
     data,
+    embedding_reference,
     model,
     optimizer,
     reference,
@@ -216,8 +217,9 @@ def test_three_stages_in_three_processes(tmp_path):
 
 
 def test_two_stages_times_two_pipelines_in_four_processes(tmp_path):
-    # The 4 processes then run examples/pipeline_hybrid.py.
-    checks = ["seq_hybrid_cluster", "skip_hybrid_spread", "example"]
+    # The 4 processes then train an embedding model and run
+    # examples/pipeline_hybrid.py.
+    checks = ["seq_hybrid_cluster", "skip_hybrid_spread", "embedding", "example"]
     proc = launch(["--nproc", "4", WORKER, str(tmp_path), *checks], timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = _results(tmp_path, 4)
@@ -229,6 +231,16 @@ def test_two_stages_times_two_pipelines_in_four_processes(tmp_path):
     spread = [r["skip_hybrid_spread"] for r in results]
     assert [s["pipeline_ranks"] for s in spread] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     assert [(s["stage"], s["dp"]) for s in spread] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    # Sparse gradients: every micro-batch's and pipeline's rows reach Adam as
+    # one IndexedSlices, as the plain model's whole batch (a dense sum
+    # differs by about 1e-2 here).
+    count = results[0]["embedding"]["num_weights"]
+    ref_weights, ref_losses = embedding_reference(
+        _weights(tmp_path, 0, "embedding", "init", count))
+    for r in range(4):
+        _assert_close(_weights(tmp_path, r, "embedding", "final", count), ref_weights)
+        np.testing.assert_allclose(results[r]["embedding"]["loss"], ref_losses,
+                                   rtol=1e-5)
     out = proc.stdout + proc.stderr
     assert "rank 3: stage 1 of 2, pipeline 1 of 2; pipeline ranks [2, 3]" in out
     assert "it loads in plain Keras with the trained weights: True" in out

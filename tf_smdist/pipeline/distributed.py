@@ -33,7 +33,12 @@ import tensorflow as tf
 from tf_smdist import _compat
 from tf_smdist.data_parallel.buckets import plan_buckets
 from tf_smdist.pipeline import routing
-from tf_smdist.pipeline.execution import split_microbatches, task_scope
+from tf_smdist.pipeline.execution import (
+    accumulate,
+    slice_values,
+    split_microbatches,
+    task_scope,
+)
 from tf_smdist.pipeline.graph import LayerGraph, flatten_model
 from tf_smdist.pipeline.schedule import Schedule
 from tf_smdist.pipeline.topology import Topology
@@ -50,6 +55,7 @@ _LOCAL_RANK_VARS = (
 _RECORD_BYTES = 4096
 # Ordering groups of the sub-communicators (each has 8).
 _GRAD_GROUP = 1
+_SPARSE_GROUP = 2  # the all-gathers of sparse gradients
 
 LossFn = Callable[[int, list[tf.Tensor]], tf.Tensor]
 
@@ -626,7 +632,6 @@ class ProcessPipeline:
         reduced: dict[int, list[tf.Tensor]] = {}
         last_backward = {t.stage: i for i, t in enumerate(self._order) if t.kind == "B"}
         finish_order = sorted(self._my_stages, key=lambda s: last_backward[s])
-        positions = self._bucket_positions(finish_order)
 
         def forward(s: int, m: int, inputs: dict[str, tf.Tensor]):
             values = self._run_nodes(s, inputs, True)
@@ -640,7 +645,7 @@ class ProcessPipeline:
             return [k for k in inputs if k not in self._plan.local_inputs(s)
                     and _differentiable(inputs[k].dtype)]
 
-        for i, task in enumerate(self._order):
+        for task in self._order:
             s, m = task.stage, task.microbatch
             rows = tf.shape(micro_x[m][0])[0]
             variables = [v for layer in self._stage_layers[s]
@@ -681,9 +686,13 @@ class ProcessPipeline:
                                 output_gradients=seeds,
                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
                     input_grads = dict(zip(sources, result[: len(sources)]))
-                    var_grads = [tf.convert_to_tensor(g)
+                    # Sparse gradients (an embedding's) stay IndexedSlices, as
+                    # in plain Keras: its optimizers treat a row repeated in
+                    # them otherwise than the dense sum (Adam squares each).
+                    var_grads = [g if isinstance(g, tf.IndexedSlices)
+                                 else tf.convert_to_tensor(g)
                                  for g in result[len(sources):]]
-                    done = list(var_grads)
+                    done = [slice_values(g) for g in var_grads]
                     for e in self._plan.incoming(s):
                         if e.key not in input_grads:
                             continue
@@ -694,11 +703,16 @@ class ProcessPipeline:
                         else:
                             done.append(self._send(g, e, m, backward=True))
                     grads[s] = (var_grads if s not in grads else
-                                [a + g for a, g in zip(grads[s], var_grads)])
-                    if last_backward[s] == i:
-                        reduced[s] = self._reduce(s, grads[s], positions,
-                                                  gradient_scale)
+                                [accumulate(a, g) for a, g in zip(grads[s], var_grads)])
             chain = [tf.group(*done)] if not tf.executing_eagerly() else []
+        # Each stage's reduction starts when its gradients are ready (its last
+        # backward task), whenever it is built: built here, once every stage's
+        # sparse gradients are known, which the bucket plans leave out.
+        positions = self._bucket_positions(finish_order, grads)
+        sparse_chain: list[tf.Tensor] = []
+        for s in finish_order:
+            reduced[s] = self._reduce(s, grads[s], positions, gradient_scale,
+                                      sparse_chain)
         by_id = {id(v): g for s in self._my_stages
                  for v, g in zip([v for layer in self._stage_layers[s]
                                   for v in layer.trainable_weights], reduced[s])}
@@ -727,31 +741,39 @@ class ProcessPipeline:
 
     # -- gradients across the data-parallel group --------------------------------
 
-    def _bucket_positions(self, finish_order: Sequence[int]) -> dict:
+    def _bucket_positions(self, finish_order: Sequence[int],
+                          grads: dict[int, list[Any]]) -> dict:
+        """Plans each stage's buckets of dense gradients (sparse ones are
+        gathered instead) and numbers them across this process's stages."""
         positions: dict[tuple[int, int], int] = {}
         self._plans = {}
         for s in finish_order:
             variables = [v for layer in self._stage_layers[s]
                          for v in layer.trainable_weights]
-            plan = plan_buckets([tuple(v.shape) for v in variables],
-                                [str(v.dtype) for v in variables],
+            dense = [i for i, g in enumerate(grads[s])
+                     if not isinstance(g, tf.IndexedSlices)]
+            plan = plan_buckets([tuple(variables[i].shape) for i in dense],
+                                [str(variables[i].dtype) for i in dense],
                                 bucket_cap_mb=self._bucket_cap_mb)
-            self._plans[s] = plan
+            self._plans[s] = (plan, dense)
             for b in plan.buckets:
                 if b.num_elements:
                     positions[(s, b.index)] = len(positions)
         return positions
 
-    def _reduce(self, s: int, grads: list[tf.Tensor], positions: dict,
-                scale: float) -> list[tf.Tensor]:
+    def _reduce(self, s: int, grads: list[Any], positions: dict,
+                scale: float, sparse_chain: list[tf.Tensor]) -> list[Any]:
         if self._topo.dp_size == 1:
-            return [g * scale if scale != 1.0 else g for g in grads]
-        out = list(grads)
+            return [_scaled(g, scale) for g in grads]
+        out = [self._gather_slices(g, scale, sparse_chain)
+               if isinstance(g, tf.IndexedSlices) else g for g in grads]
         total = max(1, len(positions))
-        for b in self._plans[s].buckets:
+        plan, dense = self._plans[s]
+        for b in plan.buckets:
             if not b.num_elements:
                 continue
-            flat = tf.concat([tf.reshape(grads[i], [-1]) for i in b.tensor_indices], 0)
+            members = [dense[i] for i in b.tensor_indices]
+            flat = tf.concat([tf.reshape(grads[i], [-1]) for i in members], 0)
             with tf.device("/CPU:0"):
                 summed = _mpi().host_allreduce(
                     flat, group=_GRAD_GROUP, index=positions[(s, b.index)],
@@ -760,10 +782,31 @@ class ProcessPipeline:
                 if scale != 1.0:
                     summed = summed * tf.cast(scale, summed.dtype)
                 sizes = [int(np.prod(shape)) for shape in b.shapes]
-                for i, part, shape in zip(b.tensor_indices,
-                                          tf.split(summed, sizes), b.shapes):
+                for i, part, shape in zip(members, tf.split(summed, sizes), b.shapes):
                     out[i] = tf.reshape(part, shape)
         return out
+
+    def _gather_slices(self, g: tf.IndexedSlices, scale: float,
+                       chain: list[tf.Tensor]) -> tf.IndexedSlices:
+        """A sparse gradient over the data-parallel group: every rank's rows
+        concatenated in rank order (as plain Keras holds the whole batch's),
+        scaled. The gathers of one step are chained, so every rank issues
+        them in the same order."""
+        row_shape = g.values.shape[1:]
+        if not row_shape.is_fully_defined():
+            raise ValueError(
+                "Sparse gradients need a static row shape across processes. "
+                f"Received: row shape={row_shape}. Give the layer a static "
+                "output shape.")
+        with tf.device("/CPU:0"), tf.control_dependencies(chain[-1:]):
+            values = _mpi().allgather(g.values, group=_SPARSE_GROUP,
+                                      comm=self._dp_comm)
+            with tf.control_dependencies([values]):
+                indices = _mpi().allgather(g.indices, group=_SPARSE_GROUP,
+                                           comm=self._dp_comm)
+        chain.append(indices)
+        with tf.device(self._device):
+            return _scaled(tf.IndexedSlices(values, indices, g.dense_shape), scale)
 
     # -- values every rank sees ----------------------------------------------------
 
@@ -813,3 +856,12 @@ class ProcessPipeline:
             with tf.device("/CPU:0"):
                 result.append(_mpi().allgather(value, group=self._world_group))
         return result
+
+
+def _scaled(g: Any, scale: float) -> Any:
+    if scale == 1.0:
+        return g
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(g.values * tf.cast(scale, g.values.dtype), g.indices,
+                                g.dense_shape)
+    return g * scale

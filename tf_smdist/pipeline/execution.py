@@ -10,6 +10,7 @@ schedule's order, while different devices run at the same time.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import tensorflow as tf
 
@@ -271,12 +272,29 @@ def run_train(
             if grads[s] is None:
                 grads[s] = list(var_grads)
             else:
-                grads[s] = [a + g for a, g in zip(grads[s], var_grads)]
+                grads[s] = [accumulate(a, g) for a, g in zip(grads[s], var_grads)]
             chain.done(
                 dev,
                 [g for g in upstream.get((s - 1, m), []) if g is not None]
-                + grads[s],
+                + [slice_values(g) for g in grads[s]],
             )
     outputs = [acts[(last, m)] for m in range(schedule.num_microbatches)]
     loss_list = [losses[m] for m in range(schedule.num_microbatches)]
     return outputs, loss_list, [g or [] for g in grads]
+
+
+def accumulate(a: Any, g: Any) -> Any:
+    """`a + g` for micro-batch gradients; sparse ones (`tf.IndexedSlices`, an
+    embedding's) are concatenated, as plain Keras holds a whole batch's rows
+    (its optimizers treat a repeated row otherwise than the dense sum: Adam
+    squares each)."""
+    if isinstance(a, tf.IndexedSlices) and isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(tf.concat([a.values, g.values], 0),
+                                tf.concat([a.indices, g.indices], 0),
+                                a.dense_shape)
+    return tf.convert_to_tensor(a) + tf.convert_to_tensor(g)
+
+
+def slice_values(g: Any) -> Any:
+    """The values of a `tf.IndexedSlices`, else `g` (for control dependencies)."""
+    return g.values if isinstance(g, tf.IndexedSlices) else g
