@@ -115,3 +115,46 @@ def embedding_reference(init: list[np.ndarray]) -> tuple[list, list]:
     history = net.fit(x, y, batch_size=GLOBAL_BATCH, epochs=2, shuffle=False,
                       verbose=0)
     return net.get_weights(), history.history["loss"]
+
+
+# Two outputs, one of them from a middle stage, with losses and metrics by
+# output name: Keras names the history's entries after the outputs.
+TWO_OUTPUT_PARTITION = [1, 2, 2]
+
+
+def two_output_model(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6,))
+    a = keras.layers.Dense(8, activation="tanh", name="a")(inputs)
+    b = keras.layers.Dense(8, activation="tanh", name="b")(a)
+    aux = keras.layers.Dense(2, name="aux")(b)
+    c = keras.layers.Dense(8, activation="tanh", name="c")(b)
+    main = keras.layers.Dense(3, name="main")(c)
+    return keras.Model(inputs, {"main": main, "aux": aux})
+
+
+def two_output_compile() -> dict:
+    return dict(optimizer=keras.optimizers.SGD(0.1),
+                loss={"main": "mse", "aux": "mae"},
+                loss_weights={"main": 1.0, "aux": 0.3},
+                metrics={"main": ["mae"]})
+
+
+def two_output_data() -> tuple[np.ndarray, dict]:
+    x, y = data()
+    rng = np.random.default_rng(4)
+    aux = rng.standard_normal((NUM_SAMPLES, 2)).astype(np.float32)
+    return x, {"main": y, "aux": aux}
+
+
+def two_output_reference(init: list[np.ndarray]) -> tuple[list, dict, dict]:
+    """The plain two-output model's weights, history and evaluation."""
+    net = two_output_model()
+    net.set_weights(init)
+    net.compile(**two_output_compile())
+    x, y = two_output_data()
+    history = net.fit(x, y, batch_size=GLOBAL_BATCH, epochs=2, shuffle=False,
+                      verbose=0)
+    evaluated = net.evaluate(x, y, batch_size=GLOBAL_BATCH, verbose=0,
+                             return_dict=True)
+    return net.get_weights(), history.history, evaluated

@@ -7,7 +7,8 @@ weights, losses, evaluate and predict), `mismatch` (rank-dependent
 partitions), `auto` (partition from rank 0's profile), `example` (runs
 examples/pipeline_hybrid.py), `checkpoint` (BackupAndRestore interrupted
 and resumed, ModelCheckpoint), `custom` (custom training loop), `embedding`
-(sparse gradients, Adam) or `die` (the last rank exits during training).
+(sparse gradients, Adam), `two_outputs` (3 stages, an output of the middle
+one, losses by output name) or `die` (the last rank exits during training).
 Each rank writes OUT_DIR/rank{r}_{check}.npz and OUT_DIR/rank{r}.json.
 """
 
@@ -29,11 +30,15 @@ from mp_pipeline_common import (  # noqa: E402
     EVALUATED,
     GLOBAL_BATCH,
     SAVED,
+    TWO_OUTPUT_PARTITION,
     data,
     embedding_data,
     embedding_model,
     model,
     optimizer,
+    two_output_compile,
+    two_output_data,
+    two_output_model,
 )
 
 import tf_smdist as smd  # noqa: E402
@@ -115,6 +120,22 @@ def run_embedding() -> None:
          **{f"final_{i}": w for i, w in enumerate(final)})
     RESULTS["embedding"] = {"loss": history.history["loss"],
                             "num_weights": len(init)}
+
+
+def run_two_outputs() -> None:
+    pipe = smd.PipelineModel(two_output_model(seed=RANK + 1), num_stages=3,
+                             microbatches=2, partition=TWO_OUTPUT_PARTITION)
+    pipe.compile(**two_output_compile())
+    init = pipe.get_weights()
+    x, y = two_output_data()
+    history = pipe.fit(x, y, batch_size=GLOBAL_BATCH, epochs=2, shuffle=False,
+                       verbose=0)
+    evaluated = pipe.evaluate(x, y, batch_size=GLOBAL_BATCH, verbose=0,
+                              return_dict=True)
+    save("two_outputs", **{f"init_{i}": w for i, w in enumerate(init)},
+         **{f"final_{i}": w for i, w in enumerate(pipe.get_weights())})
+    RESULTS["two_outputs"] = {"history": history.history, "evaluate": evaluated,
+                              "num_weights": len(init)}
 
 
 def run_mismatch() -> None:
@@ -265,7 +286,7 @@ def run_example() -> None:
 
 for check in CHECKS:
     {"mismatch": run_mismatch, "checkpoint": run_checkpoint, "example": run_example,
-     "auto": run_auto, "embedding": run_embedding,
+     "auto": run_auto, "embedding": run_embedding, "two_outputs": run_two_outputs,
      "custom": run_custom, "die": run_die}.get(check, lambda c=check: run_case(c))()
 with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
     json.dump(RESULTS, f)

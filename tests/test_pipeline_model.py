@@ -166,6 +166,45 @@ def test_embedding_sparse_gradients_reach_adam_as_in_the_plain_model(m):
         assert_close(pw, w)
 
 
+def test_several_outputs_keep_their_names_for_losses_and_metrics():
+    # Keras names per-output losses and metrics after the model's output
+    # layers ("main_loss"), and matches dict losses and targets to them, for
+    # outputs in a list too.
+    def two_outputs(seed):
+        keras.utils.set_random_seed(seed)
+        x_in = keras.Input((6,))
+        h = keras.layers.Dense(5, activation="tanh")(x_in)
+        aux = keras.layers.Dense(2, name="aux")(h)
+        h = keras.layers.Dense(5, activation="tanh")(h)
+        main = keras.layers.Dense(3, name="main")(h)
+        return keras.Model(x_in, [main, aux])
+
+    plain, copy = two_outputs(0), two_outputs(1)
+    copy.set_weights(plain.get_weights())
+    pipe = PipelineModel(copy, num_stages=2, microbatches=2, partition=[2, 2])
+    rng = np.random.RandomState(4)
+    x = rng.randn(32, 6).astype("float32")
+    y = {"main": rng.randn(32, 3).astype("float32"),
+         "aux": rng.randn(32, 2).astype("float32")}
+    for model in (plain, pipe):
+        model.compile(optimizer=keras.optimizers.SGD(0.1),
+                      loss={"main": "mse", "aux": "mae"},
+                      loss_weights={"main": 1.0, "aux": 0.3},
+                      metrics={"main": ["mae"]})
+    h_plain = plain.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    h_pipe = pipe.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    assert sorted(h_pipe.history) == ["aux_loss", "loss", "main_loss", "main_mae"]
+    for key, values in h_plain.history.items():
+        assert_close(h_pipe.history[key], values)
+    for w, pw in zip(plain.get_weights(), pipe.get_weights()):
+        assert_close(pw, w)
+    expected = plain.evaluate(x, y, verbose=0, return_dict=True)
+    got = pipe.evaluate(x, y, verbose=0, return_dict=True)
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        assert_close(got[key], value)
+
+
 def test_fit_runs_callbacks_with_pipelined_loss():
     plain, pipe = pipeline("sequential", 2, 2, "1f1b")
     pipe.compile(optimizer="sgd", loss="mse")

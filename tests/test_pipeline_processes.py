@@ -25,6 +25,7 @@ from mp_pipeline_common import (
     optimizer,
     reference,
     reference_model,
+    two_output_reference,
 )
 from mp_util import TESTS, launch, requires_mpi
 
@@ -207,13 +208,28 @@ def test_two_stages_in_two_processes(tmp_path):
 
 
 def test_three_stages_in_three_processes(tmp_path):
-    checks = ["skip3_1f1b_adam"]
+    checks = ["skip3_1f1b_adam", "two_outputs"]
     proc = launch(["--nproc", "3", WORKER, str(tmp_path), *checks], timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = _results(tmp_path, 3)
-    for case in checks:
-        _check_case(tmp_path, 3, case, results)
+    _check_case(tmp_path, 3, "skip3_1f1b_adam", results)
     assert [r["skip3_1f1b_adam"]["stage"] for r in results] == [0, 1, 2]
+    # Two outputs (one from the middle stage): the per-output losses and
+    # metrics, named after the outputs, are the plain model's on every rank
+    # (the first two ranks compute no loss themselves).
+    count = results[0]["two_outputs"]["num_weights"]
+    ref_weights, ref_history, ref_evaluated = two_output_reference(
+        _weights(tmp_path, 0, "two_outputs", "init", count))
+    assert sorted(ref_history) == ["aux_loss", "loss", "main_loss", "main_mae"]
+    for r in range(3):
+        res = results[r]["two_outputs"]
+        _assert_close(_weights(tmp_path, r, "two_outputs", "final", count), ref_weights)
+        assert sorted(res["history"]) == sorted(ref_history)
+        for key, values in ref_history.items():
+            np.testing.assert_allclose(res["history"][key], values, rtol=1e-5)
+        assert sorted(res["evaluate"]) == sorted(ref_evaluated)
+        for key, value in ref_evaluated.items():
+            np.testing.assert_allclose(res["evaluate"][key], value, rtol=1e-5)
 
 
 def test_two_stages_times_two_pipelines_in_four_processes(tmp_path):

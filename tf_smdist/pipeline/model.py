@@ -197,6 +197,10 @@ class PipelineModel(keras.Model):
             cluster.initialize()
             devices = ["/CPU:0"] * num_stages  # each process runs its own
         self.wrapped_model = model
+        if getattr(model, "output_names", None):
+            # Keras' compile names per-output losses and metrics by these
+            # ("out1_loss"), and matches dict losses and targets to them.
+            self.output_names = list(model.output_names)
         self._num_devices = num_stages
         self._microbatches = microbatches
         self._schedule_name = schedule

@@ -107,10 +107,21 @@ class ProcessSteps:
             if compiled is not None and not compiled.built:
                 compiled.build(y, y_pred)
 
-    def _shared_metrics(self, update: Any) -> dict[str, Any]:
-        """Runs `update()` (last stage), then adds every rank's metric changes."""
+    def _metric_snapshot(self, y: Any, micro_x: list) -> list[tf.Tensor]:
+        """Builds the metrics and reads their state before a step runs.
+
+        Taken before the step's loss is computed: Keras' compiled loss of a
+        model with several outputs updates its per-output trackers
+        (`out1_loss`) inside the loss itself (`tf.function` orders these
+        reads before those updates, as they come first).
+        """
+        self._build_metrics(y, micro_x)
+        return [tf.identity(v.value) for v in self._metric_variables()]
+
+    def _shared_metrics(self, update: Any, before: list[tf.Tensor]) -> dict[str, Any]:
+        """Runs `update()` (last stage), then adds every rank's metric changes
+        since `before` (`_metric_snapshot`)."""
         variables = self._metric_variables()
-        before = [tf.identity(v.value) for v in variables]
         with tf.control_dependencies(before):
             if self._rt.is_last:
                 update()
@@ -134,10 +145,10 @@ class ProcessSteps:
                                 training=True)
         is_sum = getattr(pipe, "_loss_is_sum", False)
         dp = rt.topology.dp_size
+        before = self._metric_snapshot(y, micro_x)
         outs, losses, grads = rt.train(
             micro_x, loss_fn, gradient_scale=1.0 if is_sum else 1.0 / dp)
         pipe.optimizer.apply(grads, rt.trainable_variables)
-        self._build_metrics(y, micro_x)
 
         def update() -> None:
             loss = tf.add_n(losses)
@@ -148,7 +159,7 @@ class ProcessSteps:
                 tracker.update_state(value, sample_weight=shard_rows)
             self._update_compiled_metrics(y, sample_weight, micro_y, micro_w, outs)
 
-        return self._shared_metrics(update)
+        return self._shared_metrics(update, before)
 
     def test_step(self, data: Any) -> dict[str, Any]:
         """One evaluation step on a global batch (any size)."""
@@ -159,8 +170,8 @@ class ProcessSteps:
         shard_rows = tf.add_n([_rows(mx) for mx in micro_x])
         loss_fn = self._loss_fn(micro_y, micro_w, y, sample_weight, shard_rows,
                                 training=False)
+        before = self._metric_snapshot(y, micro_x)
         outs, losses = rt.forward(micro_x, training=False, loss_fn=loss_fn)
-        self._build_metrics(y, micro_x)
         is_sum = getattr(pipe, "_loss_is_sum", False)
         dp = rt.topology.dp_size
 
@@ -172,7 +183,7 @@ class ProcessSteps:
                 tracker.update_state(value, sample_weight=shard_rows)
             self._update_compiled_metrics(y, sample_weight, micro_y, micro_w, outs)
 
-        return self._shared_metrics(update)
+        return self._shared_metrics(update, before)
 
     def _update_compiled_metrics(self, y: Any, sample_weight: Any, micro_y: list,
                                  micro_w: list, outs: list) -> None:
