@@ -8,7 +8,8 @@ partitions), `auto` (partition from rank 0's profile), `example` (runs
 examples/pipeline_hybrid.py), `checkpoint` (BackupAndRestore interrupted
 and resumed, ModelCheckpoint), `custom` (custom training loop), `embedding`
 (sparse gradients, Adam), `two_outputs` (3 stages, an output of the middle
-one, losses by output name) or `die` (the last rank exits during training).
+one, losses by output name), `shuffled` (fit's own shuffling, ranks seeded
+apart) or `die` (the last rank exits during training).
 Each rank writes OUT_DIR/rank{r}_{check}.npz and OUT_DIR/rank{r}.json.
 """
 
@@ -136,6 +137,23 @@ def run_two_outputs() -> None:
          **{f"final_{i}": w for i, w in enumerate(pipe.get_weights())})
     RESULTS["two_outputs"] = {"history": history.history, "evaluate": evaluated,
                               "num_weights": len(init)}
+
+
+def run_shuffled() -> None:
+    # fit's default shuffle=True with every rank's random seed different (as
+    # in a script that sets none): the first stage's inputs must still meet
+    # their own targets on the last stage. y is linear in x, so the loss
+    # falls near 0 only if they do (paired at random it stays near 3).
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 4)).astype(np.float32)
+    y = x @ rng.standard_normal((4, 2)).astype(np.float32)
+    keras.utils.set_random_seed(100 + RANK)
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+                            keras.layers.Dense(8), keras.layers.Dense(2)])
+    pipe = smd.PipelineModel(net, num_stages=2, microbatches=2, partition=[2, 1])
+    pipe.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse")
+    history = pipe.fit(x, y, batch_size=32, epochs=15, verbose=0)
+    RESULTS["shuffled"] = {"loss": history.history["loss"]}
 
 
 def run_mismatch() -> None:
@@ -287,6 +305,7 @@ def run_example() -> None:
 for check in CHECKS:
     {"mismatch": run_mismatch, "checkpoint": run_checkpoint, "example": run_example,
      "auto": run_auto, "embedding": run_embedding, "two_outputs": run_two_outputs,
+     "shuffled": run_shuffled,
      "custom": run_custom, "die": run_die}.get(check, lambda c=check: run_case(c))()
 with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
     json.dump(RESULTS, f)

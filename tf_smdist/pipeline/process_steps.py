@@ -13,6 +13,7 @@ confusion counts: every built-in metric) are supported.
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -378,6 +379,29 @@ def _check_batches(pipe: Any, args: tuple, kwargs: dict) -> None:
             )
 
 
+def _agree_on_shuffling(args: tuple, kwargs: dict) -> None:
+    """Makes every rank's `fit` shuffle arrays into the same order.
+
+    Keras shuffles arrays (and a `PyDataset`'s batches) with TensorFlow's
+    random ops when `shuffle=True`, its default. Each stage process reads its
+    own part of each global batch (the inputs on the first stage, the targets
+    on the last), so ranks shuffling apart would train on inputs paired with
+    other samples' targets. Every rank therefore sets TensorFlow's global
+    seed to one rank 0 draws afresh for each `fit`. A `tf.data.Dataset` is
+    the script's to shuffle alike (a fixed seed); `shuffle=False` changes
+    nothing.
+    """
+    from tf_smdist import _mpi_ops  # noqa: PLC0415 (only multi-process jobs)
+    from tf_smdist.data_parallel import cluster  # noqa: PLC0415
+
+    x = args[0] if args else kwargs.get("x")
+    if not kwargs.get("shuffle", True) or isinstance(x, tf.data.Dataset):
+        return
+    seed = int.from_bytes(os.urandom(4), "little") >> 1 if cluster.rank() == 0 else 0
+    seed = int(_mpi_ops.broadcast_bytes(str(seed).encode(), root=0).decode())
+    tf.random.set_seed(seed)
+
+
 def measure_bandwidth(pipe: Any, *, nbytes: int = 4 << 20, repeats: int = 3) -> float:
     """Bytes per second between stages 0 and 1, the same value on every rank.
 
@@ -516,6 +540,7 @@ def prepare_fit(pipe: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             "with run_eagerly=False."
         )
     _check_batches(pipe, args, kwargs)
+    _agree_on_shuffling(args, kwargs)
     callbacks = list(kwargs.get("callbacks") or [])
     profilers = [c for c in callbacks if isinstance(c, ProfilingCallback)]
     if not profilers and pipe._pending_auto:
