@@ -271,10 +271,52 @@ def check_collectives() -> None:
         root_rank=SIZE - 1)["from"] == SIZE - 1
     entry["allgather_object"] = hvd.allgather_object("r" * (RANK + 1)) == [
         "r" * (r + 1) for r in range(SIZE)]
+    # Integer IndexedSlices averaged: Horovod's true division (float64).
+    ints = tf.IndexedSlices(tf.fill([1, 2], RANK + 1), tf.constant([RANK]))
+    avg = hvd.allreduce(ints, op=hvd.Average)
+    entry["sparse_int_average"] = bool(
+        avg.values.dtype == tf.float64
+        and np.allclose(avg.values, [[(r + 1) / SIZE] * 2 for r in range(SIZE)]))
+    # alltoall: the received splits come back only when splits are given.
+    rows = tf.fill([SIZE, 2], RANK)
+    received = hvd.alltoall(rows)
+    pair = hvd.alltoall(rows, splits=[1] * SIZE)
+    entry["alltoall"] = bool(
+        isinstance(received, tf.Tensor)
+        and np.array_equal(received, np.repeat(np.arange(SIZE), 2).reshape(SIZE, 2))
+        and np.array_equal(pair[0], received) and np.array_equal(pair[1], [1] * SIZE))
+    # A tf.compat.v1 graph: grouped allgather/reducescatter (named from the
+    # graph), integer prescaling done in float64 by the op, and a broadcast's
+    # gradient (a non-root rank must still run the gradient's all-reduce).
+    with tf.Graph().as_default():
+        a = tf.constant(np.arange(2 * SIZE, dtype=np.int32) + RANK)
+        gathered = hvd.grouped_allgather([a[:1], a[:2]])
+        scattered = hvd.grouped_reducescatter([a], op=hvd.Sum, prescale_factor=0.5)
+        x = tf.constant([1.0, 2.0])
+        grad_b = tf.gradients(hvd.broadcast(x, 0), x, tf.ones([2]))[0]
+        with tf.compat.v1.Session() as sess:
+            g_v, s_v, gb_v = sess.run([gathered, scattered, grad_b])
+    every = [np.arange(2 * SIZE, dtype=np.int32) + r for r in range(SIZE)]
+    halves = sum(np.trunc(e * 0.5).astype(np.int32) for e in every)
+    entry["graph_grouped"] = bool(
+        np.array_equal(g_v[0], [e[0] for e in every])
+        and np.array_equal(g_v[1], np.concatenate([e[:2] for e in every]))
+        and np.array_equal(s_v[0], halves[2 * RANK:2 * RANK + 2])
+        and np.array_equal(gb_v, [1.0, 1.0] if RANK == 0 else [0.0, 0.0]))
     # Variables broadcast in place from the last rank.
     v = tf.Variable([float(RANK)] * 3)
     hvd.broadcast_(v, SIZE - 1)
     entry["broadcast_"] = bool(np.array_equal(v.numpy(), [SIZE - 1.0] * 3))
+    # In a tf.compat.v1 graph, evaluating broadcast_'s result broadcasts.
+    with tf.Graph().as_default():
+        gv = tf.compat.v1.Variable([float(RANK)] * 2)
+        out, = hvd.broadcast_([gv], SIZE - 1, name="graph_broadcast_")
+        with tf.compat.v1.Session() as sess:
+            sess.run(gv.initializer)
+            got = sess.run(out)
+            entry["broadcast_graph"] = bool(
+                np.array_equal(got, [SIZE - 1.0] * 2)
+                and np.array_equal(sess.run(gv), [SIZE - 1.0] * 2))
     # Gradient of an allreduce inside the tape.
     w = tf.Variable(float(RANK + 1))
     with tf.GradientTape() as tape:
@@ -291,6 +333,7 @@ def check_process_sets() -> None:
         # The engine of this build has no sub-communicators yet.
         results["process_sets"] = {"unsupported": e.message}
         return
+    entry["included_op"] = int(hvd.process_set_included_op(pair.process_set_id))
     if RANK in (0, 1):
         out = hvd.allreduce(tf.constant([float(RANK + 1)]), op=hvd.Sum,
                             process_set=pair)
@@ -300,9 +343,55 @@ def check_process_sets() -> None:
         entry["pair_gather"] = gathered.numpy().tolist()
     else:
         entry["pair_rank"] = pair.rank()
+        # Horovod's op fails with InvalidArgumentError on a non-member.
+        try:
+            hvd.allreduce(tf.constant([1.0]), process_set=pair)
+            entry["non_member_error"] = "none"
+        except tf.errors.InvalidArgumentError as e:
+            entry["non_member_error"] = type(e).__name__ + (
+                "+ValueError" if isinstance(e, ValueError) else "")
+    # Horovod's root_rank is a rank of the job also with a process set; a
+    # rank outside a tape's set keeps its own gradient.
+    tail = hvd.add_process_set(hvd.ProcessSet([1, 2]))
+    if RANK in (1, 2):
+        got = hvd.broadcast(tf.constant([float(RANK)]), root_rank=2, process_set=tail)
+        entry["tail_broadcast"] = float(got.numpy()[0])
+        entry["tail_object"] = hvd.broadcast_object(
+            "from 2" if RANK == 2 else None, root_rank=2, process_set=tail)
+    x = tf.constant(float(RANK + 1))
+    with tf.GradientTape() as g:
+        g.watch(x)
+        y = x * x
+    entry["tape_grad"] = float(hvd.DistributedGradientTape(
+        g, process_set=tail).gradient(y, [x])[0])
     hvd.barrier()
-    entry["removed"] = hvd.remove_process_set(pair)
+    entry["removed"] = hvd.remove_process_set(pair) and hvd.remove_process_set(tail)
     results["process_sets"] = entry
+
+
+def check_broadcast_callback_local_variables() -> None:
+    # Horovod's local_variables: they keep each rank's value; every other
+    # variable (model and optimizer) takes the root's.
+    root = SIZE - 1
+    init = keras.initializers.Constant(float(RANK))
+    m = keras.Sequential([keras.Input((3,)),
+                          keras.layers.Dense(3, kernel_initializer=init,
+                                             bias_initializer=init, trainable=False),
+                          keras.layers.Dense(2, kernel_initializer=init,
+                                             bias_initializer=init, trainable=False)])
+    m.compile(loss="mse", optimizer=hvd_keras.DistributedOptimizer(
+        keras.optimizers.SGD(0.1)))
+    local = list(m.layers[0].variables)
+    cb = hvd_keras.callbacks.BroadcastGlobalVariablesCallback(
+        root_rank=root, local_variables=local)
+    m.fit(np.ones((2, 3), np.float32), np.ones((2, 2), np.float32), epochs=1,
+          batch_size=2, callbacks=[cb], verbose=0)
+    ids = {id(v) for v in local}
+    results["broadcast_callback_local"] = {
+        "local_kept": all(np.all(v.numpy() == RANK) for v in local),
+        "others_from_root": all(np.all(v.numpy() == root)
+                                for v in m.variables if id(v) not in ids),
+    }
 
 
 def check_partial_tape() -> None:
@@ -376,6 +465,7 @@ CHECKS = {
     "collectives": check_collectives,
     "process_sets": check_process_sets,
     "partial_tape": check_partial_tape,
+    "broadcast_callback_local": check_broadcast_callback_local_variables,
     "sync_batch_norm": check_sync_batch_norm,
     "sdp": check_sdp,
     "tape": check_tape,

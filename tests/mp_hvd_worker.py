@@ -272,7 +272,8 @@ def main() -> None:
             out = hvd.reducescatter(x, op=hvd.Sum)
             loss = tf.reduce_sum(out * out)
         full = sum(value(r, "float32", (4, 3)) for r in range(size))
-        close(tape.gradient(loss, x).numpy(), 2 * full, "float32")
+        # Horovod's convention: a Sum's gathered gradient times the size.
+        close(tape.gradient(loss, x).numpy(), 2 * full * size, "float32")
         a, b = hvd.grouped_reducescatter([x, x * 2], op=hvd.Average)
         lo, hi = scatter_rows(4)[rank]
         close(a.numpy(), full[lo:hi] / size, "float32")
@@ -502,11 +503,13 @@ def main() -> None:
         y = sum((r + 1.0) * value(r, "float32") for r in range(size)) / size
         close(tape.gradient(loss_avg, x).numpy(),
               (2 * y * (rank + 1.0)).astype(np.float32), "float32")
-        # Each rank's gather gradient is the same weights; summed over ranks.
+        # Each rank's gather gradient is the same weights; averaged over the
+        # ranks, as Horovod does, then this rank's rows.
         w = np.arange(size * 2, dtype=np.float32).repeat(3).reshape(-1, 3)
-        close(tape.gradient(loss_gather, x).numpy(), size * w[2 * rank:2 * rank + 2],
+        close(tape.gradient(loss_gather, x).numpy(), w[2 * rank:2 * rank + 2],
               "float32")
-        want_b = np.full([2, 3], 3.0 * size if rank == 0 else 0.0, np.float32)
+        # Broadcast: the averaged gradient on the root, zero elsewhere.
+        want_b = np.full([2, 3], 3.0 if rank == 0 else 0.0, np.float32)
         close(tape.gradient(loss_bcast, x).numpy(), want_b, "float32")
     check("gradients", gradients)
 

@@ -28,7 +28,7 @@ broadcast_variables alltoall reducescatter grouped_reducescatter join barrier
 broadcast_object broadcast_object_fn allgather_object Compression ProcessSet
 global_process_set add_process_set remove_process_set DistributedGradientTape
 PartialDistributedGradientTape SyncBatchNormalization elastic DistributedOptimizer
-broadcast_global_variables BroadcastGlobalVariablesHook
+broadcast_global_variables BroadcastGlobalVariablesHook process_set_included_op
 """.split()
 KERAS_NAMES = """
 init shutdown size rank local_size local_rank mpi_built mpi_enabled
@@ -163,7 +163,7 @@ def test_collectives_in_one_process_eager_function_and_graph():
 
     def run(t):
         return [hvd.allreduce(t, op=hvd.Sum, prescale_factor=2.0, postscale_factor=3.0),
-                hvd.allgather(t), hvd.broadcast(t, 0), hvd.alltoall(t)[0],
+                hvd.allgather(t), hvd.broadcast(t, 0), hvd.alltoall(t),
                 hvd.reducescatter(t, op=hvd.Sum), *hvd.grouped_allreduce([t, t]),
                 *hvd.grouped_allgather([t]), *hvd.grouped_reducescatter([t])]
 
@@ -188,8 +188,51 @@ def test_indexed_slices_are_gathered_and_averaged():
     assert isinstance(out, tf.IndexedSlices)
     np.testing.assert_array_equal(out.values, [[4.0, 8.0]])
     np.testing.assert_array_equal(out.indices, [3])
-    with pytest.raises(ValueError, match="only sums or averages"):
-        hvd.allreduce(s, op=hvd.Max)
+    # Horovod raises NotImplementedError for the ops a gather cannot do.
+    for op in (hvd.Min, hvd.Max, hvd.Product, hvd.Adasum):
+        with pytest.raises(NotImplementedError):
+            hvd.allreduce(s, op=op)
+        with pytest.raises(NotImplementedError):
+            hvd.grouped_allreduce([s, tf.ones([1])], op=op)
+    # Average is Horovod's true division: integer values come back as float64.
+    ints = tf.IndexedSlices(tf.constant([[3, -7]]), tf.constant([1]))
+    avg = hvd.allreduce(ints, op=hvd.Average)
+    assert avg.values.dtype == tf.float64
+    np.testing.assert_array_equal(avg.values, [[3.0, -7.0]])
+    assert hvd.allreduce(ints, op=hvd.Sum).values.dtype == tf.int32
+
+
+def test_reducescatter_scales_integers_in_float64():
+    # Horovod's op scales integer tensors in float64 (the factor is not
+    # truncated to the tensor's dtype first).
+    t = tf.constant([4, 7])
+    np.testing.assert_array_equal(
+        hvd.reducescatter(t, op=hvd.Sum, prescale_factor=0.5), [2, 3])
+    np.testing.assert_array_equal(
+        hvd.grouped_reducescatter([t], op=hvd.Sum, postscale_factor=1.5)[0], [6, 10])
+
+
+def test_alltoall_returns_the_splits_only_when_given():
+    t = tf.constant([[1, 2], [3, 4]])
+    out = hvd.alltoall(t)
+    assert isinstance(out, tf.Tensor)
+    np.testing.assert_array_equal(out, t)
+    out, received = hvd.alltoall(t, splits=[2])
+    np.testing.assert_array_equal(out, t)
+    np.testing.assert_array_equal(received, [2])
+    np.testing.assert_array_equal(tf.function(hvd.alltoall)(t), t)
+
+
+def test_broadcast_inplace_in_a_graph_returns_the_assigned_values():
+    with tf.Graph().as_default():
+        v = tf.compat.v1.Variable([1.0, 2.0])
+        out, = hvd.broadcast_([v], root_rank=0)
+        assert isinstance(out, tf.Tensor)
+        with tf.compat.v1.Session() as sess:
+            sess.run(v.initializer)
+            np.testing.assert_array_equal(sess.run(out), [1.0, 2.0])
+    v = tf.Variable([3.0])
+    assert hvd.broadcast_(v, root_rank=0) is v
 
 
 def test_object_collectives():
@@ -201,9 +244,25 @@ def test_object_collectives():
     assert hvd.allgather_object({"rank": hvd.rank()}) == [{"rank": 0}]
 
 
+def test_object_collectives_in_a_tf1_graph_run_in_the_session():
+    # As in Horovod: the given session, else the default one, runs them.
+    with tf.Graph().as_default():
+        with tf.compat.v1.Session() as sess:
+            assert hvd.broadcast_object({"a": 1}, session=sess) == {"a": 1}
+            assert hvd.allgather_object("x", session=sess) == ["x"]
+            with sess.as_default():
+                assert hvd.broadcast_object_fn(root_rank=0)([2]) == [2]
+        with pytest.raises(RuntimeError, match="session=sess"):
+            hvd.broadcast_object(1)
+    with pytest.raises(RuntimeError, match="tf.function"):
+        tf.function(lambda: hvd.allgather_object(1))()
+
+
 def test_process_sets_in_one_process():
     ps = hvd.add_process_set([0])
     assert ps.process_set_id > 0 and ps.ranks == [0] and ps.included()
+    assert int(hvd.process_set_included_op(ps.process_set_id)) == 1
+    assert hvd.process_set_included_op().dtype == tf.int32
     np.testing.assert_array_equal(hvd.allreduce(tf.ones([2]), process_set=ps), [1, 1])
     assert hvd.remove_process_set(ps) is True and ps.process_set_id is None
     with pytest.raises(ValueError, match="not registered"):

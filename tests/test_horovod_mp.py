@@ -15,7 +15,8 @@ from mp_util import REPO, TESTS, launch, requires_mpi
 WORKER = os.path.join(TESTS, "hvd_worker.py")
 pytestmark = [pytest.mark.slow, requires_mpi]
 CHECKS = {
-    2: "collectives,partial_tape,sync_batch_norm,sdp,tape,fit,sdp_fit,mixed_precision",
+    2: ("collectives,partial_tape,broadcast_callback_local,sync_batch_norm,sdp,tape,"
+        "fit,sdp_fit,mixed_precision"),
     3: "collectives,process_sets,tape,fit,v1_optimizer",
 }
 
@@ -90,8 +91,9 @@ def test_metric_average_callback_averages_the_logs(job, nproc):
 def test_collectives_through_the_public_api(job, nproc):
     for r, res in enumerate(job(nproc)):
         c = res["collectives"]
-        for key in ("sparse", "dense", "keras_numpy", "broadcast_object",
-                    "allgather_object", "broadcast_"):
+        for key in ("sparse", "sparse_int_average", "alltoall", "dense", "keras_numpy",
+                    "broadcast_object", "allgather_object", "broadcast_",
+                    "broadcast_graph", "graph_grouped"):
             assert c[key] is True, (r, key)
         # d/dw of sum_r(w_r^2), summed over the ranks' identical losses.
         assert c["allreduce_grad"] == pytest.approx(2.0 * (r + 1) * nproc)
@@ -100,6 +102,9 @@ def test_collectives_through_the_public_api(job, nproc):
 def test_partial_tape_sync_batch_norm_and_sdp(job):
     for r, res in enumerate(job(2)):
         assert res["partial_tape"] == {"local_scaled": True, "shared_averaged": True}
+        # BroadcastGlobalVariablesCallback(local_variables=...), as in Horovod.
+        assert res["broadcast_callback_local"] == {"local_kept": True,
+                                                   "others_from_root": True}, r
         bn = res["sync_batch_norm"]
         assert max(bn.values()) < 1e-5, (r, bn)
         assert res["sdp"] == {"allreduce": True, "oob": 2.0}
@@ -114,7 +119,15 @@ def test_process_sets(job):
         assert sets[r]["pair_rank"] == r
         assert sets[r]["pair_gather"] == [0, 1]
     assert sets[2]["pair_rank"] == -1
+    assert [s["included_op"] for s in sets] == [1, 1, 0]
+    assert sets[2]["non_member_error"] == "NotAMemberError+ValueError"
     assert all(s["removed"] is True for s in sets)
+    # root_rank 2 is a rank of the job (rank 1 of the set [1, 2]), as in Horovod.
+    assert [s.get("tail_broadcast") for s in sets] == [None, 2.0, 2.0]
+    assert [s.get("tail_object") for s in sets] == [None, "from 2", "from 2"]
+    # Rank 0 is outside [1, 2]: its tape keeps its own gradient 2x; the
+    # others average 2*2 and 2*3.
+    assert [s["tape_grad"] for s in sets] == [2.0, 5.0, 5.0]
 
 
 def test_horovod_keras_example_runs_under_the_launcher(tmp_path):

@@ -38,6 +38,7 @@ __all__ = [
     "mpi_enabled",
     "mpi_threads_supported",
     "nccl_built",
+    "process_set_included_op",
     "rank",
     "rank_op",
     "rocm_built",
@@ -306,6 +307,30 @@ def local_size_op(name: str | None = None) -> tf.Tensor:
     1
     """
     return tf.constant(local_size(), dtype=tf.int32, name=name)
+
+
+def process_set_included_op(process_set_id: int = 0,
+                            name: str | None = None) -> tf.Tensor:
+    """Whether this rank belongs to a process set, as an int32 tensor (1 or 0).
+
+    Horovod's `process_set_included_op`; `ProcessSet.included()` is the
+    Python-level spelling.
+
+    Args:
+        process_set_id: the id of a registered process set. Defaults to `0`.
+        name: the op name. Defaults to `None`.
+
+    Raises:
+        ValueError: the id is not a registered process set.
+
+    Example:
+    >>> import tf_smdist.horovod as hvd
+    >>> hvd.init(); int(hvd.process_set_included_op())
+    1
+    """
+    _require_init("process_set_included_op()")
+    included = rank() in mpi_ops.process_set_ranks(int(process_set_id))
+    return tf.constant(int(included), dtype=tf.int32, name=name)
 
 
 # --- build queries ----------------------------------------------------------

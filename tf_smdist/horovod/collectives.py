@@ -101,7 +101,8 @@ def _sparse_allreduce(
     process_set: ProcessSet,
 ) -> tf.IndexedSlices:
     if op not in (mpi_ops.Average, mpi_ops.Sum):
-        raise ValueError(
+        # NotImplementedError, as Horovod raises for this case.
+        raise NotImplementedError(
             "A tf.IndexedSlices is all-reduced by gathering its rows, which "
             "only sums or averages. Received: "
             f"op={_OP_NAMES.get(op, op)}. Densify it first "
@@ -114,10 +115,12 @@ def _sparse_allreduce(
     indices = mpi_ops.allgather(tensor.indices, name=indices_name,
                                 process_set_id=set_id)
     scale = float(prescale_factor) * float(postscale_factor)
-    if op == mpi_ops.Average:
-        scale /= _set_size(process_set)
     if scale != 1.0:
         values = values * tf.cast(scale, values.dtype)
+    if op == mpi_ops.Average:
+        # Horovod's true division: integer values become floating point
+        # (int8/16 -> float32, int32/64 -> float64) rather than truncating.
+        values = values / tf.cast(_set_size(process_set), values.dtype)
     return tf.IndexedSlices(values, indices, dense_shape=tensor.dense_shape)
 
 
@@ -138,7 +141,8 @@ def allreduce(
 
     A `tf.IndexedSlices` (a sparse gradient) is all-gathered instead: its
     values and indices from every rank are concatenated, and for `Average`
-    the values are divided by the number of ranks, as in Horovod.
+    the values are divided by the number of ranks, as in Horovod (a true
+    division: integer values come back as floating point).
 
     Args:
         tensor: a tensor (uint8, int8, int16, uint16, int32, int64, float16,
@@ -162,6 +166,10 @@ def allreduce(
 
     Returns:
         The reduced tensor (same shape and dtype), or a `tf.IndexedSlices`.
+
+    Raises:
+        NotImplementedError: `op` is `hvd.Adasum`, or a `tf.IndexedSlices`
+            with an op other than `hvd.Sum` / `hvd.Average` (as in Horovod).
 
     Example:
     >>> import tf_smdist.horovod as hvd
@@ -317,7 +325,8 @@ def broadcast(
 
     Args:
         tensor: a tensor of the same shape and dtype on every rank.
-        root_rank: the rank whose value is kept (a rank of the job).
+        root_rank: the rank whose value is kept: a rank of the job (also
+            with a process set, as in Horovod), which must belong to it.
         name: the name that matches it across ranks. Defaults to `None`.
         ignore_name_scope: accepted for compatibility. Defaults to `False`.
         process_set: the ranks taking part. Defaults to `global_process_set`.
@@ -329,8 +338,24 @@ def broadcast(
     array([3.], dtype=float32)
     """
     del ignore_name_scope
-    return mpi_ops.broadcast(tf.convert_to_tensor(tensor), int(root_rank), name=name,
+    return mpi_ops.broadcast(tf.convert_to_tensor(tensor),
+                             _root_in_set(root_rank, process_set), name=name,
                              process_set_id=process_set_id_of(process_set))
+
+
+def _root_in_set(root_rank: int, process_set: ProcessSet) -> int:
+    """The engine's root (a rank within the set) for Horovod's `root_rank`,
+    which is a rank of the job also when a process set is given."""
+    root_rank = int(root_rank)
+    if process_set is None or process_set_id_of(process_set) == 0:
+        return root_rank
+    ranks = process_set.ranks
+    if root_rank not in ranks:
+        raise ValueError(
+            "`root_rank` is a rank of the job and must belong to the process set. "
+            f"Received: root_rank={root_rank}, process_set ranks={ranks}. Pass one "
+            "of the set's ranks.")
+    return ranks.index(root_rank)
 
 
 def broadcast_(
@@ -349,7 +374,9 @@ def broadcast_(
         process_set: the ranks taking part. Defaults to `global_process_set`.
 
     Returns:
-        The variables (a single one if one was passed).
+        Eagerly, the variables (a single one if one was passed), already
+        updated. In a `tf.compat.v1` graph, as in Horovod, the updated values:
+        tensors whose evaluation runs the broadcast and the assignment.
 
     Example:
     >>> import tf_smdist.horovod as hvd
@@ -361,10 +388,15 @@ def broadcast_(
     single = not isinstance(variables, (list, tuple))
     var_list = [variables] if single else list(variables)
     prefix = name or "broadcast_"
+    updated = []
     for i, var in enumerate(var_list):
-        var.assign(broadcast(var, root_rank, name=f"{prefix}.{i}",
-                             process_set=process_set))
-    return var_list[0] if single else var_list
+        assigned = var.assign(broadcast(var, root_rank, name=f"{prefix}.{i}",
+                                        process_set=process_set))
+        if tf.executing_eagerly() or assigned is None:
+            updated.append(var)
+        else:  # the value read after the assignment (depends on it)
+            updated.append(tf.convert_to_tensor(assigned))
+    return updated[0] if single else updated
 
 
 def broadcast_variables(
@@ -414,8 +446,12 @@ def alltoall(
     name: str | None = None,
     ignore_name_scope: bool = False,
     process_set: ProcessSet = global_process_set,
-) -> tuple[tf.Tensor, tf.Tensor]:
+) -> Any:
     """Sends slices of `tensor` along its first dimension to every rank.
+
+    As in Horovod, the received splits are returned only when `splits` is
+    given: `hvd.alltoall(t)` returns the received tensor,
+    `hvd.alltoall(t, splits)` returns `(received, received_splits)`.
 
     Args:
         tensor: the rows to send, concatenated in destination rank order.
@@ -426,27 +462,27 @@ def alltoall(
         process_set: the ranks taking part. Defaults to `global_process_set`.
 
     Returns:
-        `(received, received_splits)`: the rows received from every rank in
-        rank order, and how many came from each.
+        The rows received from every rank in rank order; with `splits`, the
+        pair `(received, received_splits)`, the second saying how many rows
+        came from each rank.
 
     Example:
     >>> import tf_smdist.horovod as hvd
     >>> hvd.init()
-    >>> out, counts = hvd.alltoall(tf.constant([1, 2, 3]))
+    >>> hvd.alltoall(tf.constant([1, 2, 3])).numpy()
+    array([1, 2, 3], dtype=int32)
+    >>> out, counts = hvd.alltoall(tf.constant([1, 2, 3]), splits=[3])
     >>> out.numpy(), counts.numpy()
     (array([1, 2, 3], dtype=int32), array([3], dtype=int32))
     """
     del ignore_name_scope
-    if splits is not None:
+    with_splits = splits is not None
+    if with_splits:
         splits = tf.cast(tf.convert_to_tensor(splits), tf.int32)
-    return mpi_ops.alltoall(tf.convert_to_tensor(tensor), splits, name=name,
-                            process_set_id=process_set_id_of(process_set))
-
-
-def _scaled(tensor: tf.Tensor, factor: float) -> tf.Tensor:
-    if factor == 1.0:
-        return tensor
-    return tensor * tf.cast(factor, tensor.dtype)
+    received, received_splits = mpi_ops.alltoall(
+        tf.convert_to_tensor(tensor), splits, name=name,
+        process_set_id=process_set_id_of(process_set))
+    return (received, received_splits) if with_splits else received
 
 
 def reducescatter(
@@ -484,11 +520,15 @@ def reducescatter(
     """
     del device_dense, ignore_name_scope
     op = resolve_op(op)
-    compressed, ctx = compression.compress(
-        _scaled(tf.convert_to_tensor(tensor), prescale_factor))
+    # The factors go to the op, as in Horovod: it scales integers in float64
+    # and float16 in float32 (a multiply in the tensor's dtype truncated an
+    # integer factor to 0).
+    compressed, ctx = compression.compress(tf.convert_to_tensor(tensor))
     out = mpi_ops.reducescatter(compressed, name=name, op=op,
+                                prescale_factor=float(prescale_factor),
+                                postscale_factor=float(postscale_factor),
                                 process_set_id=process_set_id_of(process_set))
-    return _scaled(compression.decompress(out, ctx), postscale_factor)
+    return compression.decompress(out, ctx)
 
 
 def grouped_reducescatter(
@@ -521,13 +561,13 @@ def grouped_reducescatter(
     """
     del device_dense
     op = resolve_op(op)
-    pairs = [compression.compress(_scaled(tf.convert_to_tensor(t), prescale_factor))
-             for t in tensors]
+    pairs = [compression.compress(tf.convert_to_tensor(t)) for t in tensors]
     outs = mpi_ops.grouped_reducescatter(
         [p[0] for p in pairs], name=name, op=op,
+        prescale_factor=float(prescale_factor),
+        postscale_factor=float(postscale_factor),
         process_set_id=process_set_id_of(process_set))
-    return [_scaled(compression.decompress(o, p[1]), postscale_factor)
-            for o, p in zip(outs, pairs)]
+    return [compression.decompress(o, p[1]) for o, p in zip(outs, pairs)]
 
 
 def join(process_set: ProcessSet = global_process_set) -> tf.Tensor:

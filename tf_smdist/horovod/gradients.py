@@ -136,6 +136,10 @@ class GradientReducer:
         """
         grads = list(grads)
         out: list[Any] = list(grads)
+        if self.process_set is not None and not self.process_set.included():
+            # A rank outside the process set keeps its own gradients, as
+            # Horovod's conditional all-reduce does.
+            return out
         local = set(self._local)
         for layer in self.local_layers:
             local.update(id(v) for v in layer.trainable_weights)

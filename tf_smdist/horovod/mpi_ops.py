@@ -476,12 +476,23 @@ def process_set_ranks(process_set_id: int) -> list[int]:
             "an id returned by add_process_set.") from None
 
 
+class NotAMemberError(tf.errors.InvalidArgumentError, ValueError):
+    """A collective of a process set was called on a rank outside it.
+
+    Horovod's op fails with `tf.errors.InvalidArgumentError` here; it is
+    also a `ValueError`, as tf_smdist raised before.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(None, None, message)
+
+
 def _set_info(process_set_id: int) -> tuple[int, int]:
     """(this rank's rank in the set, the set's size); checks membership."""
     ranks = process_set_ranks(process_set_id)
     me = _state["rank"]
     if me not in ranks:
-        raise ValueError(
+        raise NotAMemberError(
             f"Rank {me} is not a member of process set {process_set_id} (ranks "
             f"{ranks}). Received: process_set_id={process_set_id}. Call its "
             "collectives only on its members.")
@@ -508,6 +519,8 @@ _OP_BASE = {
     "allreduce": "HvdAllreduce", "grouped_allreduce": "HvdGroupedAllreduce",
     "allgather": "HvdAllgather", "broadcast": "HvdBroadcast", "alltoall": "HvdAlltoall",
     "reducescatter": "HvdReducescatter", "barrier": "HvdBarrier",
+    "grouped_allgather": "HvdGroupedAllgather",
+    "grouped_reducescatter": "HvdGroupedReducescatter",
 }
 
 
@@ -952,23 +965,27 @@ def _grouped_allreduce_grad(op: tf.Operation, *grads: tf.Tensor) -> list[tf.Tens
 
 @tf.RegisterGradient("SmdistHvdAllgather")
 def _allgather_grad(op: tf.Operation, grad: tf.Tensor) -> tf.Tensor:
-    """This rank's rows of the gradient summed over the ranks."""
+    """This rank's rows of the gradient averaged over the ranks (Horovod's)."""
     psid = op.get_attr("process_set_id")
     set_rank, _ = _set_info(psid)
-    summed = allreduce(grad, op=Sum, process_set_id=psid)
+    averaged = allreduce(grad, op=Average, process_set_id=psid)
     rows = allgather(tf.shape(op.inputs[0], out_type=tf.int64)[:1], process_set_id=psid)
     begin = tf.reduce_sum(rows[:set_rank])
-    return summed[begin:begin + rows[set_rank]]
+    return averaged[begin:begin + rows[set_rank]]
 
 
 @tf.RegisterGradient("SmdistHvdBroadcast")
 def _broadcast_grad(op: tf.Operation, grad: tf.Tensor) -> tf.Tensor:
-    """The gradient summed over the ranks on the root, zero elsewhere."""
+    """The gradient averaged over the ranks on the root, zero elsewhere
+    (Horovod's)."""
     psid = op.get_attr("process_set_id")
-    summed = allreduce(grad, op=Sum, process_set_id=psid)
+    averaged = allreduce(grad, op=Average, process_set_id=psid)
     if _set_info(psid)[0] != op.get_attr("root_rank"):
-        return tf.zeros_like(summed)
-    return summed
+        # Depend on the all-reduce: a graph would prune it from a bare
+        # zeros_like, and the root would wait for this rank forever.
+        with tf.control_dependencies([averaged]):
+            return tf.zeros_like(averaged)
+    return averaged
 
 
 @tf.RegisterGradient("SmdistHvdAlltoall")
@@ -983,6 +1000,11 @@ def _alltoall_grad(op: tf.Operation, grad: tf.Tensor,
 
 @tf.RegisterGradient("SmdistHvdReducescatter")
 def _reducescatter_grad(op: tf.Operation, grad: tf.Tensor) -> tf.Tensor:
-    """Every rank's gradient rows, scaled as the forward pass scaled."""
-    gathered = allgather(grad, process_set_id=op.get_attr("process_set_id"))
-    return _scaled(gathered, _output_scale(op))
+    """Every rank's gradient rows; as in Horovod, a Sum's are multiplied by
+    the set's size and an Average's are not."""
+    psid = op.get_attr("process_set_id")
+    gathered = allgather(grad, process_set_id=psid)
+    scale = op.get_attr("prescale_factor") * op.get_attr("postscale_factor")
+    if op.get_attr("reduce_op") == Sum:
+        scale *= _set_info(psid)[1]
+    return _scaled(gathered, scale)

@@ -34,12 +34,23 @@ def _loads(data: np.ndarray) -> Any:
     return _pickle.loads(np.asarray(data, dtype=np.uint8).tobytes())
 
 
-def _require_eager(what: str) -> None:
-    if not tf.executing_eagerly():
+def _runner(what: str, session: Any) -> Callable[[tf.Tensor], np.ndarray]:
+    """How to get a collective's value: eagerly, or (as in Horovod) with
+    `session` or the default session in a `tf.compat.v1` graph."""
+    if tf.executing_eagerly():
+        return lambda t: t.numpy()
+    if tf.inside_function():
         raise RuntimeError(
-            f"`{what}` exchanges Python objects, so it runs eagerly only. "
-            "Received: a call inside tf.function or a tf.compat.v1 graph. "
-            "Call it outside the traced function.")
+            f"`{what}` exchanges Python objects, so it cannot run inside "
+            "tf.function. Received: a call inside a traced function. Call it "
+            "outside the traced function.")
+    sess = session or tf.compat.v1.get_default_session()
+    if sess is None:
+        raise RuntimeError(
+            f"`{what}` in a tf.compat.v1 graph runs its collectives in a session. "
+            "Received: session=None and no default session. Pass session=sess "
+            "or call it inside `with sess.as_default():`.")
+    return sess.run
 
 
 def broadcast_object(
@@ -54,8 +65,9 @@ def broadcast_object(
     Args:
         obj: any picklable object (only `root_rank`'s is used).
         root_rank: the sending rank. Defaults to `0`.
-        session: accepted for compatibility (TF1 sessions); unused.
-            Defaults to `None`.
+        session: in a `tf.compat.v1` graph, the session that runs the
+            collectives (as in Horovod). Defaults to `None` (the default
+            session; unused eagerly).
         name: the collectives' name prefix. Defaults to `None`.
         process_set: the ranks taking part. Defaults to `global_process_set`.
 
@@ -65,19 +77,18 @@ def broadcast_object(
     >>> hvd.broadcast_object({"epoch": 3})
     {'epoch': 3}
     """
-    del session
-    _require_eager("broadcast_object")
+    run = _runner("broadcast_object", session)
     prefix = name or "broadcast_object"
     payload = _dumps(obj) if basics.rank() == root_rank else np.zeros(0, np.uint8)
     length = collectives.broadcast(
         tf.constant([payload.size], tf.int64), root_rank,
         name=f"{prefix}.size", process_set=process_set)
-    n = int(length.numpy()[0])
+    n = int(run(length)[0])
     if payload.size != n:
         payload = np.zeros(n, np.uint8)
     data = collectives.broadcast(tf.constant(payload), root_rank,
                                  name=f"{prefix}.data", process_set=process_set)
-    return _loads(data.numpy())
+    return _loads(run(data))
 
 
 def broadcast_object_fn(
@@ -90,7 +101,7 @@ def broadcast_object_fn(
 
     Args:
         root_rank: the sending rank. Defaults to `0`.
-        session: accepted for compatibility; unused. Defaults to `None`.
+        session: as in `broadcast_object`. Defaults to `None`.
         name: the collectives' name prefix. Defaults to `None`.
         process_set: the ranks taking part. Defaults to `global_process_set`.
 
@@ -118,7 +129,7 @@ def allgather_object(
 
     Args:
         obj: any picklable object.
-        session: accepted for compatibility; unused. Defaults to `None`.
+        session: as in `broadcast_object`. Defaults to `None`.
         name: the collectives' name prefix. Defaults to `None`.
         process_set: the ranks taking part. Defaults to `global_process_set`.
 
@@ -128,13 +139,12 @@ def allgather_object(
     >>> hvd.allgather_object("a")
     ['a']
     """
-    del session
-    _require_eager("allgather_object")
+    run = _runner("allgather_object", session)
     prefix = name or "allgather_object"
     payload = _dumps(obj)
     sizes = collectives.allgather(tf.constant([payload.size], tf.int64),
                                   name=f"{prefix}.sizes", process_set=process_set)
-    data = collectives.allgather(tf.constant(payload), name=f"{prefix}.data",
-                                 process_set=process_set).numpy()
-    offsets = np.concatenate([[0], np.cumsum(sizes.numpy())])
+    data = run(collectives.allgather(tf.constant(payload), name=f"{prefix}.data",
+                                     process_set=process_set))
+    offsets = np.concatenate([[0], np.cumsum(run(sizes))])
     return [_loads(data[offsets[i]:offsets[i + 1]]) for i in range(len(offsets) - 1)]

@@ -34,23 +34,45 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
     Args:
         root_rank: the rank whose state is kept. Defaults to `0`.
         device: accepted for compatibility. Defaults to `""`.
+        local_variables: a variable or a list of variables that keep each
+            rank's own value (not broadcast), as in Horovod. Defaults to
+            `None`.
 
     Example:
     >>> import tf_smdist.horovod.keras as hvd
     >>> cb = hvd.callbacks.BroadcastGlobalVariablesCallback(0)
     """
 
-    def __init__(self, root_rank: int = 0, device: str = "") -> None:
+    def __init__(self, root_rank: int = 0, device: str = "",
+                 local_variables: Any = None) -> None:
         super().__init__()
         del device
         self.root_rank = int(root_rank)
         self.broadcast_done = False
+        if local_variables is None:
+            local_variables = []
+        elif not isinstance(local_variables, (list, tuple, set)):
+            local_variables = [local_variables]
+        self.local_variables = list(local_variables)
+
+    @staticmethod
+    def _identities(var: Any) -> set[int]:
+        # A Keras variable and the tf.Variable behind it (its `value`
+        # property; a tf.Variable's `value` is a method) are the same one.
+        inner = getattr(var, "value", None)
+        return {id(var)} if inner is None or callable(inner) else {id(var), id(inner)}
+
+    def _is_local(self, var: Any) -> bool:
+        local = set().union(*(self._identities(v) for v in self.local_variables))
+        return bool(self._identities(var) & local)
 
     def _broadcast(self) -> None:
         variables = list(self.model.variables)
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is not None:
             variables += list(optimizer.variables)
+        if self.local_variables:
+            variables = [v for v in variables if not self._is_local(v)]
         collectives.broadcast_variables(variables, self.root_rank)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
