@@ -158,18 +158,26 @@ def _check_reductions(res: dict, n: int) -> None:
         assert res[f"round_{dtype}"] == product.astype(t).astype(np.float64).tolist()
 
 
+def _failing_job(tmp_path, mode: str, nproc: int, timeout_s: int, ranks) -> tuple:
+    """Launches a worker `mode` that ends with exit status 3 (a collective
+    failed, as it should); each rank of `ranks`' results, and the launch."""
+    proc = launch(["--nproc", str(nproc), WORKER, mode, str(tmp_path)], timeout=180,
+                  env={"SMDIST_MPI_TIMEOUT": str(timeout_s)})
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    results = {}
+    for r in ranks:
+        with open(tmp_path / f"rank{r}.json") as f:
+            results[r] = json.load(f)
+    return results, proc
+
+
 @pytest.mark.slow
 @requires_mpi
 def test_watchdog_names_the_stalled_rank(tmp_path):
     # Rank 1 stops issuing collectives. Rank 2 watches it (its predecessor in
     # the heartbeat ring); rank 0 learns it from the fact rank 2 passes on.
-    proc = launch(["--nproc", "3", WORKER, "stall", str(tmp_path)], timeout=180,
-                  env={"SMDIST_MPI_TIMEOUT": "4"})
-    assert proc.returncode == 3, proc.stdout + proc.stderr
-    results = {}
+    results, proc = _failing_job(tmp_path, "stall", 3, 4, (0, 2))
     for r in (0, 2):
-        with open(tmp_path / f"rank{r}.json") as f:
-            results[r] = json.load(f)
         assert f"did not complete within 4 s on rank {r} of 3" in results[r]["message"]
         # Never before its timeout; well before the launch's own timeout,
         # however loaded the machine (an upper bound, not a measurement).
@@ -183,31 +191,21 @@ def test_watchdog_names_the_stalled_rank(tmp_path):
 @pytest.mark.slow
 @requires_mpi
 def test_watchdog_names_a_stopped_rank_by_its_missing_heartbeats(tmp_path):
-    proc = launch(["--nproc", "3", WORKER, "stop", str(tmp_path)], timeout=180,
-                  env={"SMDIST_MPI_TIMEOUT": "5"})
-    assert proc.returncode == 3, proc.stdout + proc.stderr
+    results, _ = _failing_job(tmp_path, "stop", 3, 5, (0, 2))
     for r in (0, 2):
-        with open(tmp_path / f"rank{r}.json") as f:
-            res = json.load(f)
-        assert f"did not complete within 5 s on rank {r} of 3" in res["message"]
-        assert "it is dead or stopped" in res["message"]
+        assert f"did not complete within 5 s on rank {r} of 3" in results[r]["message"]
+        assert "it is dead or stopped" in results[r]["message"]
     # Rank 2 saw it directly; rank 0 through the fact rank 2 sent round the ring.
-    with open(tmp_path / "rank0.json") as f:
-        assert re.search(r"Rank 1 sent no heartbeat for at least \d+ s "
-                         r"\(seen by rank 2\)", json.load(f)["message"])
-    with open(tmp_path / "rank2.json") as f:
-        assert re.search(r"Rank 1 sent no heartbeat for \d+ s: it is dead or stopped",
-                         json.load(f)["message"])
+    assert re.search(r"Rank 1 sent no heartbeat for at least \d+ s "
+                     r"\(seen by rank 2\)", results[0]["message"])
+    assert re.search(r"Rank 1 sent no heartbeat for \d+ s: it is dead or stopped",
+                     results[2]["message"])
 
 
 @pytest.mark.slow
 @requires_mpi
 def test_watchdog_names_the_stopped_peer_of_a_recv(tmp_path):
-    proc = launch(["--nproc", "2", WORKER, "stop_recv", str(tmp_path)], timeout=120,
-                  env={"SMDIST_MPI_TIMEOUT": "5"})
-    assert proc.returncode == 3, proc.stdout + proc.stderr
-    with open(tmp_path / "rank0.json") as f:
-        res = json.load(f)
+    res = _failing_job(tmp_path, "stop_recv", 2, 5, (0,))[0][0]
     assert ("recv 'SmdistMpiRecv' from rank 1 with tag 77 did not complete within 5 s "
             "on rank 0 of 2") in res["message"]
     assert "Rank 1 sent no heartbeat for" in res["message"]
@@ -218,12 +216,8 @@ def test_watchdog_names_the_stopped_peer_of_a_recv(tmp_path):
 @requires_mpi
 def test_a_broadcast_waits_past_the_deadline_for_a_live_root_only_when_told(tmp_path):
     # SMDIST_MPI_TIMEOUT=3; the root starts each broadcast 8 s late.
-    proc = launch(["--nproc", "3", WORKER, "patient", str(tmp_path)], timeout=180,
-                  env={"SMDIST_MPI_TIMEOUT": "3"})
-    assert proc.returncode == 3, proc.stdout + proc.stderr
-    for r in (1, 2):
-        with open(tmp_path / f"rank{r}.json") as f:
-            res = json.load(f)
+    results, _ = _failing_job(tmp_path, "patient", 3, 3, (1, 2))
+    for r, res in results.items():
         # With timeout=60 the late root's data arrives after its 8 s of work.
         assert res["late_root"]["data"] == "from 0", res
         assert res["late_root"]["seconds"] >= 6.0
@@ -240,12 +234,8 @@ def test_a_longer_broadcast_timeout_still_fails_fast_on_a_stopped_root(tmp_path)
     # Rank 1, the root, is stopped: no heartbeats. timeout=120 must not keep
     # the others waiting: they fail once the usual 4 s have passed and the
     # silence names rank 1.
-    proc = launch(["--nproc", "3", WORKER, "patient_stop", str(tmp_path)],
-                  timeout=180, env={"SMDIST_MPI_TIMEOUT": "4"})
-    assert proc.returncode == 3, proc.stdout + proc.stderr
-    for r in (0, 2):
-        with open(tmp_path / f"rank{r}.json") as f:
-            res = json.load(f)["stopped_root"]
+    results, _ = _failing_job(tmp_path, "patient_stop", 3, 4, (0, 2))
+    for res in (results[r]["stopped_root"] for r in (0, 2)):
         assert "did not complete within 4 s" in res["error"], res
         assert "it is dead or stopped" in res["error"]
         assert 4.0 <= res["seconds"] < 60.0
