@@ -216,6 +216,17 @@ def all_reductions(rank: int, size: int) -> dict:
             out[f"{dtype}_{reduction}"] = [
                 np.asarray(op.numpy()).astype(np.float64).tolist(),
                 arr.astype(np.float64).tolist(), op.dtype.name, str(arr.dtype)]
+    # 8-bit sums and products wrap (modulo 256), in MPI's all-reduce (4 KB)
+    # and in the engine's ring (512 KB) alike: Open MPI's AVX reduction
+    # saturates them.
+    for dtype in ("int8", "uint8"):
+        base = -100 if dtype == "int8" else 200
+        for n in (4 << 10, 512 << 10):
+            t = tf.fill([n], tf.constant(base + rank, dtype))
+            out[f"wrap_{dtype}_{n}"] = [
+                sorted(set(np.asarray(_mpi_ops.host_allreduce(
+                    t, reduction=red).numpy()).astype(int).tolist()))
+                for red in ("sum", "prod")]
     # 16-bit products round to nearest even once per step (rank 2+ give 1).
     a = np.array([1.1, 3.3, -7.7, 0.1], np.float32)
     mine = a if rank == 0 else (a + 1 if rank == 1 else np.ones(4, np.float32))

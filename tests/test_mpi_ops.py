@@ -47,6 +47,13 @@ def test_collectives_across_processes(tmp_path, nproc):
     results = _results(str(tmp_path), nproc)
     for r, res in enumerate(results):
         assert (res["rank"], res["size"]) == (r, nproc)
+        for dtype, base in (("int8", -100), ("uint8", 200)):
+            values = [base + k for k in range(nproc)]
+            wrapped = [int(np.array(sum(values)).astype(dtype)),
+                       int(np.array(np.prod(values)).astype(dtype))]
+            for n in (4 << 10, 512 << 10):
+                assert res[f"wrap_{dtype}_{n}"] == [[wrapped[0]], [wrapped[1]]], (
+                    dtype, n, res[f"wrap_{dtype}_{n}"], wrapped)
         for dtype in ("float32", "float64", "int32", "int64"):
             np.testing.assert_allclose(res[f"sum_{dtype}"],
                                        _expected_sum(dtype, nproc), rtol=1e-6)

@@ -116,6 +116,19 @@ constexpr ReduceFn kHalfOps[4] = {&Reduce16<0, false>, &Reduce16<1, false>,
 constexpr ReduceFn kBFloat16Ops[4] = {&Reduce16<0, true>, &Reduce16<1, true>,
                                       &Reduce16<2, true>, &Reduce16<3, true>};
 
+// Sums and products of 8-bit integers wrap (modulo 256), as TensorFlow's and
+// Horovod's do: Open MPI 4.1's AVX MPI_SUM / MPI_PROD saturate them instead
+// (-100 + -72 gave 127), so these replace them. Two's complement makes the
+// bits the same for int8 and uint8.
+template <bool kProd>
+void Reduce8(void* in, void* inout, int* len, MPI_Datatype*) {
+  const uint8_t* a = static_cast<const uint8_t*>(in);
+  uint8_t* b = static_cast<uint8_t*>(inout);
+  for (int i = 0; i < *len; ++i) {
+    b[i] = kProd ? static_cast<uint8_t>(a[i] * b[i]) : static_cast<uint8_t>(a[i] + b[i]);
+  }
+}
+
 MPI_Datatype ToMpi(DataType dtype) {
   switch (dtype) {
     case DataType::kFloat32: return MPI_FLOAT;
@@ -414,6 +427,8 @@ struct Communicator::Impl {
   MPI_Comm hb_comm = MPI_COMM_NULL;
   MPI_Comm ctrl_comm = MPI_COMM_NULL;
   MPI_Op half_ops[4] = {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL};
+  MPI_Op byte_sum = MPI_OP_NULL;   // wrapping 8-bit sum (Reduce8)
+  MPI_Op byte_prod = MPI_OP_NULL;  // wrapping 8-bit product
   MPI_Op bf16_ops[4] = {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL};
   Heartbeats heartbeats;
   std::deque<Request> benchmarks;  // run when no other work is queued
@@ -478,6 +493,8 @@ struct Communicator::Impl {
       s = MpiStatus(MPI_Op_create(kHalfOps[i], 1, &half_ops[i]), "MPI_Op_create");
       if (s.ok()) s = MpiStatus(MPI_Op_create(kBFloat16Ops[i], 1, &bf16_ops[i]), "MPI_Op_create");
     }
+    if (s.ok()) s = MpiStatus(MPI_Op_create(&Reduce8<false>, 1, &byte_sum), "MPI_Op_create");
+    if (s.ok()) s = MpiStatus(MPI_Op_create(&Reduce8<true>, 1, &byte_prod), "MPI_Op_create");
     if (!s.ok()) return s;
     std::vector<int> all(c.size_);
     for (int r = 0; r < c.size_; ++r) all[r] = r;
@@ -979,6 +996,10 @@ struct Communicator::Impl {
     if (dtype == DataType::kBool) {
       return reduction == Reduction::kSum || reduction == Reduction::kMax ? MPI_LOR : MPI_LAND;
     }
+    if (dtype == DataType::kInt8 || dtype == DataType::kUint8) {
+      if (reduction == Reduction::kSum) return byte_sum;
+      if (reduction == Reduction::kProd) return byte_prod;
+    }
     switch (reduction) {
       case Reduction::kSum: return MPI_SUM;
       case Reduction::kMin: return MPI_MIN;
@@ -1392,6 +1413,8 @@ struct Communicator::Impl {
           final_status = MpiStatus(MPI_Op_free(&bf16_ops[i]), "MPI_Op_free");
         }
       }
+      if (final_status.ok()) final_status = MpiStatus(MPI_Op_free(&byte_sum), "MPI_Op_free");
+      if (final_status.ok()) final_status = MpiStatus(MPI_Op_free(&byte_prod), "MPI_Op_free");
       if (final_status.ok()) final_status = MpiStatus(MPI_Comm_free(&hb_comm), "MPI_Comm_free");
       if (final_status.ok()) {
         final_status = MpiStatus(MPI_Comm_free(&ctrl_comm), "MPI_Comm_free");
