@@ -31,6 +31,7 @@ __all__ = [
     "send",
     "recv",
     "allgather",
+    "allgather_slices",
     "allreduce_array",
     "alltoallv_array",
     "reduce_scatter_array",
@@ -484,6 +485,43 @@ def allgather(tensor: Any, *, group: int = 0, comm: int = 0) -> tf.Tensor:
     with tf.device("/CPU:0"):
         return load_library().smdist_mpi_allgather(
             tf.convert_to_tensor(tensor), group=group, comm=int(comm))
+
+
+def allgather_slices(values: Any, indices: Any, row_shape: Any, *, group: int = 0,
+                     comm: int = 0) -> tuple[tf.Tensor, tf.Tensor]:
+    """Every rank's rows of a sparse gradient, concatenated in rank order.
+
+    Two all-gathers in `group`, the values (as `[rows, row elements]`) then
+    the indices, which wait for the values so every rank issues them in the
+    same order; the row counts may differ per rank.
+
+    Args:
+        values: this rank's rows (any shape whose rows have `row_shape`).
+        indices: this rank's row indices.
+        row_shape: the static shape of one row.
+        group: the ordering group. Defaults to `0`.
+        comm: the communicator. Defaults to `0` (the world).
+
+    Returns:
+        `(values, indices)`: values shaped `[all rows, row elements]`.
+
+    Raises:
+        ValueError: `row_shape` is not fully defined.
+
+    Example:
+    >>> allgather_slices(g.values, g.indices, g.values.shape[1:])  # doctest: +SKIP
+    """
+    row_shape = tf.TensorShape(row_shape)
+    if not row_shape.is_fully_defined():
+        raise ValueError(
+            "Sparse gradients need a static row shape across processes. "
+            f"Received: row shape={row_shape}. Give the layer a static "
+            "output shape.")
+    rows = tf.reshape(values, [-1, row_shape.num_elements()])
+    all_values = allgather(rows, group=group, comm=comm)
+    with tf.control_dependencies([all_values]):
+        all_indices = allgather(indices, group=group, comm=comm)
+    return all_values, all_indices
 
 
 @tf.RegisterGradient("SmdistMpiAllgather")

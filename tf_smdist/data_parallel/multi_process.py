@@ -165,14 +165,6 @@ class MpiHostReduceCrossDeviceOps(HostReduceCrossDeviceOps):
         # rank's row count (the counts may differ per rank). The indices wait
         # for the values, so every rank issues them in the same order.
         values, indices = super()._gather_slices_on_host(parts, scale=scale)
-        row_shape = parts[0].values.shape[1:]
-        if not row_shape.is_fully_defined():
-            raise ValueError(
-                "Sparse gradients need a static row shape across processes. "
-                f"Received: row shape={row_shape}. Give the layer a static "
-                "output shape.")
-        rows = tf.reshape(values, [-1, row_shape.num_elements()])
-        all_values = _mpi_ops.allgather(rows, group=self._misc_group)
-        with tf.control_dependencies([all_values]):
-            all_indices = _mpi_ops.allgather(indices, group=self._misc_group)
+        all_values, all_indices = _mpi_ops.allgather_slices(
+            values, indices, parts[0].values.shape[1:], group=self._misc_group)
         return tf.reshape(all_values, [-1]), all_indices

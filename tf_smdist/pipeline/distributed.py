@@ -792,18 +792,11 @@ class ProcessPipeline:
         concatenated in rank order (as plain Keras holds the whole batch's),
         scaled. The gathers of one step are chained, so every rank issues
         them in the same order."""
-        row_shape = g.values.shape[1:]
-        if not row_shape.is_fully_defined():
-            raise ValueError(
-                "Sparse gradients need a static row shape across processes. "
-                f"Received: row shape={row_shape}. Give the layer a static "
-                "output shape.")
         with tf.device("/CPU:0"), tf.control_dependencies(chain[-1:]):
-            values = _mpi().allgather(g.values, group=_SPARSE_GROUP,
-                                      comm=self._dp_comm)
-            with tf.control_dependencies([values]):
-                indices = _mpi().allgather(g.indices, group=_SPARSE_GROUP,
-                                           comm=self._dp_comm)
+            rows, indices = _mpi().allgather_slices(
+                g.values, g.indices, g.values.shape[1:], group=_SPARSE_GROUP,
+                comm=self._dp_comm)
+            values = tf.reshape(rows, [-1, *g.values.shape[1:]])
         chain.append(indices)
         with tf.device(self._device):
             return _scaled(tf.IndexedSlices(values, indices, g.dense_shape), scale)
