@@ -7,8 +7,9 @@ mismatch (rank 1 builds another model), uneven (a dataset whose batch count
 does not divide by the ranks), compress (custom loop, fp16 transfers),
 equiv (custom loop then fit), die (rank 1 kills itself after one epoch),
 mixed (fit with mixed_float16 and bf16 transfers), embedding (an Embedding model: one
-reduction of its IndexedSlices gradient, then fit with Adam). Each rank writes its
-weights to OUT_DIR/rank{r}_*.npz.
+reduction of its IndexedSlices gradient, then fit with Adam), shuffled (an
+unseeded `fit` of arrays with Keras' default shuffle=True). Each rank writes
+its weights to OUT_DIR/rank{r}_*.npz.
 """
 
 from __future__ import annotations
@@ -142,6 +143,24 @@ def embedding(strategy: smd.DataParallelStrategy) -> None:
                  values=big.values.numpy(), indices=big.indices.numpy())
 
 
+def shuffled(strategy: smd.DataParallelStrategy) -> None:
+    """Two epochs of arrays, shuffled by Keras, in a script that sets no seed.
+
+    The loss mean(w * x) has the gradient mean(x) whatever w is, so with
+    SGD(1) the weight ends at -(sum of every sample seen) / GLOBAL_BATCH: the
+    epochs cover each sample once only if the ranks shuffle alike.
+    """
+    x = (np.arange(NUM_SAMPLES, dtype=np.float32)[:, None] + 1.0) ** 2
+    with strategy.scope():
+        model = keras.Sequential([
+            keras.Input((1,)),
+            keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
+        model.compile(optimizer=keras.optimizers.SGD(1.0),
+                      loss=lambda _, pred: tf.reduce_mean(pred, axis=-1))
+    model.fit(x, np.zeros_like(x), batch_size=GLOBAL_BATCH, epochs=2, verbose=0)
+    save("shuffled", model)
+
+
 def main() -> None:
     if MODE == "mixed":
         keras.mixed_precision.set_global_policy("mixed_float16")
@@ -161,6 +180,8 @@ def main() -> None:
         model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)
     elif MODE == "embedding":
         embedding(strategy)
+    elif MODE == "shuffled":
+        shuffled(strategy)
     elif MODE == "equiv":
         custom(strategy)
         fit(strategy, steps_note="fit_final")

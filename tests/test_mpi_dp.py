@@ -281,3 +281,16 @@ def test_embedding_gradients_are_gathered_across_processes_like_mirrored(
         with np.load(tmp_path / f"rank{r}_large_MEAN.npz") as z:
             np.testing.assert_array_equal(z["indices"], indices)
             np.testing.assert_allclose(z["values"], values / replicas, rtol=1e-7)
+
+
+def test_unseeded_shuffled_fit_covers_every_sample_once_per_epoch(tmp_path):
+    # Keras shuffles arrays with TensorFlow's random ops; unseeded, each rank
+    # drew its own order and the ranks' shards of an epoch overlapped (the
+    # weight ended at -24362 instead of -24961 in one run).
+    proc = launch(["--nproc", "2", WORKER, "shuffled", "1", str(tmp_path)],
+                  timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    [weight] = _assert_same_on_every_rank(tmp_path, "shuffled", 2)
+    x = (np.arange(NUM_SAMPLES, dtype=np.float64) + 1.0) ** 2
+    expected = -2 * x.sum() / GLOBAL_BATCH  # two epochs, every sample once each
+    np.testing.assert_allclose(weight, [[expected]], rtol=1e-6)

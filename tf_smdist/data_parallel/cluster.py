@@ -326,6 +326,38 @@ def allreduce_numpy(value: Any, *, reduction: str = "sum") -> np.ndarray:
     return _mpi_ops.allreduce_array(array, reduction=reduction)
 
 
+def agree_on_random_seed(*, keep_own: bool) -> int | None:
+    """Sets one TensorFlow global seed, drawn by rank 0, on every rank.
+
+    Keras shuffles array inputs (`fit(x, y, shuffle=True)`, its default) with
+    TensorFlow's random ops. Unseeded, each process draws its own order, so
+    ranks that each take their part of every global batch would read the
+    same samples twice and others never in an epoch (or, in a pipeline, pair
+    one sample's inputs with another's targets). Collective: every rank calls
+    it at the same point.
+
+    Args:
+        keep_own: leave the seed of a rank whose script already set one
+            (`tf.random.set_seed`, `keras.utils.set_random_seed`).
+
+    Returns:
+        The seed set on this rank, or `None` where it kept its own.
+
+    Example:
+    >>> agree_on_random_seed(keep_own=True)  # doctest: +SKIP
+    1234567
+    """
+    from tf_smdist import _mpi_ops  # noqa: PLC0415
+
+    seed = int.from_bytes(os.urandom(4), "little") >> 1 if rank() == 0 else 0
+    if size() > 1:
+        seed = int(_mpi_ops.broadcast_bytes(str(seed).encode(), root=0).decode())
+    if keep_own and tf.compat.v1.random.get_seed(None)[0] is not None:
+        return None
+    tf.random.set_seed(seed)
+    return seed
+
+
 def _no_write(*args: Any, **kwargs: Any) -> None:
     del args, kwargs
 

@@ -114,6 +114,9 @@ def _build_extended(
         rank=rank,
         world_size=world,
     )
+    # Keras' default `fit(shuffle=True)` must shuffle arrays alike on every
+    # rank, or the ranks' shards of each global batch overlap.
+    cluster.agree_on_random_seed(keep_own=True)
     logger.info("Rank %d of %d", rank, world)
     return extended, ops
 

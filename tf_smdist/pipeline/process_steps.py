@@ -13,7 +13,6 @@ confusion counts: every built-in metric) are supported.
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -391,15 +390,12 @@ def _agree_on_shuffling(args: tuple, kwargs: dict) -> None:
     the script's to shuffle alike (a fixed seed); `shuffle=False` changes
     nothing.
     """
-    from tf_smdist import _mpi_ops  # noqa: PLC0415 (only multi-process jobs)
     from tf_smdist.data_parallel import cluster  # noqa: PLC0415
 
     x = args[0] if args else kwargs.get("x")
     if not kwargs.get("shuffle", True) or isinstance(x, tf.data.Dataset):
         return
-    seed = int.from_bytes(os.urandom(4), "little") >> 1 if cluster.rank() == 0 else 0
-    seed = int(_mpi_ops.broadcast_bytes(str(seed).encode(), root=0).decode())
-    tf.random.set_seed(seed)
+    cluster.agree_on_random_seed(keep_own=False)
 
 
 def measure_bandwidth(pipe: Any, *, nbytes: int = 4 << 20, repeats: int = 3) -> float:
