@@ -550,12 +550,23 @@ def test_broadcast_variables_and_global_variables():
             np.testing.assert_array_equal(sess.run(g), [3.0])
 
 
-def test_keras_level_collectives_take_and_return_numpy():
+def test_keras_level_collectives_return_tensors_as_horovod():
+    # Horovod's Keras collectives return the op's result as it is when
+    # TensorFlow runs eagerly (a test's self.evaluate(...) or `.numpy()` on
+    # it), and run it in the default session of a TF1 graph.
     out = hvd_keras.allreduce(np.array([1.0, 3.0]), op=hvd.Sum)
-    assert isinstance(out, np.ndarray)
-    np.testing.assert_array_equal(out, [1.0, 3.0])
-    np.testing.assert_array_equal(hvd_keras.allgather(np.arange(3)), np.arange(3))
-    np.testing.assert_array_equal(hvd_keras.broadcast(np.array([7]), 0), [7])
+    assert isinstance(out, tf.Tensor)
+    np.testing.assert_array_equal(out.numpy(), [1.0, 3.0])
+    np.testing.assert_array_equal(hvd_keras.allgather(np.arange(3)).numpy(),
+                                  np.arange(3))
+    np.testing.assert_array_equal(hvd_keras.broadcast(np.array([7]), 0).numpy(), [7])
+    np.testing.assert_array_equal(
+        hvd_keras.reducescatter(np.array([2.0, 4.0]), op=hvd.Sum).numpy(), [2.0, 4.0])
+    traced = tf.function(lambda x: hvd_keras.allreduce(x, name="traced"))
+    np.testing.assert_array_equal(traced(tf.constant([5.0])), [5.0])
+    with tf.Graph().as_default(), tf.compat.v1.Session():
+        np.testing.assert_array_equal(
+            hvd_keras.allreduce([2.0], name="in_session"), [2.0])
 
 
 def test_sdp_spelling():

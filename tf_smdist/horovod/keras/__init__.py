@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tf_smdist import _compat
@@ -118,6 +117,7 @@ __all__ = [
     "mpi_threads_supported",
     "nccl_built",
     "rank",
+    "reducescatter",
     "remove_process_set",
     "rocm_built",
     "shutdown",
@@ -149,6 +149,18 @@ def broadcast_global_variables(root_rank: int) -> Any:
     return _broadcast_global_variables(root_rank)
 
 
+def _evaluated(result: tf.Tensor) -> Any:
+    """`result` itself eagerly and in a `tf.function`; its value in a TF1 session.
+
+    Horovod's Keras collectives return the op's result as it is when TensorFlow
+    runs eagerly (an eager tensor) and run it in the session of a TF1 graph.
+    """
+    if tf.executing_eagerly() or tf.inside_function():
+        return result
+    session = tf.compat.v1.get_default_session()
+    return result if session is None else session.run(result)
+
+
 def allreduce(
     value: Any,
     name: str | None = None,
@@ -157,11 +169,15 @@ def allreduce(
     postscale_factor: float = 1.0,
     op: int | None = None,
     compression: type[Compressor] = Compression.none,
-) -> np.ndarray:
-    """Reduces a value over the ranks; NumPy in, NumPy out.
+) -> Any:
+    """Reduces a tensor-compatible value over the ranks.
+
+    As in Horovod, the result is a `tf.Tensor` (eagerly, an eager tensor:
+    `.numpy()` gives its value); in a TF1 graph with a default session, its
+    value.
 
     Args:
-        value: an array-like value.
+        value: a tensor-compatible value (NumPy array, list, tensor).
         name: the collective's name. Defaults to `None`.
         average: legacy flag; use `op`. Defaults to `None` (Average).
         prescale_factor: multiplies the input. Defaults to `1.0`.
@@ -172,46 +188,74 @@ def allreduce(
     Example:
     >>> import tf_smdist.horovod.keras as hvd
     >>> hvd.init()
-    >>> hvd.allreduce(np.array([1.0, 3.0]))
+    >>> hvd.allreduce(np.array([1.0, 3.0])).numpy()
     array([1., 3.])
     """
-    return collectives.allreduce(
-        tf.constant(value), average=average, compression=compression, op=op,
+    return _evaluated(collectives.allreduce(
+        tf.convert_to_tensor(value), average=average, compression=compression, op=op,
         prescale_factor=prescale_factor, postscale_factor=postscale_factor,
-        name=name).numpy()
+        name=name))
 
 
-def allgather(value: Any, name: str | None = None) -> np.ndarray:
-    """Concatenates every rank's value along the first axis; NumPy in, NumPy out.
+def allgather(value: Any, name: str | None = None) -> Any:
+    """Concatenates every rank's value along the first axis.
+
+    Returns a `tf.Tensor`, as `allreduce` does.
 
     Args:
-        value: an array-like value of rank >= 1.
+        value: a tensor-compatible value of rank >= 1.
         name: the collective's name. Defaults to `None`.
 
     Example:
     >>> import tf_smdist.horovod.keras as hvd
     >>> hvd.init()
-    >>> hvd.allgather(np.array([1, 2]))
+    >>> hvd.allgather(np.array([1, 2])).numpy()
     array([1, 2])
     """
-    return collectives.allgather(tf.constant(value), name=name).numpy()
+    return _evaluated(collectives.allgather(tf.convert_to_tensor(value), name=name))
 
 
-def broadcast(value: Any, root_rank: int, name: str | None = None) -> np.ndarray:
-    """Returns `root_rank`'s value on every rank; NumPy in, NumPy out.
+def broadcast(value: Any, root_rank: int, name: str | None = None) -> Any:
+    """Returns `root_rank`'s value on every rank.
+
+    Returns a `tf.Tensor`, as `allreduce` does.
 
     Args:
-        value: an array-like value, the same shape on every rank.
+        value: a tensor-compatible value, the same shape on every rank.
         root_rank: the sending rank.
         name: the collective's name. Defaults to `None`.
 
     Example:
     >>> import tf_smdist.horovod.keras as hvd
     >>> hvd.init()
-    >>> hvd.broadcast(np.array([5]), root_rank=0)
+    >>> hvd.broadcast(np.array([5]), root_rank=0).numpy()
     array([5])
     """
-    return collectives.broadcast(tf.constant(value), root_rank, name=name).numpy()
+    return _evaluated(collectives.broadcast(tf.convert_to_tensor(value), root_rank,
+                                            name=name))
+
+
+def reducescatter(value: Any, name: str | None = None, op: int = Average) -> Any:
+    """Reduces a value over the ranks and gives each rank its share of the rows.
+
+    Rank r receives rows of the reduced value (the first axis split over the
+    ranks, the first ranks one row more when it does not divide). Returns a
+    `tf.Tensor`, as `allreduce` does.
+
+    Args:
+        value: a tensor-compatible value of rank >= 1, the same shape on
+            every rank.
+        name: the collective's name. Defaults to `None`.
+        op: `hvd.Average` or `hvd.Sum`. Defaults to `hvd.Average`.
+
+    Example:
+    >>> import tf_smdist.horovod.keras as hvd
+    >>> hvd.init()
+    >>> hvd.reducescatter(np.array([1.0, 3.0]), op=hvd.Sum).numpy()
+    array([1., 3.])
+    """
+    return _evaluated(collectives.reducescatter(tf.convert_to_tensor(value), op=op,
+                                                name=name))
 
 
 def load_model(
