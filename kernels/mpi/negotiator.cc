@@ -1141,7 +1141,12 @@ mpi::Status Engine::AddProcessSet(const std::vector<int>& ranks, int* id) {
   mpi::Status s = comm.CreateComm(ranks, &comm_id);
   if (!s.ok()) return s;
   std::lock_guard<std::mutex> lock(mu_);
-  *id = next_id_++;
+  if (free_ids_.empty()) {
+    *id = next_id_++;
+  } else {
+    *id = free_ids_.front();
+    free_ids_.pop_front();
+  }
   comms_[*id] = comm_id;
   if (comm_id >= 0) {
     // Groups 0 and 1 of the set's own communicator: nothing else uses it.
@@ -1169,6 +1174,7 @@ mpi::Status Engine::RemoveProcessSet(int id) {
     }
     comm_id = it->second;
     comms_.erase(it);
+    free_ids_.push_back(id);
     auto s = sets_.find(id);
     if (s != sets_.end()) {
       set = s->second;
@@ -1195,6 +1201,7 @@ mpi::Status Engine::Shutdown() {
     comms_.clear();
     initialized_ = false;
     next_id_ = 1;
+    free_ids_.clear();
   }
   // Sub-sets first: their members may wait on the world set's collectives.
   for (auto it = sets.rbegin(); it != sets.rend(); ++it) it->second->Stop();

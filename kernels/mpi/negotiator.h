@@ -210,7 +210,8 @@ class Engine {
   mpi::Status Init(const NegotiatorOptions& options);
   bool initialized() const;
   // Every rank of the world calls it in the same order with the same ranks.
-  // Sets `*id` (the same on every rank); this rank may not be a member.
+  // Sets `*id` (the same on every rank); this rank may not be a member. As
+  // in Horovod, the ids of removed sets are given out again, oldest first.
   mpi::Status AddProcessSet(const std::vector<int>& ranks, int* id);
   mpi::Status RemoveProcessSet(int id);
   // The negotiator of set `id` on this rank, or null (unknown id, or this
@@ -226,6 +227,7 @@ class Engine {
   bool initialized_ = false;
   NegotiatorOptions options_;
   int next_id_ = 1;
+  std::deque<int> free_ids_;  // removed sets' ids, in removal order
   std::map<int, std::shared_ptr<Negotiator>> sets_;  // members only
   std::map<int, int> comms_;                          // set id -> comm id
 };

@@ -94,6 +94,7 @@ __all__ = [
     "local_rank",
     "local_size",
     "process_set_ranks",
+    "process_set_table",
     "rank",
     "reducescatter",
     "remove_process_set",
@@ -129,7 +130,7 @@ _lock = threading.RLock()
 _state: dict[str, Any] = {
     "initialized": False, "rank": 0, "size": 1, "local_rank": 0, "local_size": 1,
     "cross_rank": 0, "cross_size": 1, "homogeneous": True, "sets": {},
-    "next_set": 1, "cdll": None, "ops": None,
+    "next_set": 1, "free_sets": [], "cdll": None, "ops": None,
 }
 
 # Collectives of one tf.function may run concurrently and in any order (the
@@ -211,7 +212,8 @@ def init_engine() -> None:
             return
         world_rank, world_size = cluster.initialize()
         _state.update(rank=world_rank, size=world_size, local_rank=0, local_size=1,
-                      cross_rank=0, cross_size=1, homogeneous=True, next_set=1)
+                      cross_rank=0, cross_size=1, homogeneous=True, next_set=1,
+                      free_sets=[])
         if world_size > 1:
             from tf_smdist import _mpi_ops  # noqa: PLC0415
 
@@ -400,7 +402,8 @@ def add_process_set(ranks: Sequence[int]) -> int:
         ranks: distinct ranks of the job.
 
     Returns:
-        The set's id (> 0), the same on every rank.
+        The set's id (> 0), the same on every rank. As in Horovod, the ids of
+        removed sets are given out again, the longest-removed first.
 
     Example:
     >>> init_engine()
@@ -419,7 +422,8 @@ def add_process_set(ranks: Sequence[int]) -> int:
     with _lock:
         cdll = _state["cdll"]
         if cdll is None:
-            set_id = _state["next_set"]
+            free = _state["free_sets"]
+            set_id = free.pop(0) if free else _state["next_set"]
         else:
             arr = (ctypes.c_int * len(ranks))(*ranks)
             out = ctypes.c_int(-1)
@@ -427,7 +431,7 @@ def add_process_set(ranks: Sequence[int]) -> int:
             _check(cdll.smdist_hvd_add_process_set(arr, len(ranks), ctypes.byref(out),
                                                    err, _ERR_LEN), err)
             set_id = int(out.value)
-        _state["next_set"] = set_id + 1
+        _state["next_set"] = max(_state["next_set"], set_id + 1)
         _state["sets"][set_id] = ranks
     return set_id
 
@@ -455,6 +459,7 @@ def remove_process_set(process_set_id: int) -> None:
             code = cdll.smdist_hvd_remove_process_set(process_set_id, err, _ERR_LEN)
             _check(code, err)
         del _state["sets"][process_set_id]
+        _state["free_sets"].append(process_set_id)
 
 
 def process_set_ranks(process_set_id: int) -> list[int]:
@@ -474,6 +479,18 @@ def process_set_ranks(process_set_id: int) -> list[int]:
         raise ValueError(
             f"Unknown process set. Received: process_set_id={process_set_id}. Use 0 or "
             "an id returned by add_process_set.") from None
+
+
+def process_set_table() -> dict[int, list[int]]:
+    """Every registered process set: {id: its ranks}, id 0 (the world) first.
+
+    Example:
+    >>> init_engine(); process_set_table()
+    {0: [0]}
+    """
+    _require()
+    with _lock:
+        return {k: list(v) for k, v in sorted(_state["sets"].items())}
 
 
 class NotAMemberError(tf.errors.InvalidArgumentError, ValueError):
