@@ -259,16 +259,28 @@ def test_object_collectives_in_a_tf1_graph_run_in_the_session():
 
 
 def test_process_sets_in_one_process():
-    ps = hvd.add_process_set([0])
-    assert ps.process_set_id > 0 and ps.ranks == [0] and ps.included()
-    assert int(hvd.process_set_included_op(ps.process_set_id)) == 1
+    # In one process every set is the global set's twin: Horovod refuses to
+    # add it (ValueError) and init(process_sets=...) leaves it unregistered.
+    with pytest.raises(ValueError, match="duplicate process set"):
+        hvd.add_process_set([0])
+    ps = hvd.ProcessSet([0])
+    hvd.init(process_sets=[ps])
+    assert ps.process_set_id is None and ps.ranks == [0] and ps.included()
+    assert hvd.mpi_ops.process_set_table() == {0: [0]}
+    assert int(hvd.process_set_included_op(0)) == 1
     assert hvd.process_set_included_op().dtype == tf.int32
-    np.testing.assert_array_equal(hvd.allreduce(tf.ones([2]), process_set=ps), [1, 1])
-    assert hvd.remove_process_set(ps) is True and ps.process_set_id is None
+    np.testing.assert_array_equal(
+        hvd.allreduce(tf.ones([2]), process_set=hvd.global_process_set), [1, 1])
+    assert hvd.remove_process_set(ps) is False
+    assert hvd.remove_process_set(hvd.global_process_set) is False
     with pytest.raises(ValueError, match="not registered"):
         hvd.allreduce(tf.ones([2]), process_set=ps)
     with pytest.raises(ValueError, match="ranks of the job"):
         hvd.add_process_set([0, 1])
+    # Horovod's spelling of a set.
+    assert str(hvd.global_process_set) == (
+        "ProcessSet(process_set_id=0, ranks=[0], mpi_comm=None)")
+    assert repr(ps) == "ProcessSet(process_set_id=None, ranks=[0], mpi_comm=None)"
     with pytest.raises(TypeError, match="ProcessSet"):
         hvd.allreduce(tf.ones([1]), process_set=[0])
     assert hvd.global_process_set.process_set_id == 0

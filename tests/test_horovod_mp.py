@@ -130,6 +130,84 @@ def test_process_sets(job):
     assert [s["tape_grad"] for s in sets] == [2.0, 5.0, 5.0]
 
 
+_DYNAMIC_SETS_WORKER = """
+import json, sys
+import tensorflow as tf
+import tf_smdist.horovod as hvd
+import tf_smdist.horovod.keras as hvd_keras
+
+hvd.init()
+rank, size = hvd.rank(), hvd.size()
+out = {}
+first = hvd.add_process_set([0])
+rest = hvd.add_process_set(range(1, size))
+ids = [first.process_set_id, rest.process_set_id]
+out["ids"] = ids
+out["ids_everywhere"] = hvd.allgather(tf.constant([ids])).numpy().tolist()
+out["str"] = [str(p) for p in (hvd.global_process_set, first, rest)]
+out["duplicates"] = []
+for ranks in ([0], list(range(size - 1, 0, -1)), list(range(size))):
+    try:
+        hvd.add_process_set(ranks)
+        out["duplicates"].append("added")
+    except ValueError as e:
+        out["duplicates"].append("duplicate" if "duplicate" in str(e) else str(e))
+out["removed"] = [hvd.remove_process_set(first), hvd.remove_process_set(first),
+                  first.process_set_id]
+ends = hvd.add_process_set([0, size - 1])
+out["reused_id"] = ends.process_set_id
+if rank in (0, size - 1):
+    total = hvd.allreduce(tf.constant([rank + 1.0]), op=hvd.Sum, process_set=ends)
+    out["ends_sum"] = float(total.numpy()[0])
+twin_global, pair, twin_pair = (hvd.ProcessSet(range(size)), hvd.ProcessSet([0, 1]),
+                                hvd.ProcessSet([1, 0]))
+hvd.init(process_sets=[twin_global, pair, twin_pair])
+out["init_ids"] = [twin_global.process_set_id, pair.process_set_id,
+                   twin_pair.process_set_id]
+out["table"] = {str(k): v for k, v in hvd.mpi_ops.process_set_table().items()}
+for ps in (rest, ends, pair):
+    hvd.remove_process_set(ps)
+again = hvd.add_process_set([1])
+out["next_id"] = again.process_set_id
+hvd.remove_process_set(again)
+out["table_end"] = {str(k): v for k, v in hvd.mpi_ops.process_set_table().items()}
+summed = hvd_keras.allreduce([float(rank)], op=hvd.Sum, name="keras_sum")
+out["keras_result"] = [isinstance(summed, tf.Tensor), float(summed.numpy()[0])]
+hvd.barrier()
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
+    json.dump(out, f)
+"""
+
+
+def test_dynamic_process_sets_and_keras_results_as_horovod(tmp_path):
+    # Horovod's dynamic process sets: a set with the ranks of a registered one
+    # (the global set included) is refused with ValueError; removed sets' ids
+    # are given out again, oldest first, and collectives over the reused id
+    # run over the new ranks; sets print as Horovod's; init(process_sets=)
+    # leaves twins unregistered. Keras-level collectives return tensors.
+    script = tmp_path / "dynamic_sets.py"
+    script.write_text(_DYNAMIC_SETS_WORKER)
+    proc = launch(["--nproc", "3", str(script), str(tmp_path)], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+    for r, res in enumerate(results):
+        assert res["ids"] == [1, 2], r
+        assert res["ids_everywhere"] == [[1, 2]] * 3, r
+        assert res["str"] == [
+            "ProcessSet(process_set_id=0, ranks=[0, 1, 2], mpi_comm=None)",
+            "ProcessSet(process_set_id=1, ranks=[0], mpi_comm=None)",
+            "ProcessSet(process_set_id=2, ranks=[1, 2], mpi_comm=None)"], r
+        assert res["duplicates"] == ["duplicate"] * 3, r
+        assert res["removed"] == [True, False, None], r
+        assert res["reused_id"] == 1, r
+        assert res["init_ids"] == [None, 3, None], r
+        assert res["table"] == {"0": [0, 1, 2], "1": [0, 2], "2": [1, 2], "3": [0, 1]}
+        assert res["next_id"] == 2, r  # removed 2, 1, 3 in that order
+        assert res["table_end"] == {"0": [0, 1, 2]}, r
+        assert res["keras_result"] == [True, 3.0], r
+    assert [res.get("ends_sum") for res in results] == [4.0, None, 4.0]
+
+
 def test_horovod_keras_example_runs_under_the_launcher(tmp_path):
     script = os.path.join(REPO, "examples", "horovod_keras.py")
     proc = launch(["--nproc", "2", script, "--epochs", "2",

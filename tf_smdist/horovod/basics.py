@@ -81,7 +81,9 @@ def init(comm: Any = None, process_sets: Sequence[Any] | None = None) -> None:
             spans `MPI_COMM_WORLD`. Defaults to `None`.
         process_sets: `ProcessSet` objects to register now, in the same
             order on every rank (the same as calling `add_process_set` for
-            each). Defaults to `None`.
+            each, except that, as in Horovod, a set over the ranks of the
+            global set or of an earlier set in the list is left unregistered
+            instead of raising). Defaults to `None`.
 
     Raises:
         ValueError: `comm` names a subset of the ranks.
@@ -108,9 +110,22 @@ def init(comm: Any = None, process_sets: Sequence[Any] | None = None) -> None:
     if process_sets:
         from tf_smdist.horovod import process_sets as _sets  # noqa: PLC0415
 
+        # As Horovod's init: a set over the same ranks as the global set or as
+        # an earlier set of this list stays unregistered (process_set_id None);
+        # one over the ranks of a set registered before takes that set's id.
+        seen: dict[int, Any] = {0: _sets.global_process_set}
         for process_set in process_sets:
             if process_set.process_set_id is None:
-                _sets.add_process_set(process_set)
+                twin = _sets._registered_id(process_set.ranks)  # noqa: SLF001
+                if twin is None:
+                    _sets.add_process_set(process_set)
+                elif twin not in seen:
+                    process_set.process_set_id = twin
+            set_id = process_set.process_set_id
+            if set_id is None:
+                continue
+            if seen.setdefault(set_id, process_set) is not process_set:
+                process_set.process_set_id = None
 
 
 def shutdown() -> None:

