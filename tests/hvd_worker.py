@@ -151,6 +151,57 @@ def check_tape() -> None:
             ref_opt.apply_gradients(zip(grads, ref.trainable_variables))
         entry["weights_rel_diff"] = rel_diff(m.get_weights(), ref.get_weights())
     results["tape"] = entry
+    check_two_tapes()
+
+
+def check_two_tapes() -> None:
+    """Two DistributedGradientTapes in one tf.function, as a GAN's step has.
+
+    Their all-reduces run side by side; they used to share names and fail.
+    Each model ends where one process trained on the whole batches ends.
+    """
+    x, y = data()
+    init = model(0).get_weights()
+    nets = [model(0), model(0)]
+    opts = [keras.optimizers.SGD(LR), keras.optimizers.SGD(LR)]
+    for net in nets:
+        net.set_weights(init)
+
+    def losses(models, xb, yb):
+        a = tf.reduce_mean(tf.square(models[0](xb, training=True) - yb))
+        b = tf.reduce_mean(tf.abs(models[1](xb, training=True) - yb))
+        return a, b
+
+    @tf.function
+    def step(xb, yb):
+        with tf.GradientTape() as tape_a, tf.GradientTape() as tape_b:
+            loss_a, loss_b = losses(nets, xb, yb)
+        for tape, loss, net, opt in ((tape_a, loss_a, nets[0], opts[0]),
+                                     (tape_b, loss_b, nets[1], opts[1])):
+            tape = hvd.DistributedGradientTape(tape)
+            grads = tape.gradient(loss, net.trainable_variables)
+            opt.apply_gradients(zip(grads, net.trainable_variables))
+
+    local = GLOBAL_BATCH // SIZE
+    xs, ys = shard(x), shard(y)
+    for s in range(STEPS):
+        step(xs[s * local:(s + 1) * local], ys[s * local:(s + 1) * local])
+    refs = [model(0), model(0)]
+    ref_opts = [keras.optimizers.SGD(LR), keras.optimizers.SGD(LR)]
+    for ref in refs:
+        ref.set_weights(init)
+    for s in range(STEPS):
+        sl = slice(s * GLOBAL_BATCH, (s + 1) * GLOBAL_BATCH)
+        with tf.GradientTape(persistent=True) as tape:
+            ref_losses = losses(refs, x[sl], y[sl])
+        for loss, ref, opt in zip(ref_losses, refs, ref_opts):
+            opt.apply_gradients(zip(tape.gradient(loss, ref.trainable_variables),
+                                    ref.trainable_variables))
+    diffs = [rel_diff(net.get_weights(), ref.get_weights())
+             for net, ref in zip(nets, refs)]
+    results["two_tapes_rel_diff"] = max(diffs)
+    assert max(diffs) < 1e-5, diffs
+    assert all(same_on_every_rank(net.get_weights()) for net in nets)
 
 
 def check_v1_optimizer() -> None:
@@ -459,6 +510,32 @@ def check_sdp() -> None:
                           and np.allclose(out[0], [2 * mean])),
         "oob": float(sdp.oob_allreduce(tf.constant([1.0]), op=sdp.ReduceOp.SUM)[0]),
     }
+
+    # SageMaker data parallel's TF2 example: after the first step, one
+    # tf.function broadcasts the model's variables, then the optimizer's.
+    # (Both calls used to name their broadcasts alike and failed.)
+    keras.utils.set_random_seed(RANK)
+    net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    opt = keras.optimizers.Adam(0.1)
+
+    @tf.function
+    def first_step(x, first_batch):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(net(x))
+        tape = sdp.DistributedGradientTape(tape)
+        grads = tape.gradient(loss, net.trainable_variables)
+        opt.apply_gradients(zip(grads, net.trainable_variables))
+        if first_batch:
+            sdp.broadcast_variables(net.variables, root_rank=0)
+            sdp.broadcast_variables(opt.variables(), root_rank=0)
+
+    first_step(tf.fill([4, 3], float(RANK + 1)), True)
+    state = np.concatenate([np.ravel(v) for v in net.get_weights()]
+                           + [np.ravel(v.numpy()) for v in opt.variables])
+    gathered = hvd.allgather(tf.constant(state[None, :])).numpy()
+    same = bool((gathered == gathered[0]).all())
+    results["sdp_broadcast_model_then_optimizer"] = same
+    assert same, gathered
 
 
 CHECKS = {

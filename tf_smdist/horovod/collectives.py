@@ -387,11 +387,14 @@ def broadcast_(
     """
     single = not isinstance(variables, (list, tuple))
     var_list = [variables] if single else list(variables)
-    prefix = name or "broadcast_"
+    # Unnamed in a graph: each op's unique name names it (see
+    # `broadcast_variables`).
+    prefix = name or ("broadcast_" if tf.executing_eagerly() else None)
     updated = []
     for i, var in enumerate(var_list):
-        assigned = var.assign(broadcast(var, root_rank, name=f"{prefix}.{i}",
-                                        process_set=process_set))
+        assigned = var.assign(broadcast(
+            var, root_rank, name=None if prefix is None else f"{prefix}.{i}",
+            process_set=process_set))
         if tf.executing_eagerly() or assigned is None:
             updated.append(var)
         else:  # the value read after the assignment (depends on it)
@@ -431,11 +434,15 @@ def broadcast_variables(
     """
     del inplace
     assigns = []
+    eager = tf.executing_eagerly()
     for i, var in enumerate(variables):
-        value = broadcast(var, root_rank, name=f"broadcast_variables.{i}",
+        # In a graph each op's unique name names it, so that several calls in
+        # one function (the model's variables, then the optimizer's) differ.
+        value = broadcast(var, root_rank,
+                          name=f"broadcast_variables.{i}" if eager else None,
                           process_set=process_set)
         assigns.append(var.assign(value))
-    if tf.executing_eagerly():
+    if eager:
         return None
     return tf.group(*assigns)
 

@@ -154,18 +154,24 @@ class GradientReducer:
             if self.sparse_as_dense and isinstance(g, tf.IndexedSlices):
                 grads[i] = tf.convert_to_tensor(g)
             shared.append(i)
+        # Eagerly the calls run one after another and fixed names match them.
+        # In a graph each op's unique name names it: two tapes or optimizers
+        # in one function (a GAN's) then run side by side without colliding.
+        eager = tf.executing_eagerly()
         for group in self._partition(shared, variables):
             if len(group) == 1 and not (isinstance(self.groups, int) and self.groups):
                 i = group[0]
                 out[i] = allreduce(
                     grads[i], compression=self.compression, op=self.op,
                     prescale_factor=self.prescale, postscale_factor=self.postscale,
-                    name=f"{self.name}.{i}", process_set=self.process_set)
+                    name=f"{self.name}.{i}" if eager else None,
+                    process_set=self.process_set)
                 continue
             reduced = grouped_allreduce(
                 [grads[i] for i in group], compression=self.compression, op=self.op,
                 prescale_factor=self.prescale, postscale_factor=self.postscale,
-                name=f"{self.name}.group{group[0]}", process_set=self.process_set)
+                name=f"{self.name}.group{group[0]}" if eager else None,
+                process_set=self.process_set)
             for i, r in zip(group, reduced):
                 out[i] = r
         return out

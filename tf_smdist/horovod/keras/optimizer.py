@@ -127,10 +127,10 @@ def _agree_on_finite(loss_scale_optimizer: Any, finite: Any) -> Any:
     from tf_smdist.horovod.collectives import allreduce  # noqa: PLC0415
 
     # Named like the gradients' all-reduces (not after the optimizer, whose
-    # automatic name can differ between ranks).
+    # automatic name can differ between ranks); in a graph, by its op.
     reducer = inner._hvd_reducer
-    flag = allreduce(tf.cast(finite, tf.int32), op=mpi_ops.Min,
-                     name=f"{reducer.name}.all_finite",
+    name = f"{reducer.name}.all_finite" if tf.executing_eagerly() else None
+    flag = allreduce(tf.cast(finite, tf.int32), op=mpi_ops.Min, name=name,
                      process_set=reducer.process_set)
     return flag > 0
 
