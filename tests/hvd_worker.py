@@ -499,6 +499,23 @@ def check_sync_batch_norm() -> None:
                                                - plain.moving_variance.numpy()))),
     }
 
+    # One layer applied to two inputs in one tf.function (shared weights, as
+    # in a siamese model): two collectives side by side, each normalising its
+    # own input over every rank's rows. They used to share a name and fail.
+    shared = hvd.SyncBatchNormalization()
+    shared.build((None, 3))
+    other = (x[::-1] * 3 - 2).copy()
+
+    @tf.function
+    def twice(a, b):
+        return shared(a, training=True), shared(b, training=True)
+
+    outs = twice(mt, tf.constant(other[RANK * local:(RANK + 1) * local]))
+    for got, full in zip(outs, (x, other)):
+        want = keras.layers.BatchNormalization()(tf.constant(full), training=True)
+        diff = float(np.max(np.abs(got - want[RANK * local:(RANK + 1) * local])))
+        assert diff < 1e-5, diff
+
 
 def check_sdp() -> None:
     grads = [tf.constant([float(RANK)]), tf.constant([2.0 * RANK])]

@@ -64,9 +64,13 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         local_sum = tf.reduce_sum(inputs * weights, axis=axes)
         local_sq = tf.reduce_sum(tf.square(inputs) * weights, axis=axes)
         local_count = tf.reduce_sum(weights, axis=axes)
+        # Eagerly the layer's name matches its calls across ranks; in a graph
+        # the op's unique name does, so a layer applied twice in one function
+        # (shared between two inputs) issues two distinct collectives.
+        name = f"SyncBatchNormalization.{self.name}" if tf.executing_eagerly() else None
         total, total_sq, count = grouped_allreduce(
-            [local_sum, local_sq, local_count], op=mpi_ops.Sum,
-            name=f"SyncBatchNormalization.{self.name}", process_set=self.process_set)
+            [local_sum, local_sq, local_count], op=mpi_ops.Sum, name=name,
+            process_set=self.process_set)
         count = tf.maximum(count, 1.0)
         mean = total / count
         variance = tf.maximum(total_sq / count - tf.square(mean), 0.0)
