@@ -9,7 +9,8 @@ examples/pipeline_hybrid.py), `checkpoint` (BackupAndRestore interrupted
 and resumed, ModelCheckpoint), `custom` (custom training loop), `embedding`
 (sparse gradients, Adam), `two_outputs` (3 stages, an output of the middle
 one, losses by output name), `shuffled` (fit's own shuffling, ranks seeded
-apart) or `die` (the last rank exits during training).
+apart), `mixed` (mixed_float16 with loss scaling, against plain Keras) or
+`die` (the last rank exits during training).
 Each rank writes OUT_DIR/rank{r}_{check}.npz and OUT_DIR/rank{r}.json.
 """
 
@@ -154,6 +155,59 @@ def run_shuffled() -> None:
     pipe.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse")
     history = pipe.fit(x, y, batch_size=32, epochs=15, verbose=0)
     RESULTS["shuffled"] = {"loss": history.history["loss"]}
+
+
+def run_mixed() -> None:
+    # mixed_float16: Keras wraps the optimizer in a LossScaleOptimizer. Its
+    # large initial scale overflows the first steps' float16 gradients on
+    # the first stage only (the last stage holds the float32 output layer):
+    # every rank must skip those steps and lower its scale together, as
+    # plain Keras does with all the gradients in one process.
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        def build() -> keras.Model:
+            keras.utils.set_random_seed(0)
+            return keras.Sequential([
+                keras.Input((6,)),
+                keras.layers.Dense(8, activation="tanh", use_bias=False),
+                keras.layers.Dense(8, activation="tanh", use_bias=False),
+                keras.layers.Dense(3, dtype="float32")])
+
+        def scaled_sgd() -> keras.optimizers.Optimizer:
+            return keras.optimizers.LossScaleOptimizer(
+                keras.optimizers.SGD(0.1), initial_scale=2.0 ** 26)
+
+        # Small inputs and no float16 biases: the overflow starts in the
+        # activations' gradients, which are the same per sample whether a
+        # batch is split into micro-batches or not. (A bias's gradient sums
+        # over the rows, and its float16 sum over a whole batch can overflow
+        # where the micro-batches' do not: then the pipeline rightly applies
+        # a step that plain Keras skips.)
+        x, y = data()
+        x = x * 0.01
+        plain = build()
+        init = plain.get_weights()
+        plain.compile(optimizer=scaled_sgd(), loss="mse")
+        expected = plain.fit(x, y, batch_size=GLOBAL_BATCH, epochs=3,
+                             shuffle=False, verbose=0).history["loss"]
+        net = build()
+        net.set_weights(init)
+        pipe = smd.PipelineModel(net, num_stages=2, microbatches=2,
+                                 partition=[2, 1])
+        pipe.compile(optimizer=scaled_sgd(), loss="mse")
+        history = pipe.fit(x, y, batch_size=GLOBAL_BATCH, epochs=3,
+                           shuffle=False, verbose=0).history["loss"]
+        weights = pipe.get_weights()
+        RESULTS["mixed"] = {
+            "loss": history, "expected_loss": expected,
+            "scale": float(pipe.optimizer.dynamic_scale.numpy()),
+            "expected_scale": float(plain.optimizer.dynamic_scale.numpy()),
+            "max_diff": max(float(np.abs(a - b).max())
+                            for a, b in zip(weights, plain.get_weights())),
+            "moved": max(float(np.abs(a - b).max())
+                         for a, b in zip(init, plain.get_weights()))}
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
 
 def run_mismatch() -> None:
@@ -305,7 +359,7 @@ def run_example() -> None:
 for check in CHECKS:
     {"mismatch": run_mismatch, "checkpoint": run_checkpoint, "example": run_example,
      "auto": run_auto, "embedding": run_embedding, "two_outputs": run_two_outputs,
-     "shuffled": run_shuffled,
+     "shuffled": run_shuffled, "mixed": run_mixed,
      "custom": run_custom, "die": run_die}.get(check, lambda c=check: run_case(c))()
 with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
     json.dump(RESULTS, f)

@@ -166,6 +166,43 @@ def test_embedding_sparse_gradients_reach_adam_as_in_the_plain_model(m):
         assert_close(pw, w)
 
 
+def test_mixed_precision_scales_the_loss_as_keras_train_step_does():
+    # Under mixed_float16, compile wraps the optimizer in a
+    # LossScaleOptimizer, which divides the gradients by its loss scale
+    # (32768): the backward must differentiate the scaled loss, as Keras'
+    # train_step does, or SGD's steps shrink 32768-fold.
+    def mlp(seed):
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential([
+            keras.Input((6,)), keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dense(3, dtype="float32")])
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        plain, copy = mlp(0), mlp(1)
+        copy.set_weights(plain.get_weights())
+        init = plain.get_weights()
+        pipe = PipelineModel(copy, num_stages=2, microbatches=2, partition=[2, 1])
+        for model in (plain, pipe):
+            model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        assert isinstance(pipe.optimizer, keras.optimizers.LossScaleOptimizer)
+        rng = np.random.RandomState(4)
+        x = rng.randn(32, 6).astype("float32")
+        y = rng.randn(32, 3).astype("float32")
+        h_plain = plain.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        h_pipe = pipe.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    moved = max(np.abs(w - w0).max() for w, w0 in zip(plain.get_weights(), init))
+    assert moved > 0.05
+    # float16 sums over 8 rows (a micro-batch) instead of 16 round apart.
+    np.testing.assert_allclose(h_pipe.history["loss"], h_plain.history["loss"],
+                               rtol=1e-3)
+    for w, pw in zip(plain.get_weights(), pipe.get_weights()):
+        np.testing.assert_allclose(pw, w, atol=1e-3)
+
+
 def test_several_outputs_keep_their_names_for_losses_and_metrics():
     # Keras names per-output losses and metrics after the model's output
     # layers ("main_loss"), and matches dict losses and targets to them, for

@@ -108,7 +108,7 @@ def _check_case(out, nproc: int, case: str, results: list[dict]) -> None:
 
 def test_two_stages_in_two_processes(tmp_path):
     checks = ["seq_1f1b_sgd", "skip_gpipe_adam", "skip_interleaved_sgd",
-              "mismatch", "custom", "checkpoint", "auto", "shuffled"]
+              "mismatch", "custom", "checkpoint", "auto", "shuffled", "mixed"]
     proc = launch(["--nproc", "2", WORKER, str(tmp_path), *checks], timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = _results(tmp_path, 2)
@@ -121,6 +121,15 @@ def test_two_stages_in_two_processes(tmp_path):
     # above 3).
     for r in results:
         assert r["shuffled"]["loss"][-1] < 0.05, r["shuffled"]["loss"]
+    # mixed_float16: both ranks skipped the steps whose first-stage gradients
+    # overflowed, as plain Keras did, lowered the loss scale alike, then
+    # trained to plain Keras' weights.
+    for r in results:
+        mixed = r["mixed"]
+        assert mixed["scale"] == mixed["expected_scale"] < 2.0 ** 26, mixed
+        assert mixed["moved"] > 0.02, mixed
+        assert mixed["max_diff"] < 1e-4, mixed
+        np.testing.assert_allclose(mixed["loss"], mixed["expected_loss"], rtol=1e-3)
     # Each process holds its own stage's variables and optimizer state.
     memory = [r["skip_gpipe_adam"]["memory"] for r in results]
     assert sum(m["variables"] for m in memory) == memory[0]["model"]

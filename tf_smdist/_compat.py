@@ -391,22 +391,32 @@ def wrap_loss_scale_check(agree: Any) -> None:
     Keras' loss scaling decides whether to apply a step from this process's
     gradients alone; outside a tf.distribute strategy it has no hook to
     make processes agree, so the (public) method is wrapped, once: it
-    returns `agree(loss_scale_optimizer, finite)`.
+    returns its own answer passed through every registered `agree` in turn
+    (each leaves optimizers that are not its own alone). Registering the
+    same `agree` again changes nothing.
 
     Args:
-        agree: called with the `LossScaleOptimizer` and its own boolean
-            tensor; returns the boolean tensor to use.
+        agree: called with the `LossScaleOptimizer` and the boolean tensor
+            so far; returns the boolean tensor to use.
     """
     import keras
 
     cls = keras.optimizers.LossScaleOptimizer
-    original = cls.check_finite
-    if getattr(original, "_smdist_agree", None) is not None:
+    current = cls.check_finite
+    agreements = getattr(current, "_smdist_agreements", None)
+    if agreements is not None:
+        if agree not in agreements:
+            agreements.append(agree)
         return
+    original = current
+    agreements = [agree]
 
     def check_finite(self: Any, grads: Any) -> Any:
-        return agree(self, original(self, grads))
+        finite = original(self, grads)
+        for fn in agreements:
+            finite = fn(self, finite)
+        return finite
 
     check_finite.__doc__ = original.__doc__
-    check_finite._smdist_agree = agree  # type: ignore[attr-defined]
+    check_finite._smdist_agreements = agreements  # type: ignore[attr-defined]
     cls.check_finite = check_finite

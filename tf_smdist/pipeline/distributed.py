@@ -35,6 +35,7 @@ from tf_smdist.data_parallel.buckets import plan_buckets
 from tf_smdist.pipeline import routing
 from tf_smdist.pipeline.execution import (
     accumulate,
+    loss_seeds,
     slice_values,
     split_microbatches,
     task_scope,
@@ -181,6 +182,7 @@ class ProcessPipeline:
         self._handshake(stage_names, placement_summary)
         self._create_comms()
         self._world_group = self._allocate_world_group()
+        self._finite_group = self._allocate_world_group()  # loss scaling's flag
         self.broadcast_weights(root=0)
         logger.info(
             "Pipeline process rank %d: stage %d of %d (virtual stages %s), "
@@ -593,7 +595,7 @@ class ProcessPipeline:
 
     def train(
         self, micro_x: Sequence[Sequence[tf.Tensor]], loss_fn: LossFn, *,
-        gradient_scale: float = 1.0,
+        gradient_scale: float = 1.0, loss_scale: Any = None,
     ) -> tuple[list[list[tf.Tensor]] | None, list[tf.Tensor], list[tf.Tensor]]:
         """Runs this process's forward and backward tasks; reduces gradients.
 
@@ -605,6 +607,9 @@ class ProcessPipeline:
             gradient_scale: multiplies the gradients summed over the
                 data-parallel group (`1 / dp_size` for a mean over the global
                 batch). Defaults to `1.0`.
+            loss_scale: differentiate `loss_scale * loss` (mixed precision's
+                loss scaling); the losses returned stay unscaled. Defaults to
+                `None` (1).
 
         Returns:
             `(outputs, losses, grads)`: on the last stage the model outputs
@@ -678,7 +683,7 @@ class ProcessPipeline:
                         else:
                             _, values, loss, tape = entry
                         targets, seeds = self._seeds(s, m, values, loss, local_grad,
-                                                     rows)
+                                                     rows, loss_scale)
                         sources = watched(inputs)
                         with _compat.small_rows_matmul_gradients(self._device):
                             result = tape.gradient(
@@ -724,9 +729,10 @@ class ProcessPipeline:
                 [losses[m] for m in range(m_total)], all_grads)
 
     def _seeds(self, s: int, m: int, values: dict[str, tf.Tensor],
-               loss: tf.Tensor | None, local_grad: dict, rows: tf.Tensor):
+               loss: tf.Tensor | None, local_grad: dict, rows: tf.Tensor,
+               loss_scale: Any = None):
         if s == self._schedule.num_stages - 1:
-            return [loss], None
+            return [loss], loss_seeds(loss, loss_scale)
         dys: dict[str, tf.Tensor] = {}
         for e in self._plan.outgoing(s):
             if not _differentiable(self._specs[e.key][1]):
@@ -802,6 +808,23 @@ class ProcessPipeline:
             return _scaled(tf.IndexedSlices(values, indices, g.dense_shape), scale)
 
     # -- values every rank sees ----------------------------------------------------
+
+    def all_finite(self, finite: tf.Tensor) -> tf.Tensor:
+        """True on every rank when `finite` is true on every rank of the job.
+
+        For mixed precision's loss scaling: each rank checks its own stage's
+        gradients, and all must skip a step (and lower the scale) together.
+        It has its own ordering group, so it may run beside `world_sum`.
+
+        Example:
+        ```python
+        finite = runtime.all_finite(tf.reduce_all(tf.math.is_finite(g)))
+        ```
+        """
+        bad = tf.reshape(tf.cast(tf.logical_not(finite), tf.float32), [1])
+        with tf.device("/CPU:0"):
+            total = _mpi().host_allreduce(bad, group=self._finite_group)
+        return tf.equal(total[0], 0.0)
 
     def world_sum(self, values: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         """Sums float tensors over every rank of the job (one message).

@@ -164,6 +164,7 @@ def run_train(
     loss_fn: LossFn,
     *,
     recompute: bool = False,
+    loss_scale: Any = None,
 ) -> tuple[list[list[tf.Tensor]], list[tf.Tensor], list[list[tf.Tensor]]]:
     """Runs every task of `schedule`: forwards, losses and backwards.
 
@@ -180,6 +181,9 @@ def run_train(
             loss whose gradient is wanted (already weighted for summing).
         recompute: keep only each stage's inputs after its forward and run
             the forward again in the backward. Defaults to `False`.
+        loss_scale: differentiate `loss_scale * loss` (mixed precision's loss
+            scaling, as `optimizer.scale_loss` does in Keras' `train_step`);
+            the losses returned stay unscaled. Defaults to `None` (1).
 
     Returns:
         `(outputs, losses, grads)`: per micro-batch the last stage's outputs,
@@ -243,7 +247,7 @@ def run_train(
                 else:
                     _, outputs, loss, tape = entry
                 if s == last:
-                    targets, seeds = [loss], None
+                    targets, seeds = [loss], loss_seeds(loss, loss_scale)
                 else:
                     dys = upstream.pop((s, m))
                     pairs = [
@@ -281,6 +285,18 @@ def run_train(
     outputs = [acts[(last, m)] for m in range(schedule.num_microbatches)]
     loss_list = [losses[m] for m in range(schedule.num_microbatches)]
     return outputs, loss_list, [g or [] for g in grads]
+
+
+def loss_seeds(loss: tf.Tensor, loss_scale: Any) -> list[tf.Tensor] | None:
+    """The output gradient that differentiates `loss_scale * loss`.
+
+    Seeding the backward with the scale gives exactly the gradients of the
+    scaled loss (the product's gradient with respect to the loss is the
+    scale), so loss scaling matches Keras' without changing the loss.
+    """
+    if loss_scale is None:
+        return None
+    return [tf.cast(loss_scale, loss.dtype) * tf.ones_like(loss)]
 
 
 def accumulate(a: Any, g: Any) -> Any:

@@ -840,7 +840,9 @@ class PipelineModel(keras.Model):
             passes the same global batch): the global batch's loss on every
             rank, `None`, and one gradient per variable of
             `local_trainable_variables`, already averaged over the
-            data-parallel group.
+            data-parallel group. Under a `LossScaleOptimizer` (mixed
+            precision) the gradients are those of the scaled loss, as in
+            Keras' `train_step`; `apply_gradients` unscales them.
 
         Example:
         ```python
@@ -886,6 +888,7 @@ class PipelineModel(keras.Model):
             micro_x,
             loss_fn,
             recompute=self._recompute,
+            loss_scale=self._loss_scale(),
         )
         with tf.device(self._stages[-1].device):
             loss = tf.add_n(losses)
@@ -900,6 +903,18 @@ class PipelineModel(keras.Model):
         }
         grads = [by_id.get(id(v)) for v in self.trainable_variables]
         return loss, self._pack_outputs(flat), grads
+
+    def _loss_scale(self) -> tf.Tensor | None:
+        """The optimizer's current loss scale (mixed precision), else `None`.
+
+        Keras' `train_step` differentiates `optimizer.scale_loss(loss)` and a
+        `LossScaleOptimizer` divides the gradients by the same scale; the
+        pipeline seeds its backward with that scale to the same effect.
+        """
+        optimizer = getattr(self, "optimizer", None)
+        if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            return None
+        return optimizer.scale_loss(tf.constant(1.0))
 
     def train_step(self, data: Any) -> dict[str, Any]:
         if self._process is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -134,6 +135,21 @@ class ProcessSteps:
 
     # -- steps ---------------------------------------------------------------------
 
+    def _loss_scale(self) -> tf.Tensor | None:
+        """The loss scale to seed the backward with (mixed precision), else None.
+
+        Each rank's `LossScaleOptimizer` sees only its own stage's
+        gradients; it applies or skips the step (and lowers its scale) as
+        every rank's gradients together say, through one all-reduce of the
+        flag, so that the stages stay in step and their scales equal.
+        """
+        pipe = self._pipe
+        scale = pipe._loss_scale()
+        if scale is not None:
+            _compat.wrap_loss_scale_check(_agree_on_finite)
+            _FINITE_AGREEMENTS[pipe.optimizer] = self._rt.all_finite
+        return scale
+
     def train_step(self, data: Any) -> dict[str, Any]:
         """One training step on a global batch (every rank passes the same one)."""
         pipe, rt = self._pipe, self._rt
@@ -147,7 +163,8 @@ class ProcessSteps:
         dp = rt.topology.dp_size
         before = self._metric_snapshot(y, micro_x)
         outs, losses, grads = rt.train(
-            micro_x, loss_fn, gradient_scale=1.0 if is_sum else 1.0 / dp)
+            micro_x, loss_fn, gradient_scale=1.0 if is_sum else 1.0 / dp,
+            loss_scale=self._loss_scale())
         pipe.optimizer.apply(grads, rt.trainable_variables)
 
         def update() -> None:
@@ -291,7 +308,8 @@ class ProcessSteps:
         is_sum = getattr(pipe, "_loss_is_sum", False)
         dp = rt.topology.dp_size
         _, losses, grads = rt.train(
-            micro_x, loss_fn, gradient_scale=1.0 if is_sum else 1.0 / dp)
+            micro_x, loss_fn, gradient_scale=1.0 if is_sum else 1.0 / dp,
+            loss_scale=self._loss_scale())
         local = tf.add_n(losses) if losses else tf.zeros([])
         if not is_sum:
             local = local / dp
@@ -376,6 +394,16 @@ def _check_batches(pipe: Any, args: tuple, kwargs: dict) -> None:
                 f"{pipe.microbatches} and {pipe.dp_size} pipeline(s). Batch "
                 f"the dataset by a multiple of {unit}."
             )
+
+
+# A pipeline's LossScaleOptimizer -> its runtime's `all_finite`.
+_FINITE_AGREEMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _agree_on_finite(loss_scale_optimizer: Any, finite: tf.Tensor) -> tf.Tensor:
+    """A pipeline's `LossScaleOptimizer`: finite only if every rank's gradients are."""
+    agree = _FINITE_AGREEMENTS.get(loss_scale_optimizer)
+    return finite if agree is None else agree(finite)
 
 
 def _agree_on_shuffling(args: tuple, kwargs: dict) -> None:
