@@ -13,10 +13,11 @@
      MPI's own speed, no TensorFlow at all). Below about 64 KB this is a
      floor no TensorFlow op can reach: running one op through the executor
      costs several microseconds, more than a small shared-memory all-reduce.
-   A fourth column, "TF loop alone", runs the same loop without any
-   all-reduce (`t * 0.5` only): the TensorFlow side's own cost per
-   iteration (dispatch, and for large tensors allocating and writing them),
-   which both TensorFlow columns pay and the C loop does not.
+   Like the C loop, each TensorFlow iteration all-reduces the previous
+   result and does nothing else (the sums double the values every
+   iteration, in the C loop too). A fourth column, "TF loop alone", runs
+   the same loop with `tf.identity` in place of the all-reduce: what the
+   `tf.while_loop` itself costs per iteration.
    They are measured in alternation, `--rounds` times; medians are
    printed with the ratios. A sanity row measures our 64 KB all-reduce twice
    in alternation as A and B: its ratio shows the noise (no gain is
@@ -69,7 +70,7 @@ def _allreduce_worker(args: argparse.Namespace) -> None:
     reducers = {
         "ours": lambda t: hvd.allreduce(t, op=hvd.Sum, name="bench"),
         "op": lambda t: _mpi_ops.host_allreduce(t, group=5),
-        "tf": lambda t: t,
+        "tf": tf.identity,
     }
 
     def make_loop(kind: str, iters: int):
@@ -79,9 +80,8 @@ def _allreduce_worker(args: argparse.Namespace) -> None:
         def loop(v):
             def body(i, t):
                 # Each all-reduce waits for the previous one: latency, not
-                # fusion. The sum of 2 ranks' equal values, halved, keeps
-                # the values (and the work) the same every iteration.
-                return i + 1, reduce(t) * 0.5
+                # fusion. Nothing else runs, as in the C loop.
+                return i + 1, reduce(t)
 
             return tf.while_loop(lambda i, t: i < iters, body, (0, v))[1]
 
