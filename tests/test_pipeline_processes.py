@@ -129,6 +129,7 @@ def test_two_stages_in_two_processes(tmp_path):
         assert mixed["scale"] == mixed["expected_scale"] < 2.0 ** 26, mixed
         assert mixed["moved"] > 0.02, mixed
         assert mixed["max_diff"] < 1e-4, mixed
+        assert mixed["reloaded_scale"] == mixed["saved_scale"] == mixed["scale"], mixed
         np.testing.assert_allclose(mixed["loss"], mixed["expected_loss"], rtol=1e-3)
     # Each process holds its own stage's variables and optimizer state.
     memory = [r["skip_gpipe_adam"]["memory"] for r in results]

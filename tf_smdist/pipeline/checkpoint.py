@@ -143,17 +143,30 @@ def fresh_optimizer(
     return fresh
 
 
+def _keys(optimizer: keras.optimizers.Optimizer) -> list[str]:
+    """A name per variable of `optimizer`, the same on every rank.
+
+    A wrapping optimizer (`LossScaleOptimizer`, which mixed precision puts
+    around the compiled one) holds its own `iteration` and `learning_rate`
+    beside its inner optimizer's: the inner one's are prefixed `inner/`.
+    """
+    inner = getattr(optimizer, "inner_optimizer", None)
+    inner_ids = {id(v) for v in inner.variables} if inner is not None else set()
+    return [("inner/" if id(v) in inner_ids else "") + v.name
+            for v in optimizer.variables]
+
+
 def _by_name(optimizer: keras.optimizers.Optimizer) -> dict[str, Any]:
     named: dict[str, Any] = {}
-    for v in optimizer.variables:
-        if v.name in named:
+    for key, v in zip(_keys(optimizer), optimizer.variables):
+        if key in named:
             raise ValueError(
                 "Two optimizer variables have the same name, so a pipeline "
                 "across processes cannot tell whose state each is. Received: "
-                f"{v.name!r} twice in {type(optimizer).__name__}. Give the "
+                f"{key!r} twice in {type(optimizer).__name__}. Give the "
                 "model's layers unique names."
             )
-        named[v.name] = v
+        named[key] = v
     return named
 
 
@@ -163,7 +176,8 @@ def _specs(full: keras.optimizers.Optimizer | None, rank: int) -> list[list]:
 
     text = b""
     if rank == 0:
-        specs = ([[v.name, list(v.shape), str(v.dtype)] for v in full.variables]
+        specs = ([[key, list(v.shape), str(v.dtype)]
+                  for key, v in zip(_keys(full), full.variables)]
                  if full is not None else [])
         text = json.dumps(specs).encode()
     return json.loads(_mpi_ops.broadcast_bytes(text, root=0).decode())
