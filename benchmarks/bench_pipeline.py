@@ -52,8 +52,12 @@ transfers, the shared end-of-step all-reduce and imbalance), the CPU time
 per step of each rank (all its threads: computation and the communication
 thread), the transfers' own share of the step (the busiest rank's messages
 times one message's time, half a ping-pong round trip of a micro-batch's
-activations between stages 0 and 1), and the bytes of variables, gradients
-and optimizer state (Adam) each process holds against the whole model's.
+activations between stages 0 and 1 through the same graph ops the steps
+use), and the bytes of variables, gradients and optimizer state (Adam) each
+process holds against the whole model's. Each schedule also runs with
+`defer_weight_gradients=True` (rows `gpipe+defer`, `1f1b+defer`): each
+stage's Dense weight gradients as one product per step after its last
+backward task.
 
 Every mode always runs M = 1, the sanity row where a pipeline cannot win.
 
@@ -490,12 +494,15 @@ def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
         return model, step
 
     ms = _microbatches(args)
-    configs = [(mode, m) for m in ms for mode in ("gpipe", "1f1b")]
+    # "+defer": defer_weight_gradients=True.
+    configs = [(mode, m) for m in ms
+               for mode in ("gpipe", "1f1b", "gpipe+defer", "1f1b+defer")]
     size = args.layers // k
     sizes = [size] * (k - 1) + [args.layers - size * (k - 1)]
     built = {
-        c: compiled(smd.PipelineModel(net(), num_stages=k, microbatches=c[1],
-                                      schedule=c[0], partition=sizes))
+        c: compiled(smd.PipelineModel(
+            net(), num_stages=k, microbatches=c[1], schedule=c[0].split("+")[0],
+            partition=sizes, defer_weight_gradients=c[0].endswith("+defer")))
         for c in configs
     }
     # Every rank builds the plain model too (the same layer names on every
@@ -541,24 +548,40 @@ def _process_worker(args: argparse.Namespace) -> None:  # noqa: C901
                          statistics.median(cpus[c])])
         every = _mpi_ops.allgather_bytes(mine.astype("float64").tobytes())
         rows.append((c, [np.frombuffer(b, "float64") for b in every]))
-    # One message's time between stages 0 and 1 (half a round trip of two
-    # messages of a micro-batch's activations), per micro-batch count.
+    # One message's time between stages 0 and 1: half a round trip of a
+    # micro-batch's activations, sent and received by the graph ops the
+    # pipeline's steps use (`_mpi_ops.send` / `recv`), 50 round trips in
+    # one tf.function, medians of 5 such runs; per micro-batch count.
     one_way = {}
     for m in ms:
-        nbytes = args.batch // m * args.width * 4
-        payload, trips = bytes(nbytes), []
-        _mpi_ops.barrier()
-        for _ in range(20 if rank < 2 else 0):
+        height = args.batch // m
+        nbytes = height * args.width * 4
+
+        @tf.function
+        def trips(t, height=height):  # noqa: ANN001, ANN202
+            for _ in tf.range(50):
+                if rank == 0:
+                    sent = _mpi_ops.send(t, peer=1, tag=_PING_TAG)
+                    with tf.control_dependencies([sent]):
+                        t = _mpi_ops.recv([height, args.width], tf.float32, peer=1,
+                                          tag=_PING_TAG)
+                elif rank == 1:
+                    t = _mpi_ops.recv([height, args.width], tf.float32, peer=0,
+                                      tag=_PING_TAG)
+                    sent = _mpi_ops.send(t, peer=0, tag=_PING_TAG)
+                    with tf.control_dependencies([sent]):
+                        t = tf.identity(t)
+            return t
+
+        payload, runs = tf.zeros([height, args.width]), []
+        for _ in range(6):
+            _mpi_ops.barrier()
             start = time.perf_counter()
-            if rank == 0:
-                _mpi_ops.send_bytes(payload, peer=1, tag=_PING_TAG)
-                _mpi_ops.recv_bytes(nbytes, peer=1, tag=_PING_TAG)
-            else:
-                _mpi_ops.recv_bytes(nbytes, peer=0, tag=_PING_TAG)
-                _mpi_ops.send_bytes(payload, peer=0, tag=_PING_TAG)
-            trips.append(time.perf_counter() - start)
+            if rank < 2:
+                trips(payload).numpy()
+            runs.append((time.perf_counter() - start) / 100)
         if rank == 0:
-            one_way[m] = (nbytes, statistics.median(trips) / 2)
+            one_way[m] = (nbytes, statistics.median(runs[1:]))
     adam = smd.PipelineModel(net(), num_stages=k, microbatches=ms[-1],
                              partition=sizes)
     adam.compile(optimizer="adam", loss="mse")

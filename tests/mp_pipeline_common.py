@@ -20,7 +20,14 @@ CASES = {
     "seq_hybrid_cluster": ("seq", 2, 2, "1f1b", "adam", [2, 2], "cluster", 1),
     "skip_hybrid_spread": ("skip", 2, 2, "interleaved", "sgd", [1, 1, 1, 2],
                            "spread", 1),
+    # With defer_weight_gradients=True (see DEFERRED).
+    "skip_1f1b_adam_defer": ("skip", 2, 4, "1f1b", "adam", [2, 3], "cluster", 1),
+    "skip_interleaved_defer": ("skip", 2, 4, "interleaved", "momentum",
+                               [1, 1, 1, 2], "cluster", 1),
 }
+# Cases run with the dense layers' weight gradients deferred to one product
+# per step.
+DEFERRED = ("skip_1f1b_adam_defer", "skip_interleaved_defer")
 # Cases that also check evaluate and predict (each traces more functions).
 EVALUATED = ("seq_1f1b_sgd", "skip3_1f1b_adam", "skip_hybrid_spread")
 # Cases that also save and load their optimizer state (save_weights).

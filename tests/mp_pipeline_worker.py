@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from mp_pipeline_common import (  # noqa: E402
     CASES,
+    DEFERRED,
     EMBEDDING_PARTITION,
     EVALUATED,
     GLOBAL_BATCH,
@@ -59,7 +60,8 @@ def pipeline(case: str, *, seed: int | None = None, opt: str | None = None,
     # 0's initial weights were broadcast.
     net = model(kind, seed=RANK + 1 if seed is None else seed)
     args = dict(num_stages=stages, microbatches=micro, schedule=schedule,
-                partition=partition, placement=placement)
+                partition=partition, placement=placement,
+                defer_weight_gradients=case in DEFERRED)
     args.update(overrides)
     pipe = smd.PipelineModel(net, **args)
     pipe.compile(optimizer=optimizer(opt), loss="mse", metrics=["mae"])
@@ -104,6 +106,8 @@ def run_case(case: str) -> None:
         "pipeline_ranks": pipe.pipeline_ranks,
         "dp_group_ranks": pipe.dp_group_ranks, "memory": pipe.memory_report(),
         "num_weights": len(init), "optimizer_restored": restored,
+        "deferred": {str(k): v for k, v in
+                     pipe._process.runtime.deferred_weight_gradients.items()},
     }
 
 

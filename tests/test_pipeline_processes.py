@@ -108,12 +108,21 @@ def _check_case(out, nproc: int, case: str, results: list[dict]) -> None:
 
 def test_two_stages_in_two_processes(tmp_path):
     checks = ["seq_1f1b_sgd", "skip_gpipe_adam", "skip_interleaved_sgd",
+              "skip_1f1b_adam_defer", "skip_interleaved_defer",
               "mismatch", "custom", "checkpoint", "auto", "shuffled", "mixed"]
     proc = launch(["--nproc", "2", WORKER, str(tmp_path), *checks], timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = _results(tmp_path, 2)
-    for case in checks[:3]:
+    for case in checks[:5]:
         _check_case(tmp_path, 2, case, results)
+    # defer_weight_gradients: every Dense kernel's gradient (the first
+    # layer's too, whose input needs none) was one product per step, on
+    # every stage; without the option none is.
+    assert [r["skip_1f1b_adam_defer"]["deferred"] for r in results] == [
+        {"0": 2}, {"1": 2}]
+    assert [r["skip_interleaved_defer"]["deferred"] for r in results] == [
+        {"0": 1, "2": 1}, {"1": 1, "3": 1}]
+    assert all(r["skip_gpipe_adam"]["deferred"] == {} for r in results)
     assert [r["seq_1f1b_sgd"]["stage"] for r in results] == [0, 1]
     assert results[1]["seq_1f1b_sgd"]["pipeline_ranks"] == [0, 1]
     # fit shuffled the arrays alike on both ranks (seeded apart): the linear

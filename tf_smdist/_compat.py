@@ -17,6 +17,7 @@ __all__ = [
     "distribute_values",
     "get_devices_from",
     "input_util",
+    "graph_variable_handles",
     "move_variable",
     "refresh_optimizer_index",
     "regroup",
@@ -238,16 +239,23 @@ def compiled_parts(model: Any) -> tuple[Any, Any, Any]:
 
 
 # --- gradients of small matrix products ------------------------------------
-def _small_rows_matmul_grad(original: Any) -> Any:
+def _small_rows_matmul_grad(original: Any, small_rows: bool, defer: Any) -> Any:
     import tensorflow as tf
 
     def grad_fn(op: Any, grad: Any) -> Any:
         skip = getattr(op, "skip_input_indices", None) or ()
         a, b = op.inputs[0], op.inputs[1]
-        if (0 in skip or op.get_attr("transpose_a") or op.get_attr("transpose_b")
+        # `defer(op, grad)` keeps `(a, grad)` to compute the weight gradient
+        # later; the tape then sees none from this product.
+        deferred = defer is not None and 1 not in skip and bool(defer(op, grad))
+        if (not small_rows or 0 in skip or op.get_attr("transpose_a")
+                or op.get_attr("transpose_b")
                 or not (a.dtype.is_floating and a.dtype != tf.float16)
                 or a.shape.rank != 2 or b.shape.rank != 2):
-            return original(op, grad)
+            if not deferred:
+                return original(op, grad)
+            # `defer` takes untransposed products only.
+            return (None if 0 in skip else tf.matmul(grad, b, transpose_b=True)), None
 
         def through_weights() -> Any:  # (b @ grad^T)^T == grad @ b^T
             return tf.transpose(tf.matmul(b, grad, transpose_b=True))
@@ -264,10 +272,42 @@ def _small_rows_matmul_grad(original: Any) -> Any:
         else:
             small = 2 * tf.shape(grad)[0] <= tf.shape(b)[0]
             grad_a = tf.cond(small, through_weights, direct)
-        grad_b = None if 1 in skip else tf.matmul(a, grad, transpose_a=True)
+        grad_b = (None if 1 in skip or deferred
+                  else tf.matmul(a, grad, transpose_a=True))
         return grad_a, grad_b
 
     return grad_fn
+
+
+def graph_variable_handles(variables: Any) -> dict:
+    """The handles through which the current function graph reads `variables`.
+
+    Inside a `tf.function`, a variable is read through a placeholder that
+    captures its resource handle; `ReadVariableOp`s take that placeholder.
+    Only the function graph (TensorFlow's internal `FuncGraph`) knows which
+    placeholder captures which handle (its `captures`), and no public API
+    maps one to the other.
+
+    Args:
+        variables: Keras or TensorFlow variables.
+
+    Returns:
+        `{placeholder.ref(): index in variables}` for the variables the
+        current graph has read so far; empty when executing eagerly.
+    """
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return {}
+    graph = tf.compat.v1.get_default_graph()
+    captures = getattr(graph, "captures", None) or ()
+    inner = {id(external): internal for external, internal in captures}
+    out = {}
+    for i, v in enumerate(variables):
+        handle = getattr(v, "handle", None)  # Keras variables pass theirs on
+        if handle is not None and id(handle) in inner:
+            out[inner[id(handle)].ref()] = i
+    return out
 
 
 class small_rows_matmul_gradients:  # noqa: N801 (used as a context manager)
@@ -287,6 +327,11 @@ class small_rows_matmul_gradients:  # noqa: N801 (used as a context manager)
     Args:
         device: the device the gradients run on. Defaults to `None` (the
             default device).
+        defer: called as `defer(op, output_gradient)` for every `MatMul`
+            whose right operand's gradient is wanted; when it returns true
+            it has kept what it needs (`op.inputs[0]` and the output
+            gradient) to compute that gradient itself, and the tape gets
+            none from this product (on any device). Defaults to `None`.
 
     TensorFlow's tape looks gradient functions up by op type in its
     gradient registry and offers no public way to override one for a
@@ -294,17 +339,18 @@ class small_rows_matmul_gradients:  # noqa: N801 (used as a context manager)
     so the registry's entry is swapped for the duration.
     """
 
-    def __init__(self, device: str | None = None) -> None:
+    def __init__(self, device: str | None = None, defer: Any = None) -> None:
         import tensorflow as tf
 
         kind = tf.DeviceSpec.from_string(device).device_type if device else None
         if kind is None:
             kind = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
-        self.enabled = kind.upper() == "CPU"  # whether it changes anything
+        self.enabled = kind.upper() == "CPU"  # whether the small-rows rule applies
+        self._defer = defer
         self._saved = None
 
     def __enter__(self) -> None:
-        if not self.enabled:
+        if not self.enabled and self._defer is None:
             return
         # The gradient registry (see the class docstring) is private.
         from tensorflow.python.framework import ops
@@ -312,7 +358,8 @@ class small_rows_matmul_gradients:  # noqa: N801 (used as a context manager)
         registry = ops._gradient_registry._registry  # noqa: SLF001
         self._saved = registry["MatMul"]
         entry = dict(self._saved)
-        entry["type"] = _small_rows_matmul_grad(self._saved["type"])
+        entry["type"] = _small_rows_matmul_grad(self._saved["type"], self.enabled,
+                                                self._defer)
         registry["MatMul"] = entry
 
     def __exit__(self, *exc: Any) -> None:

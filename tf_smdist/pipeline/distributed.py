@@ -34,7 +34,8 @@ from tf_smdist import _compat
 from tf_smdist.data_parallel.buckets import plan_buckets
 from tf_smdist.pipeline import routing
 from tf_smdist.pipeline.execution import (
-    accumulate,
+    DeferredWeightGradients,
+    add_gradient,
     loss_seeds,
     slice_values,
     split_microbatches,
@@ -123,6 +124,10 @@ class ProcessPipeline:
             activations and their gradients travel in. Defaults to `None`.
         recompute: recompute each stage's forward in its backward.
             Defaults to `False`.
+        defer_weight_gradients: compute each stage's dense-layer weight
+            gradients once per step, after its last backward task
+            (`DeferredWeightGradients`); ignored with `recompute`. Defaults
+            to `False`.
         bucket_cap_mb: the fusion-bucket cap of the gradient all-reduce.
             Defaults to `25.0`.
         placement_summary: extra text compared across ranks at start-up.
@@ -147,6 +152,7 @@ class ProcessPipeline:
         *,
         compression: str | None = None,
         recompute: bool = False,
+        defer_weight_gradients: bool = False,
         bucket_cap_mb: float = 25.0,
         placement_summary: str = "",
         graph: LayerGraph | None = None,
@@ -168,6 +174,10 @@ class ProcessPipeline:
         self._compression = _COMPRESSION[compression]
         self._compression_name = compression
         self._recompute = bool(recompute)
+        self._defer_weights = bool(defer_weight_gradients)
+        # Per local stage, how many variables' gradients the last traced
+        # step deferred (see `DeferredWeightGradients`).
+        self.deferred_weight_gradients: dict[int, int] = {}
         self._bucket_cap_mb = float(bucket_cap_mb)
         self._device = local_device()
         self._graph: LayerGraph = (
@@ -650,11 +660,13 @@ class ProcessPipeline:
             return [k for k in inputs if k not in self._plan.local_inputs(s)
                     and _differentiable(inputs[k].dtype)]
 
-        for task in self._order:
+        defer = ({s: DeferredWeightGradients(self._stage_variables(s))
+                  for s in self._my_stages}
+                 if self._defer_weights and not self._recompute else {})
+        for index, task in enumerate(self._order):
             s, m = task.stage, task.microbatch
             rows = tf.shape(micro_x[m][0])[0]
-            variables = [v for layer in self._stage_layers[s]
-                         for v in layer.trainable_weights]
+            variables = self._stage_variables(s)
             with tf.name_scope(task_scope(task.kind, s, m)), tf.device(self._device):
                 if task.kind == "F":
                     with tf.control_dependencies(chain):
@@ -685,19 +697,26 @@ class ProcessPipeline:
                         targets, seeds = self._seeds(s, m, values, loss, local_grad,
                                                      rows, loss_scale)
                         sources = watched(inputs)
-                        with _compat.small_rows_matmul_gradients(self._device):
+                        # With deferred weight gradients a variable may get
+                        # none from the tape (None, not zeros: no addition).
+                        with _compat.small_rows_matmul_gradients(
+                                self._device, defer=defer.get(s)):
                             result = tape.gradient(
                                 targets, [inputs[k] for k in sources] + variables,
                                 output_gradients=seeds,
-                                unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                    input_grads = dict(zip(sources, result[: len(sources)]))
+                                unconnected_gradients=(
+                                    tf.UnconnectedGradients.NONE if s in defer
+                                    else tf.UnconnectedGradients.ZERO))
+                    input_grads = {
+                        k: tf.zeros_like(inputs[k]) if g is None else g
+                        for k, g in zip(sources, result[: len(sources)])}
                     # Sparse gradients (an embedding's) stay IndexedSlices, as
                     # in plain Keras: its optimizers treat a row repeated in
                     # them otherwise than the dense sum (Adam squares each).
-                    var_grads = [g if isinstance(g, tf.IndexedSlices)
+                    var_grads = [g if g is None or isinstance(g, tf.IndexedSlices)
                                  else tf.convert_to_tensor(g)
                                  for g in result[len(sources):]]
-                    done = [slice_values(g) for g in var_grads]
+                    done = [slice_values(g) for g in var_grads if g is not None]
                     for e in self._plan.incoming(s):
                         if e.key not in input_grads:
                             continue
@@ -708,7 +727,15 @@ class ProcessPipeline:
                         else:
                             done.append(self._send(g, e, m, backward=True))
                     grads[s] = (var_grads if s not in grads else
-                                [accumulate(a, g) for a, g in zip(grads[s], var_grads)])
+                                [add_gradient(a, g)
+                                 for a, g in zip(grads[s], var_grads)])
+                    if s in defer and index == last_backward[s]:
+                        # The stage's deferred weight gradients, after its
+                        # last backward task's work and messages.
+                        self.deferred_weight_gradients[s] = defer[s].deferred
+                        with tf.control_dependencies(done):
+                            grads[s] = defer[s].finish(grads[s])
+                        done = [slice_values(g) for g in grads[s]]
             chain = [tf.group(*done)] if not tf.executing_eagerly() else []
         # Each stage's reduction starts when its gradients are ready (its last
         # backward task), whenever it is built: built here, once every stage's
@@ -727,6 +754,9 @@ class ProcessPipeline:
             return None, [], all_grads
         return ([outs[m] for m in range(m_total)],
                 [losses[m] for m in range(m_total)], all_grads)
+
+    def _stage_variables(self, s: int) -> list[Any]:
+        return [v for layer in self._stage_layers[s] for v in layer.trainable_weights]
 
     def _seeds(self, s: int, m: int, values: dict[str, tf.Tensor],
                loss: tf.Tensor | None, local_grad: dict, rows: tf.Tensor,

@@ -18,7 +18,13 @@ from tf_smdist import _compat
 from tf_smdist.pipeline.schedule import Schedule
 from tf_smdist.pipeline.stages import Stage
 
-__all__ = ["split_microbatches", "run_forward", "run_train", "task_scope"]
+__all__ = [
+    "DeferredWeightGradients",
+    "run_forward",
+    "run_train",
+    "split_microbatches",
+    "task_scope",
+]
 
 LossFn = Callable[[int, list[tf.Tensor]], tf.Tensor]
 
@@ -165,6 +171,7 @@ def run_train(
     *,
     recompute: bool = False,
     loss_scale: Any = None,
+    defer_weight_gradients: bool = False,
 ) -> tuple[list[list[tf.Tensor]], list[tf.Tensor], list[list[tf.Tensor]]]:
     """Runs every task of `schedule`: forwards, losses and backwards.
 
@@ -184,6 +191,10 @@ def run_train(
         loss_scale: differentiate `loss_scale * loss` (mixed precision's loss
             scaling, as `optimizer.scale_loss` does in Keras' `train_step`);
             the losses returned stay unscaled. Defaults to `None` (1).
+        defer_weight_gradients: compute each stage's dense-layer weight
+            gradients once, after its last backward task
+            (`DeferredWeightGradients`); ignored with `recompute`. Defaults
+            to `False`.
 
     Returns:
         `(outputs, losses, grads)`: per micro-batch the last stage's outputs,
@@ -208,13 +219,18 @@ def run_train(
     upstream: dict[tuple[int, int], list[tf.Tensor]] = {}
     losses: dict[int, tf.Tensor] = {}
     grads: list[list[tf.Tensor] | None] = [None] * len(stages)
+    order = list(schedule.linear_order())
+    last_backward = {t.stage: i for i, t in enumerate(order) if t.kind == "B"}
+    defer = ({s: DeferredWeightGradients(stages[s].trainable_variables)
+              for s in range(len(stages))}
+             if defer_weight_gradients and not recompute else {})
 
     def forward(s: int, m: int, inputs: list[tf.Tensor]):
         outputs = stages[s](inputs, training=True)
         loss = loss_fn(m, outputs) if s == last else None
         return outputs, loss
 
-    for task in schedule.linear_order():
+    for index, task in enumerate(order):
         s, m = task.stage, task.microbatch
         stage, dev = stages[s], schedule.device_of(s)
         with tf.name_scope(task_scope(task.kind, s, m)), tf.device(stage.device):
@@ -259,14 +275,20 @@ def run_train(
                     seeds = [dy for _, dy in pairs]
                 sources = [t for t in inputs if _differentiable(t)]
                 variables = stage.trainable_variables
-                with _compat.small_rows_matmul_gradients(stage.device):
+                # With deferred weight gradients a variable may get none
+                # from the tape (None, not zeros: no addition).
+                with _compat.small_rows_matmul_gradients(stage.device,
+                                                         defer=defer.get(s)):
                     result = tape.gradient(
                         targets,
                         sources + variables,
                         output_gradients=seeds,
-                        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                        unconnected_gradients=(
+                            tf.UnconnectedGradients.NONE if s in defer
+                            else tf.UnconnectedGradients.ZERO),
                     )
-            input_grads = iter(result[: len(sources)])
+            input_grads = iter([tf.zeros_like(t) if g is None else g
+                                for t, g in zip(sources, result[: len(sources)])])
             var_grads = result[len(sources) :]
             if s > 0:
                 upstream[(s - 1, m)] = [
@@ -276,15 +298,111 @@ def run_train(
             if grads[s] is None:
                 grads[s] = list(var_grads)
             else:
-                grads[s] = [accumulate(a, g) for a, g in zip(grads[s], var_grads)]
+                grads[s] = [add_gradient(a, g) for a, g in zip(grads[s], var_grads)]
+            if s in defer and index == last_backward[s]:
+                # After the stage's last backward task; counted in it.
+                with tf.control_dependencies(
+                        [g for g in upstream.get((s - 1, m), []) if g is not None]):
+                    grads[s] = defer[s].finish(grads[s])
             chain.done(
                 dev,
                 [g for g in upstream.get((s - 1, m), []) if g is not None]
-                + [slice_values(g) for g in grads[s]],
+                + [slice_values(g) for g in grads[s] if g is not None],
             )
     outputs = [acts[(last, m)] for m in range(schedule.num_microbatches)]
     loss_list = [losses[m] for m in range(schedule.num_microbatches)]
     return outputs, loss_list, [g or [] for g in grads]
+
+
+class DeferredWeightGradients:
+    """A stage's dense-layer weight gradients, computed once per step.
+
+    The gradient of `x @ W` with respect to `W` is `x^T @ dy`; summed over
+    the micro-batches it is one product of the micro-batches' rows stacked,
+    `[x_1; ...; x_M]^T @ [dy_1; ...; dy_M]`. Passed as `defer=` to
+    `_compat.small_rows_matmul_gradients` around each backward task's
+    `tape.gradient`, it keeps `(x, dy)` of every `MatMul` that reads one of
+    `variables` directly (untransposed, 2-D, same dtype) instead of letting
+    the tape compute `x^T @ dy` per micro-batch; `finish` then computes each
+    such weight gradient with one product over all micro-batches' rows. The
+    backward tasks, whose input gradients the previous stage waits for,
+    shrink, the sum over micro-batches costs no additions, and the products
+    have `M` times the rows, which CPUs (and GPUs) run more efficiently. The
+    cost: each deferred layer's inputs and output gradients of every
+    micro-batch stay alive until `finish` (GPipe holds the inputs anyway;
+    1F1B otherwise frees them after each micro-batch's backward).
+
+    Args:
+        variables: the stage's trainable variables, in the order of the
+            gradients that `finish` completes.
+
+    Example:
+    ```python
+    defer = DeferredWeightGradients(variables)
+    with _compat.small_rows_matmul_gradients(device, defer=defer):
+        grads = tape.gradient(loss, variables)
+    grads = defer.finish(grads)      # after the last micro-batch
+    ```
+    """
+
+    def __init__(self, variables: Sequence[Any]) -> None:
+        self._variables = list(variables)
+        self._kept: dict[int, list[tuple[tf.Tensor, tf.Tensor]]] = {}
+        self._handles: dict = {}
+        self._graph: Any = None
+
+    def __call__(self, op: Any, grad: Any) -> bool:
+        """Keeps `(op.inputs[0], grad)` when `op` reads one of the variables."""
+        if tf.executing_eagerly() or not isinstance(grad, tf.Tensor):
+            return False
+        graph = tf.compat.v1.get_default_graph()
+        x, w = op.inputs[0], op.inputs[1]  # (the tape passes a stand-in op)
+        if x.graph is not graph or w.graph is not graph or grad.graph is not graph:
+            return False  # inside a control-flow branch: not usable outside
+        if op.get_attr("transpose_a") or op.get_attr("transpose_b"):
+            return False
+        if w.op.type != "ReadVariableOp" or x.shape.rank != 2 or grad.shape.rank != 2:
+            return False
+        if graph is not self._graph:
+            self._graph = graph
+            self._handles = {}
+        key = w.op.inputs[0].ref()
+        if key not in self._handles:
+            self._handles = _compat.graph_variable_handles(self._variables)
+        index = self._handles.get(key)
+        if index is None or x.dtype != grad.dtype:
+            return False
+        self._kept.setdefault(index, []).append((x, grad))
+        return True
+
+    @property
+    def deferred(self) -> int:
+        """How many variables have deferred products."""
+        return len(self._kept)
+
+    def finish(self, grads: Sequence[Any]) -> list[Any]:
+        """`grads` plus each deferred weight gradient; zeros where still `None`.
+
+        Args:
+            grads: per variable, the sum of the tape's gradients over the
+                micro-batches, or `None` where the tape gave none.
+
+        Returns:
+            The complete gradients, one per variable.
+        """
+        out = list(grads)
+        for index, pairs in sorted(self._kept.items()):
+            xs = [x for x, _ in pairs]
+            dys = [dy for _, dy in pairs]
+            x = xs[0] if len(xs) == 1 else tf.concat(xs, 0)
+            dy = dys[0] if len(dys) == 1 else tf.concat(dys, 0)
+            g = tf.matmul(x, dy, transpose_a=True)
+            v = self._variables[index]
+            g = tf.cast(g, v.dtype) if g.dtype != v.dtype else g
+            out[index] = g if out[index] is None else accumulate(out[index], g)
+        self._kept = {}
+        return [tf.zeros(v.shape, v.dtype) if g is None else g
+                for v, g in zip(self._variables, out)]
 
 
 def loss_seeds(loss: tf.Tensor, loss_scale: Any) -> list[tf.Tensor] | None:
@@ -309,6 +427,13 @@ def accumulate(a: Any, g: Any) -> Any:
                                 tf.concat([a.indices, g.indices], 0),
                                 a.dense_shape)
     return tf.convert_to_tensor(a) + tf.convert_to_tensor(g)
+
+
+def add_gradient(a: Any, g: Any) -> Any:
+    """`accumulate(a, g)`, where `None` is no gradient (yet)."""
+    if a is None:
+        return g
+    return a if g is None else accumulate(a, g)
 
 
 def slice_values(g: Any) -> Any:

@@ -103,6 +103,15 @@ class PipelineModel(keras.Model):
         virtual_stages: stages per device for `"interleaved"`. Defaults to `2`.
         recompute: drop each stage's intermediate activations after its
             forward and recompute them in its backward. Defaults to `False`.
+        defer_weight_gradients: compute the weight gradients of each
+            stage's dense products (`x @ kernel`, as in `Dense`) once per
+            step, over all micro-batches' rows, after the stage's last
+            backward task, instead of once per micro-batch inside it (the
+            backward tasks that the previous stage waits for get shorter,
+            and the products larger). Costs memory: those layers' inputs
+            and output gradients of every micro-batch stay alive until the
+            end of the backward (as in GPipe). Ignored with `recompute`.
+            Defaults to `False`.
         partition_options: keyword arguments for `smd.partition` when the
             partition is chosen automatically (`optimize`,
             `memory_capacity`, `bandwidth`, ...). Defaults to `None`.
@@ -154,6 +163,7 @@ class PipelineModel(keras.Model):
         partition: Any = "auto",
         virtual_stages: int = 2,
         recompute: bool = False,
+        defer_weight_gradients: bool = False,
         partition_options: dict[str, Any] | None = None,
         placement: str = "cluster",
         transfer_compression: str | None = None,
@@ -206,6 +216,7 @@ class PipelineModel(keras.Model):
         self._schedule_name = schedule
         self._virtual = virtual_stages if schedule == "interleaved" else 1
         self._recompute = bool(recompute)
+        self._defer_weights = bool(defer_weight_gradients)
         self._partition_options = dict(partition_options or {})
         if devices is None:
             devices = _default_devices(num_stages)
@@ -329,6 +340,7 @@ class PipelineModel(keras.Model):
             self._topology,
             compression=self._transfer_compression,
             recompute=self._recompute,
+            defer_weight_gradients=self._defer_weights,
             bucket_cap_mb=self._bucket_cap_mb,
             graph=graph,
         )
@@ -889,6 +901,7 @@ class PipelineModel(keras.Model):
             loss_fn,
             recompute=self._recompute,
             loss_scale=self._loss_scale(),
+            defer_weight_gradients=self._defer_weights,
         )
         with tf.device(self._stages[-1].device):
             loss = tf.add_n(losses)
