@@ -41,6 +41,10 @@ def main() -> None:
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--placement", default="cluster")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument(
+        "--defer-weight-gradients", action="store_true",
+        help="compute each stage's Dense weight gradients once per step, over "
+             "all micro-batches (faster; holds every micro-batch's layer inputs)")
     args = parser.parse_args()
 
     keras.utils.set_random_seed(0)
@@ -50,7 +54,8 @@ def main() -> None:
 
     pipe = smd.PipelineModel(
         make_model(), num_stages=args.stages, microbatches=args.microbatches,
-        schedule="1f1b", partition=[2, 3], placement=args.placement)
+        schedule="1f1b", partition=[2, 3], placement=args.placement,
+        defer_weight_gradients=args.defer_weight_gradients)
     rank = pipe.topology.rank if pipe.topology else 0
     print(f"rank {rank}: stage {pipe.stage_rank} of {pipe.stage_size}, "
           f"pipeline {pipe.dp_rank} of {pipe.dp_size}; pipeline ranks "

@@ -366,7 +366,7 @@ def run_auto() -> None:
 def run_example() -> None:
     example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
         __file__))), "examples", "pipeline_hybrid.py")
-    sys.argv = [example, "--epochs", "1"]
+    sys.argv = [example, "--epochs", "1", "--defer-weight-gradients"]
     runpy.run_path(example, run_name="__main__")
 
 
