@@ -56,8 +56,8 @@ activations between stages 0 and 1 through the same graph ops the steps
 use), and the bytes of variables, gradients and optimizer state (Adam) each
 process holds against the whole model's. Each schedule also runs with
 `defer_weight_gradients=True` (rows `gpipe+defer`, `1f1b+defer`): each
-stage's Dense weight gradients as one product per step after its last
-backward task.
+stage's Dense weight gradients as two products per step around its last
+backward task instead of one per micro-batch.
 
 Every mode always runs M = 1, the sanity row where a pipeline cannot win.
 

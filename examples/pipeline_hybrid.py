@@ -43,8 +43,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument(
         "--defer-weight-gradients", action="store_true",
-        help="compute each stage's Dense weight gradients once per step, over "
-             "all micro-batches (faster; holds every micro-batch's layer inputs)")
+        help="compute each stage's Dense weight gradients over many "
+             "micro-batches at once (faster; holds every micro-batch's layer "
+             "inputs)")
     args = parser.parse_args()
 
     keras.utils.set_random_seed(0)

@@ -116,8 +116,8 @@ def test_two_stages_in_two_processes(tmp_path):
     for case in checks[:5]:
         _check_case(tmp_path, 2, case, results)
     # defer_weight_gradients: every Dense kernel's gradient (the first
-    # layer's too, whose input needs none) was one product per step, on
-    # every stage; without the option none is.
+    # layer's too, whose input needs none) was left out of the backward
+    # tasks, on every stage; without the option none is.
     assert [r["skip_1f1b_adam_defer"]["deferred"] for r in results] == [
         {"0": 2}, {"1": 2}]
     assert [r["skip_interleaved_defer"]["deferred"] for r in results] == [

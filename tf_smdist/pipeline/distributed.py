@@ -125,9 +125,9 @@ class ProcessPipeline:
         recompute: recompute each stage's forward in its backward.
             Defaults to `False`.
         defer_weight_gradients: compute each stage's dense-layer weight
-            gradients once per step, after its last backward task
-            (`DeferredWeightGradients`); ignored with `recompute`. Defaults
-            to `False`.
+            gradients in two products per step, around its last backward
+            task (`DeferredWeightGradients`); ignored with `recompute`.
+            Defaults to `False`.
         bucket_cap_mb: the fusion-bucket cap of the gradient all-reduce.
             Defaults to `25.0`.
         placement_summary: extra text compared across ranks at start-up.
@@ -686,6 +686,12 @@ class ProcessPipeline:
                 else:
                     entry = saved.pop((s, m))
                     inputs = entry[0]
+                    if s in defer and index == last_backward[s] and defer[s].pending:
+                        # The products of the micro-batches done so far, for
+                        # the time the stage waits for its last output
+                        # gradient (the cooldown's wait; no op waits on them).
+                        with tf.control_dependencies(chain):
+                            grads[s] = defer[s].flush(grads[s])
                     with tf.control_dependencies(chain):
                         if self._recompute:
                             inputs = {k: tf.identity(v) for k, v in inputs.items()}

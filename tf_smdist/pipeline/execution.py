@@ -192,7 +192,7 @@ def run_train(
             scaling, as `optimizer.scale_loss` does in Keras' `train_step`);
             the losses returned stay unscaled. Defaults to `None` (1).
         defer_weight_gradients: compute each stage's dense-layer weight
-            gradients once, after its last backward task
+            gradients in two products, around its last backward task
             (`DeferredWeightGradients`); ignored with `recompute`. Defaults
             to `False`.
 
@@ -254,6 +254,11 @@ def run_train(
             # Backward.
             entry = saved.pop((s, m))
             inputs = entry[0]
+            if s in defer and index == last_backward[s] and defer[s].pending:
+                # The products of the micro-batches done so far, for the time
+                # the stage waits for its last output gradient.
+                with tf.control_dependencies(chain.deps(dev)):
+                    grads[s] = defer[s].flush(grads[s])
             with tf.control_dependencies(chain.deps(dev)):
                 if recompute:
                     inputs = [tf.identity(t) for t in inputs]
@@ -315,7 +320,7 @@ def run_train(
 
 
 class DeferredWeightGradients:
-    """A stage's dense-layer weight gradients, computed once per step.
+    """A stage's dense-layer weight gradients, computed outside its backward tasks.
 
     The gradient of `x @ W` with respect to `W` is `x^T @ dy`; summed over
     the micro-batches it is one product of the micro-batches' rows stacked,
@@ -323,14 +328,17 @@ class DeferredWeightGradients:
     `_compat.small_rows_matmul_gradients` around each backward task's
     `tape.gradient`, it keeps `(x, dy)` of every `MatMul` that reads one of
     `variables` directly (untransposed, 2-D, same dtype) instead of letting
-    the tape compute `x^T @ dy` per micro-batch; `finish` then computes each
-    such weight gradient with one product over all micro-batches' rows. The
-    backward tasks, whose input gradients the previous stage waits for,
-    shrink, the sum over micro-batches costs no additions, and the products
-    have `M` times the rows, which CPUs (and GPUs) run more efficiently. The
-    cost: each deferred layer's inputs and output gradients of every
-    micro-batch stay alive until `finish` (GPipe holds the inputs anyway;
-    1F1B otherwise frees them after each micro-batch's backward).
+    the tape compute `x^T @ dy` per micro-batch; `flush` computes each such
+    weight gradient with one product over the rows of the micro-batches kept
+    so far, and `finish` completes it. The pipelines flush once before a
+    stage's last backward task (while the stage waits for that task's output
+    gradient) and finish after it. The backward tasks, whose input gradients
+    the previous stage waits for, shrink, the sum over micro-batches costs
+    (almost) no additions, and the products have up to `M - 1` times the
+    rows, which CPUs (and GPUs) run more efficiently. The cost: each deferred
+    layer's inputs and output gradients of every micro-batch stay alive until
+    they are flushed (GPipe holds the inputs anyway; 1F1B otherwise frees
+    them after each micro-batch's backward).
 
     Args:
         variables: the stage's trainable variables, in the order of the
@@ -340,7 +348,8 @@ class DeferredWeightGradients:
     ```python
     defer = DeferredWeightGradients(variables)
     with _compat.small_rows_matmul_gradients(device, defer=defer):
-        grads = tape.gradient(loss, variables)
+        grads = tape.gradient(loss, variables,
+                              unconnected_gradients=tf.UnconnectedGradients.NONE)
     grads = defer.finish(grads)      # after the last micro-batch
     ```
     """
@@ -348,6 +357,7 @@ class DeferredWeightGradients:
     def __init__(self, variables: Sequence[Any]) -> None:
         self._variables = list(variables)
         self._kept: dict[int, list[tuple[tf.Tensor, tf.Tensor]]] = {}
+        self._taken: set[int] = set()
         self._handles: dict = {}
         self._graph: Any = None
 
@@ -373,22 +383,28 @@ class DeferredWeightGradients:
         if index is None or x.dtype != grad.dtype:
             return False
         self._kept.setdefault(index, []).append((x, grad))
+        self._taken.add(index)
         return True
 
     @property
     def deferred(self) -> int:
-        """How many variables have deferred products."""
-        return len(self._kept)
+        """How many variables have had products deferred."""
+        return len(self._taken)
 
-    def finish(self, grads: Sequence[Any]) -> list[Any]:
-        """`grads` plus each deferred weight gradient; zeros where still `None`.
+    @property
+    def pending(self) -> bool:
+        """Whether products are kept that `flush` has not computed yet."""
+        return bool(self._kept)
+
+    def flush(self, grads: Sequence[Any]) -> list[Any]:
+        """`grads` plus the products kept so far (`None` stays where none).
 
         Args:
-            grads: per variable, the sum of the tape's gradients over the
-                micro-batches, or `None` where the tape gave none.
+            grads: per variable, a gradient sum or `None`.
 
         Returns:
-            The complete gradients, one per variable.
+            Per variable, `grads` plus one product over the rows of every
+            micro-batch kept since the last `flush`; those are dropped.
         """
         out = list(grads)
         for index, pairs in sorted(self._kept.items()):
@@ -401,8 +417,20 @@ class DeferredWeightGradients:
             g = tf.cast(g, v.dtype) if g.dtype != v.dtype else g
             out[index] = g if out[index] is None else accumulate(out[index], g)
         self._kept = {}
+        return out
+
+    def finish(self, grads: Sequence[Any]) -> list[Any]:
+        """`grads` plus every kept product (`flush`); zeros where still `None`.
+
+        Args:
+            grads: per variable, the sum of the tape's gradients over the
+                micro-batches, or `None` where the tape gave none.
+
+        Returns:
+            The complete gradients, one per variable.
+        """
         return [tf.zeros(v.shape, v.dtype) if g is None else g
-                for v, g in zip(self._variables, out)]
+                for v, g in zip(self._variables, self.flush(grads))]
 
 
 def loss_seeds(loss: tf.Tensor, loss_scale: Any) -> list[tf.Tensor] | None:

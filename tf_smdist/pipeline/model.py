@@ -104,14 +104,16 @@ class PipelineModel(keras.Model):
         recompute: drop each stage's intermediate activations after its
             forward and recompute them in its backward. Defaults to `False`.
         defer_weight_gradients: compute the weight gradients of each
-            stage's dense products (`x @ kernel`, as in `Dense`) once per
-            step, over all micro-batches' rows, after the stage's last
-            backward task, instead of once per micro-batch inside it (the
+            stage's dense products (`x @ kernel`, as in `Dense`) as two
+            products per step instead of one per micro-batch inside the
+            backward tasks: one over the rows of every micro-batch but the
+            last, run while the stage waits for its last output gradient,
+            and one for the last, after its last backward task (the
             backward tasks that the previous stage waits for get shorter,
             and the products larger). Costs memory: those layers' inputs
             and output gradients of every micro-batch stay alive until the
-            end of the backward (as in GPipe). Ignored with `recompute`.
-            Defaults to `False`.
+            stage's last backward task (as in GPipe). Ignored with
+            `recompute`. Defaults to `False`.
         partition_options: keyword arguments for `smd.partition` when the
             partition is chosen automatically (`optimize`,
             `memory_capacity`, `bandwidth`, ...). Defaults to `None`.
