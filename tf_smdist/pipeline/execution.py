@@ -304,16 +304,13 @@ def run_train(
                 grads[s] = list(var_grads)
             else:
                 grads[s] = [add_gradient(a, g) for a, g in zip(grads[s], var_grads)]
+            passed = [g for g in upstream.get((s - 1, m), []) if g is not None]
             if s in defer and index == last_backward[s]:
                 # After the stage's last backward task; counted in it.
-                with tf.control_dependencies(
-                        [g for g in upstream.get((s - 1, m), []) if g is not None]):
+                with tf.control_dependencies(passed):
                     grads[s] = defer[s].finish(grads[s])
             chain.done(
-                dev,
-                [g for g in upstream.get((s - 1, m), []) if g is not None]
-                + [slice_values(g) for g in grads[s] if g is not None],
-            )
+                dev, passed + [slice_values(g) for g in grads[s] if g is not None])
     outputs = [acts[(last, m)] for m in range(schedule.num_microbatches)]
     loss_list = [losses[m] for m in range(schedule.num_microbatches)]
     return outputs, loss_list, [g or [] for g in grads]
@@ -412,9 +409,7 @@ class DeferredWeightGradients:
             dys = [dy for _, dy in pairs]
             x = xs[0] if len(xs) == 1 else tf.concat(xs, 0)
             dy = dys[0] if len(dys) == 1 else tf.concat(dys, 0)
-            g = tf.matmul(x, dy, transpose_a=True)
-            v = self._variables[index]
-            g = tf.cast(g, v.dtype) if g.dtype != v.dtype else g
+            g = tf.matmul(x, dy, transpose_a=True)  # x: the variable's dtype
             out[index] = g if out[index] is None else accumulate(out[index], g)
         self._kept = {}
         return out
