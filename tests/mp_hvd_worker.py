@@ -141,11 +141,12 @@ def main() -> None:
                 close(got.numpy(), want, dtype)
     check("allreduce_large", allreduce_large)
 
-    # From 256 KB the communication thread runs its own ring all-reduce
-    # (point-to-point chunks, summed by MPI_Reduce_local); an element count
-    # that no process count divides leaves blocks of unequal length, and the
-    # test's 64 KB chunks (SMDIST_MPI_RING_CHUNK_BYTES) give blocks of
-    # 2-8 chunks from 2-byte elements up.
+    # From 256 KB (SMDIST_MPI_RING_BYTES, set by the test) the communication
+    # thread runs its own ring all-reduce (point-to-point chunks, summed by
+    # MPI_Reduce_local); an element count that no process count divides
+    # leaves blocks of unequal length, and the test's 64 KB chunks
+    # (SMDIST_MPI_RING_CHUNK_BYTES) give blocks of 2-8 chunks from 2-byte
+    # elements up.
     def allreduce_ring():
         n = (256 << 10) + 7
         for dtype in DTYPES:

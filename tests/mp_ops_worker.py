@@ -251,9 +251,10 @@ def collectives() -> dict:
     out["min"] = _mpi_ops.host_allreduce(v, reduction="min").numpy().tolist()
     out["max"] = _mpi_ops.host_allreduce(v, reduction="max").numpy().tolist()
     out["empty"] = _mpi_ops.host_allreduce(tf.zeros([0])).shape.as_list()
-    # From 256 KB the communication thread's ring: out of place from an input
-    # still referenced here (it must stay as it was), in place on a fresh
-    # intermediate; an odd length gives blocks of unequal size.
+    # From 256 KB (SMDIST_MPI_RING_BYTES, set by the test) the communication
+    # thread's ring: out of place from an input still referenced here (it
+    # must stay as it was), in place on a fresh intermediate; an odd length
+    # gives blocks of unequal size.
     big = tf.constant(np.arange((256 << 10) + 3, dtype=np.float32) * (rank + 1))
     held = _mpi_ops.host_allreduce(big)
     fresh = tf.function(lambda v: _mpi_ops.host_allreduce(v * 1.0))(big)

@@ -104,8 +104,10 @@ def test_docstring_examples_run():
 def test_collectives_across_processes(tmp_path, nproc):
     args = ["--nproc", str(nproc), WORKER, str(tmp_path)]
     args += ["--timings"] if nproc == 2 else []
-    # Small ring chunks, so that the ring check's blocks span several.
-    proc = launch(args, timeout=300, env={"SMDIST_MPI_RING_CHUNK_BYTES": "65536"})
+    # The ring from 256 KB (by default it starts at 48 MiB / (processes - 1)),
+    # in small chunks, so that the ring check's blocks span several.
+    proc = launch(args, timeout=300, env={"SMDIST_MPI_RING_BYTES": "262144",
+                                          "SMDIST_MPI_RING_CHUNK_BYTES": "65536"})
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     for r in range(nproc):
         with open(os.path.join(tmp_path, f"rank{r}.json")) as f:

@@ -41,8 +41,10 @@ def _expected_sum(dtype: str, size: int) -> np.ndarray:
 @requires_mpi
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_collectives_across_processes(tmp_path, nproc):
+    # The engine's ring from 256 KB (by default from 48 MiB / (processes - 1)),
+    # so that the worker's 512 KB and 1 MB all-reduces take it.
     proc = launch(["--nproc", str(nproc), WORKER, "collectives", str(tmp_path)],
-                  timeout=180)
+                  timeout=180, env={"SMDIST_MPI_RING_BYTES": "262144"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = _results(str(tmp_path), nproc)
     for r, res in enumerate(results):

@@ -235,10 +235,10 @@ class ScratchPool {
 // An all-reduce built from point-to-point messages: a ring reduce-scatter
 // then a ring all-gather, each step's block split into chunks so the sum of
 // one chunk overlaps the transfer of the next. Open MPI's non-blocking
-// MPI_Iallreduce runs a generic schedule that progresses only inside
-// MPI_Test and takes about twice as long as the blocking call for large
-// messages on one host; this takes less than the blocking call, and the
-// communication thread still polls for failures between steps. Every rank
+// MPI_Iallreduce (its ring algorithm, set in Communicator::Init) is as fast
+// up to tens of MB, but its time jumps above that (RingBytes); this keeps
+// its scratch buffers, and the communication thread still polls for
+// failures between steps. Every rank
 // ends with the same bits: each block is reduced on one rank, then copied.
 // With a separate input `in` (not nullptr), this rank's values are read from
 // it and `buf` only receives: blocks arrive straight into `buf` and are
@@ -444,8 +444,9 @@ struct Communicator::Impl {
   double spin_until = 0;
   double last_activity = 0;
   int64_t send_poll_us = 500;  // 0: sends are polled like receives (see Setup)
-  // All-reduces of at least `ring_bytes` run as RingAllreduce, in chunks.
-  int64_t ring_bytes = 256 << 10;
+  // All-reduces of at least `ring_bytes` run as RingAllreduce, in chunks;
+  // negative: RingBytes picks it by the communicator's size.
+  int64_t ring_bytes = -1;
   int64_t ring_chunk_bytes = 1 << 20;
   std::vector<std::shared_ptr<RingAllreduce>> abandoned_rings;  // after a failure
 
@@ -516,8 +517,9 @@ struct Communicator::Impl {
         recv_poll_us, static_cast<int64_t>(EnvDouble("SMDIST_MPI_RECV_POLL_MAX_US",
                                                      static_cast<double>(recv_poll_max_us))));
     recv_poll_next_us = recv_poll_us;
-    ring_bytes = static_cast<int64_t>(
-        std::max(0.0, EnvDouble("SMDIST_MPI_RING_BYTES", static_cast<double>(ring_bytes))));
+    if (std::getenv("SMDIST_MPI_RING_BYTES") != nullptr) {
+      ring_bytes = static_cast<int64_t>(std::max(0.0, EnvDouble("SMDIST_MPI_RING_BYTES", 0.0)));
+    }
     ring_chunk_bytes = static_cast<int64_t>(std::max(
         1024.0, EnvDouble("SMDIST_MPI_RING_CHUNK_BYTES", static_cast<double>(ring_chunk_bytes))));
     // Lazy send polling only where every rank shares this host's memory.
@@ -1009,6 +1011,17 @@ struct Communicator::Impl {
     return MPI_SUM;
   }
 
+  // The size from which an all-reduce over `n` ranks runs as RingAllreduce.
+  // Below it, Open MPI's MPI_Iallreduce (its ring, see Setup) was as fast as
+  // the blocking call and up to 1.3x faster than RingAllreduce here (1-48 MB
+  // on 2 processes); above it the MPI call's time jumps (2 processes: 10 ms
+  // at 48 MB, 23 ms at 56 MB, where RingAllreduce takes 13; 3 processes:
+  // from about 24 MB), while RingAllreduce keeps its scratch buffers.
+  int64_t RingBytes(int n) const {
+    if (ring_bytes >= 0) return ring_bytes;
+    return (int64_t{48} << 20) / std::max(1, n - 1);
+  }
+
   // Posts the non-blocking collective of `f` on `comm`.
   int Post(InFlight& f, const CommState& cs, MPI_Comm comm) {
     const Request& r = f.request;
@@ -1020,7 +1033,7 @@ struct Communicator::Impl {
         if (count == 0) return MPI_SUCCESS;
         if (n > 1 && count >= n &&
             static_cast<int64_t>(count) * static_cast<int64_t>(DataTypeSize(r.dtype)) >=
-                ring_bytes) {
+                RingBytes(n)) {
           f.ring = std::make_shared<RingAllreduce>(
               static_cast<const char*>(r.send),
               static_cast<char*>(r.recv), count, DataTypeSize(r.dtype), dt,
