@@ -7,6 +7,13 @@ import tensorflow as tf
 from tf_smdist import _compat
 
 
+@pytest.fixture(autouse=True)
+def _rule_always(monkeypatch):
+    # Whether the rule's form pays is measured per machine; these tests
+    # check the form itself, so they ask for it (the choice: tests below).
+    monkeypatch.setenv(_compat.MATMUL_RULE_ENV, "always")
+
+
 def _grads(a, b, *, rule, sources="ab", signature=None, transpose_b=False):
     @tf.function(input_signature=signature)
     def run(a, b):
@@ -57,7 +64,7 @@ def test_transposed_and_other_dtypes_keep_tensorflows_rule():
         np.testing.assert_allclose(g, w, rtol=1e-12)
 
 
-def _gradient_op_types(rule, device=None):
+def _gradient_op_types(rule, device=None, rows=2):
     @tf.function
     def run(a, b):
         with tf.GradientTape() as tape:
@@ -68,7 +75,7 @@ def _gradient_op_types(rule, device=None):
                 return tape.gradient(y, a)
         return tape.gradient(y, a)
 
-    graph = run.get_concrete_function(tf.zeros([2, 16]), tf.zeros([16, 16])).graph
+    graph = run.get_concrete_function(tf.zeros([rows, 16]), tf.zeros([16, 16])).graph
     return {op.type for op in graph.get_operations()}
 
 
@@ -105,3 +112,45 @@ def test_only_for_cpu_devices():
     # GPU kernels transpose operands for free: TensorFlow's rule stays.
     assert "Transpose" not in _gradient_op_types(True, "/GPU:0")
     assert "Transpose" in _gradient_op_types(True, "/job:worker/replica:0/task:1/CPU:0")
+
+
+def test_never_keeps_tensorflows_rule(monkeypatch):
+    monkeypatch.setenv(_compat.MATMUL_RULE_ENV, "never")
+    assert "Transpose" not in _gradient_op_types(True)
+
+
+def test_bad_mode_is_refused(monkeypatch):
+    monkeypatch.setenv(_compat.MATMUL_RULE_ENV, "sometimes")
+    with pytest.raises(ValueError, match="SMDIST_MATMUL_RULE must be one of measure"):
+        _compat.small_rows_matmul_gradients()
+
+
+@pytest.mark.parametrize("times,transposed", [((1.0, 0.5), True), ((1.0, 0.95), False)])
+def test_measure_takes_the_rule_only_when_clearly_faster(monkeypatch, times,
+                                                         transposed):
+    monkeypatch.setenv(_compat.MATMUL_RULE_ENV, "measure")
+    monkeypatch.setattr(_compat, "_through_weights_choice", {})
+    calls = []
+
+    def fake(rows, units, cols, dtype):
+        calls.append((rows, units, cols, tf.as_dtype(dtype).name))
+        return times
+
+    monkeypatch.setattr(_compat, "_time_input_gradient_forms", fake)
+    assert ("Transpose" in _gradient_op_types(True, rows=3)) == transposed
+    # Measured once per shape and process; rows above half the weight's
+    # rows are never candidates.
+    assert ("Transpose" in _gradient_op_types(True, rows=3)) == transposed
+    assert "Transpose" not in _gradient_op_types(True, rows=9)
+    assert calls == [(3, 16, 16, "float32")]
+    # A remote worker's CPU is not this process's: no measurement there.
+    assert "Transpose" in _gradient_op_types(True, "/job:worker/replica:0/task:1/CPU:0",
+                                             rows=4)
+    assert len(calls) == 1
+
+
+def test_the_measurement_times_both_forms():
+    for dtype in (tf.float32, tf.bfloat16):
+        direct, through = _compat._time_input_gradient_forms(8, 64, 32, dtype,
+                                                             copies=2, repeats=3)
+        assert 0 < direct < 1 and 0 < through < 1

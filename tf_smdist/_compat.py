@@ -239,7 +239,93 @@ def compiled_parts(model: Any) -> tuple[Any, Any, Any]:
 
 
 # --- gradients of small matrix products ------------------------------------
-def _small_rows_matmul_grad(original: Any, small_rows: bool, defer: Any) -> Any:
+MATMUL_RULE_ENV = "SMDIST_MATMUL_RULE"
+_MATMUL_RULE_MODES = ("measure", "always", "never")
+# (rows, units, cols, dtype, intra-op threads) -> whether `(W @ dY^T)^T` was
+# clearly faster than `dY @ W^T` here; measured once per process.
+_through_weights_choice: dict = {}
+
+
+def _matmul_rule_mode() -> str:
+    import os
+
+    mode = os.environ.get(MATMUL_RULE_ENV, "measure").strip().lower() or "measure"
+    if mode not in _MATMUL_RULE_MODES:
+        raise ValueError(
+            f"{MATMUL_RULE_ENV} must be one of {', '.join(_MATMUL_RULE_MODES)}. "
+            f"Received: {os.environ.get(MATMUL_RULE_ENV)!r}")
+    return mode
+
+
+def _time_input_gradient_forms(rows: int, units: int, cols: int, dtype: Any,
+                               copies: int = 8, repeats: int = 5) -> tuple:
+    """Seconds per product of `dY @ W^T` and of `(W @ dY^T)^T` on this CPU.
+
+    `dY` is rows x cols and `W` units x cols. Timed in a graph of its own
+    with the graph optimizers off (so neither form is rewritten into the
+    other), `copies` independent products per run, with this process's
+    intra-op thread count; medians of `repeats` interleaved runs.
+    """
+    import time
+
+    import numpy as np
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        grads = [tf.compat.v1.placeholder(tf.float32, [rows, cols])
+                 for _ in range(copies)]
+        weights = [tf.compat.v1.placeholder(tf.float32, [units, cols])
+                   for _ in range(copies)]
+        pairs = [(tf.cast(g, dtype), tf.cast(w, dtype)) for g, w in zip(grads, weights)]
+        # One element of each result is fetched, so each run returns little.
+        direct = [tf.matmul(g, w, transpose_b=True)[0, 0] for g, w in pairs]
+        through = [tf.transpose(tf.matmul(w, g, transpose_b=True))[0, 0]
+                   for g, w in pairs]
+    config = tf.compat.v1.ConfigProto(
+        intra_op_parallelism_threads=tf.config.threading.get_intra_op_parallelism_threads(),
+        inter_op_parallelism_threads=1)
+    config.graph_options.rewrite_options.disable_meta_optimizer = True
+    config.graph_options.optimizer_options.opt_level = tf.compat.v1.OptimizerOptions.L0
+    rng = np.random.default_rng(0)
+    feed = {p: rng.standard_normal(p.shape.as_list(), dtype=np.float32)
+            for p in grads + weights}
+    with tf.compat.v1.Session(graph=graph, config=config) as session:
+        for _ in range(2):  # warm-up: first runs allocate and pick kernels
+            session.run(direct, feed)
+            session.run(through, feed)
+        times: tuple = ([], [])
+        for _ in range(repeats):
+            for fetch, out in ((direct, times[0]), (through, times[1])):
+                start = time.perf_counter()
+                session.run(fetch, feed)
+                out.append((time.perf_counter() - start) / copies)
+    return float(np.median(times[0])), float(np.median(times[1]))
+
+
+def _through_weights_is_faster(rows: int, units: int, cols: int, dtype: Any) -> bool:
+    """Whether the rule's `(W @ dY^T)^T` should replace `dY @ W^T` here.
+
+    `SMDIST_MATMUL_RULE`: `measure` (the default) times both forms once per
+    shape and process (`_time_input_gradient_forms`) and takes the rule's
+    only when it is at least 10 % faster; `always` / `never` skip the
+    measurement.
+    """
+    import tensorflow as tf
+
+    mode = _matmul_rule_mode()
+    if mode != "measure":
+        return mode == "always"
+    key = (rows, units, cols, tf.as_dtype(dtype).name,
+           tf.config.threading.get_intra_op_parallelism_threads())
+    if key not in _through_weights_choice:
+        direct, through = _time_input_gradient_forms(rows, units, cols, dtype)
+        _through_weights_choice[key] = through < 0.9 * direct
+    return _through_weights_choice[key]
+
+
+def _small_rows_matmul_grad(original: Any, small_rows: bool, defer: Any,
+                            measure: bool = True) -> Any:
     import tensorflow as tf
 
     def grad_fn(op: Any, grad: Any) -> Any:
@@ -263,12 +349,19 @@ def _small_rows_matmul_grad(original: Any, small_rows: bool, defer: Any) -> Any:
         def direct() -> Any:
             return tf.matmul(grad, b, transpose_b=True)
 
-        # TensorFlow's CPU kernel packs a transposed right operand slowly
-        # (about 1 ms per MiB here): transpose the smaller of `b` (weights)
-        # and `grad` (rows x units, twice: operand and result).
-        rows, units = grad.shape[0], b.shape[0]
-        if rows is not None and units is not None and b.shape[1] is not None:
-            grad_a = through_weights() if 2 * rows <= units else direct()
+        # Some CPU kernels pack a transposed right operand slowly (about 1
+        # ms per MiB on one machine class): transpose the smaller of `b`
+        # (weights) and `grad` (rows x units, twice: operand and result)
+        # where that was measured to pay (on oneDNN's kernels it did not).
+        rows, units, cols = grad.shape[0], b.shape[0], b.shape[1]
+        if rows is not None and units is not None and cols is not None:
+            small = 2 * rows <= units
+            if small:
+                small = (_through_weights_is_faster(rows, units, cols, a.dtype)
+                         if measure else _matmul_rule_mode() != "never")
+            grad_a = through_weights() if small else direct()
+        elif _matmul_rule_mode() == "never":
+            grad_a = direct()
         else:
             small = 2 * tf.shape(grad)[0] <= tf.shape(b)[0]
             grad_a = tf.cond(small, through_weights, direct)
@@ -313,16 +406,21 @@ def graph_variable_handles(variables: Any) -> dict:
 class small_rows_matmul_gradients:  # noqa: N801 (used as a context manager)
     """Within it, gradients of `MatMul` avoid a slow transposed-weight kernel.
 
-    On CPU, TensorFlow computes `grad @ weights^T` (the input gradient of
-    every dense layer) with a kernel that first transposes the weights, at
-    about 1 ms per MiB on this class of machine: for a micro-batch of 32
-    rows and a 512 x 512 layer that is 2.5x the product itself. Inside this
+    On CPU, TensorFlow's Eigen kernel computes `grad @ weights^T` (the input
+    gradient of every dense layer) by first transposing the weights, at
+    about 1 ms per MiB on one class of machine: for a micro-batch of 32 rows
+    and a 512 x 512 layer that is 2.5x the product itself. Inside this
     context, gradient tapes compute it as `(weights @ grad^T)^T` when the
     rows are at most half the weights' rows (the same value up to fp32
-    rounding order). Used around the pipeline's own `tape.gradient` calls,
-    where micro-batches are small; the change is undone on exit. GPU
-    kernels transpose operands for free, so for a stage on a GPU (or on
-    the default device when a GPU is visible) it changes nothing.
+    rounding order) and, on a local CPU device, when that form was measured
+    to be at least 10 % faster for the shape: TensorFlow's oneDNN kernels
+    transpose the weights cheaply, and there the extra transpose of the
+    result cost up to 9 % of a pipeline step. The measurement (a few ms per
+    shape, once per process) is skipped with `SMDIST_MATMUL_RULE=always` or
+    `never`. Used around the pipeline's own `tape.gradient` calls, where
+    micro-batches are small; the change is undone on exit. GPU kernels
+    transpose operands for free, so for a stage on a GPU (or on the
+    default device when a GPU is visible) it changes nothing.
 
     Args:
         device: the device the gradients run on. Defaults to `None` (the
@@ -346,6 +444,11 @@ class small_rows_matmul_gradients:  # noqa: N801 (used as a context manager)
         if kind is None:
             kind = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
         self.enabled = kind.upper() == "CPU"  # whether the small-rows rule applies
+        if self.enabled:
+            _matmul_rule_mode()  # a bad SMDIST_MATMUL_RULE fails here, early
+        # A remote device's CPU is not this process's: keep the rows test.
+        job = tf.DeviceSpec.from_string(device).job if device else None
+        self._measure = job in (None, "localhost")
         self._defer = defer
         self._saved = None
 
@@ -359,7 +462,7 @@ class small_rows_matmul_gradients:  # noqa: N801 (used as a context manager)
         self._saved = registry["MatMul"]
         entry = dict(self._saved)
         entry["type"] = _small_rows_matmul_grad(self._saved["type"], self.enabled,
-                                                self._defer)
+                                                self._defer, self._measure)
         registry["MatMul"] = entry
 
     def __exit__(self, *exc: Any) -> None:
