@@ -415,7 +415,7 @@ class small_rows_matmul_gradients:  # noqa: N801 (used as a context manager)
     rounding order) and, on a local CPU device, when that form was measured
     to be at least 10 % faster for the shape: TensorFlow's oneDNN kernels
     transpose the weights cheaply, and there the extra transpose of the
-    result cost up to 9 % of a pipeline step. The measurement (0.1-0.2 s
+    result cost 7-11 % of a pipeline step. The measurement (0.1-0.2 s
     per 512-wide shape on a 2-core machine, once per process) is skipped
     with `SMDIST_MATMUL_RULE=always` or `never`. Used around the pipeline's
     own `tape.gradient` calls, where micro-batches are small; the change is
