@@ -137,7 +137,9 @@ def test_measure_takes_the_rule_only_when_clearly_faster(monkeypatch, times,
         return times
 
     monkeypatch.setattr(_compat, "_time_input_gradient_forms", fake)
+    monkeypatch.setattr(_compat, "_measured_seconds", 0.0)
     assert ("Transpose" in _gradient_op_types(True, rows=3)) == transposed
+    assert _compat._measured_seconds > 0  # counted against the budget
     # Measured once per shape and process; rows above half the weight's
     # rows are never candidates.
     assert ("Transpose" in _gradient_op_types(True, rows=3)) == transposed
@@ -149,8 +151,23 @@ def test_measure_takes_the_rule_only_when_clearly_faster(monkeypatch, times,
     assert len(calls) == 1
 
 
+def test_past_the_budget_shapes_take_the_rule_unmeasured(monkeypatch):
+    monkeypatch.setenv(_compat.MATMUL_RULE_ENV, "measure")
+    monkeypatch.setattr(_compat, "_through_weights_choice", {})
+    monkeypatch.setattr(_compat, "_measured_seconds", _compat._MEASURE_BUDGET_S + 1)
+    calls = []
+    monkeypatch.setattr(_compat, "_time_input_gradient_forms",
+                        lambda *args: calls.append(args) or (1.0, 1.0))
+    assert "Transpose" in _gradient_op_types(True, rows=3)
+    assert calls == []
+
+
 def test_the_measurement_times_both_forms():
     for dtype in (tf.float32, tf.bfloat16):
         direct, through = _compat._time_input_gradient_forms(8, 64, 32, dtype,
                                                              copies=2, repeats=3)
         assert 0 < direct < 1 and 0 < through < 1
+    # The default run count shrinks with the product (one 32 x 1024 x 1024
+    # product: 67 MFLOP).
+    direct, through = _compat._time_input_gradient_forms(32, 1024, 1024, tf.float32)
+    assert 0 < direct < 1 and 0 < through < 1

@@ -244,6 +244,10 @@ _MATMUL_RULE_MODES = ("measure", "always", "never")
 # (rows, units, cols, dtype, intra-op threads) -> whether `(W @ dY^T)^T` was
 # clearly faster than `dY @ W^T` here; measured once per process.
 _through_weights_choice: dict = {}
+# Seconds this process has spent measuring; past the budget, shapes not yet
+# measured keep the rows test alone (see `_through_weights_is_faster`).
+_measured_seconds = 0.0
+_MEASURE_BUDGET_S = 10.0
 
 
 def _matmul_rule_mode() -> str:
@@ -258,18 +262,28 @@ def _matmul_rule_mode() -> str:
 
 
 def _time_input_gradient_forms(rows: int, units: int, cols: int, dtype: Any,
-                               copies: int = 8, repeats: int = 5) -> tuple:
+                               copies: int | None = None,
+                               repeats: int | None = None) -> tuple:
     """Seconds per product of `dY @ W^T` and of `(W @ dY^T)^T` on this CPU.
 
     `dY` is rows x cols and `W` units x cols. Timed in a graph of its own
     with the graph optimizers off (so neither form is rewritten into the
     other), `copies` independent products per run, with this process's
-    intra-op thread count; medians of `repeats` interleaved runs.
+    intra-op thread count; medians of `repeats` interleaved runs. By
+    default both shrink as the product grows (8 and 5 up to 50 MFLOP per
+    product, down to 1 and 3 from 400), so that one shape costs a fraction
+    of a second.
     """
     import time
 
     import numpy as np
     import tensorflow as tf
+
+    flops = 2.0 * rows * units * cols
+    if copies is None:
+        copies = int(max(1, min(8, 4e8 // max(flops, 1.0))))
+    if repeats is None:
+        repeats = 5 if flops * copies <= 4e8 else 3
 
     graph = tf.Graph()
     with graph.as_default():
@@ -291,7 +305,8 @@ def _time_input_gradient_forms(rows: int, units: int, cols: int, dtype: Any,
     feed = {p: rng.standard_normal(p.shape.as_list(), dtype=np.float32)
             for p in grads + weights}
     with tf.compat.v1.Session(graph=graph, config=config) as session:
-        for _ in range(2):  # warm-up: first runs allocate and pick kernels
+        # Warm-up: the first runs allocate and pick kernels.
+        for _ in range(1 if flops * copies > 4e8 else 2):
             session.run(direct, feed)
             session.run(through, feed)
         times: tuple = ([], [])
@@ -308,9 +323,12 @@ def _through_weights_is_faster(rows: int, units: int, cols: int, dtype: Any) -> 
 
     `SMDIST_MATMUL_RULE`: `measure` (the default) times both forms once per
     shape and process (`_time_input_gradient_forms`) and takes the rule's
-    only when it is at least 10 % faster; `always` / `never` skip the
-    measurement.
+    only when it is at least 10 % faster (after 10 s of measuring in a
+    process, further shapes take it unmeasured); `always` / `never` skip
+    the measurement.
     """
+    import time
+
     import tensorflow as tf
 
     mode = _matmul_rule_mode()
@@ -319,7 +337,14 @@ def _through_weights_is_faster(rows: int, units: int, cols: int, dtype: Any) -> 
     key = (rows, units, cols, tf.as_dtype(dtype).name,
            tf.config.threading.get_intra_op_parallelism_threads())
     if key not in _through_weights_choice:
+        global _measured_seconds
+        if _measured_seconds > _MEASURE_BUDGET_S:
+            # A model with very many shapes: the rest keep the rows test
+            # alone rather than delay the first step further.
+            return True
+        start = time.monotonic()
         direct, through = _time_input_gradient_forms(rows, units, cols, dtype)
+        _measured_seconds += time.monotonic() - start
         _through_weights_choice[key] = through < 0.9 * direct
     return _through_weights_choice[key]
 
