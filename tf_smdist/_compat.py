@@ -321,19 +321,14 @@ def _time_input_gradient_forms(rows: int, units: int, cols: int, dtype: Any,
 def _through_weights_is_faster(rows: int, units: int, cols: int, dtype: Any) -> bool:
     """Whether the rule's `(W @ dY^T)^T` should replace `dY @ W^T` here.
 
-    `SMDIST_MATMUL_RULE`: `measure` (the default) times both forms once per
-    shape and process (`_time_input_gradient_forms`) and takes the rule's
-    only when it is at least 10 % faster (after 10 s of measuring in a
-    process, further shapes take it unmeasured); `always` / `never` skip
-    the measurement.
+    Times both forms once per shape and process (`_time_input_gradient_forms`)
+    and takes the rule's only when it is at least 10 % faster; after 10 s of
+    measuring in a process, further shapes take it unmeasured.
     """
     import time
 
     import tensorflow as tf
 
-    mode = _matmul_rule_mode()
-    if mode != "measure":
-        return mode == "always"
     key = (rows, units, cols, tf.as_dtype(dtype).name,
            tf.config.threading.get_intra_op_parallelism_threads())
     if key not in _through_weights_choice:
@@ -350,7 +345,9 @@ def _through_weights_is_faster(rows: int, units: int, cols: int, dtype: Any) -> 
 
 
 def _small_rows_matmul_grad(original: Any, small_rows: bool, defer: Any,
-                            measure: bool = True) -> Any:
+                            mode: str = "measure") -> Any:
+    # `mode`: `SMDIST_MATMUL_RULE`'s value, or "rows" for the rows test alone
+    # (a remote device, whose CPU this process cannot time).
     import tensorflow as tf
 
     def grad_fn(op: Any, grad: Any) -> Any:
@@ -380,12 +377,11 @@ def _small_rows_matmul_grad(original: Any, small_rows: bool, defer: Any,
         # where that was measured to pay (on oneDNN's kernels it did not).
         rows, units, cols = grad.shape[0], b.shape[0], b.shape[1]
         if rows is not None and units is not None and cols is not None:
-            small = 2 * rows <= units
-            if small:
-                small = (_through_weights_is_faster(rows, units, cols, a.dtype)
-                         if measure else _matmul_rule_mode() != "never")
+            small = (2 * rows <= units and mode != "never"
+                     and (mode != "measure"
+                          or _through_weights_is_faster(rows, units, cols, a.dtype)))
             grad_a = through_weights() if small else direct()
-        elif _matmul_rule_mode() == "never":
+        elif mode == "never":
             grad_a = direct()
         else:
             small = 2 * tf.shape(grad)[0] <= tf.shape(b)[0]
@@ -470,11 +466,12 @@ class small_rows_matmul_gradients:  # noqa: N801 (used as a context manager)
         if kind is None:
             kind = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
         self.enabled = kind.upper() == "CPU"  # whether the small-rows rule applies
-        if self.enabled:
-            _matmul_rule_mode()  # a bad SMDIST_MATMUL_RULE fails here, early
+        # A bad SMDIST_MATMUL_RULE fails here, early.
+        self._mode = _matmul_rule_mode() if self.enabled else "never"
         # A remote device's CPU is not this process's: keep the rows test.
         job = tf.DeviceSpec.from_string(device).job if device else None
-        self._measure = job in (None, "localhost")
+        if self._mode == "measure" and job not in (None, "localhost"):
+            self._mode = "rows"
         self._defer = defer
         self._saved = None
 
@@ -488,7 +485,7 @@ class small_rows_matmul_gradients:  # noqa: N801 (used as a context manager)
         self._saved = registry["MatMul"]
         entry = dict(self._saved)
         entry["type"] = _small_rows_matmul_grad(self._saved["type"], self.enabled,
-                                                self._defer, self._measure)
+                                                self._defer, self._mode)
         registry["MatMul"] = entry
 
     def __exit__(self, *exc: Any) -> None:
