@@ -445,6 +445,75 @@ def check_broadcast_callback_local_variables() -> None:
     }
 
 
+def check_broadcast_callback_cases() -> None:
+    """The broadcast callback where ranks' variables differ at the start."""
+    x, y = data()
+    entry: dict[str, object] = {}
+    # A lazily built model (no Input) with Dropout, seeded per rank: at the
+    # start it holds only Dropout's seed state, so the weights can only be
+    # broadcast after the first batch (as Horovod does).
+    keras.utils.set_random_seed(10 + RANK)
+    lazy = keras.Sequential([keras.layers.Dense(16, activation="tanh"),
+                             keras.layers.Dropout(0.25), keras.layers.Dense(2)])
+    lazy.compile(loss="mse", optimizer=hvd_keras.DistributedOptimizer(
+        keras.optimizers.SGD(LR, momentum=0.5)))
+    lazy.fit(shard(x), shard(y), batch_size=GLOBAL_BATCH // SIZE, epochs=1,
+             shuffle=False, verbose=0,
+             callbacks=[hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0)])
+    entry["lazy_same_on_every_rank"] = same_on_every_rank(lazy.get_weights())
+    # Horovod's resume pattern: only rank 0 restored an optimizer (its
+    # momentum built and non-zero); the others start fresh, lazily built.
+    keras.utils.set_random_seed(20 + RANK)
+    layers = [keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(2)]
+    resumed = keras.Sequential(([keras.Input((5,))] if RANK == 0 else []) + layers)
+    optimizer = hvd_keras.DistributedOptimizer(keras.optimizers.SGD(LR, momentum=0.5))
+    resumed.compile(loss="mse", optimizer=optimizer)
+    if RANK == 0:
+        optimizer.build(resumed.trainable_variables)
+        for v in optimizer.variables:
+            v.assign(tf.ones_like(v) * (7 if "int" in str(v.dtype) else 0.5))
+    resumed.fit(shard(x), shard(y), batch_size=GLOBAL_BATCH // SIZE, epochs=1,
+                shuffle=False, verbose=0,
+                callbacks=[hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0)])
+    entry["resumed_same_on_every_rank"] = same_on_every_rank(
+        resumed.get_weights() + [v.numpy() for v in optimizer.variables])
+    entry["resumed_iterations"] = int(optimizer.iterations.numpy())
+    # Gradients aggregated over backward_passes_per_step stay each rank's
+    # when the weights are broadcast after the first batch (same seed on
+    # every rank, so the first batch's gradients are the whole batch's).
+    def lazy_mlp() -> keras.Model:
+        keras.utils.set_random_seed(30)
+        return keras.Sequential([keras.layers.Dense(16, activation="tanh"),
+                                 keras.layers.Dense(2)])
+
+    aggregated = lazy_mlp()
+    aggregated.compile(loss="mse", optimizer=hvd_keras.DistributedOptimizer(
+        keras.optimizers.SGD(LR), backward_passes_per_step=2))
+    aggregated.fit(shard(x), shard(y), batch_size=GLOBAL_BATCH // SIZE, epochs=1,
+                   shuffle=False, verbose=0,
+                   callbacks=[hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0)])
+    weights = aggregated.get_weights()
+    entry["aggregated_same_on_every_rank"] = same_on_every_rank(weights)
+    if RANK == 0:
+        # Two batches summed, one step: the mean over both batches at 2 * LR.
+        ref = lazy_mlp()
+        ref.compile(loss="mse", optimizer=keras.optimizers.SGD(2 * LR))
+        ref.fit(x, y, batch_size=2 * GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+        entry["aggregated_rel_diff"] = rel_diff(weights, ref.get_weights())
+    # The warm-up reaches initial_lr on its last batch, as in Horovod.
+    warm = model(40)
+    warm.compile(loss="mse", optimizer=hvd_keras.DistributedOptimizer(
+        keras.optimizers.SGD(0.05)))
+    history = warm.fit(
+        shard(x), shard(y), batch_size=GLOBAL_BATCH // SIZE, epochs=3,
+        shuffle=False, verbose=0,
+        callbacks=[hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0),
+                   hvd_keras.callbacks.LearningRateWarmupCallback(
+                       initial_lr=0.2, warmup_epochs=2)])
+    entry["warmup_lr"] = [float(v) for v in history.history["lr"]]
+    results["broadcast_callback_cases"] = entry
+
+
 def check_partial_tape() -> None:
     keras.utils.set_random_seed(3)
     shared = keras.layers.Dense(2)
@@ -560,6 +629,7 @@ CHECKS = {
     "process_sets": check_process_sets,
     "partial_tape": check_partial_tape,
     "broadcast_callback_local": check_broadcast_callback_local_variables,
+    "broadcast_callback_cases": check_broadcast_callback_cases,
     "sync_batch_norm": check_sync_batch_norm,
     "sdp": check_sdp,
     "tape": check_tape,

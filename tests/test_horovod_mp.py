@@ -15,8 +15,8 @@ from mp_util import REPO, TESTS, launch, requires_mpi
 WORKER = os.path.join(TESTS, "hvd_worker.py")
 pytestmark = [pytest.mark.slow, requires_mpi]
 CHECKS = {
-    2: ("collectives,partial_tape,broadcast_callback_local,sync_batch_norm,sdp,tape,"
-        "fit,sdp_fit,mixed_precision"),
+    2: ("collectives,partial_tape,broadcast_callback_local,broadcast_callback_cases,"
+        "sync_batch_norm,sdp,tape,fit,sdp_fit,mixed_precision"),
     3: "collectives,process_sets,tape,fit,v1_optimizer",
 }
 
@@ -108,6 +108,28 @@ def test_partial_tape_sync_batch_norm_and_sdp(job):
         bn = res["sync_batch_norm"]
         assert max(bn.values()) < 1e-5, (r, bn)
         assert res["sdp"] == {"allreduce": True, "oob": 2.0}
+
+
+def test_broadcast_callback_where_ranks_start_with_different_variables(job):
+    # Found by a Horovod-style MNIST script (a Sequential without Input,
+    # with Dropout) and Horovod's resume pattern (only rank 0 loads the
+    # checkpoint): the callback broadcast only what existed at the start,
+    # so ranks trained on different weights, or waited on each other's
+    # broadcasts until the stall timeout.
+    results = job(2)
+    for r, res in enumerate(results):
+        cases = res["broadcast_callback_cases"]
+        assert cases["lazy_same_on_every_rank"] is True, r
+        assert cases["resumed_same_on_every_rank"] is True, r
+        # Rank 0's restored step count (7) plus the 4 steps trained.
+        assert cases["resumed_iterations"] == 11, r
+        assert cases["aggregated_same_on_every_rank"] is True, r
+        # Horovod's warm-up: the last warm-up batch runs at initial_lr
+        # (0.2); epoch 1 ends at (1 + 1 / 2) / 2 of it on 2 processes.
+        assert cases["warmup_lr"] == pytest.approx([0.15, 0.2, 0.2], rel=1e-6), r
+    # Each rank's aggregated gradients are not the root's: two batches
+    # summed equal one step on both batches together.
+    assert results[0]["broadcast_callback_cases"]["aggregated_rel_diff"] < 1e-5
 
 
 def test_process_sets(job):

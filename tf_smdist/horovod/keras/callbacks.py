@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_smdist.horovod import basics, collectives, mpi_ops
+from tf_smdist.horovod import basics, collectives, mpi_ops, objects
 
 __all__ = [
     "BestModelCheckpoint",
@@ -20,16 +19,18 @@ __all__ = [
     "MetricAverageCallback",
 ]
 
-logger = logging.getLogger(__name__)
-
-
 class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
     """Starts every rank from `root_rank`'s model and optimizer state.
 
-    At the start of `fit` (when Keras has built the model and the
-    optimizer) it assigns `root_rank`'s values to every model and optimizer
-    variable; if the optimizer has no variables yet, it does so again after
-    the first batch. Put it first in the callback list.
+    At the start of `fit` it assigns `root_rank`'s values to the model's
+    variables, and to the optimizer's, where every rank has the same list
+    (shapes and dtypes, compared across the ranks), so the first step starts
+    from one model. Unless both were assigned then and the optimizer was
+    built, it assigns every model and optimizer variable again after the
+    first batch, as Horovod does: a model that Keras builds lazily (no
+    `Input`) has no weights yet at the start, and an optimizer loaded on
+    one rank only (Horovod's resume pattern) has slots the others create in
+    the first step. Put it first in the callback list.
 
     Args:
         root_rank: the rank whose state is kept. Defaults to `0`.
@@ -66,25 +67,65 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
         local = set().union(*(self._identities(v) for v in self.local_variables))
         return bool(self._identities(var) & local)
 
-    def _broadcast(self) -> None:
-        variables = list(self.model.variables)
-        optimizer = getattr(self.model, "optimizer", None)
-        if optimizer is not None:
-            variables += list(optimizer.variables)
+    def _global(self, variables: Any) -> list[Any]:
+        variables = list(variables)
         if self.local_variables:
             variables = [v for v in variables if not self._is_local(v)]
-        collectives.broadcast_variables(variables, self.root_rank)
+        # A DistributedOptimizer's gradients aggregated over
+        # backward_passes_per_step are each rank's own (also under a
+        # LossScaleOptimizer).
+        optimizer = getattr(self.model, "optimizer", None)
+        aggregated: set[int] = set()
+        for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+            local = getattr(opt, "_hvd_local_variables", None)
+            if local is not None:
+                aggregated = aggregated.union(*(self._identities(v) for v in local()))
+        if aggregated:
+            variables = [v for v in variables if not self._identities(v) & aggregated]
+        return variables
+
+    @staticmethod
+    def _signature(variables: list[Any]) -> list[tuple[tuple[int, ...], str]]:
+        return [(tuple(int(d) for d in v.shape), str(v.dtype)) for v in variables]
+
+    def _differs(self, groups: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """Each group's per-rank signatures where the ranks' lists differ."""
+        mine = {k: self._signature(v) for k, v in groups.items()}
+        gathered = objects.allgather_object(mine)
+        return {k: [g[k] for g in gathered] for k in groups
+                if any(g[k] != gathered[0][k] for g in gathered)}
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        if self.model.variables:
-            self._broadcast()
-            optimizer = getattr(self.model, "optimizer", None)
-            self.broadcast_done = optimizer is None or bool(optimizer.variables)
+        optimizer = getattr(self.model, "optimizer", None)
+        groups = {"model": self._global(self.model.variables)}
+        if optimizer is not None:
+            groups["optimizer"] = self._global(optimizer.variables)
+        differs = self._differs(groups)
+        same = [v for k, vs in groups.items() if k not in differs for v in vs]
+        if same:
+            collectives.broadcast_variables(same, self.root_rank)
+        self.broadcast_done = (
+            not differs and bool(groups["model"])
+            and (optimizer is None or bool(getattr(optimizer, "built", True))))
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if not self.broadcast_done:
-            self._broadcast()
-            self.broadcast_done = True
+        if self.broadcast_done:
+            return
+        optimizer = getattr(self.model, "optimizer", None)
+        groups = {"model": self._global(self.model.variables)}
+        if optimizer is not None:
+            groups["optimizer"] = self._global(optimizer.variables)
+        differs = self._differs(groups)
+        if differs:
+            counts = {k: [len(sig) for sig in sigs] for k, sigs in differs.items()}
+            raise ValueError(
+                "BroadcastGlobalVariablesCallback: after the first batch the ranks "
+                "still hold different variables, so rank "
+                f"{self.root_rank}'s cannot be assigned to the others. Variables per "
+                f"rank: {counts}. Build the same model and optimizer on every rank.")
+        collectives.broadcast_variables(groups["model"] + groups.get("optimizer", []),
+                                        self.root_rank)
+        self.broadcast_done = True
 
 
 class MetricAverageCallback(keras.callbacks.Callback):
@@ -225,7 +266,8 @@ class LearningRateWarmupCallback(LearningRateScheduleCallback):
 
     Large global batches (`size` times one process's batch) train better
     when the scaled-up rate is reached gradually (Goyal et al., 2017). The
-    rate grows after every batch.
+    rate grows after every batch; as in Horovod it runs one batch ahead, so
+    the last warm-up batch runs at `initial_lr`, which then stays.
 
     Args:
         initial_lr: the rate at the end of the warm-up (usually
@@ -250,6 +292,9 @@ class LearningRateWarmupCallback(LearningRateScheduleCallback):
         verbose: int = 0,
     ) -> None:
         def multiplier(epoch: float) -> float:
+            # One batch ahead, as in Horovod: the last warm-up batch runs at
+            # initial_lr (and an epoch's logged rate is a round value).
+            epoch += 1.0 / self.steps_per_epoch
             n = basics.size()
             return 1.0 / n * (epoch * (n - 1) / warmup_epochs + 1)
 
@@ -263,8 +308,8 @@ class LearningRateWarmupCallback(LearningRateScheduleCallback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         super().on_epoch_end(epoch, logs)
         if epoch == self.end_epoch - 1 and self.verbose > 0 and basics.rank() == 0:
-            logger.info("Epoch %d: finished gradual learning rate warmup to %g.",
-                        epoch + 1, _lr(self.model.optimizer))
+            print(f"\nEpoch {epoch + 1}: finished gradual learning rate warmup to "
+                  f"{_lr(self.model.optimizer):g}.", flush=True)
 
 
 class BestModelCheckpoint(keras.callbacks.ModelCheckpoint):

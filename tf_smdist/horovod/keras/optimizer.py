@@ -35,6 +35,12 @@ class _DistributedMixin:
         """Keeps `var`'s gradient local: it is not reduced across ranks."""
         self._hvd_reducer.register_local(var)
 
+    def _hvd_local_variables(self) -> list[Any]:
+        """This rank's gradient aggregation state (never broadcast)."""
+        if self._hvd_accumulators is None:
+            return []
+        return [*self._hvd_accumulators, self._hvd_counter]
+
     def build(self, variables: Sequence[Any]) -> None:
         super().build(variables)  # type: ignore[misc]
         if self._hvd_passes > 1 and self._hvd_accumulators is None:
