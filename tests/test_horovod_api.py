@@ -135,6 +135,10 @@ def test_unsupported_communicator_and_timeline():
     with pytest.raises(ValueError, match="sub-communicator"):
         hvd.init(comm=[1, 2])
     hvd.init(comm=[0])  # the whole job is accepted
+    # Horovod's switch for dynamic process sets (always on here).
+    hvd.init(process_sets="dynamic")
+    with pytest.raises(ValueError, match="'dynamic'"):
+        hvd.init(process_sets="static")
     hvd.start_timeline("/tmp/unused.json")
     hvd.stop_timeline()
 

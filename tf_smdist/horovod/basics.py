@@ -63,7 +63,7 @@ Product = mpi_ops.Product
 _lock = threading.Lock()
 
 
-def init(comm: Any = None, process_sets: Sequence[Any] | None = None) -> None:
+def init(comm: Any = None, process_sets: Sequence[Any] | str | None = None) -> None:
     """Starts the collective engine (idempotent), like `horovod.tensorflow.init`.
 
     Every process of the job calls it once at start-up. In a plain `python`
@@ -83,10 +83,13 @@ def init(comm: Any = None, process_sets: Sequence[Any] | None = None) -> None:
             order on every rank (the same as calling `add_process_set` for
             each, except that, as in Horovod, a set over the ranks of the
             global set or of an earlier set in the list is left unregistered
-            instead of raising). Defaults to `None`.
+            instead of raising), or `"dynamic"` (Horovod's switch for
+            adding and removing sets later, which always works here).
+            Defaults to `None`.
 
     Raises:
-        ValueError: `comm` names a subset of the ranks.
+        ValueError: `comm` names a subset of the ranks, or `process_sets`
+            is a string other than `"dynamic"`.
 
     Example:
     >>> import tf_smdist.horovod as hvd
@@ -107,6 +110,14 @@ def init(comm: Any = None, process_sets: Sequence[Any] | None = None) -> None:
                 f"Received: comm={comm!r}. Call `init()` without `comm` and pass "
                 "`process_sets=[hvd.ProcessSet(ranks)]` to reduce over a subset."
             )
+    if isinstance(process_sets, str):
+        # Horovod's switch for adding and removing sets after init; here
+        # `add_process_set` / `remove_process_set` always work.
+        if process_sets != "dynamic":
+            raise ValueError(
+                "`process_sets` is a list of ProcessSet objects or the string "
+                f"'dynamic'. Received: process_sets={process_sets!r}")
+        process_sets = None
     if process_sets:
         from tf_smdist.horovod import process_sets as _sets  # noqa: PLC0415
 
