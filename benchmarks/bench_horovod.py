@@ -15,7 +15,9 @@
      costs several microseconds, more than a small shared-memory all-reduce.
    Like the C loop, each TensorFlow iteration all-reduces the previous
    result and does nothing else (the sums double the values every
-   iteration, in the C loop too). A fourth column, "TF loop alone", runs
+   iteration, in the C loop too); the function returns one element of the
+   result, so no size-proportional copy to NumPy is timed. A fourth
+   column, "TF loop alone", runs
    the same loop with `tf.identity` in place of the all-reduce: what the
    `tf.while_loop` itself costs per iteration.
    They are measured in alternation, `--rounds` times; medians are
@@ -83,7 +85,9 @@ def _allreduce_worker(args: argparse.Namespace) -> None:
                 # fusion. Nothing else runs, as in the C loop.
                 return i + 1, reduce(t)
 
-            return tf.while_loop(lambda i, t: i < iters, body, (0, v))[1]
+            # One element comes back: reading the whole result to the host
+            # would add a size-proportional copy the C loop does not make.
+            return tf.while_loop(lambda i, t: i < iters, body, (0, v))[1][:1]
 
         return loop
 
