@@ -514,6 +514,36 @@ def check_broadcast_callback_cases() -> None:
     results["broadcast_callback_cases"] = entry
 
 
+def check_local_gradients_any_op() -> None:
+    """Horovod divides local gradients by the set's size whatever the op."""
+    w = tf.Variable([1.0])
+    with tf.GradientTape() as t:
+        loss = 3.0 * tf.reduce_sum(w)
+    tape = hvd.DistributedGradientTape(t, op=hvd.Sum)
+    tape.register_local_source(w)
+    tape_grad = float(tape.gradient(loss, [w])[0].numpy()[0])
+    v = tf.Variable([0.0])
+    opt = hvd_keras.DistributedOptimizer(keras.optimizers.SGD(1.0), op=hvd.Sum)
+    opt.register_local_var(v)
+    opt.apply_gradients([(tf.constant([3.0]), v)])
+    # PartialDistributedGradientTape takes Horovod's num_groups and groups.
+    layer = keras.layers.Dense(1, kernel_initializer="ones", use_bias=False)
+    shared = keras.layers.Dense(1, kernel_initializer="ones", use_bias=False)
+    layer.build((None, 1))
+    shared.build((None, 1))
+    with tf.GradientTape() as t:
+        x = tf.ones([1, 1])
+        loss = tf.reduce_sum(layer(x) + shared(x * (RANK + 1)))
+    partial = hvd.PartialDistributedGradientTape(
+        t, op=hvd.Sum, num_groups=1, local_layers=[layer], scale_local_gradients=False)
+    local_grad, shared_grad = partial.gradient(loss, [layer.kernel, shared.kernel])
+    results["local_gradients_any_op"] = {
+        "tape": tape_grad, "keras_step": float(-v.numpy()[0]),
+        "partial_local": float(local_grad.numpy().ravel()[0]),
+        "partial_shared": float(shared_grad.numpy().ravel()[0]),
+    }
+
+
 def check_partial_tape() -> None:
     keras.utils.set_random_seed(3)
     shared = keras.layers.Dense(2)
@@ -630,6 +660,7 @@ CHECKS = {
     "partial_tape": check_partial_tape,
     "broadcast_callback_local": check_broadcast_callback_local_variables,
     "broadcast_callback_cases": check_broadcast_callback_cases,
+    "local_gradients_any_op": check_local_gradients_any_op,
     "sync_batch_norm": check_sync_batch_norm,
     "sdp": check_sdp,
     "tape": check_tape,

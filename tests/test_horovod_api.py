@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import inspect
 import os
 
 import keras
@@ -129,6 +130,23 @@ def test_elastic_raises_a_clear_error():
         hvd_keras.elastic.KerasState  # noqa: B018
     with pytest.raises(NotImplementedError, match="Elastic"):
         importlib.import_module("tf_smdist.horovod.elastic").TensorFlowKerasState  # noqa: B018
+
+
+def test_signatures_take_horovods_keywords():
+    # Horovod 0.28's TF-level DistributedOptimizer takes scale_local_gradients
+    # (and its TF1 wrapper register_local_var); PartialDistributedGradientTape
+    # takes num_groups and groups before process_set and local_layers.
+    opt = hvd.DistributedOptimizer(tf.compat.v1.train.GradientDescentOptimizer(0.1),
+                                   scale_local_gradients=False)
+    opt.register_local_var(tf.Variable(1.0))
+    hvd.DistributedOptimizer(keras.optimizers.SGD(0.1), scale_local_gradients=False)
+    layer = keras.layers.Dense(1)
+    layer.build((None, 2))
+    params = list(inspect.signature(hvd.PartialDistributedGradientTape).parameters)
+    assert params[7:12] == ["num_groups", "groups", "process_set", "local_layers",
+                            "scale_local_gradients"]
+    hvd.PartialDistributedGradientTape(tf.GradientTape(), groups=[[layer.kernel]],
+                                       local_layers=[layer])
 
 
 def test_unsupported_communicator_and_timeline():

@@ -16,6 +16,7 @@ WORKER = os.path.join(TESTS, "hvd_worker.py")
 pytestmark = [pytest.mark.slow, requires_mpi]
 CHECKS = {
     2: ("collectives,partial_tape,broadcast_callback_local,broadcast_callback_cases,"
+        "local_gradients_any_op,"
         "sync_batch_norm,sdp,tape,fit,sdp_fit,mixed_precision"),
     3: "collectives,process_sets,tape,fit,v1_optimizer",
 }
@@ -130,6 +131,18 @@ def test_broadcast_callback_where_ranks_start_with_different_variables(job):
     # Each rank's aggregated gradients are not the root's: two batches
     # summed equal one step on both batches together.
     assert results[0]["broadcast_callback_cases"]["aggregated_rel_diff"] < 1e-5
+
+
+def test_local_gradients_are_scaled_whatever_the_op(job):
+    # Horovod divides a local variable's gradient by the set's size for any
+    # op (it did so only for Average here); 3 / 2 processes.
+    for r, res in enumerate(job(2)):
+        local = res["local_gradients_any_op"]
+        assert local["tape"] == pytest.approx(1.5), r
+        assert local["keras_step"] == pytest.approx(1.5), r
+        # scale_local_gradients=False keeps it; the shared one is summed (1 + 2).
+        assert local["partial_local"] == pytest.approx(1.0), r
+        assert local["partial_shared"] == pytest.approx(3.0), r
 
 
 def test_process_sets(job):

@@ -35,8 +35,9 @@ class GradientReducer:
             `groups` is `None`. Defaults to `0`.
         process_set: the ranks to reduce over. Defaults to
             `global_process_set`.
-        scale_local_gradients: with Average, divide the gradients of local
-            variables by the process set's size. Defaults to `True`.
+        scale_local_gradients: divide the gradients of local variables by
+            the process set's size, whatever `op` is (as Horovod does).
+            Defaults to `True`.
         name: the prefix of the collectives' names. Defaults to
             `"DistributedGradients"`.
 
@@ -148,7 +149,7 @@ class GradientReducer:
             if g is None:
                 continue
             if variables is not None and id(variables[i]) in local:
-                if self.scale_local_gradients and self.op == mpi_ops.Average:
+                if self.scale_local_gradients:
                     out[i] = _divide(g, self.process_set.size())
                 continue
             if self.sparse_as_dense and isinstance(g, tf.IndexedSlices):

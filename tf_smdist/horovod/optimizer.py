@@ -31,6 +31,7 @@ def DistributedOptimizer(  # noqa: N802 (Horovod's name)
     num_groups: int = 0,
     groups: int | Sequence[Sequence[Any]] | None = None,
     process_set: ProcessSet = global_process_set,
+    scale_local_gradients: bool = True,
 ) -> Any:
     """Wraps an optimizer so that it all-reduces gradients before applying them.
 
@@ -68,6 +69,8 @@ def DistributedOptimizer(  # noqa: N802 (Horovod's name)
             reduced together. Defaults to `None`.
         process_set: the ranks to reduce over. Defaults to
             `global_process_set`.
+        scale_local_gradients: divide the gradients of local variables
+            (`register_local_var`) by the set's size. Defaults to `True`.
 
     Returns:
         The distributed optimizer.
@@ -95,7 +98,8 @@ def DistributedOptimizer(  # noqa: N802 (Horovod's name)
             gradient_predivide_factor=gradient_predivide_factor, op=op,
             backward_passes_per_step=backward_passes_per_step,
             average_aggregated_gradients=average_aggregated_gradients,
-            num_groups=num_groups, groups=groups, process_set=process_set)
+            num_groups=num_groups, groups=groups, process_set=process_set,
+            scale_local_gradients=scale_local_gradients)
     if not isinstance(optimizer, tf.compat.v1.train.Optimizer):
         raise ValueError(
             "DistributedOptimizer wraps a Keras 3 optimizer or a "
@@ -110,8 +114,8 @@ def DistributedOptimizer(  # noqa: N802 (Horovod's name)
     reducer = GradientReducer(
         compression=compression, sparse_as_dense=sparse_as_dense, op=op,
         gradient_predivide_factor=gradient_predivide_factor, groups=groups,
-        num_groups=num_groups,
-        process_set=process_set, name="DistributedOptimizer")
+        num_groups=num_groups, process_set=process_set,
+        scale_local_gradients=scale_local_gradients, name="DistributedOptimizer")
     return _LegacyDistributedOptimizer(
         optimizer, name or f"Distributed{type(optimizer).__name__}", use_locking,
         reducer)
@@ -136,6 +140,17 @@ class _LegacyDistributedOptimizer(tf.compat.v1.train.Optimizer):
         pairs = list(self._optimizer.compute_gradients(*args, **kwargs))
         grads = self._reducer.reduce([g for g, _ in pairs], [v for _, v in pairs])
         return [(g, v) for g, (_, v) in zip(grads, pairs)]
+
+    def register_local_var(self, var: Any) -> None:
+        """Keeps `var`'s gradient local: it is not reduced across ranks.
+
+        With `scale_local_gradients` it is divided by the process set's
+        size, as Horovod does.
+
+        Args:
+            var: a variable the optimizer computes a gradient for.
+        """
+        self._reducer.register_local(var)
 
     def apply_gradients(self, *args: Any, **kwargs: Any) -> Any:
         """Applies the gradients with the wrapped optimizer."""

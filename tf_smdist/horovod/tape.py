@@ -39,8 +39,9 @@ class DistributedGradientTape:
             variables reduced together. Defaults to `None`.
         process_set: the ranks to reduce over. Defaults to
             `global_process_set`.
-        scale_local_gradients: with Average, divide the gradients of
-            registered local sources by the set's size. Defaults to `True`.
+        scale_local_gradients: divide the gradients of registered local
+            sources by the set's size, whatever `op` is (as Horovod does).
+            Defaults to `True`.
 
     Example:
     >>> import tf_smdist.horovod as hvd
@@ -101,8 +102,8 @@ class DistributedGradientTape:
     def register_local_source(self, source: Any) -> None:
         """Keeps `source`'s gradient local: it is not reduced across ranks.
 
-        With Average (and `scale_local_gradients`), the gradient is divided
-        by the process set's size, as Horovod does.
+        With `scale_local_gradients`, the gradient is divided by the
+        process set's size (whatever `op` is), as Horovod does.
 
         Args:
             source: a variable passed to `gradient` as a source.
@@ -142,10 +143,12 @@ class PartialDistributedGradientTape(DistributedGradientTape):
         op: `hvd.Average` or `hvd.Sum`. Defaults to `hvd.Average`.
         gradient_predivide_factor: see `DistributedGradientTape`.
             Defaults to `1.0`.
-        local_layers: a Keras layer or layers whose trainable weights stay
-            local. Defaults to `None`.
+        num_groups: see `DistributedGradientTape`. Defaults to `0`.
+        groups: see `DistributedGradientTape`. Defaults to `None`.
         process_set: the ranks to reduce over. Defaults to
             `global_process_set`.
+        local_layers: a Keras layer or layers whose trainable weights stay
+            local. Defaults to `None`.
         scale_local_gradients: see `DistributedGradientTape`.
             Defaults to `True`.
 
@@ -166,13 +169,15 @@ class PartialDistributedGradientTape(DistributedGradientTape):
         sparse_as_dense: bool = False,
         op: int = mpi_ops.Average,
         gradient_predivide_factor: float = 1.0,
-        local_layers: Any = None,
+        num_groups: int = 0,
+        groups: int | Sequence[Sequence[Any]] | None = None,
         process_set: ProcessSet = global_process_set,
+        local_layers: Any = None,
         scale_local_gradients: bool = True,
     ) -> None:
         super().__init__(
             gradtape, device_dense, device_sparse, compression, sparse_as_dense, op,
-            gradient_predivide_factor, process_set=process_set,
+            gradient_predivide_factor, num_groups, groups, process_set=process_set,
             scale_local_gradients=scale_local_gradients)
         layers = list(_as_list(local_layers))
         for layer in layers:

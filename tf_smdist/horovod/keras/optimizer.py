@@ -210,9 +210,9 @@ def DistributedOptimizer(  # noqa: N802 (Horovod's name)
             variables reduced together. Defaults to `None`.
         process_set: the ranks to reduce over. Defaults to
             `global_process_set`.
-        scale_local_gradients: with Average, divide the gradients of local
-            variables (`register_local_var`) by the set's size.
-            Defaults to `True`.
+        scale_local_gradients: divide the gradients of local variables
+            (`register_local_var`) by the set's size, whatever `op` is (as
+            Horovod does). Defaults to `True`.
 
     Returns:
         The distributed optimizer.
