@@ -63,26 +63,25 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
         inner = getattr(var, "value", None)
         return {id(var)} if inner is None or callable(inner) else {id(var), id(inner)}
 
-    def _is_local(self, var: Any) -> bool:
-        local = set().union(*(self._identities(v) for v in self.local_variables))
-        return bool(self._identities(var) & local)
+    def _groups(self) -> dict[str, list[Any]]:
+        """The model's and the optimizer's variables that are broadcast.
 
-    def _global(self, variables: Any) -> list[Any]:
-        variables = list(variables)
-        if self.local_variables:
-            variables = [v for v in variables if not self._is_local(v)]
-        # A DistributedOptimizer's gradients aggregated over
-        # backward_passes_per_step are each rank's own (also under a
-        # LossScaleOptimizer).
+        Left out: `local_variables`, and a DistributedOptimizer's gradients
+        aggregated over backward_passes_per_step (each rank's own; also
+        under a LossScaleOptimizer).
+        """
         optimizer = getattr(self.model, "optimizer", None)
-        aggregated: set[int] = set()
+        kept = list(self.local_variables)
         for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
-            local = getattr(opt, "_hvd_local_variables", None)
-            if local is not None:
-                aggregated = aggregated.union(*(self._identities(v) for v in local()))
-        if aggregated:
-            variables = [v for v in variables if not self._identities(v) & aggregated]
-        return variables
+            aggregation_state = getattr(opt, "_hvd_local_variables", None)
+            if aggregation_state is not None:
+                kept += aggregation_state()
+        excluded = set().union(*(self._identities(v) for v in kept))
+        groups = {"model": list(self.model.variables)}
+        if optimizer is not None:
+            groups["optimizer"] = list(optimizer.variables)
+        return {k: [v for v in vs if not self._identities(v) & excluded]
+                for k, vs in groups.items()}
 
     @staticmethod
     def _signature(variables: list[Any]) -> list[tuple[tuple[int, ...], str]]:
@@ -97,9 +96,7 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         optimizer = getattr(self.model, "optimizer", None)
-        groups = {"model": self._global(self.model.variables)}
-        if optimizer is not None:
-            groups["optimizer"] = self._global(optimizer.variables)
+        groups = self._groups()
         differs = self._differs(groups)
         same = [v for k, vs in groups.items() if k not in differs for v in vs]
         if same:
@@ -111,10 +108,7 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self.broadcast_done:
             return
-        optimizer = getattr(self.model, "optimizer", None)
-        groups = {"model": self._global(self.model.variables)}
-        if optimizer is not None:
-            groups["optimizer"] = self._global(optimizer.variables)
+        groups = self._groups()
         differs = self._differs(groups)
         if differs:
             counts = {k: [len(sig) for sig in sigs] for k, sigs in differs.items()}
