@@ -94,7 +94,7 @@ def run_case(case: str) -> None:
                        for a, v in zip(before, pipe.optimizer.variables))
     evaluated, predicted = None, np.zeros(0)
     if case in EVALUATED:
-        evaluated = pipe.evaluate(x[:40], y[:40], batch_size=GLOBAL_BATCH, verbose=0)
+        evaluated = pipe.evaluate(x[:33], y[:33], batch_size=GLOBAL_BATCH, verbose=0)
         predicted = pipe.predict(x[:37], batch_size=GLOBAL_BATCH, verbose=0)
     save(case, predicted=predicted,
          **{f"init_{i}": w for i, w in enumerate(init)},

@@ -92,12 +92,13 @@ def _check_case(out, nproc: int, case: str, results: list[dict]) -> None:
                       [v.numpy() for v in ref_net.optimizer.variables])
     if case not in EVALUATED:
         return
-    # evaluate and predict on every rank, batches not divisible by M x D.
+    # evaluate and predict on every rank, batches not divisible by M x D
+    # (the last evaluate batch has 1 row: a pipeline of 2 gets none).
     plain = model(CASES[case][0])
     plain.set_weights(final)
     plain.compile(loss="mse", metrics=["mae"])
     x, y = data()
-    expected = plain.evaluate(x[:40], y[:40], batch_size=16, verbose=0)
+    expected = plain.evaluate(x[:33], y[:33], batch_size=16, verbose=0)
     predicted = plain.predict(x[:37], batch_size=16, verbose=0)
     for r in range(nproc):
         np.testing.assert_allclose(results[r][case]["evaluate"], expected, rtol=1e-5)

@@ -72,9 +72,12 @@ class ProcessSteps:
                                      sample_weight=w_i, training=training)
             if is_sum:
                 return loss
-            # Micro-batch means weighted by their rows: the shard's mean.
+            # Micro-batch means weighted by their rows: the shard's mean. In
+            # evaluation a micro-batch (or this pipeline's whole shard) may
+            # have no rows, whose mean is 0 / 0: it counts nothing.
             rows = tf.cast(_rows(outputs), loss.dtype)
-            return loss * rows / tf.cast(shard_rows, loss.dtype)
+            share = tf.math.divide_no_nan(rows, tf.cast(shard_rows, loss.dtype))
+            return tf.where(rows > 0, loss * share, tf.zeros_like(loss))
 
         return loss_fn
 
