@@ -875,6 +875,30 @@ def test_shared_layers_are_refused():
         PipelineModel(model, num_stages=2, microbatches=2)
 
 
+def test_a_nested_models_layer_called_again_is_refused():
+    # The nested model is one node, the second call of its layer another:
+    # both update `sh`'s variables, which two stages cannot.
+    sh = keras.layers.Dense(4, name="sh")
+    inner = keras.Sequential([keras.layers.Dense(4, name="i1"), sh], name="inner")
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(4, name="mid")(inner(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="out")(sh(h)))
+    with pytest.raises(NotImplementedError, match=r"share variables.*'inner', 'sh'"):
+        PipelineModel(model, num_stages=2, microbatches=2, partition=[1, 3])
+
+
+@pytest.mark.parametrize("regularizer", ["kernel", "activity"])
+def test_layer_losses_are_refused_in_one_process(regularizer):
+    # The loss runs on the last stage: a first-stage penalty's gradient
+    # would be lost (it was, silently, before this check).
+    inputs = keras.Input((4,))
+    kwargs = {f"{regularizer}_regularizer": keras.regularizers.L2(0.1)}
+    h = keras.layers.Dense(4, name="first", **kwargs)(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="out")(h))
+    with pytest.raises(NotImplementedError, match="regularizers"):
+        PipelineModel(model, num_stages=2, microbatches=2)
+
+
 def _state_shapes_by_device(pipe):
     """Shapes of the optimizer's per-variable state, by device suffix.
 

@@ -253,6 +253,17 @@ class PipelineModel(keras.Model):
     # -- partition ------------------------------------------------------
 
     def _check_layers(self, model: keras.Model) -> None:
+        if model.losses:
+            # The last stage computes the loss, and with it the layer losses;
+            # their gradients would reach only its own variables.
+            raise NotImplementedError(
+                "PipelineModel does not support layer losses (weight or "
+                "activity regularizers): the loss is computed on the last "
+                "stage, and the penalty of another stage's weights would not "
+                "reach their gradients. Received: a model with "
+                f"{len(model.losses)} layer loss(es). Add the penalty to the "
+                "loss instead."
+            )
         norms = []
         for layer in _compat.all_sublayers(model):
             if getattr(layer, "activity_regularizer", None) is not None:
@@ -325,14 +336,6 @@ class PipelineModel(keras.Model):
         from tf_smdist.pipeline.distributed import ProcessPipeline
         from tf_smdist.pipeline.process_steps import ProcessSteps
 
-        if self.wrapped_model.losses:
-            raise NotImplementedError(
-                "PipelineModel across processes does not support layer "
-                "losses (weight or activity regularizers), which every stage "
-                "would need. Received: a model with "
-                f"{len(self.wrapped_model.losses)} layer loss(es). Add the "
-                "penalty to the loss instead."
-            )
         if self._process is not None:
             self._process.sync_weights()  # the new owners need current values
         runtime = ProcessPipeline(
