@@ -1020,3 +1020,18 @@ def test_auto_partition_keeps_nested_models_whole():
     assert_close(h_pipe.history["loss"], h_plain.history["loss"])
     for w, pw in zip(plain.get_weights(), pipe.get_weights()):
         assert_close(pw, w)
+
+
+def test_optimizer_options_needing_every_stage_are_refused_across_processes():
+    from tf_smdist.pipeline.process_steps import check_optimizer
+
+    # Accepted: the pipeline clips by the whole model's norm itself.
+    check_optimizer(keras.optimizers.Adam(global_clipnorm=1.0))
+    with pytest.raises(NotImplementedError, match="use_ema=True"):
+        check_optimizer(keras.optimizers.Adam(use_ema=True))
+    with pytest.raises(NotImplementedError, match="use_ema=True"):
+        check_optimizer(keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(use_ema=True)))
+    with pytest.raises(NotImplementedError, match="global_clipnorm=1.0"):
+        check_optimizer(keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.Adam(global_clipnorm=1.0)))

@@ -168,7 +168,7 @@ class ProcessSteps:
         outs, losses, grads = rt.train(
             micro_x, loss_fn, gradient_scale=1.0 if is_sum else 1.0 / dp,
             loss_scale=self._loss_scale())
-        pipe.optimizer.apply(grads, rt.trainable_variables)
+        self._apply(grads)
 
         def update() -> None:
             loss = tf.add_n(losses)
@@ -180,6 +180,36 @@ class ProcessSteps:
             self._update_compiled_metrics(y, sample_weight, micro_y, micro_w, outs)
 
         return self._shared_metrics(update, before)
+
+    def _apply(self, grads: list[Any]) -> None:
+        """`optimizer.apply` on this process's variables, with a
+        `global_clipnorm` measured over the whole model.
+
+        Each rank's optimizer sees only its stage's gradients, so its own
+        clipping would use the stage's norm: the gradients are scaled here
+        by the norm of every stage's (the data-parallel replicas hold the
+        same), as Keras' `clip_by_global_norm` would on the whole model, and
+        the optimizer applies them unclipped.
+        """
+        pipe, rt = self._pipe, self._rt
+        optimizer = pipe.optimizer
+        clip = getattr(optimizer, "global_clipnorm", None)
+        if not clip or clip <= 0:
+            optimizer.apply(grads, rt.trainable_variables)
+            return
+        squares = tf.add_n([tf.constant(0.0)] + [
+            tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(g), tf.float32)))
+            for g in grads if g is not None])
+        total, = rt.world_sum([squares])
+        norm = tf.sqrt(total / rt.topology.dp_size)
+        # Keras' formula: NaN norms give NaN gradients, as in the plain model.
+        scale = clip * tf.minimum(1.0 / norm, 1.0 / clip) + (norm - norm)
+        grads = [None if g is None else _scaled(g, scale) for g in grads]
+        optimizer.global_clipnorm = None
+        try:
+            optimizer.apply(grads, rt.trainable_variables)
+        finally:
+            optimizer.global_clipnorm = clip
 
     def test_step(self, data: Any) -> dict[str, Any]:
         """One evaluation step on a global batch (any size)."""
@@ -534,6 +564,47 @@ def agreed_profile(pipe: Any, callback: Any) -> Any:
     callback.set_model(pipe)
     callback.record_profile(profile, target)
     return profile
+
+
+def _scaled(g: Any, scale: tf.Tensor) -> Any:
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(g.values * tf.cast(scale, g.values.dtype), g.indices,
+                                g.dense_shape)
+    return g * tf.cast(scale, g.dtype)
+
+
+def check_optimizer(optimizer: Any) -> None:
+    """Refuses optimizer options that need every stage's variables at once.
+
+    Args:
+        optimizer: the compiled optimizer of a pipeline across processes.
+
+    Raises:
+        NotImplementedError: `use_ema=True` (Keras swaps the moving averages
+            of the whole model's variables into them at the end of `fit`),
+            or a `global_clipnorm` inside a `LossScaleOptimizer`.
+
+    Example:
+    >>> check_optimizer(keras.optimizers.Adam(global_clipnorm=1.0))  # doctest: +SKIP
+    """
+    inner = getattr(optimizer, "inner_optimizer", None)
+    for opt in (optimizer, inner):
+        if opt is not None and getattr(opt, "use_ema", False):
+            raise NotImplementedError(
+                "A pipeline across processes does not support an optimizer "
+                "with use_ema=True: each process keeps the averages of its "
+                "own stage only. Received: "
+                f"{type(opt).__name__}(use_ema=True). Use use_ema=False, or "
+                "one process."
+            )
+    if inner is not None and getattr(inner, "global_clipnorm", None):
+        raise NotImplementedError(
+            "A pipeline across processes clips by the whole model's norm "
+            "itself, which it cannot do inside a LossScaleOptimizer. "
+            f"Received: a LossScaleOptimizer around {type(inner).__name__}"
+            f"(global_clipnorm={inner.global_clipnorm}). Use clipnorm or "
+            "clipvalue, or no mixed precision."
+        )
 
 
 def prepare_fit(pipe: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
