@@ -605,8 +605,19 @@ def test_batch_normalization_warns_once_per_model():
     assert texts[0].startswith("5 BatchNormalization layer(s)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        PipelineModel(model, num_stages=2, microbatches=1)  # exact: no warning
+        pipe = PipelineModel(model, num_stages=2, microbatches=1)  # exact: no warning
     assert not [w for w in caught if "BatchNormalization" in str(w.message)]
+    # One micro-batch, but 2 pipelines (4 processes, 2 stages): each
+    # normalises its half of the batch.
+    from tf_smdist.pipeline.topology import Topology
+
+    pipe._topology = Topology(4, 2, rank=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe._check_layers(model)
+    texts = [str(w.message) for w in caught if "BatchNormalization" in str(w.message)]
+    assert len(texts) == 1
+    assert "batch_size / 2 (2 pipelines x 1 micro-batch(es))" in texts[0]
 
 
 def test_batch_normalization_with_one_microbatch_matches_plain_model():

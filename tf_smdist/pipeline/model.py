@@ -281,16 +281,21 @@ class PipelineModel(keras.Model):
                         "recompute=False or a LayerNormalization."
                     )
                 norms.append(layer.name)
-        if norms and self._microbatches > 1:
+        topology = getattr(self, "_topology", None)
+        pipelines = topology.dp_size if topology is not None else 1
+        if norms and self._microbatches * pipelines > 1:
             shown = ", ".join(repr(n) for n in norms[:3])
             more = f" and {len(norms) - 3} more" if len(norms) > 3 else ""
+            parts = (f"{self._microbatches} micro-batches" if pipelines == 1 else
+                     f"{pipelines} pipelines x {self._microbatches} micro-batch(es)")
             warnings.warn(
                 f"{len(norms)} BatchNormalization layer(s) ({shown}{more}): in "
                 "a pipeline each normalises every micro-batch of size "
-                f"batch_size / {self._microbatches} with its own statistics "
-                "and updates its moving averages once per micro-batch, so "
-                "results differ from the unpipelined model. Use "
-                "LayerNormalization, or microbatches=1, to match it exactly.",
+                f"batch_size / {self._microbatches * pipelines} ({parts}) with "
+                "its own statistics and updates its moving averages once per "
+                "micro-batch, so results differ from the unpipelined model. "
+                "Use LayerNormalization, or one micro-batch and one pipeline, "
+                "to match it exactly.",
                 stacklevel=3,
             )
 
