@@ -363,6 +363,33 @@ def run_auto() -> None:
         "profile": seen[0].to_json() if seen else None}
 
 
+def run_batchnorm() -> None:
+    # One micro-batch, 2 pipelines: each pipeline's BatchNormalization sees
+    # its half of the batch; their moving statistics are averaged.
+    def net() -> keras.Model:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6,))
+        h = keras.layers.BatchNormalization(name="bn")(
+            keras.layers.Dense(8, name="a")(inputs))
+        return keras.Model(inputs, keras.layers.Dense(3, name="out")(h))
+
+    x, y = data()
+    pipe = smd.PipelineModel(net(), num_stages=2, microbatches=1, partition=[2, 1])
+    pipe.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    pipe.fit(x[:GLOBAL_BATCH], y[:GLOBAL_BATCH], batch_size=GLOBAL_BATCH,
+             epochs=1, shuffle=False, verbose=0)
+    plain = net()
+    plain.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    plain.fit(x[:GLOBAL_BATCH], y[:GLOBAL_BATCH], batch_size=GLOBAL_BATCH,
+              epochs=1, shuffle=False, verbose=0)
+    bn = pipe.wrapped_model.get_layer("bn")
+    RESULTS["batchnorm"] = {
+        "local_mean": np.array(bn.moving_mean.value).tolist(),
+        "plain_mean": np.array(plain.get_layer("bn").moving_mean.value).tolist(),
+        "assembled": [w.tolist() for w in pipe.get_weights()],
+    }
+
+
 def run_example() -> None:
     example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
         __file__))), "examples", "pipeline_hybrid.py")
@@ -373,7 +400,7 @@ def run_example() -> None:
 for check in CHECKS:
     {"mismatch": run_mismatch, "checkpoint": run_checkpoint, "example": run_example,
      "auto": run_auto, "embedding": run_embedding, "two_outputs": run_two_outputs,
-     "shuffled": run_shuffled, "mixed": run_mixed,
+     "shuffled": run_shuffled, "mixed": run_mixed, "batchnorm": run_batchnorm,
      "custom": run_custom, "die": run_die}.get(check, lambda c=check: run_case(c))()
 with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
     json.dump(RESULTS, f)

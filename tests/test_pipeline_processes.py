@@ -260,10 +260,21 @@ def test_three_stages_in_three_processes(tmp_path):
 def test_two_stages_times_two_pipelines_in_four_processes(tmp_path):
     # The 4 processes then train an embedding model and run
     # examples/pipeline_hybrid.py.
-    checks = ["seq_hybrid_cluster", "skip_hybrid_spread", "embedding", "example"]
+    checks = ["seq_hybrid_cluster", "skip_hybrid_spread", "embedding", "batchnorm",
+              "example"]
     proc = launch(["--nproc", "4", WORKER, str(tmp_path), *checks], timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = _results(tmp_path, 4)
+    # BatchNormalization's moving statistics: each pipeline updated them from
+    # its half of the batch, then they were averaged over the pipelines, so
+    # every rank holds the plain model's moving mean after one step (a
+    # linear update of the batch mean); the stage-0 ranks (0 and 2) hold it.
+    bn = [r["batchnorm"] for r in results]
+    for r in (0, 2):
+        np.testing.assert_allclose(bn[r]["local_mean"], bn[r]["plain_mean"],
+                                   rtol=1e-5, atol=1e-7)
+    assert bn[0]["local_mean"] == bn[2]["local_mean"]
+    assert all(b["assembled"] == bn[0]["assembled"] for b in bn)
     for case in checks[:2]:
         _check_case(tmp_path, 4, case, results)
     cluster = [r["seq_hybrid_cluster"] for r in results]

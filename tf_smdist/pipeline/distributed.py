@@ -58,6 +58,7 @@ _RECORD_BYTES = 4096
 # Ordering groups of the sub-communicators (each has 8).
 _GRAD_GROUP = 1
 _SPARSE_GROUP = 2  # the all-gathers of sparse gradients
+_STATE_GROUP = 3  # the mean of non-trainable state (moving statistics)
 
 LossFn = Callable[[int, list[tf.Tensor]], tf.Tensor]
 
@@ -842,6 +843,44 @@ class ProcessPipeline:
         chain.append(indices)
         with tf.device(self._device):
             return _scaled(tf.IndexedSlices(values, indices, g.dense_shape), scale)
+
+    def average_state(self) -> list[Any]:
+        """Averages this stage's non-trainable float variables over the
+        data-parallel group, in place, after a training step.
+
+        BatchNormalization's moving statistics are updated by each pipeline
+        from its own share of the batch; their mean over the pipelines is
+        what `MirroredStrategy` reads (its moving statistics are averaged on
+        read, and the update is linear, so averaging after every step
+        gives the same values), and every pipeline then evaluates and
+        predicts with the same ones. One all-reduce per step, only when
+        there are several pipelines and such variables.
+
+        Returns:
+            The assignments (graph ops), `[]` when there is nothing to do.
+
+        Example:
+        ```python
+        runtime.average_state()   # in the train step, after the update
+        ```
+        """
+        dp = self._topo.dp_size
+        trainable = {id(v) for v in self.trainable_variables}
+        state = [v for v in self.variables if id(v) not in trainable
+                 and tf.as_dtype(v.dtype).is_floating]
+        if dp == 1 or not state:
+            return []
+        flat = tf.concat([tf.reshape(tf.cast(v.value, tf.float32), [-1])
+                          for v in state], 0)
+        with tf.device("/CPU:0"):
+            summed = _mpi().host_allreduce(flat, group=_STATE_GROUP,
+                                           comm=self._dp_comm)
+        sizes = [int(np.prod(v.shape)) for v in state]
+        ops = []
+        with tf.device(self._device):
+            for v, part in zip(state, tf.split(summed / dp, sizes)):
+                ops.append(v.assign(tf.cast(tf.reshape(part, v.shape), v.dtype)))
+        return ops
 
     # -- values every rank sees ----------------------------------------------------
 

@@ -169,6 +169,7 @@ class ProcessSteps:
             micro_x, loss_fn, gradient_scale=1.0 if is_sum else 1.0 / dp,
             loss_scale=self._loss_scale())
         self._apply(grads)
+        rt.average_state()
 
         def update() -> None:
             loss = tf.add_n(losses)
