@@ -1046,3 +1046,19 @@ def test_optimizer_options_needing_every_stage_are_refused_across_processes():
     with pytest.raises(NotImplementedError, match="global_clipnorm=1.0"):
         check_optimizer(keras.optimizers.LossScaleOptimizer(
             keras.optimizers.Adam(global_clipnorm=1.0)))
+
+
+def test_process_batch_check_counts_only_the_training_part_of_a_split():
+    # Keras trains on the first floor(64 * 0.8) = 51 samples: a last batch of
+    # 3 rows, which 4 micro-batches cannot split; refused before training
+    # (it used to fail at a graph assertion after 3 steps).
+    from types import SimpleNamespace
+
+    from tf_smdist.pipeline.process_steps import _check_batches
+
+    pipe = SimpleNamespace(microbatches=4, dp_size=1)
+    x = np.zeros((64, 3), np.float32)
+    with pytest.raises(ValueError, match="last batch 3 \\(51 training samples of 64"):
+        _check_batches(pipe, (x,), {"batch_size": 16, "validation_split": 0.2})
+    _check_batches(pipe, (x,), {"batch_size": 16, "validation_split": 0.25})  # 48
+    _check_batches(pipe, (x,), {"batch_size": 16})

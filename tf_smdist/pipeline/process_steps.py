@@ -13,6 +13,7 @@ confusion counts: every built-in metric) are supported.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 import weakref
@@ -406,13 +407,21 @@ def _check_batches(pipe: Any, args: tuple, kwargs: dict) -> None:
     size = getattr(x, "shape", None)
     if size is not None and len(size) and size[0] is not None:
         batch = kwargs.get("batch_size") or 32
-        rest = int(size[0]) % batch
+        samples = int(size[0])
+        split = kwargs.get("validation_split") or 0.0
+        where = f"{samples} samples"
+        if split and not kwargs.get("validation_data"):
+            # Keras trains on the first floor(n * (1 - split)) samples.
+            samples = int(math.floor(samples * (1.0 - split)))
+            where = (f"{samples} training samples of {int(size[0])} with "
+                     f"validation_split={split}")
+        rest = samples % batch
         for label, rows in (("batch_size", batch), ("last batch", rest)):
             if rows % unit:
                 raise ValueError(
                     "Every global batch must be a multiple of the number of "
                     "micro-batches times the number of pipelines. Received: "
-                    f"{label} {rows} ({int(size[0])} samples, batch_size="
+                    f"{label} {rows} ({where}, batch_size="
                     f"{batch}) with microbatches={pipe.microbatches} and "
                     f"{pipe.dp_size} pipeline(s). Use a batch size and a "
                     f"sample count divisible by {unit}."
