@@ -13,6 +13,8 @@ GLOBAL_BATCH = 16
 #          connection crosses a cut (with 3+ stages, several cuts).
 CASES = {
     "seq_1f1b_sgd": ("seq", 2, 4, "1f1b", "sgd", [2, 2], "cluster", 2),
+    # The custom loop's (global_clipnorm through pipe.apply_gradients).
+    "seq_1f1b_sgd_clip": ("seq", 2, 4, "1f1b", "sgd_clip", [2, 2], "cluster", 2),
     "skip_gpipe_adam": ("skip", 2, 2, "gpipe", "adam", [1, 4], "cluster", 1),
     "skip_interleaved_sgd": ("skip", 2, 2, "interleaved", "momentum_clip",
                              [1, 1, 1, 2], "cluster", 1),

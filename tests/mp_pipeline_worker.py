@@ -297,7 +297,7 @@ def run_checkpoint() -> None:
 
 
 def run_custom() -> None:
-    case = "seq_1f1b_sgd"
+    case = "seq_1f1b_sgd_clip"
     pipe = pipeline(case)
     init = pipe.get_weights()
     x, y = data()

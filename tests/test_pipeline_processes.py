@@ -173,10 +173,11 @@ def test_two_stages_in_two_processes(tmp_path):
         "OSError: Rank 0 could not load the weights. Received: filepath=")
     assert results[0]["bad_load"] + ". Make the file" in results[1]["bad_load"]
 
-    # Custom loop: compute_gradients + optimizer.apply on the local variables.
+    # Custom loop: compute_gradients + apply_gradients on the local variables,
+    # clipped by the whole model's norm.
     count = results[0]["custom"]["num_weights"]
     init = _weights(tmp_path, 0, "custom", "init", count)
-    ref_weights, _ = reference("seq_1f1b_sgd", init)
+    ref_weights, _ = reference("seq_1f1b_sgd_clip", init)
     _assert_close(_weights(tmp_path, 1, "custom", "final", count), ref_weights)
     assert results[0]["custom"]["losses"] == results[1]["custom"]["losses"]
     assert len(results[0]["custom"]["losses"]) == 2 * NUM_SAMPLES // 16

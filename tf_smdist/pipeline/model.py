@@ -974,7 +974,10 @@ class PipelineModel(keras.Model):
 
         Across processes, `grads` are this process's gradients (one per
         variable of `local_trainable_variables`, as `compute_gradients`
-        returns them there) and update this process's variables.
+        returns them there) and update this process's variables; as in
+        `fit`, a `global_clipnorm` clips by the whole model's norm, and the
+        stage's moving statistics are then averaged over the pipelines
+        (collective: every rank calls it).
 
         Args:
             grads: One gradient per variable of `trainable_variables`, as
@@ -990,7 +993,9 @@ class PipelineModel(keras.Model):
         ```
         """
         if self._process is not None:
-            self.optimizer.apply(grads, self.local_trainable_variables)
+            # The whole model's global_clipnorm, and the moving statistics'
+            # mean over the pipelines, as in `fit`.
+            self._process.apply_gradients(list(grads))
             return
         if tf.executing_eagerly():
             self.optimizer.apply(grads, self.trainable_variables)

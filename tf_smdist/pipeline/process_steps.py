@@ -169,8 +169,7 @@ class ProcessSteps:
         outs, losses, grads = rt.train(
             micro_x, loss_fn, gradient_scale=1.0 if is_sum else 1.0 / dp,
             loss_scale=self._loss_scale())
-        self._apply(grads)
-        rt.average_state()
+        self.apply_gradients(grads)
 
         def update() -> None:
             loss = tf.add_n(losses)
@@ -182,6 +181,13 @@ class ProcessSteps:
             self._update_compiled_metrics(y, sample_weight, micro_y, micro_w, outs)
 
         return self._shared_metrics(update, before)
+
+    def apply_gradients(self, grads: list[Any]) -> None:
+        """The optimizer step of this process's variables (`_apply`), then
+        the mean of the stage's moving statistics over the pipelines
+        (`ProcessPipeline.average_state`)."""
+        self._apply(grads)
+        self._rt.average_state()
 
     def _apply(self, grads: list[Any]) -> None:
         """`optimizer.apply` on this process's variables, with a
