@@ -428,8 +428,8 @@ class PipelineModel(keras.Model):
 
         Example:
         ```python
-        loss, _, grads = pipe.compute_gradients(x, y)
-        pipe.optimizer.apply(grads, pipe.local_trainable_variables)
+        loss, _, grads = pipe.compute_gradients(x, y)  # one per variable here
+        pipe.apply_gradients(grads)  # updates local_trainable_variables
         ```
         """
         if self._process is not None:
