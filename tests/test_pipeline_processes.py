@@ -226,6 +226,9 @@ def test_two_stages_in_two_processes(tmp_path):
         assert r["auto"]["hook_calls"] == 1
         assert r["auto"]["profile"] == results[0]["auto"]["profile"]
         assert r["auto"]["profile_kwargs"] == {"warmup": 1, "repeats": 2}
+    for r in results:  # loaded optimizer steps: the equal split stays
+        assert r["auto_after_load"]["warned"]
+        assert [len(s) for s in r["auto_after_load"]["stages"]] == [2, 2]
     count = results[0]["auto"]["num_weights"]
     init = _weights(tmp_path, 0, "auto", "init", count)
     ref_weights, ref_losses = reference("seq_1f1b_sgd", init, epochs=1)

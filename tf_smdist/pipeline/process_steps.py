@@ -16,6 +16,7 @@ import logging
 import math
 import statistics
 import time
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -623,6 +624,18 @@ def check_optimizer(optimizer: Any) -> None:
         )
 
 
+def _restored_steps(pipe: Any) -> bool:
+    """Whether any rank's optimizer has steps behind it (agreed: one all-reduce)."""
+    from tf_smdist.data_parallel import cluster
+
+    optimizer = getattr(pipe, "optimizer", None)
+    steps = (int(optimizer.iterations.numpy())
+             if optimizer is not None and optimizer.built else 0)
+    flag = cluster.allreduce_numpy(np.array([float(steps > 0)], np.float32),
+                                   reduction="max")
+    return bool(flag[0] > 0)
+
+
 def prepare_fit(pipe: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Checks `fit`'s arguments and readies its callbacks across processes.
 
@@ -659,6 +672,23 @@ def prepare_fit(pipe: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     profilers = [c for c in callbacks if isinstance(c, ProfilingCallback)]
     if not profilers and pipe._pending_auto:
         profilers = [ProfilingCallback(batch_size=kwargs.get("batch_size") or 32)]
+    # Callbacks that already profiled this model (an earlier fit) do nothing.
+    profilers = [c for c in profilers if c.profile is None or c.profiled_model
+                 is not (c.target_model or pipe.profiled_model)]
+    if profilers and _restored_steps(pipe):
+        # Loaded optimizer state lives with its variables' processes; a new
+        # partition would have to move it between them, which it cannot.
+        warnings.warn(
+            "The pipeline keeps its current partition: its optimizer already "
+            f"holds the state of {int(pipe.optimizer.iterations.numpy())} steps "
+            "(loaded weights), which moving layers between processes would "
+            "lose. Received: partition='auto' or a ProfilingCallback after "
+            "load_weights. Partition first (an explicit partition, or "
+            "pipe.auto_partition(x)), then load the weights.",
+            stacklevel=3,
+        )
+        pipe._pending_auto = False
+        profilers = []
     for callback in profilers:
         profile = agreed_profile(pipe, callback)
         if profile is None:
