@@ -807,7 +807,7 @@ class ProcessPipeline:
     def _reduce(self, s: int, grads: list[Any], positions: dict,
                 scale: float, sparse_chain: list[tf.Tensor]) -> list[Any]:
         if self._topo.dp_size == 1:
-            return [_scaled(g, scale) for g in grads]
+            return [scaled(g, scale) for g in grads]
         out = [self._gather_slices(g, scale, sparse_chain)
                if isinstance(g, tf.IndexedSlices) else g for g in grads]
         total = max(1, len(positions))
@@ -842,7 +842,7 @@ class ProcessPipeline:
             values = tf.reshape(rows, [-1, *g.values.shape[1:]])
         chain.append(indices)
         with tf.device(self._device):
-            return _scaled(tf.IndexedSlices(values, indices, g.dense_shape), scale)
+            return scaled(tf.IndexedSlices(values, indices, g.dense_shape), scale)
 
     def average_state(self) -> list[Any]:
         """Averages this stage's non-trainable float variables over the
@@ -949,10 +949,11 @@ class ProcessPipeline:
         return result
 
 
-def _scaled(g: Any, scale: float) -> Any:
-    if scale == 1.0:
+def scaled(g: Any, scale: float | tf.Tensor) -> Any:
+    """`g` (a tensor or `IndexedSlices`) times `scale` (a number or a scalar tensor)."""
+    if isinstance(scale, (int, float)) and scale == 1.0:
         return g
     if isinstance(g, tf.IndexedSlices):
         return tf.IndexedSlices(g.values * tf.cast(scale, g.values.dtype), g.indices,
                                 g.dense_shape)
-    return g * scale
+    return g * tf.cast(scale, g.dtype)

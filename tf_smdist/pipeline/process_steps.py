@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_smdist import _compat
-from tf_smdist.pipeline.distributed import ProcessPipeline
+from tf_smdist.pipeline.distributed import ProcessPipeline, scaled
 
 __all__ = ["ProcessSteps", "memory_of", "prepare_fit"]
 
@@ -213,7 +213,7 @@ class ProcessSteps:
         norm = tf.sqrt(total / rt.topology.dp_size)
         # Keras' formula: NaN norms give NaN gradients, as in the plain model.
         scale = clip * tf.minimum(1.0 / norm, 1.0 / clip) + (norm - norm)
-        grads = [None if g is None else _scaled(g, scale) for g in grads]
+        grads = [None if g is None else scaled(g, scale) for g in grads]
         optimizer.global_clipnorm = None
         try:
             optimizer.apply(grads, rt.trainable_variables)
@@ -520,6 +520,13 @@ _PROFILE_FAILED = "\0profile failed: "
 _ALONE_WAIT_S = 600.0
 
 
+def _profiled_already(pipe: Any, callback: Any) -> bool:
+    """Whether `callback` profiled this model in an earlier `fit` (it then
+    does nothing, as in one process)."""
+    target = callback.target_model or pipe.profiled_model
+    return callback.profile is not None and callback.profiled_model is target
+
+
 def agreed_profile(pipe: Any, callback: Any) -> Any:
     """Rank 0 profiles as `callback` would; every rank gets rank 0's profile.
 
@@ -548,9 +555,9 @@ def agreed_profile(pipe: Any, callback: Any) -> Any:
     from tf_smdist.pipeline.callback import ProfilingCallback
     from tf_smdist.pipeline.profile import Profile
 
-    target = callback.target_model or pipe.profiled_model
-    if callback.profile is not None and callback.profiled_model is target:
+    if _profiled_already(pipe, callback):
         return None
+    target = callback.target_model or pipe.profiled_model
     text, error = "", None
     if pipe.topology.rank == 0:
         options = {"expand_nested": False, **callback.profile_kwargs}
@@ -581,13 +588,6 @@ def agreed_profile(pipe: Any, callback: Any) -> Any:
     callback.set_model(pipe)
     callback.record_profile(profile, target)
     return profile
-
-
-def _scaled(g: Any, scale: tf.Tensor) -> Any:
-    if isinstance(g, tf.IndexedSlices):
-        return tf.IndexedSlices(g.values * tf.cast(scale, g.values.dtype), g.indices,
-                                g.dense_shape)
-    return g * tf.cast(scale, g.dtype)
 
 
 def check_optimizer(optimizer: Any) -> None:
@@ -672,9 +672,7 @@ def prepare_fit(pipe: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     profilers = [c for c in callbacks if isinstance(c, ProfilingCallback)]
     if not profilers and pipe._pending_auto:
         profilers = [ProfilingCallback(batch_size=kwargs.get("batch_size") or 32)]
-    # Callbacks that already profiled this model (an earlier fit) do nothing.
-    profilers = [c for c in profilers if c.profile is None or c.profiled_model
-                 is not (c.target_model or pipe.profiled_model)]
+    profilers = [c for c in profilers if not _profiled_already(pipe, c)]
     if profilers and _restored_steps(pipe):
         # Loaded optimizer state lives with its variables' processes; a new
         # partition would have to move it between them, which it cannot.

@@ -70,22 +70,17 @@ def pipeline_graph(model: keras.Model, *, expand_nested: bool = False) -> LayerG
             )
     # A layer of a nested model that the model also calls elsewhere: two
     # nodes update the same variables, which two stages cannot.
-    users: dict[int, list[str]] = {}
-    paths: dict[int, str] = {}
+    users: dict[int, tuple[Any, list[str]]] = {}
     for node in graph.nodes:
-        if not node.is_layer:
-            continue
-        for v in node.operation.weights:
-            users.setdefault(id(v), [])
-            if node.name not in users[id(v)]:
-                users[id(v)].append(node.name)
-            paths[id(v)] = getattr(v, "path", None) or v.name
-    for key, names in users.items():
+        if node.is_layer:
+            for v in {id(v): v for v in node.operation.weights}.values():
+                users.setdefault(id(v), (v, []))[1].append(node.name)
+    for v, names in users.values():
         if len(names) > 1:
             raise NotImplementedError(
                 "PipelineModel cannot split a model whose layers share "
-                f"variables. Received: variable {paths[key]!r} used by "
-                f"{names}. Call each layer once, or wrap the part that "
+                f"variables. Received: variable {getattr(v, 'path', v.name)!r} "
+                f"used by {names}. Call each layer once, or wrap the part that "
                 "shares it in one nested model."
             )
     return graph
