@@ -60,12 +60,15 @@ def main() -> None:
     rank = pipe.topology.rank if pipe.topology else 0
     print(f"rank {rank}: stage {pipe.stage_rank} of {pipe.stage_size}, "
           f"pipeline {pipe.dp_rank} of {pipe.dp_size}; pipeline ranks "
-          f"{pipe.pipeline_ranks}, data-parallel group {pipe.dp_group_ranks}; "
-          f"holds {pipe.memory_report()}", flush=True)
+          f"{pipe.pipeline_ranks}, data-parallel group {pipe.dp_group_ranks}",
+          flush=True)
     pipe.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(
         from_logits=True), metrics=["accuracy"])
     history = pipe.fit(x, y, batch_size=64, epochs=args.epochs, verbose=0)
     print(f"rank {rank}: loss per epoch {history.history['loss']}", flush=True)
+    # Bytes of this process's stage: its variables, their gradients and the
+    # optimizer's slots (built by the first step), against the whole model's.
+    print(f"rank {rank}: holds {pipe.memory_report()}", flush=True)
 
     weights = pipe.get_weights()  # the whole model, on every rank
     path = os.path.join(tempfile.gettempdir(), "pipeline_hybrid.keras")
