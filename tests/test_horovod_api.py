@@ -508,6 +508,27 @@ def test_backward_passes_per_step_accumulates_locally():
         assert int(opt.iterations) == 2
 
 
+def test_a_copy_from_config_is_distributed_with_the_same_options():
+    # As in Horovod, the optimizer's class holds the call's options: a copy
+    # made through from_config (Keras' and Horovod's own test do that)
+    # accumulates two passes too, and an optimizer of another call keeps its own.
+    opt = hvd_keras.DistributedOptimizer(keras.optimizers.SGD(1.0),
+                                         backward_passes_per_step=2)
+    other = hvd_keras.DistributedOptimizer(keras.optimizers.SGD(1.0))
+    for copy in (opt.from_config(opt.get_config()),
+                 type(opt).from_config(opt.get_config())):
+        assert hvd_keras.is_distributed(copy) and isinstance(copy, keras.optimizers.SGD)
+        v = tf.Variable([1.0])
+        copy.apply_gradients([(tf.constant([0.5]), v)])
+        np.testing.assert_array_equal(v.numpy(), [1.0])  # first pass: accumulated
+        copy.apply_gradients([(tf.constant([0.5]), v)])
+        np.testing.assert_array_equal(v.numpy(), [0.0])
+    v = tf.Variable([1.0])
+    copy = type(other).from_config(other.get_config())
+    copy.apply_gradients([(tf.constant([0.5]), v)])
+    np.testing.assert_array_equal(v.numpy(), [0.5])
+
+
 def test_load_model_wraps_the_optimizer_and_keeps_its_state(tmp_path):
     model, _ = _fit(keras.optimizers.SGD(0.05, momentum=0.9))
     path = str(tmp_path / "m.keras")

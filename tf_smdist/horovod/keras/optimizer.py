@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -15,9 +15,6 @@ from tf_smdist.horovod.gradients import GradientReducer
 from tf_smdist.horovod.process_sets import ProcessSet, global_process_set
 
 __all__ = ["DistributedOptimizer", "PartialDistributedOptimizer", "is_distributed"]
-
-_CLASSES: dict[type, type] = {}
-
 
 class _DistributedMixin:
     """Placed before the user's optimizer class: reduce, then apply."""
@@ -141,15 +138,25 @@ def _agree_on_finite(loss_scale_optimizer: Any, finite: Any) -> Any:
     return flag > 0
 
 
-def _distributed_class(cls: type) -> type:
-    if cls not in _CLASSES:
-        sub = type(cls.__name__, (_DistributedMixin, cls), {
-            "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__,
-            "__doc__": cls.__doc__,
-        })
-        _CLASSES[cls] = sub
-    return _CLASSES[cls]
+def _distributed_class(cls: type, setup: Callable[[Any], None]) -> type:
+    """A subclass of `cls` whose every instance is set up by `setup`.
+
+    One class per `DistributedOptimizer` call, as in Horovod: the class holds
+    that call's options, so `type(opt).from_config(opt.get_config())` (and
+    Keras' own copies through `from_config`) make a distributed optimizer
+    with the same options, not a half-built one.
+    """
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        cls.__init__(self, *args, **kwargs)
+        setup(self)
+
+    return type(cls.__name__, (_DistributedMixin, cls), {
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        "__init__": __init__,
+    })
 
 
 def is_distributed(optimizer: Any) -> bool:
@@ -229,6 +236,20 @@ def DistributedOptimizer(  # noqa: N802 (Horovod's name)
     True
     """
     del device_dense, device_sparse
+    return _make(optimizer, name, dict(
+        compression=compression, sparse_as_dense=sparse_as_dense, op=op,
+        gradient_predivide_factor=gradient_predivide_factor, groups=groups,
+        num_groups=num_groups,
+        process_set=process_set, scale_local_gradients=scale_local_gradients,
+        name="DistributedOptimizer"), backward_passes_per_step,
+        average_aggregated_gradients, [])
+
+
+def _make(optimizer: keras.optimizers.Optimizer, name: str | None,
+          reducer_args: dict[str, Any], backward_passes_per_step: int,
+          average_aggregated_gradients: bool,
+          local_layers: list[Any]) -> keras.optimizers.Optimizer:
+    """`DistributedOptimizer` (and `PartialDistributedOptimizer`'s `local_layers`)."""
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise TypeError(
             "DistributedOptimizer wraps a Keras 3 optimizer. Received: "
@@ -238,24 +259,22 @@ def DistributedOptimizer(  # noqa: N802 (Horovod's name)
         raise ValueError(
             "This optimizer is a DistributedOptimizer already. Received: "
             f"optimizer={optimizer.name}. Wrap the plain optimizer once.")
-    if int(backward_passes_per_step) < 1:
+    passes = int(backward_passes_per_step)
+    if passes < 1:
         raise ValueError(
             "`backward_passes_per_step` must be >= 1. Received: "
             f"backward_passes_per_step={backward_passes_per_step}")
-    reducer = GradientReducer(
-        compression=compression, sparse_as_dense=sparse_as_dense, op=op,
-        gradient_predivide_factor=gradient_predivide_factor, groups=groups,
-        num_groups=num_groups,
-        process_set=process_set, scale_local_gradients=scale_local_gradients,
-        name="DistributedOptimizer")
+    GradientReducer(**reducer_args)  # bad options fail here, not in a copy
+
+    def setup(opt: Any) -> None:
+        reducer = GradientReducer(**reducer_args)
+        reducer.local_layers = local_layers
+        opt._hvd_setup(reducer, passes, average_aggregated_gradients)
+
     config = optimizer.get_config()
     if name is not None:
         config["name"] = name
-    cls = _distributed_class(type(optimizer))
-    distributed = cls.from_config(config)
-    distributed._hvd_setup(reducer, backward_passes_per_step,
-                           average_aggregated_gradients)
-    return distributed
+    return _distributed_class(type(optimizer), setup).from_config(config)
 
 
 def PartialDistributedOptimizer(  # noqa: N802 (Horovod's name)
@@ -299,18 +318,15 @@ def PartialDistributedOptimizer(  # noqa: N802 (Horovod's name)
     >>> opt = hvd.PartialDistributedOptimizer(keras.optimizers.SGD(),
     ...                                       local_layers=[head])
     """
-    distributed = DistributedOptimizer(
-        optimizer, name=name, compression=compression,
-        sparse_as_dense=sparse_as_dense,
-        gradient_predivide_factor=gradient_predivide_factor, op=op,
-        backward_passes_per_step=backward_passes_per_step,
-        average_aggregated_gradients=average_aggregated_gradients, groups=groups,
-        process_set=process_set, scale_local_gradients=scale_local_gradients)
     if local_layers is None:
         layers = []
     elif isinstance(local_layers, (list, tuple)):
         layers = list(local_layers)
     else:
         layers = [local_layers]
-    distributed._hvd_reducer.local_layers = layers
-    return distributed
+    return _make(optimizer, name, dict(
+        compression=compression, sparse_as_dense=sparse_as_dense, op=op,
+        gradient_predivide_factor=gradient_predivide_factor, groups=groups,
+        process_set=process_set, scale_local_gradients=scale_local_gradients,
+        name="DistributedOptimizer"), backward_passes_per_step,
+        average_aggregated_gradients, layers)
