@@ -529,6 +529,18 @@ def test_a_copy_from_config_is_distributed_with_the_same_options():
     np.testing.assert_array_equal(v.numpy(), [0.5])
 
 
+def test_horovods_util_helpers_that_its_tests_import():
+    from tf_smdist.horovod.util import _cache, _executing_eagerly, _make_subgraph
+
+    assert hvd._executing_eagerly is _executing_eagerly
+    assert _executing_eagerly()
+    assert not bool(tf.function(lambda: tf.constant(_executing_eagerly()))())
+    calls = []
+    twice = _cache(lambda a: calls.append(a) or a * 2)
+    assert twice(3) == twice(3) == 6 and calls == [3]
+    assert float(_make_subgraph(lambda t: t + 1)(tf.constant(1.0))) == 2.0
+
+
 def test_load_model_wraps_the_optimizer_and_keeps_its_state(tmp_path):
     model, _ = _fit(keras.optimizers.SGD(0.05, momentum=0.9))
     path = str(tmp_path / "m.keras")

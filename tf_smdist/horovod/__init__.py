@@ -92,6 +92,9 @@ from tf_smdist.horovod.tape import (
     PartialDistributedGradientTape,
 )
 
+# Horovod's namespace has this underscored helper too; its tests call it.
+from tf_smdist.horovod.util import _executing_eagerly  # noqa: F401
+
 __all__ = [
     "Adasum",
     "Average",
