@@ -206,10 +206,27 @@ def test_collectives_in_one_process_eager_function_and_graph():
 def test_indexed_slices_are_gathered_and_averaged():
     s = tf.IndexedSlices(tf.constant([[1.0, 2.0]]), tf.constant([3]),
                          tf.constant([5, 2]))
-    out = hvd.allreduce(s, prescale_factor=4.0)
+    out = hvd.allreduce(s)
     assert isinstance(out, tf.IndexedSlices)
-    np.testing.assert_array_equal(out.values, [[4.0, 8.0]])
+    np.testing.assert_array_equal(out.values, [[1.0, 2.0]])
     np.testing.assert_array_equal(out.indices, [3])
+    # As in Horovod, a gather takes no scale factors...
+    for factors in ({"prescale_factor": 4.0}, {"postscale_factor": 0.5}):
+        with pytest.raises(NotImplementedError, match="Pre/postscale_factor"):
+            hvd.allreduce(s, **factors)
+        with pytest.raises(NotImplementedError, match="Pre/postscale_factor"):
+            hvd.grouped_allreduce([tf.ones([1]), s], **factors)
+    # ... but gradient_predivide_factor's two factors cancel for a sparse
+    # gradient, which the tape gathers unscaled.
+    emb = tf.Variable(tf.ones([5, 2]))
+    dense = tf.Variable(2.0)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.gather(emb, [3, 3])) * dense
+    tape = hvd.DistributedGradientTape(tape, gradient_predivide_factor=4.0)
+    g_emb, g_dense = tape.gradient(loss, [emb, dense])
+    assert isinstance(g_emb, tf.IndexedSlices)
+    np.testing.assert_allclose(tf.convert_to_tensor(g_emb)[3], [4.0, 4.0])
+    np.testing.assert_allclose(g_dense, 4.0)
     # Horovod raises NotImplementedError for the ops a gather cannot do.
     for op in (hvd.Min, hvd.Max, hvd.Product, hvd.Adasum):
         with pytest.raises(NotImplementedError):

@@ -107,6 +107,13 @@ def _sparse_allreduce(
             "only sums or averages. Received: "
             f"op={_OP_NAMES.get(op, op)}. Densify it first "
             "(tf.convert_to_tensor) or use op=hvd.Sum / hvd.Average.")
+    if float(prescale_factor) != 1.0 or float(postscale_factor) != 1.0:
+        # NotImplementedError, as Horovod raises for this case.
+        raise NotImplementedError(
+            "Pre/postscale_factor are not supported with tf.IndexedSlices. "
+            f"Received: prescale_factor={prescale_factor}, "
+            f"postscale_factor={postscale_factor}. Scale the values yourself, or "
+            "densify it first (tf.convert_to_tensor).")
     set_id = process_set_id_of(process_set)
     values_name = None if name is None else f"{name}.values"
     indices_name = None if name is None else f"{name}.indices"
@@ -114,9 +121,6 @@ def _sparse_allreduce(
                                process_set_id=set_id)
     indices = mpi_ops.allgather(tensor.indices, name=indices_name,
                                 process_set_id=set_id)
-    scale = float(prescale_factor) * float(postscale_factor)
-    if scale != 1.0:
-        values = values * tf.cast(scale, values.dtype)
     if op == mpi_ops.Average:
         # Horovod's true division: integer values become floating point
         # (int8/16 -> float32, int32/64 -> float64) rather than truncating.
@@ -169,7 +173,8 @@ def allreduce(
 
     Raises:
         NotImplementedError: `op` is `hvd.Adasum`, or a `tf.IndexedSlices`
-            with an op other than `hvd.Sum` / `hvd.Average` (as in Horovod).
+            with an op other than `hvd.Sum` / `hvd.Average` or with a pre- or
+            postscale factor (as in Horovod).
 
     Example:
     >>> import tf_smdist.horovod as hvd

@@ -144,6 +144,10 @@ class GradientReducer:
         local = set(self._local)
         for layer in self.local_layers:
             local.update(id(v) for v in layer.trainable_weights)
+        # Eagerly the calls run one after another and fixed names match them.
+        # In a graph each op's unique name names it: two tapes or optimizers
+        # in one function (a GAN's) then run side by side without colliding.
+        eager = tf.executing_eagerly()
         shared = []
         for i, g in enumerate(grads):
             if g is None:
@@ -154,11 +158,14 @@ class GradientReducer:
                 continue
             if self.sparse_as_dense and isinstance(g, tf.IndexedSlices):
                 grads[i] = tf.convert_to_tensor(g)
+            elif isinstance(g, tf.IndexedSlices):
+                # Gathered, not summed: gradient_predivide_factor's two
+                # factors cancel (allreduce refuses them, as Horovod's does).
+                out[i] = allreduce(
+                    g, op=self.op, name=f"{self.name}.{i}" if eager else None,
+                    process_set=self.process_set)
+                continue
             shared.append(i)
-        # Eagerly the calls run one after another and fixed names match them.
-        # In a graph each op's unique name names it: two tapes or optimizers
-        # in one function (a GAN's) then run side by side without colliding.
-        eager = tf.executing_eagerly()
         for group in self._partition(shared, variables):
             if len(group) == 1 and not (isinstance(self.groups, int) and self.groups):
                 i = group[0]
