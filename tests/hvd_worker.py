@@ -563,8 +563,20 @@ def check_partial_tape() -> None:
     gathered = hvd.allgather_object([p.numpy() for p in plain[2:]])
     mean = [np.mean([g[i] for g in gathered], 0) for i in range(2)]
     shared_ok = all(np.allclose(g, m, atol=1e-6) for g, m in zip(grads[2:], mean))
+    # The same gradients split into (variable, gradient) pairs (Horovod's
+    # get_local_and_global_gradients), in source order.
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(head(shared(x)))
+    tape = hvd.PartialDistributedGradientTape(tape, local_layers=[head])
+    local_pairs, global_pairs = tape.get_local_and_global_gradients(
+        loss, shared.trainable_variables + head.trainable_variables)
+    paths = [[v.path for v, _ in pairs] for pairs in (local_pairs, global_pairs)]
+    expected = [[v.path for v in layer.trainable_variables] for layer in (head, shared)]
+    split_ok = paths == expected and all(
+        np.allclose(g, e) for (_, g), e in zip(local_pairs + global_pairs, grads))
     results["partial_tape"] = {"local_scaled": bool(local_ok),
-                               "shared_averaged": bool(shared_ok)}
+                               "shared_averaged": bool(shared_ok),
+                               "split": bool(split_ok)}
 
 
 def check_sync_batch_norm() -> None:

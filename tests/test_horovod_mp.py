@@ -102,7 +102,8 @@ def test_collectives_through_the_public_api(job, nproc):
 
 def test_partial_tape_sync_batch_norm_and_sdp(job):
     for r, res in enumerate(job(2)):
-        assert res["partial_tape"] == {"local_scaled": True, "shared_averaged": True}
+        assert res["partial_tape"] == {"local_scaled": True, "shared_averaged": True,
+                                       "split": True}
         # BroadcastGlobalVariablesCallback(local_variables=...), as in Horovod.
         assert res["broadcast_callback_local"] == {"local_kept": True,
                                                    "others_from_root": True}, r

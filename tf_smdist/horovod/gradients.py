@@ -99,6 +99,13 @@ class GradientReducer:
         """Marks `variable` local: its gradient is not reduced across ranks."""
         self._local.add(id(variable))
 
+    def local_ids(self) -> set[int]:
+        """The ids of the local variables (registered, or of `local_layers`)."""
+        local = set(self._local)
+        for layer in self.local_layers:
+            local.update(id(v) for v in layer.trainable_weights)
+        return local
+
     def _partition(self, shared: list[int], variables: Sequence[Any] | None
                    ) -> list[list[int]]:
         groups = self.groups
@@ -141,9 +148,7 @@ class GradientReducer:
             # A rank outside the process set keeps its own gradients, as
             # Horovod's conditional all-reduce does.
             return out
-        local = set(self._local)
-        for layer in self.local_layers:
-            local.update(id(v) for v in layer.trainable_weights)
+        local = self.local_ids()
         # Eagerly the calls run one after another and fixed names match them.
         # In a graph each op's unique name names it: two tapes or optimizers
         # in one function (a GAN's) then run side by side without colliding.

@@ -131,6 +131,34 @@ class DistributedGradientTape:
         return tf.nest.pack_sequence_as(grads, reduced, expand_composites=False)
 
 
+    def get_local_and_global_gradients(
+            self, target: Any, sources: Any, output_gradients: Any = None,
+            **kwargs: Any) -> tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]]:
+        """`gradient`'s results split into local and reduced (variable, gradient) pairs.
+
+        Args:
+            target: the tensor(s) to differentiate.
+            sources: a variable or a (nested) structure of variables.
+            output_gradients: as in `tf.GradientTape.gradient`.
+                Defaults to `None`.
+            **kwargs: passed to the wrapped tape.
+
+        Returns:
+            `(local, global)`: the pairs of the local variables (registered,
+            or of `local_layers`), then those of the others, in source order.
+
+        Example:
+        >>> local_pairs, global_pairs = tape.get_local_and_global_gradients(
+        ...     loss, model.trainable_variables)
+        """
+        grads = self.gradient(target, sources, output_gradients, **kwargs)
+        local = self._reducer.local_ids()
+        pairs = list(zip(tf.nest.flatten(sources),
+                         tf.nest.flatten(grads, expand_composites=False)))
+        return ([p for p in pairs if id(p[0]) in local],
+                [p for p in pairs if id(p[0]) not in local])
+
+
 class PartialDistributedGradientTape(DistributedGradientTape):
     """A `DistributedGradientTape` that keeps some layers' gradients local.
 
