@@ -148,8 +148,16 @@ class DistributedGradientTape:
             or of `local_layers`), then those of the others, in source order.
 
         Example:
+        >>> import keras, tf_smdist.horovod as hvd
+        >>> hvd.init()
+        >>> head = keras.layers.Dense(1); head.build((None, 2))
+        >>> with tf.GradientTape() as tape:
+        ...     loss = tf.reduce_sum(head(tf.ones([1, 2])))
+        >>> tape = hvd.PartialDistributedGradientTape(tape, local_layers=[head])
         >>> local_pairs, global_pairs = tape.get_local_and_global_gradients(
-        ...     loss, model.trainable_variables)
+        ...     loss, head.trainable_variables)
+        >>> len(local_pairs), len(global_pairs)
+        (2, 0)
         """
         grads = self.gradient(target, sources, output_gradients, **kwargs)
         local = self._reducer.local_ids()
