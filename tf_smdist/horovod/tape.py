@@ -130,18 +130,12 @@ class DistributedGradientTape:
         reduced = self._reducer.reduce(flat_grads, flat_sources)
         return tf.nest.pack_sequence_as(grads, reduced, expand_composites=False)
 
-
     def get_local_and_global_gradients(
             self, target: Any, sources: Any, output_gradients: Any = None,
             **kwargs: Any) -> tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]]:
         """`gradient`'s results split into local and reduced (variable, gradient) pairs.
 
-        Args:
-            target: the tensor(s) to differentiate.
-            sources: a variable or a (nested) structure of variables.
-            output_gradients: as in `tf.GradientTape.gradient`.
-                Defaults to `None`.
-            **kwargs: passed to the wrapped tape.
+        Takes `gradient`'s arguments.
 
         Returns:
             `(local, global)`: the pairs of the local variables (registered,
