@@ -550,6 +550,21 @@ def test_predict_accepts_batches_not_divisible_by_microbatches():
     assert_close(pipe(x), plain(x))
 
 
+def test_inputs_of_the_wrong_structure_are_a_clear_error():
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    h = keras.layers.Concatenate()([keras.layers.Dense(4)(a), b])
+    model = keras.Model([a, b], keras.layers.Dense(1)(h))
+    pipe = PipelineModel(model, num_stages=2, microbatches=2)
+    xa, xb = np.ones((4, 3), "float32"), np.ones((4, 2), "float32")
+    assert_close(pipe([xa, xb]), model([xa, xb]))
+    assert_close(pipe({"a": xa, "b": xb}), model([xa, xb]))
+    # A dataset of inputs alone yielding (a, b) reaches predict as x=a, y=b.
+    with pytest.raises(ValueError, match=r"expects 2 input\(s\) \['a', 'b'\]"):
+        pipe.predict(tf.data.Dataset.from_tensor_slices((xa, xb)).batch(2), verbose=0)
+    with pytest.raises(ValueError, match=r"lacks \['b'\]"):
+        pipe({"a": xa})
+
+
 def test_more_stages_than_layers_is_an_error():
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Dense(3)(inputs)))

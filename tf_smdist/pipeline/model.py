@@ -807,12 +807,25 @@ class PipelineModel(keras.Model):
         )
 
     def _flat_inputs(self, x: Any) -> list[tf.Tensor]:
+        # Checked here, on every rank alike and before any message, so that a
+        # wrong structure fails everywhere at once (not in one stage, with its
+        # peers waiting for messages that never come).
         names = [t.name for t in self.wrapped_model.inputs]
         if isinstance(x, dict):
+            missing = [n for n in names if n not in x]
+            if missing:
+                raise ValueError(
+                    f"The model's inputs are {names}; the input dict lacks "
+                    f"{missing}. Received keys: {sorted(x)}.")
             return [x[n] for n in names]
-        if isinstance(x, (list, tuple)):
-            return list(x)
-        return [x]
+        flat = keras.tree.flatten(x) if isinstance(x, (list, tuple)) else [x]
+        if len(flat) != len(names):
+            raise ValueError(
+                f"The model expects {len(names)} input(s) {names}, but received "
+                f"{len(flat)}: {[getattr(t, 'shape', t) for t in flat]}. Pass a "
+                "list or dict of them (a tf.data.Dataset of model inputs alone "
+                "yields them as a 1-tuple: `from_tensor_slices(((a, b),))`).")
+        return flat
 
     def _pack_outputs(self, flat: list[tf.Tensor]) -> Any:
         return keras.tree.pack_sequence_as(output_structure(self.wrapped_model), flat)
