@@ -20,6 +20,7 @@ import json
 import os
 import runpy
 import sys
+import time
 import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -340,6 +341,26 @@ def run_die() -> None:
              callbacks=[Die()])
 
 
+def run_bad_target() -> None:
+    # Targets of the wrong width: only the last stage computes the loss, so
+    # only its step fails to build; the first stage's receive must fail soon
+    # after, naming it, not at the watchdog's timeout.
+    pipe = pipeline("seq_1f1b_sgd")
+    x, y = data()
+    start = time.monotonic()
+    try:
+        pipe.fit(x, np.concatenate([y, y], 1), batch_size=GLOBAL_BATCH, epochs=1,
+                 verbose=0)
+        error = None
+    except Exception as e:  # the rank's own error, whatever its type
+        error = f"{type(e).__name__}: {e}"
+    RESULTS["bad_target"] = {"error": error, "seconds": time.monotonic() - start}
+    with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
+        json.dump(RESULTS, f)
+    time.sleep(10)  # the failed rank stays: the peer must not wait for its exit
+    os._exit(0)
+
+
 def run_auto() -> None:
     pipe = pipeline("seq_1f1b_sgd", partition="auto")
     init = pipe.get_weights()
@@ -416,6 +437,7 @@ for check in CHECKS:
     {"mismatch": run_mismatch, "checkpoint": run_checkpoint, "example": run_example,
      "auto": run_auto, "embedding": run_embedding, "two_outputs": run_two_outputs,
      "shuffled": run_shuffled, "mixed": run_mixed, "batchnorm": run_batchnorm,
-     "custom": run_custom, "die": run_die}.get(check, lambda c=check: run_case(c))()
+     "custom": run_custom, "die": run_die, "bad_target": run_bad_target,
+     }.get(check, lambda c=check: run_case(c))()
 with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
     json.dump(RESULTS, f)

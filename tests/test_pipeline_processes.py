@@ -302,6 +302,18 @@ def test_two_stages_times_two_pipelines_in_four_processes(tmp_path):
     assert "it loads in plain Keras with the trained weights: True" in out
 
 
+def test_a_step_that_one_stage_cannot_build_stops_its_peers_at_once(tmp_path):
+    proc = launch(["--nproc", "2", WORKER, str(tmp_path), "bad_target"], timeout=300)
+    first, last = (res["bad_target"] for res in _results(tmp_path, 2))
+    assert "Dimensions must be equal" in last["error"]
+    # Not the watchdog's 60 s: the receive from the failed stage fails within
+    # a few heartbeats, naming it.
+    assert first["error"].startswith("FailedPreconditionError"), first["error"]
+    assert "Rank 1 has itself failed" in first["error"]
+    assert first["seconds"] < 20, first["seconds"]
+    del proc
+
+
 def test_a_killed_stage_process_stops_the_job_and_is_named(tmp_path):
     start = time.monotonic()
     proc = launch(["--nproc", "2", WORKER, str(tmp_path), "die"], timeout=300,

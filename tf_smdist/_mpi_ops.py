@@ -197,6 +197,8 @@ def _declare(cdll: ctypes.CDLL) -> None:
         c_int]
     cdll.smdist_mpi_free.argtypes = [c_ptr]
     cdll.smdist_mpi_shutdown.argtypes = [c_str, c_int]
+    cdll.smdist_mpi_abort.argtypes = [c_str]
+    cdll.smdist_mpi_abort.restype = None
     cdll.smdist_mpi_time_native_allreduce.argtypes = [c_ll, c_int]
     cdll.smdist_mpi_time_native_allreduce.restype = ctypes.c_double
 
@@ -808,6 +810,22 @@ def barrier(*, group: int = 0, comm: int = 0) -> None:
     """
     _check_group(group, 0, 1)
     _request("barrier", comm=comm, group=group)
+
+
+def abort(message: str) -> None:
+    """Fails this rank's communication for good, telling the peers (after `init`).
+
+    What is in flight or queued fails with `message`, new requests are
+    refused, and a peer's receive from this rank fails within about a
+    heartbeat period instead of at the watchdog's timeout. For an error that
+    would leave the peers waiting on this rank. Does nothing before `init`.
+
+    Example:
+    >>> abort("the stage's step could not be built")  # doctest: +SKIP
+    """
+    if _cdll is None or not is_initialized():
+        return
+    _cdll.smdist_mpi_abort(str(message).encode("utf-8", "replace"))
 
 
 def shutdown() -> None:

@@ -267,6 +267,10 @@ double smdist_mpi_time_native_allreduce(long long count, int iters) {
   return mpi::Communicator::Get().TimeNativeAllreduce(count, iters);
 }
 
+void smdist_mpi_abort(const char* message) {
+  mpi::Communicator::Get().Abort(message == nullptr ? "" : message);
+}
+
 int smdist_mpi_shutdown(char* err, int err_len) {
   return Report(mpi::Communicator::Get().Shutdown(), err, err_len);
 }

@@ -806,6 +806,17 @@ struct Communicator::Impl {
     return false;
   }
 
+  // True when world rank `r` is known to have failed (its Fail ran): from
+  // its own heartbeats when it is the predecessor, else from the ring's facts.
+  bool PeerFailed(int r, double now) const {
+    if (c.size_ == 1) return false;
+    if (r == heartbeats.predecessor() && heartbeats.pred_state() == kFailed) return true;
+    for (const Fact& f : heartbeats.Facts(now)) {
+      if (f.kind == Fact::kFailed && f.subject == r) return true;
+    }
+    return false;
+  }
+
   // The deadline of `r` after `waited` seconds: the usual one, or its own
   // longer `timeout_s` while every peer is alive.
   double LimitOf(const Request& r, double waited, double now) const {
@@ -854,9 +865,21 @@ struct Communicator::Impl {
         }
       }
       for (const InFlight& f : cs.p2p_inflight) {
+        const Request& r = f.request;
+        const int peer_world = cs.id == 0 || r.peer >= static_cast<int>(cs.world_ranks.size())
+                                   ? r.peer
+                                   : cs.world_ranks[r.peer];
+        if (r.kind == Kind::kRecv && PeerFailed(peer_world, now)) {
+          // A failed rank sends nothing more: fail now, not at the timeout.
+          std::ostringstream os;
+          os << "tf_smdist: recv '" << r.name << "' from " << cs.Describe(r.peer)
+             << " with tag " << r.tag << " cannot complete on rank " << c.rank_ << " of "
+             << c.size_ << "." << PeersReport(-1, 0, now);
+          Fail({Code::kFailedPrecondition, os.str()});
+          return;
+        }
         const double limit = LimitOf(f.request, now - f.start, now);
         if (now - f.start <= limit) continue;
-        const Request& r = f.request;
         std::ostringstream os;
         os << "tf_smdist: " << KindName(r.kind) << " '" << r.name << "' "
            << (r.kind == Kind::kSend ? "to " : "from ") << cs.Describe(r.peer) << " with tag "
@@ -1555,6 +1578,14 @@ Status Communicator::RunControl(Request request) {
   }
   cv_.notify_all();
   return future.get();
+}
+
+void Communicator::Abort(const std::string& message) {
+  Post([this, message] {
+    impl_->Fail({Code::kFailedPrecondition,
+                 "tf_smdist: rank " + std::to_string(rank_) + " stopped communicating: " +
+                     message});
+  });
 }
 
 bool Communicator::Post(std::function<void()> task) {

@@ -184,6 +184,14 @@ class Communicator {
   int CommRank(int id) const;
   int CommSize(int id) const;
 
+  // Fails this rank's communication for good, with `message`: what is in
+  // flight or queued fails with it, new requests are refused, and the peers
+  // learn from the heartbeats that this rank failed (a receive from it then
+  // fails at once instead of at the timeout). For an error that leaves the
+  // peers waiting on this rank (a pipeline stage whose step could not be
+  // built). Does nothing when already failed, or before Init.
+  void Abort(const std::string& message);
+
   // Completes queued work, drains heartbeats, finalises MPI and joins the
   // thread. After a watchdog failure MPI is not finalised: a collective in
   // flight cannot be cancelled, and MPI_Finalize would wait for it forever.

@@ -12,13 +12,14 @@ confusion counts: every built-in metric) are supported.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import statistics
 import time
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import keras
@@ -157,9 +158,15 @@ class ProcessSteps:
 
     def train_step(self, data: Any) -> dict[str, Any]:
         """One training step on a global batch (every rank passes the same one)."""
-        pipe, rt = self._pipe, self._rt
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        micro_x = rt.shard(pipe._flat_inputs(x))
+        flat = self._pipe._flat_inputs(x)  # the same error on every rank
+        with _stopping_peers_on_error():
+            return self._train_step(flat, y, sample_weight)
+
+    def _train_step(self, flat: list[Any], y: Any,
+                    sample_weight: Any) -> dict[str, Any]:
+        pipe, rt = self._pipe, self._rt
+        micro_x = rt.shard(flat)
         micro_y, micro_w = self._split_targets(y, sample_weight, even=True)
         shard_rows = tf.add_n([_rows(mx) for mx in micro_x])
         loss_fn = self._loss_fn(micro_y, micro_w, y, sample_weight, shard_rows,
@@ -222,9 +229,14 @@ class ProcessSteps:
 
     def test_step(self, data: Any) -> dict[str, Any]:
         """One evaluation step on a global batch (any size)."""
-        pipe, rt = self._pipe, self._rt
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        micro_x = rt.shard(pipe._flat_inputs(x), even=False)
+        flat = self._pipe._flat_inputs(x)
+        with _stopping_peers_on_error():
+            return self._test_step(flat, y, sample_weight)
+
+    def _test_step(self, flat: list[Any], y: Any, sample_weight: Any) -> dict[str, Any]:
+        pipe, rt = self._pipe, self._rt
+        micro_x = rt.shard(flat, even=False)
         micro_y, micro_w = self._split_targets(y, sample_weight, even=False)
         shard_rows = tf.add_n([_rows(mx) for mx in micro_x])
         loss_fn = self._loss_fn(micro_y, micro_w, y, sample_weight, shard_rows,
@@ -267,10 +279,12 @@ class ProcessSteps:
     def call(self, inputs: Any) -> Any:
         """The model's outputs for a global batch, on every rank."""
         pipe, rt = self._pipe, self._rt
-        micro_x = rt.shard(pipe._flat_inputs(inputs), even=False)
-        outs, _ = rt.forward(micro_x, training=False)
-        local = self._concat(outs) if outs is not None else None
-        return pipe._pack_outputs(rt.gather_outputs(local))
+        flat = pipe._flat_inputs(inputs)
+        with _stopping_peers_on_error():
+            micro_x = rt.shard(flat, even=False)
+            outs, _ = rt.forward(micro_x, training=False)
+            local = self._concat(outs) if outs is not None else None
+            return pipe._pack_outputs(rt.gather_outputs(local))
 
     # -- weights -------------------------------------------------------------------
 
@@ -341,8 +355,15 @@ class ProcessSteps:
         over the data-parallel group; the loss is the global batch's, equal
         on every rank.
         """
+        flat = self._pipe._flat_inputs(x)
+        with _stopping_peers_on_error():
+            return self._compute_gradients(flat, y, sample_weight)
+
+    def _compute_gradients(
+        self, flat: list[Any], y: Any, sample_weight: Any
+    ) -> tuple[tf.Tensor, None, list[tf.Tensor]]:
         pipe, rt = self._pipe, self._rt
-        micro_x = rt.shard(pipe._flat_inputs(x))
+        micro_x = rt.shard(flat)
         micro_y, micro_w = self._split_targets(y, sample_weight, even=True)
         shard_rows = tf.add_n([_rows(mx) for mx in micro_x])
         loss_fn = self._loss_fn(micro_y, micro_w, y, sample_weight, shard_rows,
@@ -712,3 +733,24 @@ def prepare_fit(pipe: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
                 cb.delete_checkpoint = False
     kwargs["callbacks"] = callbacks
     return args, kwargs
+
+
+@contextlib.contextmanager
+def _stopping_peers_on_error() -> Iterator[None]:
+    """Builds a step; an error tells the peers at once, then propagates.
+
+    Inside the step's `tf.function` a Python error is a build (trace) error,
+    and it may be this rank's alone: the last stage's loss given targets of
+    the wrong shape, one stage's layer failing. The other stages then run
+    their part of the step and would wait for this rank's messages until the
+    watchdog's timeout. Stopping this rank's communication makes their
+    receives from it fail within a heartbeat period, naming it; the
+    communicator cannot be used afterwards (the job must restart).
+    """
+    try:
+        yield
+    except Exception as e:
+        from tf_smdist import _mpi_ops
+
+        _mpi_ops.abort(f"{type(e).__name__} while building its pipeline step: {e}")
+        raise
