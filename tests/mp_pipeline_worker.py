@@ -341,20 +341,32 @@ def run_die() -> None:
              callbacks=[Die()])
 
 
-def run_bad_target() -> None:
-    # Targets of the wrong width: only the last stage computes the loss, so
-    # only its step fails to build; the first stage's receive must fail soon
-    # after, naming it, not at the watchdog's timeout.
-    pipe = pipeline("seq_1f1b_sgd")
-    x, y = data()
+def run_one_stage_fails(check: str) -> None:
+    # One stage's step fails, the others' would wait for its messages:
+    # "bad_target": targets of the wrong width, so only the last stage's
+    # step fails to build (its loss); "bad_index": an embedding index out of
+    # range in the second batch, so the first stage's op fails at run time.
+    # The other stage's receive must fail soon after, naming the failed
+    # rank, not at the watchdog's timeout.
+    if check == "bad_target":
+        pipe = pipeline("seq_1f1b_sgd")
+        x, y = data()
+        y = np.concatenate([y, y], 1)
+    else:
+        pipe = smd.PipelineModel(embedding_model(), num_stages=2, microbatches=2,
+                                 partition=EMBEDDING_PARTITION)
+        pipe.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True))
+        x, y = embedding_data()
+        x = x.copy()
+        x[GLOBAL_BATCH + 1, 0] = 1000
     start = time.monotonic()
     try:
-        pipe.fit(x, np.concatenate([y, y], 1), batch_size=GLOBAL_BATCH, epochs=1,
-                 verbose=0)
+        pipe.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
         error = None
     except Exception as e:  # the rank's own error, whatever its type
         error = f"{type(e).__name__}: {e}"
-    RESULTS["bad_target"] = {"error": error, "seconds": time.monotonic() - start}
+    RESULTS[check] = {"error": error, "seconds": time.monotonic() - start}
     with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
         json.dump(RESULTS, f)
     time.sleep(10)  # the failed rank stays: the peer must not wait for its exit
@@ -437,7 +449,9 @@ for check in CHECKS:
     {"mismatch": run_mismatch, "checkpoint": run_checkpoint, "example": run_example,
      "auto": run_auto, "embedding": run_embedding, "two_outputs": run_two_outputs,
      "shuffled": run_shuffled, "mixed": run_mixed, "batchnorm": run_batchnorm,
-     "custom": run_custom, "die": run_die, "bad_target": run_bad_target,
+     "custom": run_custom, "die": run_die,
+     "bad_target": lambda: run_one_stage_fails("bad_target"),
+     "bad_index": lambda: run_one_stage_fails("bad_index"),
      }.get(check, lambda c=check: run_case(c))()
 with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
     json.dump(RESULTS, f)

@@ -302,16 +302,21 @@ def test_two_stages_times_two_pipelines_in_four_processes(tmp_path):
     assert "it loads in plain Keras with the trained weights: True" in out
 
 
-def test_a_step_that_one_stage_cannot_build_stops_its_peers_at_once(tmp_path):
-    proc = launch(["--nproc", "2", WORKER, str(tmp_path), "bad_target"], timeout=300)
-    first, last = (res["bad_target"] for res in _results(tmp_path, 2))
-    assert "Dimensions must be equal" in last["error"]
+@pytest.mark.parametrize("check", ["bad_target", "bad_index"])
+def test_a_step_that_fails_on_one_stage_stops_its_peers_at_once(tmp_path, check):
+    # bad_target: the last stage's step cannot be built (its loss);
+    # bad_index: the first stage's embedding lookup fails at run time.
+    launch(["--nproc", "2", WORKER, str(tmp_path), check], timeout=300)
+    results = [res[check] for res in _results(tmp_path, 2)]
+    failed = 1 if check == "bad_target" else 0
+    own, peer = results[failed], results[1 - failed]
+    assert ("Dimensions must be equal" if check == "bad_target"
+            else "is not in [0, 20)") in own["error"], own["error"]
     # Not the watchdog's 60 s: the receive from the failed stage fails within
     # a few heartbeats, naming it.
-    assert first["error"].startswith("FailedPreconditionError"), first["error"]
-    assert "Rank 1 has itself failed" in first["error"]
-    assert first["seconds"] < 20, first["seconds"]
-    del proc
+    assert peer["error"].startswith("FailedPreconditionError"), peer["error"]
+    assert f"Rank {failed} has itself failed" in peer["error"]
+    assert peer["seconds"] < 20, peer["seconds"]
 
 
 def test_a_killed_stage_process_stops_the_job_and_is_named(tmp_path):

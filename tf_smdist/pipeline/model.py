@@ -655,6 +655,38 @@ class PipelineModel(keras.Model):
 
     # -- Keras API -------------------------------------------------------
 
+    # Across processes an error in one rank's step (a stage's op failing at
+    # run time) would leave the other stages waiting for its messages until
+    # the watchdog's timeout: the functions stop this rank's communication
+    # first (process_steps.stopping_peers_on_error).
+    def make_train_function(self, force: bool = False) -> Any:
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force)
+        self.train_function = self._guarded(self.train_function)
+        return self.train_function
+
+    def make_test_function(self, force: bool = False) -> Any:
+        if self.test_function is not None and not force:
+            return self.test_function
+        super().make_test_function(force)
+        self.test_function = self._guarded(self.test_function)
+        return self.test_function
+
+    def make_predict_function(self, force: bool = False) -> Any:
+        if self.predict_function is not None and not force:
+            return self.predict_function
+        super().make_predict_function(force)
+        self.predict_function = self._guarded(self.predict_function)
+        return self.predict_function
+
+    def _guarded(self, function: Any) -> Any:
+        if self._process is None or function is None:
+            return function
+        from tf_smdist.pipeline.process_steps import stopping_peers_on_error
+
+        return stopping_peers_on_error(function)
+
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """Configures training like `keras.Model.compile`, without XLA.
 

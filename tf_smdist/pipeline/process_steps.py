@@ -735,6 +735,29 @@ def prepare_fit(pipe: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
+def stopping_peers_on_error(function: Any) -> Any:
+    """`function` (Keras' train, test or predict function) stopping this
+    rank's communication when it raises, except at the end of the data.
+
+    An op failing at run time on one stage only (an `Embedding` index out of
+    range on the first stage) would otherwise leave the others waiting for
+    its messages until the watchdog's timeout; see `_stopping_peers_on_error`.
+    """
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except (StopIteration, tf.errors.OutOfRangeError):
+            raise
+        except Exception as e:
+            from tf_smdist import _mpi_ops
+
+            _mpi_ops.abort(f"{type(e).__name__} in its pipeline step: {e}")
+            raise
+
+    return run
+
+
 @contextlib.contextmanager
 def _stopping_peers_on_error() -> Iterator[None]:
     """Builds a step; an error tells the peers at once, then propagates.
