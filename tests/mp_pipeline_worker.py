@@ -96,6 +96,12 @@ def run_case(case: str) -> None:
                        for a, v in zip(before, pipe.optimizer.variables))
     evaluated, predicted = None, np.zeros(0)
     if case in EVALUATED:
+        # Inputs of the wrong structure fail alike on every rank, and the
+        # pipeline stays usable (its communication is not stopped).
+        try:
+            pipe.predict([x[:8], x[:8]], verbose=0)
+        except ValueError as e:
+            RESULTS.setdefault("structure_errors", []).append(type(e).__name__)
         evaluated = pipe.evaluate(x[:33], y[:33], batch_size=GLOBAL_BATCH, verbose=0)
         predicted = pipe.predict(x[:37], batch_size=GLOBAL_BATCH, verbose=0)
     save(case, predicted=predicted,

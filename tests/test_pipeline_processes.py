@@ -101,6 +101,8 @@ def _check_case(out, nproc: int, case: str, results: list[dict]) -> None:
     expected = plain.evaluate(x[:33], y[:33], batch_size=16, verbose=0)
     predicted = plain.predict(x[:37], batch_size=16, verbose=0)
     for r in range(nproc):
+        # The worker's predict on inputs of the wrong structure failed first.
+        assert "InputStructureError" in results[r]["structure_errors"]
         np.testing.assert_allclose(results[r][case]["evaluate"], expected, rtol=1e-5)
         with np.load(out / f"rank{r}_{case}.npz") as z:
             np.testing.assert_allclose(z["predicted"], predicted, rtol=1e-5,

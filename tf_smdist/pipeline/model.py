@@ -60,6 +60,11 @@ def _loss_reductions(loss: Any) -> list[str]:
     return [getattr(item, "reduction", _MEAN) or _MEAN for item in items]
 
 
+class InputStructureError(ValueError):
+    """Inputs that do not match the model's: raised alike on every rank, before
+    any message, so it does not stop the ranks' communication."""
+
+
 class PipelineModel(keras.Model):
     """A Keras model split into stages on several devices and run as a pipeline.
 
@@ -846,13 +851,13 @@ class PipelineModel(keras.Model):
         if isinstance(x, dict):
             missing = [n for n in names if n not in x]
             if missing:
-                raise ValueError(
+                raise InputStructureError(
                     f"The model's inputs are {names}; the input dict lacks "
                     f"{missing}. Received keys: {sorted(x)}.")
             return [x[n] for n in names]
         flat = keras.tree.flatten(x) if isinstance(x, (list, tuple)) else [x]
         if len(flat) != len(names):
-            raise ValueError(
+            raise InputStructureError(
                 f"The model expects {len(names)} input(s) {names}, but received "
                 f"{len(flat)}: {[getattr(t, 'shape', t) for t in flat]}. Pass a "
                 "list or dict of them (a tf.data.Dataset of model inputs alone "

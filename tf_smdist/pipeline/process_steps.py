@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from tf_smdist import _compat
 from tf_smdist.pipeline.distributed import ProcessPipeline, scaled
+from tf_smdist.pipeline.model import InputStructureError
 
 __all__ = ["ProcessSteps", "memory_of", "prepare_fit"]
 
@@ -747,7 +748,7 @@ def stopping_peers_on_error(function: Any) -> Any:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
-        except (StopIteration, tf.errors.OutOfRangeError):
+        except (StopIteration, tf.errors.OutOfRangeError, InputStructureError):
             raise
         except Exception as e:
             from tf_smdist import _mpi_ops
@@ -772,6 +773,8 @@ def _stopping_peers_on_error() -> Iterator[None]:
     """
     try:
         yield
+    except InputStructureError:
+        raise
     except Exception as e:
         from tf_smdist import _mpi_ops
 
