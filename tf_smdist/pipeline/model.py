@@ -665,25 +665,20 @@ class PipelineModel(keras.Model):
     # the watchdog's timeout: the functions stop this rank's communication
     # first (process_steps.stopping_peers_on_error).
     def make_train_function(self, force: bool = False) -> Any:
-        if self.train_function is not None and not force:
-            return self.train_function
-        super().make_train_function(force)
-        self.train_function = self._guarded(self.train_function)
-        return self.train_function
+        return self._make_guarded("train", force)
 
     def make_test_function(self, force: bool = False) -> Any:
-        if self.test_function is not None and not force:
-            return self.test_function
-        super().make_test_function(force)
-        self.test_function = self._guarded(self.test_function)
-        return self.test_function
+        return self._make_guarded("test", force)
 
     def make_predict_function(self, force: bool = False) -> Any:
-        if self.predict_function is not None and not force:
-            return self.predict_function
-        super().make_predict_function(force)
-        self.predict_function = self._guarded(self.predict_function)
-        return self.predict_function
+        return self._make_guarded("predict", force)
+
+    def _make_guarded(self, kind: str, force: bool) -> Any:
+        attr = f"{kind}_function"
+        if getattr(self, attr) is None or force:
+            getattr(super(), f"make_{kind}_function")(force)
+            setattr(self, attr, self._guarded(getattr(self, attr)))
+        return getattr(self, attr)
 
     def _guarded(self, function: Any) -> Any:
         if self._process is None or function is None:
