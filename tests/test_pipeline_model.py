@@ -563,6 +563,14 @@ def test_inputs_of_the_wrong_structure_are_a_clear_error():
         pipe.predict(tf.data.Dataset.from_tensor_slices((xa, xb)).batch(2), verbose=0)
     with pytest.raises(ValueError, match=r"lacks \['b'\]"):
         pipe({"a": xa})
+    # A model built on a dict of inputs takes that dict's keys, as in Keras,
+    # even where they differ from the inputs' names.
+    keyed = keras.Model({"feat": a, "extra": b}, model.outputs)
+    pipe = PipelineModel(keyed, num_stages=2, microbatches=2)
+    assert_close(pipe({"feat": xa, "extra": xb}), keyed({"feat": xa, "extra": xb}))
+    assert_close(pipe({"a": xa, "b": xb}), model([xa, xb]))  # and their names
+    with pytest.raises(ValueError, match=r"lacks \['extra'\]"):
+        pipe({"feat": xa})
 
 
 def test_more_stages_than_layers_is_an_error():

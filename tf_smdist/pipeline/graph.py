@@ -396,6 +396,9 @@ def output_structure(model: Any) -> Any:
     # (no public accessor); a Sequential model returns one tensor.
     struct = getattr(model, "_outputs_struct", None)
     if struct is None:
-        outputs = model.outputs
-        struct = outputs[0] if len(outputs) == 1 else outputs
+        struct = model.outputs
+    # As Keras' functional call does (unpack_singleton): outputs given as a
+    # one-element list come back as the tensor itself.
+    if isinstance(struct, (list, tuple)) and len(struct) == 1:
+        return struct[0]
     return struct

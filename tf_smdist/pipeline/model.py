@@ -842,14 +842,22 @@ class PipelineModel(keras.Model):
         # Checked here, on every rank alike and before any message, so that a
         # wrong structure fails everywhere at once (not in one stage, with its
         # peers waiting for messages that never come).
-        names = [t.name for t in self.wrapped_model.inputs]
+        model = self.wrapped_model
+        names = [t.name for t in model.inputs]
         if isinstance(x, dict):
-            missing = [n for n in names if n not in x]
+            # A model built on a dict of inputs takes that dict's keys (as
+            # Keras does); any model takes its inputs' names.
+            struct = model.input if isinstance(model.input, dict) else {}
+            key_of = {id(t): k for k, t in struct.items()}
+            keys = [key_of.get(id(t), t.name) for t in model.inputs]
+            keys = [t.name if k not in x and t.name in x else k
+                    for k, t in zip(keys, model.inputs)]
+            missing = [k for k in keys if k not in x]
             if missing:
                 raise InputStructureError(
-                    f"The model's inputs are {names}; the input dict lacks "
+                    f"The model's inputs are {keys}; the input dict lacks "
                     f"{missing}. Received keys: {sorted(x)}.")
-            return [x[n] for n in names]
+            return [x[k] for k in keys]
         flat = keras.tree.flatten(x) if isinstance(x, (list, tuple)) else [x]
         if len(flat) != len(names):
             raise InputStructureError(
