@@ -406,6 +406,10 @@ struct CommState {
     }
     return true;
   }
+  int WorldRank(int r) const {
+    if (id == 0 || r < 0 || r >= static_cast<int>(world_ranks.size())) return r;
+    return world_ranks[r];
+  }
   std::string Describe(int r) const {
     if (id == 0 || r < 0 || r >= static_cast<int>(world_ranks.size())) {
       return "rank " + std::to_string(r);
@@ -806,15 +810,17 @@ struct Communicator::Impl {
     return false;
   }
 
-  // True when world rank `r` is known to have failed (its Fail ran): from
-  // its own heartbeats when it is the predecessor, else from the ring's facts.
-  bool PeerFailed(int r, double now) const {
-    if (c.size_ == 1) return false;
-    if (r == heartbeats.predecessor() && heartbeats.pred_state() == kFailed) return true;
+  // The world ranks known to have failed (their Fail ran): the predecessor
+  // from its own heartbeats, the others from the ring's facts. Empty (no
+  // allocation) while every peer is well.
+  std::vector<int> FailedPeers(double now) const {
+    std::vector<int> failed;
+    if (c.size_ == 1) return failed;
+    if (heartbeats.pred_state() == kFailed) failed.push_back(heartbeats.predecessor());
     for (const Fact& f : heartbeats.Facts(now)) {
-      if (f.kind == Fact::kFailed && f.subject == r) return true;
+      if (f.kind == Fact::kFailed) failed.push_back(static_cast<int>(f.subject));
     }
-    return false;
+    return failed;
   }
 
   // The deadline of `r` after `waited` seconds: the usual one, or its own
@@ -829,6 +835,7 @@ struct Communicator::Impl {
     const std::string hint =
         " Every rank must run the same steps; if a step legitimately takes longer, raise "
         "the limit with SMDIST_MPI_TIMEOUT=<seconds>.";
+    const std::vector<int> failed = FailedPeers(now);  // once, not per request
     for (auto& kv : comms) {
       CommState& cs = *kv.second;
       for (size_t gi = 0; gi < cs.groups.size(); ++gi) {
@@ -866,10 +873,8 @@ struct Communicator::Impl {
       }
       for (const InFlight& f : cs.p2p_inflight) {
         const Request& r = f.request;
-        const int peer_world = cs.id == 0 || r.peer >= static_cast<int>(cs.world_ranks.size())
-                                   ? r.peer
-                                   : cs.world_ranks[r.peer];
-        if (r.kind == Kind::kRecv && PeerFailed(peer_world, now)) {
+        if (r.kind == Kind::kRecv && !failed.empty() &&
+            std::find(failed.begin(), failed.end(), cs.WorldRank(r.peer)) != failed.end()) {
           // A failed rank sends nothing more: fail now, not at the timeout.
           std::ostringstream os;
           os << "tf_smdist: recv '" << r.name << "' from " << cs.Describe(r.peer)

@@ -849,9 +849,10 @@ class PipelineModel(keras.Model):
             # Keras does); any model takes its inputs' names.
             struct = model.input if isinstance(model.input, dict) else {}
             key_of = {id(t): k for k, t in struct.items()}
-            keys = [key_of.get(id(t), t.name) for t in model.inputs]
-            keys = [t.name if k not in x and t.name in x else k
-                    for k, t in zip(keys, model.inputs)]
+            keys = []
+            for t in model.inputs:
+                key = key_of.get(id(t), t.name)
+                keys.append(t.name if key not in x and t.name in x else key)
             missing = [k for k in keys if k not in x]
             if missing:
                 raise InputStructureError(

@@ -159,15 +159,9 @@ class ProcessSteps:
 
     def train_step(self, data: Any) -> dict[str, Any]:
         """One training step on a global batch (every rank passes the same one)."""
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        flat = self._pipe._flat_inputs(x)  # the same error on every rank
-        with _stopping_peers_on_error():
-            return self._train_step(flat, y, sample_weight)
-
-    def _train_step(self, flat: list[Any], y: Any,
-                    sample_weight: Any) -> dict[str, Any]:
         pipe, rt = self._pipe, self._rt
-        micro_x = rt.shard(flat)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        micro_x = rt.shard(pipe._flat_inputs(x))
         micro_y, micro_w = self._split_targets(y, sample_weight, even=True)
         shard_rows = tf.add_n([_rows(mx) for mx in micro_x])
         loss_fn = self._loss_fn(micro_y, micro_w, y, sample_weight, shard_rows,
@@ -230,14 +224,9 @@ class ProcessSteps:
 
     def test_step(self, data: Any) -> dict[str, Any]:
         """One evaluation step on a global batch (any size)."""
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        flat = self._pipe._flat_inputs(x)
-        with _stopping_peers_on_error():
-            return self._test_step(flat, y, sample_weight)
-
-    def _test_step(self, flat: list[Any], y: Any, sample_weight: Any) -> dict[str, Any]:
         pipe, rt = self._pipe, self._rt
-        micro_x = rt.shard(flat, even=False)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        micro_x = rt.shard(pipe._flat_inputs(x), even=False)
         micro_y, micro_w = self._split_targets(y, sample_weight, even=False)
         shard_rows = tf.add_n([_rows(mx) for mx in micro_x])
         loss_fn = self._loss_fn(micro_y, micro_w, y, sample_weight, shard_rows,
@@ -281,7 +270,7 @@ class ProcessSteps:
         """The model's outputs for a global batch, on every rank."""
         pipe, rt = self._pipe, self._rt
         flat = pipe._flat_inputs(inputs)
-        with _stopping_peers_on_error():
+        with _stopping_peers_on_error():  # also called outside predict
             micro_x = rt.shard(flat, even=False)
             outs, _ = rt.forward(micro_x, training=False)
             local = self._concat(outs) if outs is not None else None
@@ -357,7 +346,7 @@ class ProcessSteps:
         on every rank.
         """
         flat = self._pipe._flat_inputs(x)
-        with _stopping_peers_on_error():
+        with _stopping_peers_on_error():  # in the user's own tf.function
             return self._compute_gradients(flat, y, sample_weight)
 
     def _compute_gradients(
@@ -736,24 +725,35 @@ def prepare_fit(pipe: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def stopping_peers_on_error(function: Any) -> Any:
-    """`function` (Keras' train, test or predict function) stopping this
-    rank's communication when it raises, except at the end of the data.
+def _stop_communication(error: BaseException) -> None:
+    """Stops this rank's communication after `error` out of a pipeline step.
 
-    An op failing at run time on one stage only (an `Embedding` index out of
-    range on the first stage) would otherwise leave the others waiting for
-    its messages until the watchdog's timeout; see `_stopping_peers_on_error`.
+    Inside a step a Python error may be this rank's alone: the last stage's
+    loss given targets of the wrong shape (a build error), one stage's op
+    failing at run time (an `Embedding` index out of range). The other
+    stages would wait for this rank's messages until the watchdog's timeout;
+    once it stops, their receives from it fail within a heartbeat period,
+    naming it. The communicator cannot be used afterwards (the job must
+    restart). The end of the data, and inputs of the wrong structure (the
+    same error on every rank, before any message), pass untouched.
     """
+    if isinstance(error, (StopIteration, tf.errors.OutOfRangeError,
+                          InputStructureError)):
+        return
+    from tf_smdist import _mpi_ops
+
+    _mpi_ops.abort(f"{type(error).__name__} in its pipeline step: {error}")
+
+
+def stopping_peers_on_error(function: Any) -> Any:
+    """`function` (Keras' train, test or predict function), stopping this
+    rank's communication when it raises (`_stop_communication`)."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
-        except (StopIteration, tf.errors.OutOfRangeError, InputStructureError):
-            raise
         except Exception as e:
-            from tf_smdist import _mpi_ops
-
-            _mpi_ops.abort(f"{type(e).__name__} in its pipeline step: {e}")
+            _stop_communication(e)
             raise
 
     return run
@@ -761,22 +761,9 @@ def stopping_peers_on_error(function: Any) -> Any:
 
 @contextlib.contextmanager
 def _stopping_peers_on_error() -> Iterator[None]:
-    """Builds a step; an error tells the peers at once, then propagates.
-
-    Inside the step's `tf.function` a Python error is a build (trace) error,
-    and it may be this rank's alone: the last stage's loss given targets of
-    the wrong shape, one stage's layer failing. The other stages then run
-    their part of the step and would wait for this rank's messages until the
-    watchdog's timeout. Stopping this rank's communication makes their
-    receives from it fail within a heartbeat period, naming it; the
-    communicator cannot be used afterwards (the job must restart).
-    """
+    """`stopping_peers_on_error` for a step built outside Keras' functions."""
     try:
         yield
-    except InputStructureError:
-        raise
     except Exception as e:
-        from tf_smdist import _mpi_ops
-
-        _mpi_ops.abort(f"{type(e).__name__} while building its pipeline step: {e}")
+        _stop_communication(e)
         raise

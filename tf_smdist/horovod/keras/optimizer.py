@@ -264,8 +264,6 @@ def _make(optimizer: keras.optimizers.Optimizer, name: str | None,
         raise ValueError(
             "`backward_passes_per_step` must be >= 1. Received: "
             f"backward_passes_per_step={backward_passes_per_step}")
-    GradientReducer(**reducer_args)  # bad options fail here, not in a copy
-
     def setup(opt: Any) -> None:
         reducer = GradientReducer(**reducer_args)
         reducer.local_layers = local_layers
