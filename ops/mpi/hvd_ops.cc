@@ -345,6 +345,7 @@ class AllreduceOp : public HvdKernel {
   explicit AllreduceOp(tf::OpKernelConstruction* ctx) : HvdKernel(ctx) {}
 
   void ComputeAsync(tf::OpKernelContext* ctx, DoneCallback done) override {
+    InlineDone inline_done(&done);
     std::shared_ptr<hvd::Negotiator> set;
     OP_REQUIRES_OK_ASYNC(ctx, Lookup(&set), done);
     const tf::Tensor& input = ctx->input(0);
@@ -365,9 +366,11 @@ class AllreduceOp : public HvdKernel {
       }
     }
     if (e.input == nullptr) Scale(dtype_, output->data(), output->NumElements(), prescale_);
+    int64_t bytes = static_cast<int64_t>(output->TotalBytes());
     e.done = FinishEntry(ctx, done, std::move(inputs), std::make_shared<tf::Tensor>(*output),
                          dtype_, OutputScale(set->size()));
     OP_REQUIRES_OK_ASYNC(ctx, ToTfStatus(set->Enqueue(std::move(e))), done);
+    inline_done.set_bytes(bytes);
   }
 };
 
@@ -376,6 +379,7 @@ class GroupedAllreduceOp : public HvdKernel {
   explicit GroupedAllreduceOp(tf::OpKernelConstruction* ctx) : HvdKernel(ctx) {}
 
   void ComputeAsync(tf::OpKernelContext* ctx, DoneCallback done) override {
+    InlineDone inline_done(&done);
     std::shared_ptr<hvd::Negotiator> set;
     OP_REQUIRES_OK_ASYNC(ctx, Lookup(&set), done);
     const int n = ctx->num_inputs();
@@ -391,8 +395,10 @@ class GroupedAllreduceOp : public HvdKernel {
         tensor_name_.empty() ? set->EagerName("grouped_allreduce") : tensor_name_;
     double scale = OutputScale(set->size());
     tf::DataType dtype = dtype_;
+    int64_t bytes = 0;
     for (int i = 0; i < n; ++i) {
       const tf::Tensor& input = ctx->input(i);
+      bytes += static_cast<int64_t>(input.TotalBytes());
       OP_REQUIRES_OK_ASYNC(ctx, CheckCount(input), done);
       tf::Tensor* output = nullptr;
       OP_REQUIRES_OK_ASYNC(
@@ -421,6 +427,7 @@ class GroupedAllreduceOp : public HvdKernel {
       entries.push_back(std::move(e));
     }
     OP_REQUIRES_OK_ASYNC(ctx, ToTfStatus(set->EnqueueGroup(std::move(entries))), done);
+    inline_done.set_bytes(bytes);
   }
 };
 
@@ -429,6 +436,7 @@ class AllgatherOp : public HvdKernel {
   explicit AllgatherOp(tf::OpKernelConstruction* ctx) : HvdKernel(ctx) {}
 
   void ComputeAsync(tf::OpKernelContext* ctx, DoneCallback done) override {
+    InlineDone inline_done(&done);
     std::shared_ptr<hvd::Negotiator> set;
     OP_REQUIRES_OK_ASYNC(ctx, Lookup(&set), done);
     const tf::Tensor& input = ctx->input(0);
@@ -445,6 +453,7 @@ class AllgatherOp : public HvdKernel {
     e.allocate = AllocateOutput(ctx, keep_out);
     e.done = FinishEntry(ctx, done, {input}, keep_out, dtype_, 1.0);
     OP_REQUIRES_OK_ASYNC(ctx, ToTfStatus(set->Enqueue(std::move(e))), done);
+    inline_done.set_bytes(static_cast<int64_t>(input.TotalBytes()));
   }
 };
 
@@ -455,6 +464,7 @@ class BroadcastOp : public HvdKernel {
   }
 
   void ComputeAsync(tf::OpKernelContext* ctx, DoneCallback done) override {
+    InlineDone inline_done(&done);
     std::shared_ptr<hvd::Negotiator> set;
     OP_REQUIRES_OK_ASYNC(ctx, Lookup(&set), done);
     OP_REQUIRES_ASYNC(ctx, root_ >= 0 && root_ < set->size(),
@@ -476,6 +486,7 @@ class BroadcastOp : public HvdKernel {
     e.output = output->data();
     e.done = FinishEntry(ctx, done, {}, std::make_shared<tf::Tensor>(*output), dtype_, 1.0);
     OP_REQUIRES_OK_ASYNC(ctx, ToTfStatus(set->Enqueue(std::move(e))), done);
+    inline_done.set_bytes(static_cast<int64_t>(input.TotalBytes()));
   }
 
  private:
@@ -487,6 +498,7 @@ class AlltoallOp : public HvdKernel {
   explicit AlltoallOp(tf::OpKernelConstruction* ctx) : HvdKernel(ctx) {}
 
   void ComputeAsync(tf::OpKernelContext* ctx, DoneCallback done) override {
+    InlineDone inline_done(&done);
     std::shared_ptr<hvd::Negotiator> set;
     OP_REQUIRES_OK_ASYNC(ctx, Lookup(&set), done);
     const tf::Tensor& input = ctx->input(0);
@@ -557,6 +569,7 @@ class AlltoallOp : public HvdKernel {
     };
     e.done = FinishEntry(ctx, done, {input}, keep_out, dtype_, 1.0);
     OP_REQUIRES_OK_ASYNC(ctx, ToTfStatus(set->Enqueue(std::move(e))), done);
+    inline_done.set_bytes(static_cast<int64_t>(input.TotalBytes()));
   }
 };
 
@@ -565,6 +578,7 @@ class ReducescatterOp : public HvdKernel {
   explicit ReducescatterOp(tf::OpKernelConstruction* ctx) : HvdKernel(ctx) {}
 
   void ComputeAsync(tf::OpKernelContext* ctx, DoneCallback done) override {
+    InlineDone inline_done(&done);
     std::shared_ptr<hvd::Negotiator> set;
     OP_REQUIRES_OK_ASYNC(ctx, Lookup(&set), done);
     const tf::Tensor& input = ctx->input(0);
@@ -589,6 +603,7 @@ class ReducescatterOp : public HvdKernel {
     e.allocate = AllocateOutput(ctx, keep_out);
     e.done = FinishEntry(ctx, done, {send}, keep_out, dtype_, OutputScale(set->size()));
     OP_REQUIRES_OK_ASYNC(ctx, ToTfStatus(set->Enqueue(std::move(e))), done);
+    inline_done.set_bytes(static_cast<int64_t>(input.TotalBytes()));
   }
 };
 
@@ -624,6 +639,7 @@ class BarrierOp : public HvdKernel {
   explicit BarrierOp(tf::OpKernelConstruction* ctx) : HvdKernel(ctx) {}
 
   void ComputeAsync(tf::OpKernelContext* ctx, DoneCallback done) override {
+    InlineDone inline_done(&done);
     std::shared_ptr<hvd::Negotiator> set;
     OP_REQUIRES_OK_ASYNC(ctx, Lookup(&set), done);
     hvd::Entry e = MakeEntry(set.get(), hvd::OpType::kBarrier, tf::TensorShape());
@@ -632,6 +648,7 @@ class BarrierOp : public HvdKernel {
       done();
     };
     OP_REQUIRES_OK_ASYNC(ctx, ToTfStatus(set->Enqueue(std::move(e))), done);
+    inline_done.set_bytes(0);
   }
 };
 

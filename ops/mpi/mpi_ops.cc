@@ -221,6 +221,7 @@ class MpiCollectiveOp : public MpiOpBase {
   }
 
   void ComputeAsync(tf::OpKernelContext* ctx, DoneCallback done) override {
+    InlineDone inline_done(&done);
     OP_REQUIRES_OK_ASYNC(ctx, Ready(), done);
     mpi::Communicator& comm = mpi::Communicator::Get();
     if (kind_ == mpi::Kind::kBroadcast) {
@@ -258,8 +259,10 @@ class MpiCollectiveOp : public MpiOpBase {
     r.root = root_;
     std::vector<tf::Tensor> keep{*output};
     if (separate) keep.push_back(input);
+    int64_t bytes = static_cast<int64_t>(output->TotalBytes());
     r.done = Finish(ctx, done, std::move(keep));
     comm.Enqueue(std::move(r));
+    inline_done.set_bytes(bytes);
   }
 
  private:
@@ -386,6 +389,7 @@ class AllgatherOp : public MpiOpBase {
   explicit AllgatherOp(tf::OpKernelConstruction* ctx) : MpiOpBase(ctx, "T", true) {}
 
   void ComputeAsync(tf::OpKernelContext* ctx, DoneCallback done) override {
+    InlineDone inline_done(&done);
     OP_REQUIRES_OK_ASYNC(ctx, Ready(), done);
     const tf::Tensor& input = ctx->input(0);
     OP_REQUIRES_ASYNC(ctx, input.dims() >= 1,
@@ -468,6 +472,7 @@ class AllgatherOp : public MpiOpBase {
       return mpi::Status::Ok();
     };
     comm.Enqueue(std::move(r));
+    inline_done.set_bytes(static_cast<int64_t>(input.TotalBytes()));
   }
 
  private:

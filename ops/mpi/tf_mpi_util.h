@@ -4,7 +4,15 @@
 #ifndef TF_SMDIST_OPS_MPI_TF_MPI_UTIL_H_
 #define TF_SMDIST_OPS_MPI_TF_MPI_UTIL_H_
 
+#include <sched.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <functional>
+#include <memory>
 #include <string>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "kernels/mpi/comm.h"
@@ -71,6 +79,76 @@ inline bool MayStillBeInUse(const mpi::Status& s) {
 inline void KeepOnFailure(const mpi::Status& s, const ::tensorflow::Tensor& t) {
   if (MayStillBeInUse(s)) new ::tensorflow::Tensor(t);
 }
+
+// Lets an asynchronous op finish on its own thread when its request
+// completes within a short wait. Why: when the communication thread calls
+// the op's `done`, TensorFlow's executor hands the op's successors to its
+// thread pool, whose worker must be woken (about 25 us on these machines,
+// more than a small all-reduce itself); `done` called before ComputeAsync
+// returns leaves them to the worker that is already running. The wait is
+// bounded, so that an op whose peers are late (or never come) still frees
+// its thread, and only requests small enough to finish within it wait.
+//
+// At the top of ComputeAsync:
+//   InlineDone inline_done(&done);   // `done` now goes through the gate
+//   ...                              // enqueue the request as before
+//   inline_done.set_bytes(n);        // after enqueueing: wait for it
+// The destructor waits (up to SMDIST_MPI_INLINE_WAIT_US, default 100 us,
+// yielding the core, for requests of at most SMDIST_MPI_INLINE_BYTES,
+// default 256 KiB; not at all without set_bytes) and calls the original
+// `done` here if it came; otherwise the completing thread calls it. Exactly
+// one of the two does. Early returns (OP_REQUIRES_*_ASYNC) call `done`
+// before that, so the destructor calls it at once.
+class InlineDone {
+ public:
+  explicit InlineDone(std::function<void()>* done) : gate_(std::make_shared<Gate>()) {
+    gate_->done = std::move(*done);
+    std::shared_ptr<Gate> gate = gate_;
+    *done = [gate] {
+      int expected = kWaiting;
+      if (!gate->state.compare_exchange_strong(expected, kCompleted,
+                                               std::memory_order_acq_rel)) {
+        gate->done();  // the op's thread stopped waiting
+      }
+    };
+  }
+  InlineDone(const InlineDone&) = delete;
+  InlineDone& operator=(const InlineDone&) = delete;
+
+  void set_bytes(int64_t bytes) { bytes_ = bytes; }
+
+  ~InlineDone() {
+    static const int64_t kWaitUs = EnvInt("SMDIST_MPI_INLINE_WAIT_US", 100);
+    static const int64_t kMaxBytes = EnvInt("SMDIST_MPI_INLINE_BYTES", 256 << 10);
+    if (kWaitUs > 0 && bytes_ >= 0 && bytes_ <= kMaxBytes) {
+      auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(kWaitUs);
+      while (gate_->state.load(std::memory_order_acquire) == kWaiting &&
+             std::chrono::steady_clock::now() < deadline) {
+        sched_yield();
+      }
+    }
+    int expected = kWaiting;
+    if (gate_->state.compare_exchange_strong(expected, kGaveUp, std::memory_order_acq_rel)) {
+      return;
+    }
+    gate_->done();
+  }
+
+ private:
+  enum { kWaiting = 0, kCompleted = 1, kGaveUp = 2 };
+  struct Gate {
+    std::atomic<int> state{kWaiting};
+    std::function<void()> done;
+  };
+
+  static int64_t EnvInt(const char* name, int64_t fallback) {
+    const char* v = std::getenv(name);
+    return v == nullptr || *v == '\0' ? fallback : std::atoll(v);
+  }
+
+  std::shared_ptr<Gate> gate_;
+  int64_t bytes_ = -1;
+};
 
 }  // namespace smdist
 
