@@ -1,10 +1,13 @@
 """One rank of the Horovod-compatible collective tests (run by the launcher).
 
-Usage: python mp_hvd_worker.py OUT_DIR [--timings | --stop]
+Usage: python mp_hvd_worker.py OUT_DIR [--timings | --stop | --uncaught]
 
 With --stop, rank 1 stops itself (SIGSTOP) after one collective; rank 0's
 next collective must fail with the watchdog's error naming it and the
-tensor, then rank 0 exits with status 3.
+tensor, then rank 0 exits with status 3. With --uncaught, rank 1 meets an
+exception nothing catches (Python hands it to `sys.excepthook`, as it does
+before exiting) and stays alive 20 s; rank 0's next collective must fail
+at once, naming it, and rank 0 exits with status 3.
 
 Runs every check in the same order on every rank and writes
 OUT_DIR/rank{r}.json: {check name: "ok" or the failure text}, plus timings.
@@ -34,6 +37,7 @@ from tf_smdist.horovod import mpi_ops as hvd  # noqa: E402
 OUT = sys.argv[1]
 TIMINGS = "--timings" in sys.argv[2:]
 STOP = "--stop" in sys.argv[2:]
+UNCAUGHT = "--uncaught" in sys.argv[2:]
 DTYPES = ["uint8", "int8", "int16", "uint16", "int32", "int64", "float16", "bfloat16",
           "float32", "float64", "bool"]
 OPS = {"Sum": hvd.Sum, "Average": hvd.Average, "Min": hvd.Min, "Max": hvd.Max,
@@ -610,8 +614,35 @@ def stopped_peer() -> None:
     os._exit(3)  # MPI cannot finalise with a collective in flight
 
 
+def failed_peer() -> None:
+    hvd.init_engine()
+    rank = hvd.rank()
+    hvd.allreduce(tf.ones([8]), name="before.error")
+    if rank == 1:
+        try:
+            raise ValueError("rank 1 cannot go on")
+        except ValueError:
+            # What Python does with an exception nothing caught, before it
+            # runs the exit handlers; the process then stays, so that rank
+            # 0's error cannot come from its exit.
+            sys.excepthook(*sys.exc_info())
+        time.sleep(20)
+        os._exit(1)
+    start = time.monotonic()
+    try:
+        hvd.allreduce(tf.ones([8]), name="after.error")
+        message = "no error"
+    except tf.errors.OpError as e:
+        message = f"{type(e).__name__}: {e.message}"
+    with open(os.path.join(OUT, f"rank{rank}.json"), "w") as f:
+        json.dump({"message": message, "seconds": time.monotonic() - start}, f)
+    os._exit(3)  # MPI cannot finalise with a collective in flight
+
+
 if __name__ == "__main__":
     if STOP:
         stopped_peer()
+    elif UNCAUGHT:
+        failed_peer()
     else:
         main()

@@ -379,6 +379,30 @@ def run_one_stage_fails(check: str) -> None:
     os._exit(0)
 
 
+def run_uncaught() -> None:
+    # A custom loop whose step fails at run time on the first stage (an
+    # embedding index out of range in the second batch), with nothing
+    # catching the error: the process must exit promptly (its peers are
+    # waiting in a receive from it), not after the orderly shutdown waited
+    # for them until the watchdog's timeout.
+    pipe = smd.PipelineModel(embedding_model(), num_stages=2, microbatches=2,
+                             partition=EMBEDDING_PARTITION)
+    pipe.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    x, y = embedding_data()
+    x = x.copy()
+    x[GLOBAL_BATCH + 1, 0] = 1000
+
+    @tf.function
+    def step(xb, yb):
+        loss, _, grads = pipe.compute_gradients(xb, yb)
+        pipe.apply_gradients(grads)
+        return loss
+
+    for start in range(0, len(x), GLOBAL_BATCH):
+        step(x[start:start + GLOBAL_BATCH], y[start:start + GLOBAL_BATCH])
+
+
 def run_auto() -> None:
     pipe = pipeline("seq_1f1b_sgd", partition="auto")
     init = pipe.get_weights()
@@ -458,6 +482,7 @@ for check in CHECKS:
      "custom": run_custom, "die": run_die,
      "bad_target": lambda: run_one_stage_fails("bad_target"),
      "bad_index": lambda: run_one_stage_fails("bad_index"),
+     "uncaught": run_uncaught,
      }.get(check, lambda c=check: run_case(c))()
 with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
     json.dump(RESULTS, f)

@@ -136,3 +136,22 @@ def test_stopped_rank_fails_the_waiting_collective_naming_it(tmp_path):
     assert "'after.stop'" in message
     assert "Rank 1 sent no heartbeat" in message
     assert "did not complete within 5 s" in message
+
+
+@pytest.mark.slow
+@requires_mpi
+def test_an_uncaught_exception_on_one_rank_fails_the_others_at_once(tmp_path):
+    # Rank 1's exception stops its communication before Python's exit
+    # handlers run, so rank 0's collective fails within a few heartbeats,
+    # naming it, instead of waiting out the watchdog's 60 s.
+    proc = launch(["--nproc", "2", WORKER, str(tmp_path), "--uncaught"], timeout=180,
+                  env={"SMDIST_MPI_TIMEOUT": "60"})
+    assert proc.returncode != 0
+    with open(tmp_path / "rank0.json") as f:
+        res = json.load(f)
+    assert res["message"].startswith("FailedPreconditionError"), res["message"]
+    assert "it needs rank 1" in res["message"]
+    assert "Rank 1 has itself failed" in res["message"]
+    assert res["seconds"] < 15, res["seconds"]
+    # The hook installed before (Python's own) still printed the traceback.
+    assert "ValueError: rank 1 cannot go on" in proc.stdout + proc.stderr

@@ -321,6 +321,22 @@ def test_a_step_that_fails_on_one_stage_stops_its_peers_at_once(tmp_path, check)
     assert peer["seconds"] < 20, peer["seconds"]
 
 
+def test_an_uncaught_error_in_a_custom_loop_ends_the_job_promptly(tmp_path):
+    # Nothing catches the first stage's run-time error: Python's exception
+    # hook stops the rank's communication before the exit handlers, so the
+    # rank exits at once (its orderly shutdown would have waited for the
+    # other rank until the 120 s timeout) and the launcher fails the job.
+    start = time.monotonic()
+    proc = launch(["--nproc", "2", WORKER, str(tmp_path), "uncaught"], timeout=400,
+                  env={"SMDIST_MPI_TIMEOUT": "120"})
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "is not in [0, 20)" in out, out[-3000:]
+    assert "tf_smdist.launch: rank 0 failed" in out, out[-3000:]
+    assert elapsed < 90, elapsed
+
+
 def test_a_killed_stage_process_stops_the_job_and_is_named(tmp_path):
     start = time.monotonic()
     proc = launch(["--nproc", "2", WORKER, str(tmp_path), "die"], timeout=300,

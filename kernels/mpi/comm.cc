@@ -845,6 +845,24 @@ struct Communicator::Impl {
           const Request& front = g.inflight.front().request;
           limit = LimitOf(front, now - g.inflight.front().start, now);
         }
+        if (!g.inflight.empty() && !failed.empty()) {
+          // A collective needs every rank of its communicator; one that has
+          // failed takes part in nothing more: fail now, not at the timeout.
+          for (int i = 0; i < cs.size; ++i) {
+            if (std::find(failed.begin(), failed.end(), cs.WorldRank(i)) == failed.end()) {
+              continue;
+            }
+            const InFlight& f = g.inflight.front();
+            std::ostringstream os;
+            os << "tf_smdist: " << KindName(f.request.kind) << " '" << f.request.name << "' (";
+            if (cs.id > 0) os << "communicator " << cs.id << ", ";
+            os << "group " << gi << ") cannot complete on rank " << c.rank_ << " of "
+               << c.size_ << ": it needs " << cs.Describe(i) << "."
+               << PeersReport(-1, 0, now);
+            Fail({Code::kFailedPrecondition, os.str()});
+            return;
+          }
+        }
         if (!g.inflight.empty() && now - g.inflight.front().start > limit) {
           const InFlight& f = g.inflight.front();
           std::ostringstream os;

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -153,8 +154,35 @@ def initialize(*, timeout: float | None = None) -> tuple[int, int]:
             )
         _state.update(initialized=True, rank=r, size=n)
         atexit.register(_shutdown)
+        _abort_on_uncaught_exception()
         logger.info("tf_smdist: rank %d of %d, watchdog %.0f s", r, n, timeout)
         return r, n
+
+
+def _abort_on_uncaught_exception() -> None:
+    """Makes an exception that ends this process stop its communication first.
+
+    Python runs `sys.excepthook` for an exception nothing caught, before
+    the exit handlers. Without this, the exit handler's orderly shutdown
+    would wait for the other ranks to reach shutdown while they wait in a
+    collective or a pipeline receive for this rank, and both sides would
+    fail only at the watchdog's timeout. Aborted first, this rank's peers
+    fail within a heartbeat period or two, naming it ("Rank N has itself
+    failed"), and this process exits at once. The hook installed before
+    (Python's, which prints the traceback, or the script's) still runs.
+    """
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        try:
+            from tf_smdist import _mpi_ops  # noqa: PLC0415
+
+            _mpi_ops.abort(f"it is exiting on an uncaught {exc_type.__name__}: {exc}")
+        except Exception:  # noqa: BLE001 (the process is exiting; report the original)
+            pass
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
 
 
 def _shutdown() -> None:
