@@ -420,6 +420,33 @@ def test_compile_takes_tf_keras_experimental_run_tf_function(tmp_path):
     assert isinstance(loaded.optimizer, keras.optimizers.SGD)
 
 
+def test_compile_keeps_xla_off_for_a_distributed_optimizer(monkeypatch):
+    # Keras 3's jit_compile="auto" turns XLA on when the machine has a GPU
+    # and no tf.distribute strategy trains the model; XLA cannot compile the
+    # host all-reduce ops. Pretend there is a GPU: a plain optimizer then
+    # gets XLA, a distributed one does not, and asking for it is an error.
+    real = tf.config.list_physical_devices
+    gpu = tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: [*real(kind), gpu] if kind in (None, "GPU")
+                        else real(kind))
+    plain = _model()
+    plain.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    assert plain.jit_compile is True  # the pretence works
+    for wrap in (lambda o: o, keras.optimizers.LossScaleOptimizer):
+        model = _model()
+        model.compile(optimizer=wrap(hvd_keras.DistributedOptimizer(keras.optimizers.SGD(0.1))),
+                      loss="mse")
+        assert model.jit_compile is False
+    model = _model()
+    model.compile(hvd.DistributedOptimizer(keras.optimizers.SGD(0.1)), "mse",
+                  None, None, None, False, 1, "auto")  # jit_compile positional
+    assert model.jit_compile is False
+    with pytest.raises(ValueError, match="jit_compile=True cannot compile"):
+        _model().compile(optimizer=hvd_keras.DistributedOptimizer(keras.optimizers.SGD(0.1)),
+                         loss="mse", jit_compile=True)
+
+
 def test_tensorflow_level_distributed_optimizer():
     # Keras 3 optimizers go to the Keras wrapper; TF1 optimizers are wrapped
     # for tf.compat.v1 graphs (one process: the plain optimizer's result).

@@ -524,6 +524,10 @@ def accept_tf_keras_spellings() -> None:
       now returns that same list as a `list` subclass that a call returns
       too, so both spellings give the optimizer's variables.
 
+    The same `compile` wrapper keeps XLA off for a model whose optimizer
+    all-reduces with tf_smdist's host collectives (a Horovod-style
+    `DistributedOptimizer`, `_without_xla_for_host_collectives`).
+
     Idempotent: each wrapper is installed once.
     """
     import functools
@@ -538,6 +542,7 @@ def accept_tf_keras_spellings() -> None:
         def compile(self: Any, *args: Any, experimental_run_tf_function: Any = None,
                     **kwargs: Any) -> Any:
             del experimental_run_tf_function  # tf.keras 2 ignored it as well
+            args, kwargs = _without_xla_for_host_collectives(args, kwargs)
             return original(self, *args, **kwargs)
 
         compile._smdist_tf_keras_spelling = True  # type: ignore[attr-defined]
@@ -555,6 +560,44 @@ def accept_tf_keras_spellings() -> None:
 
         variables._smdist_tf_keras_spelling = True  # type: ignore[attr-defined]
         owner.variables = property(variables, doc=prop.__doc__)
+
+
+_JIT_COMPILE_POSITION = 7  # Keras 3's compile(optimizer, loss, ..., jit_compile, ...)
+
+
+def _without_xla_for_host_collectives(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """`compile`'s arguments with `jit_compile` off for a host-collective optimizer.
+
+    Keras 3's default `jit_compile="auto"` compiles the training step with
+    XLA on a machine with a GPU unless a tf.distribute strategy trains the
+    model; a Horovod-style script has no strategy, and XLA has no kernel
+    for tf_smdist's all-reduce ops, so its first step would fail. An
+    optimizer whose class sets `_smdist_host_collectives` (also inside a
+    `LossScaleOptimizer`) gets `jit_compile=False` for "auto", as Keras
+    does under a strategy; an explicit `jit_compile=True` is a `ValueError`
+    saying so. Anything else passes unchanged.
+    """
+    optimizer = kwargs.get("optimizer", args[0] if args else None)
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if not (getattr(optimizer, "_smdist_host_collectives", False)
+            or getattr(inner, "_smdist_host_collectives", False)):
+        return args, kwargs
+    at = _JIT_COMPILE_POSITION
+    positional = len(args) > at
+    jit = args[at] if positional else kwargs.get("jit_compile", "auto")
+    if jit is True:
+        raise ValueError(
+            "jit_compile=True cannot compile this model's training step: its "
+            "optimizer all-reduces gradients with tf_smdist's host collective ops, "
+            "which XLA cannot compile. Compile with jit_compile=False (the default, "
+            "'auto', turns XLA off for such an optimizer, as Keras does under a "
+            "tf.distribute strategy).")
+    if jit == "auto":
+        if positional:
+            args = (*args[:at], False, *args[at + 1:])
+        else:
+            kwargs = {**kwargs, "jit_compile": False}
+    return args, kwargs
 
 
 # --- loss scaling -----------------------------------------------------------------

@@ -19,6 +19,10 @@ __all__ = ["DistributedOptimizer", "PartialDistributedOptimizer", "is_distribute
 class _DistributedMixin:
     """Placed before the user's optimizer class: reduce, then apply."""
 
+    # Its all-reduces are host ops XLA cannot compile: `model.compile`
+    # keeps jit_compile off for it (see _compat.accept_tf_keras_spellings).
+    _smdist_host_collectives = True
+
     def _hvd_setup(self, reducer: GradientReducer, backward_passes_per_step: int,
                    average_aggregated_gradients: bool) -> None:
         _agree_on_finite_gradients()
