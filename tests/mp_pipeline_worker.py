@@ -347,6 +347,19 @@ def run_die() -> None:
              callbacks=[Die()])
 
 
+def bad_index_pipeline() -> tuple:
+    """The embedding pipeline, and data with an index out of range in the
+    second batch (the first stage's lookup fails at run time)."""
+    pipe = smd.PipelineModel(embedding_model(), num_stages=2, microbatches=2,
+                             partition=EMBEDDING_PARTITION)
+    pipe.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    x, y = embedding_data()
+    x = x.copy()
+    x[GLOBAL_BATCH + 1, 0] = 1000
+    return pipe, x, y
+
+
 def run_one_stage_fails(check: str) -> None:
     # One stage's step fails, the others' would wait for its messages:
     # "bad_target": targets of the wrong width, so only the last stage's
@@ -359,13 +372,7 @@ def run_one_stage_fails(check: str) -> None:
         x, y = data()
         y = np.concatenate([y, y], 1)
     else:
-        pipe = smd.PipelineModel(embedding_model(), num_stages=2, microbatches=2,
-                                 partition=EMBEDDING_PARTITION)
-        pipe.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True))
-        x, y = embedding_data()
-        x = x.copy()
-        x[GLOBAL_BATCH + 1, 0] = 1000
+        pipe, x, y = bad_index_pipeline()
     start = time.monotonic()
     try:
         pipe.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
@@ -385,13 +392,7 @@ def run_uncaught() -> None:
     # catching the error: the process must exit promptly (its peers are
     # waiting in a receive from it), not after the orderly shutdown waited
     # for them until the watchdog's timeout.
-    pipe = smd.PipelineModel(embedding_model(), num_stages=2, microbatches=2,
-                             partition=EMBEDDING_PARTITION)
-    pipe.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True))
-    x, y = embedding_data()
-    x = x.copy()
-    x[GLOBAL_BATCH + 1, 0] = 1000
+    pipe, x, y = bad_index_pipeline()
 
     @tf.function
     def step(xb, yb):
