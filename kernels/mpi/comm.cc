@@ -20,6 +20,7 @@
 #include <cstring>
 #include <future>
 #include <list>
+#include <map>
 #include <memory>
 #include <sstream>
 
@@ -446,6 +447,7 @@ struct Communicator::Impl {
   int64_t recv_poll_max_us = 500;
   int64_t recv_poll_next_us = 50;
   double spin_until = 0;
+  std::map<int, double> failed_since;  // world rank -> when first known failed
   double last_activity = 0;
   int64_t send_poll_us = 500;  // 0: sends are polled like receives (see Setup)
   // All-reduces of at least `ring_bytes` run as RingAllreduce, in chunks;
@@ -831,11 +833,25 @@ struct Communicator::Impl {
     return AnyPeerGone(now) ? usual : r.timeout_s;
   }
 
+  // The peers known to have failed for at least kFailedGraceS: a request
+  // that needs one of them fails then, not at the timeout. The grace lets
+  // a collective or receive whose data the peer sent before it failed
+  // complete as it would have.
+  std::vector<int> FailedForAWhile(double now) {
+    constexpr double kFailedGraceS = 0.5;
+    std::vector<int> failed;
+    for (int w : FailedPeers(now)) {
+      double since = failed_since.emplace(w, now).first->second;
+      if (now - since >= kFailedGraceS) failed.push_back(w);
+    }
+    return failed;
+  }
+
   void CheckDeadlines(double now) {
     const std::string hint =
         " Every rank must run the same steps; if a step legitimately takes longer, raise "
         "the limit with SMDIST_MPI_TIMEOUT=<seconds>.";
-    const std::vector<int> failed = FailedPeers(now);  // once, not per request
+    const std::vector<int> failed = FailedForAWhile(now);  // once, not per request
     for (auto& kv : comms) {
       CommState& cs = *kv.second;
       for (size_t gi = 0; gi < cs.groups.size(); ++gi) {
