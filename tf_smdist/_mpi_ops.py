@@ -816,9 +816,10 @@ def abort(message: str) -> None:
     """Fails this rank's communication for good, telling the peers (after `init`).
 
     What is in flight or queued fails with `message`, new requests are
-    refused, and a peer's receive from this rank fails within about a
-    heartbeat period instead of at the watchdog's timeout. For an error that
-    would leave the peers waiting on this rank. Does nothing before `init`.
+    refused, and a peer's collective or receive that needs this rank fails
+    within about a heartbeat period instead of at the watchdog's timeout.
+    For an error that would leave the peers waiting on this rank. Does
+    nothing before `init`.
 
     Example:
     >>> abort("the stage's step could not be built")  # doctest: +SKIP

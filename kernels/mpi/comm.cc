@@ -40,13 +40,6 @@ double Now() {
   return std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
 }
 
-double EnvDouble(const char* name, double fallback) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return fallback;
-  char* end = nullptr;
-  double d = std::strtod(v, &end);
-  return (end != v && d >= 0) ? d : fallback;
-}
 
 const char* KindName(Kind kind) {
   switch (kind) {
@@ -180,6 +173,14 @@ bool CountsAndDisplacements(const std::vector<int64_t>& counts, int* out_counts,
 }
 
 }  // namespace
+
+double EnvDouble(const char* name, double fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  double d = std::strtod(v, &end);
+  return (end != v && d >= 0) ? d : fallback;
+}
 
 size_t DataTypeSize(DataType dtype) {
   switch (dtype) {
@@ -852,8 +853,17 @@ struct Communicator::Impl {
         " Every rank must run the same steps; if a step legitimately takes longer, raise "
         "the limit with SMDIST_MPI_TIMEOUT=<seconds>.";
     const std::vector<int> failed = FailedForAWhile(now);  // once, not per request
+    auto has_failed = [&failed](int world_rank) {
+      return std::find(failed.begin(), failed.end(), world_rank) != failed.end();
+    };
     for (auto& kv : comms) {
       CommState& cs = *kv.second;
+      // A rank of this communicator that has failed, or -1: it takes part in
+      // no collective any more, so those in flight cannot complete.
+      int gone = -1;
+      for (int i = 0; i < cs.size && gone < 0 && !failed.empty(); ++i) {
+        if (has_failed(cs.WorldRank(i))) gone = i;
+      }
       for (size_t gi = 0; gi < cs.groups.size(); ++gi) {
         Group& g = cs.groups[gi];
         double limit = options().timeout_s;
@@ -861,23 +871,15 @@ struct Communicator::Impl {
           const Request& front = g.inflight.front().request;
           limit = LimitOf(front, now - g.inflight.front().start, now);
         }
-        if (!g.inflight.empty() && !failed.empty()) {
-          // A collective needs every rank of its communicator; one that has
-          // failed takes part in nothing more: fail now, not at the timeout.
-          for (int i = 0; i < cs.size; ++i) {
-            if (std::find(failed.begin(), failed.end(), cs.WorldRank(i)) == failed.end()) {
-              continue;
-            }
-            const InFlight& f = g.inflight.front();
-            std::ostringstream os;
-            os << "tf_smdist: " << KindName(f.request.kind) << " '" << f.request.name << "' (";
-            if (cs.id > 0) os << "communicator " << cs.id << ", ";
-            os << "group " << gi << ") cannot complete on rank " << c.rank_ << " of "
-               << c.size_ << ": it needs " << cs.Describe(i) << "."
-               << PeersReport(-1, 0, now);
-            Fail({Code::kFailedPrecondition, os.str()});
-            return;
-          }
+        if (!g.inflight.empty() && gone >= 0) {
+          const InFlight& f = g.inflight.front();
+          std::ostringstream os;
+          os << "tf_smdist: " << KindName(f.request.kind) << " '" << f.request.name << "' (";
+          if (cs.id > 0) os << "communicator " << cs.id << ", ";
+          os << "group " << gi << ") cannot complete on rank " << c.rank_ << " of " << c.size_
+             << ": it needs " << cs.Describe(gone) << "." << PeersReport(-1, 0, now);
+          Fail({Code::kFailedPrecondition, os.str()});
+          return;
         }
         if (!g.inflight.empty() && now - g.inflight.front().start > limit) {
           const InFlight& f = g.inflight.front();
@@ -907,8 +909,7 @@ struct Communicator::Impl {
       }
       for (const InFlight& f : cs.p2p_inflight) {
         const Request& r = f.request;
-        if (r.kind == Kind::kRecv && !failed.empty() &&
-            std::find(failed.begin(), failed.end(), cs.WorldRank(r.peer)) != failed.end()) {
+        if (r.kind == Kind::kRecv && gone >= 0 && has_failed(cs.WorldRank(r.peer))) {
           // A failed rank sends nothing more: fail now, not at the timeout.
           std::ostringstream os;
           os << "tf_smdist: recv '" << r.name << "' from " << cs.Describe(r.peer)

@@ -150,6 +150,9 @@ constexpr int kMaxTag = (1 << 20) - 1;
 
 size_t DataTypeSize(DataType dtype);
 
+// The non-negative number in environment variable `name`, else `fallback`.
+double EnvDouble(const char* name, double fallback);
+
 class Communicator {
  public:
   // The process-wide instance.
@@ -186,10 +189,11 @@ class Communicator {
 
   // Fails this rank's communication for good, with `message`: what is in
   // flight or queued fails with it, new requests are refused, and the peers
-  // learn from the heartbeats that this rank failed (a receive from it then
-  // fails at once instead of at the timeout). For an error that leaves the
-  // peers waiting on this rank (a pipeline stage whose step could not be
-  // built). Does nothing when already failed, or before Init.
+  // learn from the heartbeats that this rank failed (a collective or a
+  // receive that needs it then fails half a second later instead of at the
+  // timeout). For an error that leaves the peers waiting on this rank (a
+  // pipeline stage whose step could not be built, an uncaught exception).
+  // Does nothing when already failed, or before Init.
   void Abort(const std::string& message);
 
   // Completes queued work, drains heartbeats, finalises MPI and joins the

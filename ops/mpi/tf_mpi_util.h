@@ -8,7 +8,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <string>
@@ -118,10 +117,11 @@ class InlineDone {
   void set_bytes(int64_t bytes) { bytes_ = bytes; }
 
   ~InlineDone() {
-    static const int64_t kWaitUs = EnvInt("SMDIST_MPI_INLINE_WAIT_US", 100);
-    static const int64_t kMaxBytes = EnvInt("SMDIST_MPI_INLINE_BYTES", 256 << 10);
+    static const double kWaitUs = mpi::EnvDouble("SMDIST_MPI_INLINE_WAIT_US", 100);
+    static const double kMaxBytes = mpi::EnvDouble("SMDIST_MPI_INLINE_BYTES", 256 << 10);
     if (kWaitUs > 0 && bytes_ >= 0 && bytes_ <= kMaxBytes) {
-      auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(kWaitUs);
+      auto deadline = std::chrono::steady_clock::now() +
+                      std::chrono::microseconds(static_cast<int64_t>(kWaitUs));
       while (gate_->state.load(std::memory_order_acquire) == kWaiting &&
              std::chrono::steady_clock::now() < deadline) {
         sched_yield();
@@ -140,11 +140,6 @@ class InlineDone {
     std::atomic<int> state{kWaiting};
     std::function<void()> done;
   };
-
-  static int64_t EnvInt(const char* name, int64_t fallback) {
-    const char* v = std::getenv(name);
-    return v == nullptr || *v == '\0' ? fallback : std::atoll(v);
-  }
 
   std::shared_ptr<Gate> gate_;
   int64_t bytes_ = -1;

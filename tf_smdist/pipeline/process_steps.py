@@ -750,11 +750,8 @@ def stopping_peers_on_error(function: Any) -> Any:
     rank's communication when it raises (`_stop_communication`)."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        try:
+        with _stopping_peers_on_error():
             return function(*args, **kwargs)
-        except Exception as e:
-            _stop_communication(e)
-            raise
 
     return run
 
