@@ -1,13 +1,16 @@
 """One rank of the Horovod-compatible collective tests (run by the launcher).
 
-Usage: python mp_hvd_worker.py OUT_DIR [--timings | --stop | --uncaught]
+Usage: python mp_hvd_worker.py OUT_DIR [--timings | --stop | --uncaught | --exit]
 
 With --stop, rank 1 stops itself (SIGSTOP) after one collective; rank 0's
 next collective must fail with the watchdog's error naming it and the
 tensor, then rank 0 exits with status 3. With --uncaught, rank 1 meets an
 exception nothing catches (Python hands it to `sys.excepthook`, as it does
 before exiting) and stays alive 20 s; rank 0's next collective must fail
-at once, naming it, and rank 0 exits with status 3.
+at once, naming it, and rank 0 exits with status 3. With --exit, rank 1
+ends its script early (`sys.exit(0)`: its exit handlers shut its
+communication down in order); rank 0's next collective must fail at once,
+naming rank 1 as having left, and rank 0 exits with status 3.
 
 Runs every check in the same order on every rank and writes
 OUT_DIR/rank{r}.json: {check name: "ok" or the failure text}, plus timings.
@@ -38,6 +41,7 @@ OUT = sys.argv[1]
 TIMINGS = "--timings" in sys.argv[2:]
 STOP = "--stop" in sys.argv[2:]
 UNCAUGHT = "--uncaught" in sys.argv[2:]
+EXIT = "--exit" in sys.argv[2:]
 DTYPES = ["uint8", "int8", "int16", "uint16", "int32", "int64", "float16", "bfloat16",
           "float32", "float64", "bool"]
 OPS = {"Sum": hvd.Sum, "Average": hvd.Average, "Min": hvd.Min, "Max": hvd.Max,
@@ -618,6 +622,8 @@ def failed_peer() -> None:
     hvd.init_engine()
     rank = hvd.rank()
     hvd.allreduce(tf.ones([8]), name="before.error")
+    if rank == 1 and EXIT:
+        sys.exit(0)  # one step early: the exit handlers run as usual
     if rank == 1:
         try:
             raise ValueError("rank 1 cannot go on")
@@ -642,7 +648,7 @@ def failed_peer() -> None:
 if __name__ == "__main__":
     if STOP:
         stopped_peer()
-    elif UNCAUGHT:
+    elif UNCAUGHT or EXIT:
         failed_peer()
     else:
         main()

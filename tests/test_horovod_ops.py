@@ -155,3 +155,21 @@ def test_an_uncaught_exception_on_one_rank_fails_the_others_at_once(tmp_path):
     assert res["seconds"] < 15, res["seconds"]
     # The hook installed before (Python's own) still printed the traceback.
     assert "ValueError: rank 1 cannot go on" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@requires_mpi
+def test_a_rank_that_exits_early_fails_the_others_at_once(tmp_path):
+    # Rank 1 leaves its script a step early (sys.exit(0)): its exit handlers
+    # shut its communication down in order, and rank 0's next collective
+    # fails about half a second after it learns that, naming rank 1 as
+    # having left, instead of waiting out the watchdog's 60 s.
+    proc = launch(["--nproc", "2", WORKER, str(tmp_path), "--exit"], timeout=180,
+                  env={"SMDIST_MPI_TIMEOUT": "60"})
+    assert proc.returncode != 0
+    with open(tmp_path / "rank0.json") as f:
+        res = json.load(f)
+    assert res["message"].startswith("FailedPreconditionError"), res["message"]
+    assert "it needs rank 1" in res["message"]
+    assert "Rank 1 has left training" in res["message"]
+    assert res["seconds"] < 15, res["seconds"]

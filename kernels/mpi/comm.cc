@@ -448,7 +448,7 @@ struct Communicator::Impl {
   int64_t recv_poll_max_us = 500;
   int64_t recv_poll_next_us = 50;
   double spin_until = 0;
-  std::map<int, double> failed_since;  // world rank -> when first known failed
+  std::map<int, double> gone_since;  // world rank -> when first known failed or left
   double last_activity = 0;
   int64_t send_poll_us = 500;  // 0: sends are polled like receives (see Setup)
   // All-reduces of at least `ring_bytes` run as RingAllreduce, in chunks;
@@ -758,8 +758,9 @@ struct Communicator::Impl {
            << " s: it is dead or stopped.";
         ++named;
       } else if (heartbeats.pred_state() == kFinishing) {
-        os << " Rank " << p << " has left training and is shutting down: it ran fewer "
-           << "steps than this rank (uneven data across ranks?).";
+        os << " Rank " << p << " has left training and is shutting down: its script "
+           << "ended or exited, having run fewer steps than this rank (an early exit, or "
+           << "uneven data across ranks?).";
         ++named;
       } else if (group >= 0 && heartbeats.pred_started(group) < seq) {
         os << " Rank " << p << " is alive but has not joined this collective (it started "
@@ -778,8 +779,9 @@ struct Communicator::Impl {
           os << " Rank " << f.subject << " has itself failed (see its own error).";
           break;
         case Fact::kFinishing:
-          os << " Rank " << f.subject << " has left training and is shutting down: it ran "
-             << "fewer steps than this rank (uneven data across ranks?).";
+          os << " Rank " << f.subject << " has left training and is shutting down: its "
+             << "script ended or exited, having run fewer steps than this rank (an early "
+             << "exit, or uneven data across ranks?).";
           break;
         case Fact::kNotJoined:
           os << " Rank " << f.subject << " is alive but has not joined collective #" << f.b
@@ -813,17 +815,24 @@ struct Communicator::Impl {
     return false;
   }
 
-  // The world ranks known to have failed (their Fail ran): the predecessor
+  // The world ranks known to have failed (their Fail ran) or left (their
+  // communication thread is shutting down: it completed everything it had
+  // issued and will take part in nothing more, e.g. its script ended or
+  // called sys.exit while this rank still waits on it): the predecessor
   // from its own heartbeats, the others from the ring's facts. Empty (no
   // allocation) while every peer is well.
-  std::vector<int> FailedPeers(double now) const {
-    std::vector<int> failed;
-    if (c.size_ == 1) return failed;
-    if (heartbeats.pred_state() == kFailed) failed.push_back(heartbeats.predecessor());
-    for (const Fact& f : heartbeats.Facts(now)) {
-      if (f.kind == Fact::kFailed) failed.push_back(static_cast<int>(f.subject));
+  std::vector<int> GonePeers(double now) const {
+    std::vector<int> gone;
+    if (c.size_ == 1) return gone;
+    if (heartbeats.pred_state() == kFailed || heartbeats.pred_state() == kFinishing) {
+      gone.push_back(heartbeats.predecessor());
     }
-    return failed;
+    for (const Fact& f : heartbeats.Facts(now)) {
+      if (f.kind == Fact::kFailed || f.kind == Fact::kFinishing) {
+        gone.push_back(static_cast<int>(f.subject));
+      }
+    }
+    return gone;
   }
 
   // The deadline of `r` after `waited` seconds: the usual one, or its own
@@ -834,35 +843,35 @@ struct Communicator::Impl {
     return AnyPeerGone(now) ? usual : r.timeout_s;
   }
 
-  // The peers known to have failed for at least kFailedGraceS: a request
-  // that needs one of them fails then, not at the timeout. The grace lets
-  // a collective or receive whose data the peer sent before it failed
-  // complete as it would have.
-  std::vector<int> FailedForAWhile(double now) {
-    constexpr double kFailedGraceS = 0.5;
-    std::vector<int> failed;
-    for (int w : FailedPeers(now)) {
-      double since = failed_since.emplace(w, now).first->second;
-      if (now - since >= kFailedGraceS) failed.push_back(w);
+  // The peers known to have failed or left for at least kGoneGraceS: a
+  // request that needs one of them fails then, not at the timeout. The
+  // grace lets a collective or receive whose data the peer sent before it
+  // failed or left complete as it would have.
+  std::vector<int> GoneForAWhile(double now) {
+    constexpr double kGoneGraceS = 0.5;
+    std::vector<int> gone;
+    for (int w : GonePeers(now)) {
+      double since = gone_since.emplace(w, now).first->second;
+      if (now - since >= kGoneGraceS) gone.push_back(w);
     }
-    return failed;
+    return gone;
   }
 
   void CheckDeadlines(double now) {
     const std::string hint =
         " Every rank must run the same steps; if a step legitimately takes longer, raise "
         "the limit with SMDIST_MPI_TIMEOUT=<seconds>.";
-    const std::vector<int> failed = FailedForAWhile(now);  // once, not per request
-    auto has_failed = [&failed](int world_rank) {
-      return std::find(failed.begin(), failed.end(), world_rank) != failed.end();
+    const std::vector<int> departed = GoneForAWhile(now);  // once, not per request
+    auto has_gone = [&departed](int world_rank) {
+      return std::find(departed.begin(), departed.end(), world_rank) != departed.end();
     };
     for (auto& kv : comms) {
       CommState& cs = *kv.second;
-      // A rank of this communicator that has failed, or -1: it takes part in
-      // no collective any more, so those in flight cannot complete.
+      // A rank of this communicator that has failed or left, or -1: it takes
+      // part in no collective any more, so those in flight cannot complete.
       int gone = -1;
-      for (int i = 0; i < cs.size && gone < 0 && !failed.empty(); ++i) {
-        if (has_failed(cs.WorldRank(i))) gone = i;
+      for (int i = 0; i < cs.size && gone < 0 && !departed.empty(); ++i) {
+        if (has_gone(cs.WorldRank(i))) gone = i;
       }
       for (size_t gi = 0; gi < cs.groups.size(); ++gi) {
         Group& g = cs.groups[gi];
@@ -909,8 +918,9 @@ struct Communicator::Impl {
       }
       for (const InFlight& f : cs.p2p_inflight) {
         const Request& r = f.request;
-        if (r.kind == Kind::kRecv && gone >= 0 && has_failed(cs.WorldRank(r.peer))) {
-          // A failed rank sends nothing more: fail now, not at the timeout.
+        if (r.kind == Kind::kRecv && gone >= 0 && has_gone(cs.WorldRank(r.peer))) {
+          // A failed or departed rank sends nothing more: fail now, not at
+          // the timeout.
           std::ostringstream os;
           os << "tf_smdist: recv '" << r.name << "' from " << cs.Describe(r.peer)
              << " with tag " << r.tag << " cannot complete on rank " << c.rank_ << " of "

@@ -192,6 +192,18 @@ Status Heartbeats::Drain(MPI_Comm ctrl, double deadline,
     s = Poll(now);
     if (!s.ok()) return s;
     if (done && received_ >= drain_expected_ && sends_.empty()) break;
+    // A failed or dead peer never drains: give up now, not at the deadline.
+    bool peer_failed = pred_state_ == kFailed || now - last_heard_ > fact_ttl();
+    for (const Fact& f : Facts(now)) {
+      peer_failed = peer_failed || f.kind == Fact::kFailed || f.kind == Fact::kDead;
+    }
+    if (peer_failed) {
+      Status t;
+      t.code = Code::kFailedPrecondition;
+      t.message = "tf_smdist: shutting down rank " + std::to_string(rank_) +
+                  ": a peer failed, so the heartbeats were not drained." + report();
+      return t;
+    }
     if (now > deadline) {
       Status t;
       t.code = Code::kDeadlineExceeded;
