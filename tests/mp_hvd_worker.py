@@ -1,6 +1,7 @@
 """One rank of the Horovod-compatible collective tests (run by the launcher).
 
-Usage: python mp_hvd_worker.py OUT_DIR [--timings | --stop | --uncaught | --exit]
+Usage: python mp_hvd_worker.py OUT_DIR [--timings | --stop | --uncaught | --exit |
+                                        --replaced-hook]
 
 With --stop, rank 1 stops itself (SIGSTOP) after one collective; rank 0's
 next collective must fail with the watchdog's error naming it and the
@@ -10,7 +11,11 @@ before exiting) and stays alive 20 s; rank 0's next collective must fail
 at once, naming it, and rank 0 exits with status 3. With --exit, rank 1
 ends its script early (`sys.exit(0)`: its exit handlers shut its
 communication down in order); rank 0's next collective must fail at once,
-naming rank 1 as having left, and rank 0 exits with status 3.
+naming rank 1 as having left, and rank 0 exits with status 3. With
+--replaced-hook, rank 1 installs its own `sys.excepthook` after tf_smdist's
+and really exits on an uncaught exception (an exit handler of its own, run
+after tf_smdist's, keeps the process 20 s); rank 0's next collective must
+fail at once, naming it, and rank 0 exits with status 3.
 
 Runs every check in the same order on every rank and writes
 OUT_DIR/rank{r}.json: {check name: "ok" or the failure text}, plus timings.
@@ -42,6 +47,13 @@ TIMINGS = "--timings" in sys.argv[2:]
 STOP = "--stop" in sys.argv[2:]
 UNCAUGHT = "--uncaught" in sys.argv[2:]
 EXIT = "--exit" in sys.argv[2:]
+REPLACED_HOOK = "--replaced-hook" in sys.argv[2:]
+if REPLACED_HOOK:
+    import atexit
+
+    # Registered before tf_smdist's exit handler, so it runs after it (last
+    # in, first out): the process stays while rank 0 reports.
+    atexit.register(time.sleep, 20)
 DTYPES = ["uint8", "int8", "int16", "uint16", "int32", "int64", "float16", "bfloat16",
           "float32", "float64", "bool"]
 OPS = {"Sum": hvd.Sum, "Average": hvd.Average, "Min": hvd.Min, "Max": hvd.Max,
@@ -624,6 +636,12 @@ def failed_peer() -> None:
     hvd.allreduce(tf.ones([8]), name="before.error")
     if rank == 1 and EXIT:
         sys.exit(0)  # one step early: the exit handlers run as usual
+    if rank == 1 and REPLACED_HOOK:
+        def own_hook(exc_type, exc, tb):
+            print(f"the script's own hook: {exc_type.__name__}: {exc}", flush=True)
+
+        sys.excepthook = own_hook
+        raise ValueError("rank 1 cannot go on")  # nothing catches it
     if rank == 1:
         try:
             raise ValueError("rank 1 cannot go on")
@@ -648,7 +666,7 @@ def failed_peer() -> None:
 if __name__ == "__main__":
     if STOP:
         stopped_peer()
-    elif UNCAUGHT or EXIT:
+    elif UNCAUGHT or EXIT or REPLACED_HOOK:
         failed_peer()
     else:
         main()

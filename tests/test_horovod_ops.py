@@ -173,3 +173,21 @@ def test_a_rank_that_exits_early_fails_the_others_at_once(tmp_path):
     assert "it needs rank 1" in res["message"]
     assert "Rank 1 has left training" in res["message"]
     assert res["seconds"] < 15, res["seconds"]
+
+
+@pytest.mark.slow
+@requires_mpi
+def test_an_uncaught_exception_fails_the_others_at_once_with_a_replaced_hook(tmp_path):
+    # Rank 1's script replaced tf_smdist's sys.excepthook with its own: the
+    # exit handler sees the uncaught exception (sys.last_value) and stops
+    # the communication as the hook would have.
+    proc = launch(["--nproc", "2", WORKER, str(tmp_path), "--replaced-hook"],
+                  timeout=180, env={"SMDIST_MPI_TIMEOUT": "60"})
+    assert proc.returncode != 0
+    with open(tmp_path / "rank0.json") as f:
+        res = json.load(f)
+    assert res["message"].startswith("FailedPreconditionError"), res["message"]
+    assert "Rank 1 has itself failed" in res["message"]
+    assert res["seconds"] < 15, res["seconds"]
+    own = "the script's own hook: ValueError: rank 1 cannot go on"
+    assert own in proc.stdout + proc.stderr

@@ -440,6 +440,7 @@ struct Communicator::Impl {
   std::deque<Request> benchmarks;  // run when no other work is queued
   Status failure;  // sticky watchdog / MPI failure
   int64_t my_state = kRunning;
+  int64_t sent_state = kRunning;  // the state of the latest heartbeat sent
   double spin_s = 0.002;
   // Sleep between polls once spinning ends: from recv_poll_us, doubling
   // after each idle poll up to recv_poll_max_us, back to the start on any
@@ -843,12 +844,16 @@ struct Communicator::Impl {
     return AnyPeerGone(now) ? usual : r.timeout_s;
   }
 
-  // The peers known to have failed or left for at least kGoneGraceS: a
-  // request that needs one of them fails then, not at the timeout. The
-  // grace lets a collective or receive whose data the peer sent before it
-  // failed or left complete as it would have.
+  // A request that needs a peer known to have failed or left fails once
+  // both the peer has been gone and the request has been in flight for
+  // kGoneGraceS, not at the timeout. The grace lets a collective or receive
+  // whose data the peer sent before it failed or left complete as it would
+  // have, even one this rank starts only later (a broadcast that the root
+  // finished, eagerly sent, before it left).
+  static constexpr double kGoneGraceS = 0.5;
+
+  // The peers known to have failed or left for at least kGoneGraceS.
   std::vector<int> GoneForAWhile(double now) {
-    constexpr double kGoneGraceS = 0.5;
     std::vector<int> gone;
     for (int w : GonePeers(now)) {
       double since = gone_since.emplace(w, now).first->second;
@@ -880,7 +885,8 @@ struct Communicator::Impl {
           const Request& front = g.inflight.front().request;
           limit = LimitOf(front, now - g.inflight.front().start, now);
         }
-        if (!g.inflight.empty() && gone >= 0) {
+        if (!g.inflight.empty() && gone >= 0 &&
+            now - g.inflight.front().start >= kGoneGraceS) {
           const InFlight& f = g.inflight.front();
           std::ostringstream os;
           os << "tf_smdist: " << KindName(f.request.kind) << " '" << f.request.name << "' (";
@@ -918,7 +924,8 @@ struct Communicator::Impl {
       }
       for (const InFlight& f : cs.p2p_inflight) {
         const Request& r = f.request;
-        if (r.kind == Kind::kRecv && gone >= 0 && has_gone(cs.WorldRank(r.peer))) {
+        if (r.kind == Kind::kRecv && gone >= 0 && now - f.start >= kGoneGraceS &&
+            has_gone(cs.WorldRank(r.peer))) {
           // A failed or departed rank sends nothing more: fail now, not at
           // the timeout.
           std::ostringstream os;
@@ -1409,7 +1416,9 @@ struct Communicator::Impl {
       bool eager = false;
       if (failure.ok()) busy = Complete(&inflight, &eager) || busy;
       now = Now();
-      Status hb = heartbeats.Send(now, false, my_state, WorldStarted());
+      // A change of this rank's state (it failed) goes out at once.
+      Status hb = heartbeats.Send(now, my_state != sent_state, my_state, WorldStarted());
+      if (hb.ok()) sent_state = my_state;
       if (hb.ok()) hb = heartbeats.Poll(now);
       if (!hb.ok()) Fail(hb);
       Detect(now);
@@ -1507,6 +1516,17 @@ struct Communicator::Impl {
       }
       if (final_status.ok() && we_initialised) {
         final_status = MpiStatus(MPI_Finalize(), "MPI_Finalize");
+      }
+    }
+    if (!failure.ok()) {
+      // The process may exit right after: make sure the successor's
+      // heartbeat saying that this rank failed is on its way (a bounded
+      // wait), so that the peers fail within a heartbeat or two, not at
+      // their timeout.
+      Status s = heartbeats.Send(Now(), my_state != sent_state, my_state, WorldStarted());
+      for (double until = Now() + 0.2; s.ok() && heartbeats.sending() && Now() < until;) {
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+        s = heartbeats.Poll(Now());
       }
     }
     // After a failure MPI is left initialised on purpose (see comm.h).

@@ -69,6 +69,8 @@ class Heartbeats {
   // is in flight. Polls until `deadline`; `report` describes the peers.
   Status Drain(MPI_Comm ctrl, double deadline, const std::function<std::string()>& report);
 
+  // Whether a heartbeat sent to the successor has not completed yet.
+  bool sending() const { return !sends_.empty(); }
   int predecessor() const { return pred_; }
   double last_heard() const { return last_heard_; }
   int64_t pred_state() const { return pred_state_; }

@@ -169,7 +169,9 @@ def _abort_on_uncaught_exception() -> None:
     fail only at the watchdog's timeout. Aborted first, this rank's peers
     fail within a heartbeat period or two, naming it ("Rank N has itself
     failed"), and this process exits at once. The hook installed before
-    (Python's, which prints the traceback, or the script's) still runs.
+    (Python's, which prints the traceback, or the script's) still runs. A
+    hook the script installs later replaces this one; the exit handler
+    (`_shutdown`) then stops the communication the same way.
     """
     previous = sys.excepthook
 
@@ -188,6 +190,15 @@ def _abort_on_uncaught_exception() -> None:
 def _shutdown() -> None:
     from tf_smdist import _mpi_ops  # noqa: PLC0415
 
+    # Python records an exception that nothing caught in `sys.last_value`
+    # before it calls `sys.excepthook`. If the script replaced the hook that
+    # `_abort_on_uncaught_exception` installed, stop here as that hook would
+    # have: an orderly shutdown would wait for peers that wait for this rank.
+    # (Not in an interactive session, where an error at the prompt leaves
+    # `last_value` behind and the session goes on.)
+    exc = getattr(sys, "last_value", None)
+    if exc is not None and not hasattr(sys, "ps1"):
+        _mpi_ops.abort(f"it is exiting on an uncaught {type(exc).__name__}: {exc}")
     try:
         _mpi_ops.shutdown()
     except tf.errors.OpError as e:
