@@ -817,7 +817,7 @@ def abort(message: str) -> None:
 
     What is in flight or queued fails with `message`, new requests are
     refused, and a peer's collective or receive that needs this rank fails
-    within about a heartbeat period instead of at the watchdog's timeout.
+    about half a second later instead of at the watchdog's timeout.
     For an error that would leave the peers waiting on this rank. Does
     nothing before `init`.
 

@@ -167,7 +167,7 @@ def _abort_on_uncaught_exception() -> None:
     would wait for the other ranks to reach shutdown while they wait in a
     collective or a pipeline receive for this rank, and both sides would
     fail only at the watchdog's timeout. Aborted first, this rank's peers
-    fail within a heartbeat period or two, naming it ("Rank N has itself
+    fail about half a second later, naming it ("Rank N has itself
     failed"), and this process exits at once. The hook installed before
     (Python's, which prints the traceback, or the script's) still runs. A
     hook the script installs later replaces this one; the exit handler
