@@ -117,26 +117,22 @@ int main(int argc, char** argv) {
   std::vector<float> buf(count, 1.0f);
   const int64_t bytes = count * 4;
   const int iters = bytes >= (16 << 20) ? 20 : bytes >= (1 << 20) ? 200 : 2000;
+  auto time_mpi = [&]() {
+    MPI_Barrier(MPI_COMM_WORLD);
+    const double t = Now();
+    for (int i = 0; i < iters; ++i) {
+      MPI_Allreduce(MPI_IN_PLACE, buf.data(), static_cast<int>(count), MPI_FLOAT, MPI_SUM,
+                    MPI_COMM_WORLD);
+    }
+    return (Now() - t) / iters;
+  };
   for (int round = 0; round < 3; ++round) {
     MPI_Barrier(MPI_COMM_WORLD);
     double t = Now();
     for (int i = 0; i < iters; ++i) allreduce(buf.data(), count);
     const double shm = (Now() - t) / iters;
-    MPI_Barrier(MPI_COMM_WORLD);
-    t = Now();
-    for (int i = 0; i < iters; ++i) {
-      MPI_Allreduce(MPI_IN_PLACE, buf.data(), static_cast<int>(count), MPI_FLOAT, MPI_SUM,
-                    MPI_COMM_WORLD);
-    }
-    const double mpi = (Now() - t) / iters;
-    // Sanity: MPI_Allreduce against itself (no gain possible).
-    MPI_Barrier(MPI_COMM_WORLD);
-    t = Now();
-    for (int i = 0; i < iters; ++i) {
-      MPI_Allreduce(MPI_IN_PLACE, buf.data(), static_cast<int>(count), MPI_FLOAT, MPI_SUM,
-                    MPI_COMM_WORLD);
-    }
-    const double mpi_again = (Now() - t) / iters;
+    const double mpi = time_mpi();
+    const double mpi_again = time_mpi();  // sanity: against itself, no gain possible
     if (rank == 0) {
       std::printf(
           "bytes %lld: shared memory %.4f ms, MPI_Allreduce %.4f ms, ratio %.2f; "
