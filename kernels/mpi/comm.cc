@@ -1521,7 +1521,7 @@ struct Communicator::Impl {
     if (!failure.ok()) {
       // The process may exit right after: make sure the successor's
       // heartbeat saying that this rank failed is on its way (a bounded
-      // wait), so that the peers fail within a heartbeat or two, not at
+      // wait), so that the peers fail about half a second later, not at
       // their timeout.
       Status s = heartbeats.Send(Now(), my_state != sent_state, my_state, WorldStarted());
       for (double until = Now() + 0.2; s.ok() && heartbeats.sending() && Now() < until;) {
