@@ -185,6 +185,7 @@ def _abort_on_uncaught_exception() -> None:
         previous(exc_type, exc, tb)
 
     sys.excepthook = hook
+    _state["excepthook"] = hook
 
 
 def _shutdown() -> None:
@@ -194,10 +195,13 @@ def _shutdown() -> None:
     # before it calls `sys.excepthook`. If the script replaced the hook that
     # `_abort_on_uncaught_exception` installed, stop here as that hook would
     # have: an orderly shutdown would wait for peers that wait for this rank.
-    # (Not in an interactive session, where an error at the prompt leaves
-    # `last_value` behind and the session goes on.)
+    # Only then: with the hook in place, it already ran for such an
+    # exception, and `last_value` may be someone else's record (pytest keeps
+    # the last failed test's exception there; an interactive session keeps
+    # the last error at the prompt and goes on).
     exc = getattr(sys, "last_value", None)
-    if exc is not None and not hasattr(sys, "ps1"):
+    replaced = sys.excepthook is not _state.get("excepthook", sys.excepthook)
+    if exc is not None and replaced and not hasattr(sys, "ps1"):
         _mpi_ops.abort(f"it is exiting on an uncaught {type(exc).__name__}: {exc}")
     try:
         _mpi_ops.shutdown()
