@@ -745,6 +745,12 @@ struct Communicator::Impl {
   // world group `group`, whose collective #`seq` is late) have not joined:
   // the predecessor from its own heartbeats, the others from the facts the
   // ring brought.
+  static std::string LeftTraining(int64_t rank) {
+    return " Rank " + std::to_string(rank) +
+           " has left training and is shutting down: its script ended or exited, having run "
+           "fewer steps than this rank (an early exit, or uneven data across ranks?).";
+  }
+
   std::string PeersReport(int group, int64_t seq, double now) const {
     std::ostringstream os;
     int named = 0;
@@ -759,9 +765,7 @@ struct Communicator::Impl {
            << " s: it is dead or stopped.";
         ++named;
       } else if (heartbeats.pred_state() == kFinishing) {
-        os << " Rank " << p << " has left training and is shutting down: its script "
-           << "ended or exited, having run fewer steps than this rank (an early exit, or "
-           << "uneven data across ranks?).";
+        os << LeftTraining(p);
         ++named;
       } else if (group >= 0 && heartbeats.pred_started(group) < seq) {
         os << " Rank " << p << " is alive but has not joined this collective (it started "
@@ -780,9 +784,7 @@ struct Communicator::Impl {
           os << " Rank " << f.subject << " has itself failed (see its own error).";
           break;
         case Fact::kFinishing:
-          os << " Rank " << f.subject << " has left training and is shutting down: its "
-             << "script ended or exited, having run fewer steps than this rank (an early "
-             << "exit, or uneven data across ranks?).";
+          os << LeftTraining(f.subject);
           break;
         case Fact::kNotJoined:
           os << " Rank " << f.subject << " is alive but has not joined collective #" << f.b
@@ -802,19 +804,7 @@ struct Communicator::Impl {
   // True when a peer is known to be dead, stopped, failed or leaving (not
   // merely late): from this rank's predecessor's heartbeats, and from the
   // facts the heartbeat ring brought about the others.
-  bool AnyPeerGone(double now) const {
-    if (c.size_ == 1) return false;
-    if (now - heartbeats.last_heard() > heartbeats.fact_ttl() ||
-        heartbeats.pred_state() == kFailed || heartbeats.pred_state() == kFinishing) {
-      return true;
-    }
-    for (const Fact& f : heartbeats.Facts(now)) {
-      if (f.kind == Fact::kDead || f.kind == Fact::kFailed || f.kind == Fact::kFinishing) {
-        return true;
-      }
-    }
-    return false;
-  }
+  bool AnyPeerGone(double now) const { return heartbeats.AnyPeerDown(now, true); }
 
   // The world ranks known to have failed (their Fail ran) or left (their
   // communication thread is shutting down: it completed everything it had

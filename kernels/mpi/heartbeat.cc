@@ -158,6 +158,21 @@ void Heartbeats::Publish(Fact fact, double now) {
   known_[key] = Known{fact, now, true};
 }
 
+bool Heartbeats::AnyPeerDown(double now, bool or_leaving) const {
+  if (size_ == 1) return false;
+  if (now - last_heard_ > fact_ttl() || pred_state_ == kFailed ||
+      (or_leaving && pred_state_ == kFinishing)) {
+    return true;
+  }
+  for (const Fact& f : Facts(now)) {
+    if (f.kind == Fact::kDead || f.kind == Fact::kFailed ||
+        (or_leaving && f.kind == Fact::kFinishing)) {
+      return true;
+    }
+  }
+  return false;
+}
+
 std::vector<Fact> Heartbeats::Facts(double now) const {
   std::vector<Fact> out;
   for (const auto& kv : known_) {
@@ -193,11 +208,7 @@ Status Heartbeats::Drain(MPI_Comm ctrl, double deadline,
     if (!s.ok()) return s;
     if (done && received_ >= drain_expected_ && sends_.empty()) break;
     // A failed or dead peer never drains: give up now, not at the deadline.
-    bool peer_failed = pred_state_ == kFailed || now - last_heard_ > fact_ttl();
-    for (const Fact& f : Facts(now)) {
-      peer_failed = peer_failed || f.kind == Fact::kFailed || f.kind == Fact::kDead;
-    }
-    if (peer_failed) {
+    if (AnyPeerDown(now, false)) {
       Status t;
       t.code = Code::kFailedPrecondition;
       t.message = "tf_smdist: shutting down rank " + std::to_string(rank_) +

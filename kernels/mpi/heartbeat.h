@@ -71,6 +71,10 @@ class Heartbeats {
 
   // Whether a heartbeat sent to the successor has not completed yet.
   bool sending() const { return !sends_.empty(); }
+  // Whether a peer is known to be dead (silent), stopped or failed, and with
+  // `or_leaving` also leaving (shutting down): the predecessor from its own
+  // heartbeats, the others from the ring's facts.
+  bool AnyPeerDown(double now, bool or_leaving) const;
   int predecessor() const { return pred_; }
   double last_heard() const { return last_heard_; }
   int64_t pred_state() const { return pred_state_; }

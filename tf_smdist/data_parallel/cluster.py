@@ -177,15 +177,20 @@ def _abort_on_uncaught_exception() -> None:
 
     def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
         try:
-            from tf_smdist import _mpi_ops  # noqa: PLC0415
-
-            _mpi_ops.abort(f"it is exiting on an uncaught {exc_type.__name__}: {exc}")
+            _abort_on(exc)
         except Exception:  # noqa: BLE001 (the process is exiting; report the original)
             pass
         previous(exc_type, exc, tb)
 
     sys.excepthook = hook
     _state["excepthook"] = hook
+
+
+def _abort_on(exc: BaseException) -> None:
+    """Stops this rank's communication for an exception nothing caught."""
+    from tf_smdist import _mpi_ops  # noqa: PLC0415
+
+    _mpi_ops.abort(f"it is exiting on an uncaught {type(exc).__name__}: {exc}")
 
 
 def _shutdown() -> None:
@@ -202,7 +207,7 @@ def _shutdown() -> None:
     exc = getattr(sys, "last_value", None)
     replaced = sys.excepthook is not _state.get("excepthook", sys.excepthook)
     if exc is not None and replaced and not hasattr(sys, "ps1"):
-        _mpi_ops.abort(f"it is exiting on an uncaught {type(exc).__name__}: {exc}")
+        _abort_on(exc)
     try:
         _mpi_ops.shutdown()
     except tf.errors.OpError as e:

@@ -732,7 +732,7 @@ def _stop_communication(error: BaseException) -> None:
     loss given targets of the wrong shape (a build error), one stage's op
     failing at run time (an `Embedding` index out of range). The other
     stages would wait for this rank's messages until the watchdog's timeout;
-    once it stops, their receives from it fail within a heartbeat period,
+    once it stops, their receives from it fail about half a second later,
     naming it. The communicator cannot be used afterwards (the job must
     restart). The end of the data, and inputs of the wrong structure (the
     same error on every rank, before any message), pass untouched.
