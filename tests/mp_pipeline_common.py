@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 NUM_SAMPLES = 64
 GLOBAL_BATCH = 16
@@ -171,3 +172,43 @@ def two_output_reference(init: list[np.ndarray]) -> tuple[list, dict, dict]:
     evaluated = net.evaluate(x, y, batch_size=GLOBAL_BATCH, verbose=0,
                              return_dict=True)
     return net.get_weights(), history.history, evaluated
+
+
+# Weight regularizers on both stages (L2 and L1L2 kernels, an L1 bias), a
+# skip across the cut: Keras adds their penalties to the loss once per step.
+REGULARIZED_PARTITION = [2, 3]
+
+
+def regularized_model(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    l2 = keras.regularizers.L2(0.05)
+    inputs = keras.Input((6,))
+    a = keras.layers.Dense(8, activation="tanh", name="a",
+                           kernel_regularizer=l2)(inputs)
+    b = keras.layers.Dense(8, activation="tanh", name="b",
+                           bias_regularizer=keras.regularizers.L1(0.05))(a)
+    c = keras.layers.Dense(8, activation="tanh", name="c",
+                           kernel_regularizer=keras.regularizers.L1L2(0.02, 0.05))(b)
+    joined = keras.layers.Concatenate(name="join")([c, a])
+    outputs = keras.layers.Dense(3, name="out", kernel_regularizer=l2)(joined)
+    return keras.Model(inputs, outputs)
+
+
+def regularized_reference(init: list[np.ndarray]) -> dict:
+    """The plain regularized model: `fit` (Adam, one epoch), `evaluate`, then
+    one custom step on the first batch (the loss with its penalties)."""
+    net = regularized_model()
+    net.set_weights(init)
+    net.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    x, y = data()
+    history = net.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False,
+                      verbose=0)
+    evaluated = net.evaluate(x, y, batch_size=GLOBAL_BATCH, verbose=0)
+    fitted = net.get_weights()
+    with tf.GradientTape() as tape:
+        loss = net.compute_loss(y=y[:GLOBAL_BATCH],
+                                y_pred=net(x[:GLOBAL_BATCH], training=True))
+    net.optimizer.apply(tape.gradient(loss, net.trainable_variables),
+                        net.trainable_variables)
+    return {"loss": history.history["loss"], "evaluate": evaluated,
+            "fitted": fitted, "custom_loss": float(loss), "final": net.get_weights()}

@@ -7,10 +7,11 @@ weights, losses, evaluate and predict), `mismatch` (rank-dependent
 partitions), `auto` (partition from rank 0's profile), `example` (runs
 examples/pipeline_hybrid.py), `checkpoint` (BackupAndRestore interrupted
 and resumed, ModelCheckpoint), `custom` (custom training loop), `embedding`
-(sparse gradients, Adam), `two_outputs` (3 stages, an output of the middle
-one, losses by output name), `shuffled` (fit's own shuffling, ranks seeded
-apart), `mixed` (mixed_float16 with loss scaling, against plain Keras) or
-`die` (the last rank exits during training).
+(sparse gradients, Adam), `regularized` (weight regularizers on both
+stages: fit, evaluate, a custom step), `two_outputs` (3 stages, an output
+of the middle one, losses by output name), `shuffled` (fit's own shuffling,
+ranks seeded apart), `mixed` (mixed_float16 with loss scaling, against
+plain Keras) or `die` (the last rank exits during training).
 Each rank writes OUT_DIR/rank{r}_{check}.npz and OUT_DIR/rank{r}.json.
 """
 
@@ -34,6 +35,7 @@ from mp_pipeline_common import (  # noqa: E402
     EMBEDDING_PARTITION,
     EVALUATED,
     GLOBAL_BATCH,
+    REGULARIZED_PARTITION,
     SAVED,
     TWO_OUTPUT_PARTITION,
     data,
@@ -41,6 +43,7 @@ from mp_pipeline_common import (  # noqa: E402
     embedding_model,
     model,
     optimizer,
+    regularized_model,
     two_output_compile,
     two_output_data,
     two_output_model,
@@ -134,6 +137,32 @@ def run_embedding() -> None:
          **{f"final_{i}": w for i, w in enumerate(final)})
     RESULTS["embedding"] = {"loss": history.history["loss"],
                             "num_weights": len(init)}
+
+
+def run_regularized() -> None:
+    # Weight regularizers on both stages: fit, evaluate, then one custom step.
+    pipe = smd.PipelineModel(regularized_model(seed=RANK + 1), num_stages=2,
+                             microbatches=2, partition=REGULARIZED_PARTITION)
+    pipe.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    init = pipe.get_weights()
+    x, y = data()
+    history = pipe.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False,
+                       verbose=0)
+    evaluated = pipe.evaluate(x, y, batch_size=GLOBAL_BATCH, verbose=0)
+    fitted = pipe.get_weights()
+
+    @tf.function
+    def step(xb, yb):
+        loss, _, grads = pipe.compute_gradients(xb, yb)
+        pipe.apply_gradients(grads)
+        return loss
+
+    custom = float(step(x[:GLOBAL_BATCH], y[:GLOBAL_BATCH]))
+    save("regularized", **{f"init_{i}": w for i, w in enumerate(init)},
+         **{f"fitted_{i}": w for i, w in enumerate(fitted)},
+         **{f"final_{i}": w for i, w in enumerate(pipe.get_weights())})
+    RESULTS["regularized"] = {"loss": history.history["loss"], "evaluate": evaluated,
+                              "custom_loss": custom, "num_weights": len(init)}
 
 
 def run_two_outputs() -> None:
@@ -478,7 +507,8 @@ def run_example() -> None:
 
 for check in CHECKS:
     {"mismatch": run_mismatch, "checkpoint": run_checkpoint, "example": run_example,
-     "auto": run_auto, "embedding": run_embedding, "two_outputs": run_two_outputs,
+     "auto": run_auto, "embedding": run_embedding,
+     "regularized": run_regularized, "two_outputs": run_two_outputs,
      "shuffled": run_shuffled, "mixed": run_mixed, "batchnorm": run_batchnorm,
      "custom": run_custom, "die": run_die,
      "bad_target": lambda: run_one_stage_fails("bad_target"),

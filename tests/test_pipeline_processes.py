@@ -25,6 +25,7 @@ from mp_pipeline_common import (
     optimizer,
     reference,
     reference_model,
+    regularized_reference,
     two_output_reference,
 )
 from mp_util import TESTS, launch, requires_mpi
@@ -109,15 +110,31 @@ def _check_case(out, nproc: int, case: str, results: list[dict]) -> None:
                                        atol=1e-6)
 
 
+def _check_regularized(out, nproc, results):
+    """Weight regularizers on both stages: fit's losses, evaluate, the custom
+    step's loss and the weights after each equal the plain model's."""
+    count = results[0]["regularized"]["num_weights"]
+    ref = regularized_reference(_weights(out, 0, "regularized", "init", count))
+    for r in range(nproc):
+        res = results[r]["regularized"]
+        np.testing.assert_allclose(res["loss"], ref["loss"], rtol=1e-5)
+        np.testing.assert_allclose(res["evaluate"], ref["evaluate"], rtol=1e-5)
+        np.testing.assert_allclose(res["custom_loss"], ref["custom_loss"], rtol=1e-5)
+        _assert_close(_weights(out, r, "regularized", "fitted", count), ref["fitted"])
+        _assert_close(_weights(out, r, "regularized", "final", count), ref["final"])
+
+
 def test_two_stages_in_two_processes(tmp_path):
     checks = ["seq_1f1b_sgd", "skip_gpipe_adam", "skip_interleaved_sgd",
               "skip_1f1b_adam_defer", "skip_interleaved_defer",
-              "mismatch", "custom", "checkpoint", "auto", "shuffled", "mixed"]
+              "mismatch", "custom", "checkpoint", "auto", "shuffled", "mixed",
+              "regularized"]
     proc = launch(["--nproc", "2", WORKER, str(tmp_path), *checks], timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = _results(tmp_path, 2)
     for case in checks[:5]:
         _check_case(tmp_path, 2, case, results)
+    _check_regularized(tmp_path, 2, results)
     # defer_weight_gradients: every Dense kernel's gradient (the first
     # layer's too, whose input needs none) was left out of the backward
     # tasks, on every stage; without the option none is.
@@ -267,10 +284,11 @@ def test_two_stages_times_two_pipelines_in_four_processes(tmp_path):
     # The 4 processes then train an embedding model and run
     # examples/pipeline_hybrid.py.
     checks = ["seq_hybrid_cluster", "skip_hybrid_spread", "embedding", "batchnorm",
-              "example"]
+              "regularized", "example"]
     proc = launch(["--nproc", "4", WORKER, str(tmp_path), *checks], timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = _results(tmp_path, 4)
+    _check_regularized(tmp_path, 4, results)
     # BatchNormalization's moving statistics: each pipeline updated them from
     # its half of the batch, then they were averaged over the pipelines, so
     # every rank holds the plain model's moving mean after one step (a

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import keras
 import tensorflow as tf
 
 from tf_smdist import _compat
@@ -24,6 +25,7 @@ __all__ = [
     "run_train",
     "split_microbatches",
     "task_scope",
+    "weight_penalty",
 ]
 
 LossFn = Callable[[int, list[tf.Tensor]], tf.Tensor]
@@ -426,6 +428,58 @@ class DeferredWeightGradients:
         """
         return [tf.zeros(v.shape, v.dtype) if g is None else g
                 for v, g in zip(self._variables, self.flush(grads))]
+
+
+def weight_penalty(
+    variables: Sequence[Any], loss_scale: Any = None, *, gradients: bool = True
+) -> tuple[tf.Tensor | None, list[Any]]:
+    """The weight regularizers' penalty on `variables`, and its gradients.
+
+    Keras adds `v.regularizer(v)` of every trainable variable that has a
+    regularizer (`kernel_regularizer=`, `bias_regularizer=`, ...) to the loss,
+    once per step (`Model.losses`). A pipeline's loss is computed on its last
+    stage, whose backward cannot reach another stage's variables, so each
+    stage adds its own variables' penalty and gradients instead.
+
+    Args:
+        variables: a stage's trainable variables.
+        loss_scale: the gradients are those of `loss_scale * penalty`, as the
+            data gradients are (mixed precision). Defaults to `None` (1).
+        gradients: compute the gradients (else only the penalty). Defaults to
+            `True`.
+
+    Returns:
+        `(penalty, grads)`: the summed penalty (a float scalar), or `None`
+        when no variable has a regularizer; and per variable its penalty's
+        gradient, or `None` for one without a regularizer (and for all when
+        `gradients=False`).
+
+    Example:
+    ```python
+    penalty, extra = weight_penalty(stage.trainable_variables)
+    grads = [add_gradient(g, e) for g, e in zip(grads, extra)]
+    ```
+    """
+    regularized = [v for v in variables if getattr(v, "regularizer", None) is not None]
+    if not regularized:
+        return None, [None] * len(variables)
+    floatx = keras.backend.floatx()
+    with tf.GradientTape() as tape:
+        terms = []
+        for v in regularized:
+            # As Keras' `_aggregate_additional_loss`: floatx if not float, summed.
+            term = tf.convert_to_tensor(v.regularizer(v))
+            if not term.dtype.is_floating:
+                term = tf.cast(term, floatx)
+            terms.append(tf.reduce_sum(term))
+        penalty = tf.add_n(terms) if len(terms) > 1 else terms[0]
+        target = (penalty if loss_scale is None
+                  else penalty * tf.cast(loss_scale, penalty.dtype))
+    if not gradients:
+        return penalty, [None] * len(variables)
+    found = tape.gradient(target, regularized)
+    by_id = {id(v): g for v, g in zip(regularized, found)}
+    return penalty, [by_id.get(id(v)) for v in variables]
 
 
 def loss_seeds(loss: tf.Tensor, loss_scale: Any) -> list[tf.Tensor] | None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import keras
@@ -48,6 +49,31 @@ def _default_devices(count: int) -> list[str]:
 def _even_partition(order: list[str], count: int) -> list[int]:
     base, extra = divmod(len(order), count)
     return [base + (1 if i < extra else 0) for i in range(count)]
+
+
+def refuse_added_losses(model: keras.Model) -> None:
+    """Raises if a layer of `model` holds a loss from `add_loss`.
+
+    `model.losses` holds the weight regularizers' penalties, which each stage
+    adds itself (`execution.weight_penalty`), and the losses that layers
+    added in their last `call`: those depend on that call's inputs, and only
+    the loss's gradient travels back through a pipeline. Checked when the
+    pipeline is built (a model called before) and after each traced step.
+
+    Raises:
+        NotImplementedError: a layer added a loss in `call`.
+    """
+    regularized = sum(getattr(v, "regularizer", None) is not None
+                      for v in model.trainable_weights)
+    added = len(model.losses) - regularized
+    if added > 0:
+        raise NotImplementedError(
+            "PipelineModel does not support losses added with `add_loss`: the "
+            "loss is computed on the last stage, and a loss of another stage's "
+            "layer would not reach its gradients. Received: a model with "
+            f"{added} such loss(es). Add the term to the loss instead. (Weight "
+            "regularizers, such as `kernel_regularizer`, are supported.)"
+        )
 
 
 def _loss_reductions(loss: Any) -> list[str]:
@@ -258,24 +284,16 @@ class PipelineModel(keras.Model):
     # -- partition ------------------------------------------------------
 
     def _check_layers(self, model: keras.Model) -> None:
-        if model.losses:
-            # The last stage computes the loss, and with it the layer losses;
-            # their gradients would reach only its own variables.
-            raise NotImplementedError(
-                "PipelineModel does not support layer losses (weight or "
-                "activity regularizers): the loss is computed on the last "
-                "stage, and the penalty of another stage's weights would not "
-                "reach their gradients. Received: a model with "
-                f"{len(model.losses)} layer loss(es). Add the penalty to the "
-                "loss instead."
-            )
         norms = []
         for layer in _compat.all_sublayers(model):
             if getattr(layer, "activity_regularizer", None) is not None:
                 raise NotImplementedError(
-                    "PipelineModel does not support activity regularizers. "
-                    f"Received: layer {layer.name!r} with an "
-                    "activity_regularizer. Add the penalty to the loss instead."
+                    "PipelineModel does not support activity regularizers: the "
+                    "penalty of another stage's outputs would not reach its "
+                    f"gradients. Received: layer {layer.name!r} with an "
+                    "activity_regularizer. Add the penalty to the loss instead. "
+                    "(Weight regularizers, such as `kernel_regularizer`, are "
+                    "supported.)"
                 )
             if isinstance(layer, keras.layers.BatchNormalization):
                 if self._recompute:
@@ -286,6 +304,7 @@ class PipelineModel(keras.Model):
                         "recompute=False or a LayerNormalization."
                     )
                 norms.append(layer.name)
+        refuse_added_losses(model)
         topology = getattr(self, "_topology", None)
         pipelines = topology.dp_size if topology is not None else 1
         if norms and self._microbatches * pipelines > 1:
@@ -913,8 +932,9 @@ class PipelineModel(keras.Model):
             sample_weight: per-sample weights. Defaults to `None`.
 
         Returns:
-            `(loss, y_pred, grads)`: the batch loss (the compiled loss, as the
-            plain model computes it on the whole batch), the predictions, and
+            `(loss, y_pred, grads)`: the batch loss (the compiled loss plus
+            the weight regularizers' penalties, as the plain model computes
+            it on the whole batch), the predictions, and
             one gradient per trainable variable. Across processes (every rank
             passes the same global batch): the global batch's loss on every
             rank, `None`, and one gradient per variable of
@@ -952,26 +972,42 @@ class PipelineModel(keras.Model):
                 if flat_w
                 else None
             )
-            loss = self.compute_loss(
-                x=None,
-                y=y_i,
-                y_pred=self._pack_outputs(outputs),
-                sample_weight=w_i,
-                training=True,
-            )
+            with self._stage_losses_apart():
+                loss = self.compute_loss(
+                    x=None,
+                    y=y_i,
+                    y_pred=self._pack_outputs(outputs),
+                    sample_weight=w_i,
+                    training=True,
+                )
             return loss * weight
 
+        loss_scale = self._loss_scale()
         outs, losses, stage_grads = execution.run_train(
             self._stages,
             self._schedule,
             micro_x,
             loss_fn,
             recompute=self._recompute,
-            loss_scale=self._loss_scale(),
+            loss_scale=loss_scale,
             defer_weight_gradients=self._defer_weights,
         )
+        refuse_added_losses(self.wrapped_model)  # the stages' calls just ran
+        penalties = []
+        for s, stage in enumerate(self._stages):
+            # Each stage's weight regularizers, on its device (Keras adds them
+            # to the loss once per step).
+            with tf.device(stage.device):
+                penalty, extra = execution.weight_penalty(
+                    stage.trainable_variables, loss_scale)
+                if penalty is not None:
+                    penalties.append(penalty)
+                    stage_grads[s] = [execution.add_gradient(g, e)
+                                      for g, e in zip(stage_grads[s], extra)]
         with tf.device(self._stages[-1].device):
             loss = tf.add_n(losses)
+            if penalties:
+                loss = loss + tf.cast(tf.add_n(penalties), loss.dtype)
             flat = [
                 tf.concat([o[i] for o in outs], axis=0) if m > 1 else outs[0][i]
                 for i in range(len(outs[0]))
@@ -983,6 +1019,35 @@ class PipelineModel(keras.Model):
         }
         grads = [by_id.get(id(v)) for v in self.trainable_variables]
         return loss, self._pack_outputs(flat), grads
+
+    @property
+    def losses(self) -> list[Any]:
+        """The wrapped model's layer losses (its weight regularizers' penalties).
+
+        Inside the pipeline's own training steps the compiled loss is
+        computed without them (`_stage_losses_apart`): each stage adds its
+        own variables' penalty and gradients (`execution.weight_penalty`).
+        """
+        if getattr(self, "_penalties_apart", False):
+            return []
+        return super().losses
+
+    @contextlib.contextmanager
+    def _stage_losses_apart(self) -> Iterator[None]:
+        """`compute_loss` without the layer losses, which the stages add.
+
+        Example:
+        ```python
+        with pipe._stage_losses_apart():
+            loss = pipe.compute_loss(y=y, y_pred=y_pred)  # the compiled loss only
+        ```
+        """
+        before = getattr(self, "_penalties_apart", False)
+        self._penalties_apart = True
+        try:
+            yield
+        finally:
+            self._penalties_apart = before
 
     def _loss_scale(self) -> tf.Tensor | None:
         """The optimizer's current loss scale (mixed precision), else `None`.

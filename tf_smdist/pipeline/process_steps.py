@@ -27,8 +27,10 @@ import numpy as np
 import tensorflow as tf
 
 from tf_smdist import _compat
+from tf_smdist.pipeline import execution
 from tf_smdist.pipeline.distributed import ProcessPipeline, scaled
-from tf_smdist.pipeline.model import InputStructureError
+from tf_smdist.pipeline.execution import add_gradient
+from tf_smdist.pipeline.model import InputStructureError, refuse_added_losses
 
 __all__ = ["ProcessSteps", "memory_of", "prepare_fit"]
 
@@ -72,8 +74,10 @@ class ProcessSteps:
             y_i = keras.tree.pack_sequence_as(y, micro_y[i]) if micro_y[i] else None
             w_i = (keras.tree.pack_sequence_as(sample_weight, micro_w[i])
                    if micro_w[i] else None)
-            loss = pipe.compute_loss(x=None, y=y_i, y_pred=pipe._pack_outputs(outputs),
-                                     sample_weight=w_i, training=training)
+            with pipe._stage_losses_apart():  # each stage adds its penalties
+                loss = pipe.compute_loss(x=None, y=y_i,
+                                         y_pred=pipe._pack_outputs(outputs),
+                                         sample_weight=w_i, training=training)
             if is_sum:
                 return loss
             # Micro-batch means weighted by their rows: the shard's mean. In
@@ -140,6 +144,35 @@ class ProcessSteps:
             v.assign(b + tf.cast(d, v.dtype))
         return self._pipe.get_metrics_result()
 
+    # -- weight regularizers ---------------------------------------------------------
+
+    def _penalty(self, loss_scale: Any = None, *, gradients: bool = True
+                 ) -> tuple[tf.Tensor, list[Any]]:
+        """This process's stages' weight penalty divided by the data-parallel
+        size (summed over every rank it is the model's), and its gradients
+        (`execution.weight_penalty`; `None` per variable without one)."""
+        rt = self._rt
+        with tf.device(rt.device):
+            penalty, extra = execution.weight_penalty(
+                rt.trainable_variables, loss_scale, gradients=gradients)
+            if penalty is None:
+                return tf.zeros([]), extra
+            return penalty / rt.topology.dp_size, extra
+
+    def _has_penalties(self) -> bool:
+        """Whether any variable of the whole model has a weight regularizer
+        (the same answer on every rank)."""
+        return any(getattr(v, "regularizer", None) is not None
+                   for v in self._pipe.wrapped_model.trainable_weights)
+
+    def _global_penalty(self, share: tf.Tensor) -> tf.Tensor | None:
+        """The whole model's penalty from every rank's `_penalty` share (one
+        all-reduce, on every rank), or `None` without regularizers."""
+        if not self._has_penalties():
+            return None
+        total, = self._rt.world_sum([share])
+        return total
+
     # -- steps ---------------------------------------------------------------------
 
     def _loss_scale(self) -> tf.Tensor | None:
@@ -169,9 +202,14 @@ class ProcessSteps:
         is_sum = getattr(pipe, "_loss_is_sum", False)
         dp = rt.topology.dp_size
         before = self._metric_snapshot(y, micro_x)
+        loss_scale = self._loss_scale()
         outs, losses, grads = rt.train(
             micro_x, loss_fn, gradient_scale=1.0 if is_sum else 1.0 / dp,
-            loss_scale=self._loss_scale())
+            loss_scale=loss_scale)
+        refuse_added_losses(pipe.wrapped_model)  # this rank's stages just ran
+        share, extra = self._penalty(loss_scale)
+        grads = [add_gradient(g, e) for g, e in zip(grads, extra)]
+        penalty = self._global_penalty(share)
         self.apply_gradients(grads)
 
         def update() -> None:
@@ -180,6 +218,8 @@ class ProcessSteps:
             if tracker is not None:
                 # A summed loss is the batch's sum: each shard counts D times.
                 value = loss * dp if is_sum else loss
+                if penalty is not None:
+                    value = value + tf.cast(penalty, value.dtype)
                 tracker.update_state(value, sample_weight=shard_rows)
             self._update_compiled_metrics(y, sample_weight, micro_y, micro_w, outs)
 
@@ -235,12 +275,15 @@ class ProcessSteps:
         outs, losses = rt.forward(micro_x, training=False, loss_fn=loss_fn)
         is_sum = getattr(pipe, "_loss_is_sum", False)
         dp = rt.topology.dp_size
+        penalty = self._global_penalty(self._penalty(gradients=False)[0])
 
         def update() -> None:
             loss = tf.add_n(losses)
             tracker = _compat.compiled_parts(pipe)[0]
             if tracker is not None:
                 value = loss * dp if is_sum else loss
+                if penalty is not None:
+                    value = value + tf.cast(penalty, value.dtype)
                 tracker.update_state(value, sample_weight=shard_rows)
             self._update_compiled_metrics(y, sample_weight, micro_y, micro_w, outs)
 
@@ -360,13 +403,17 @@ class ProcessSteps:
                                 training=True)
         is_sum = getattr(pipe, "_loss_is_sum", False)
         dp = rt.topology.dp_size
+        loss_scale = self._loss_scale()
         _, losses, grads = rt.train(
             micro_x, loss_fn, gradient_scale=1.0 if is_sum else 1.0 / dp,
-            loss_scale=self._loss_scale())
+            loss_scale=loss_scale)
+        refuse_added_losses(pipe.wrapped_model)  # this rank's stages just ran
+        share, extra = self._penalty(loss_scale)
+        grads = [add_gradient(g, e) for g, e in zip(grads, extra)]
         local = tf.add_n(losses) if losses else tf.zeros([])
         if not is_sum:
             local = local / dp
-        loss, = rt.world_sum([local])
+        loss, = rt.world_sum([local + tf.cast(share, local.dtype)])
         return loss, None, grads
 
     def report(self) -> str:
