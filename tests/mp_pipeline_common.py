@@ -27,6 +27,8 @@ CASES = {
     "skip_1f1b_adam_defer": ("skip", 2, 4, "1f1b", "adam", [2, 3], "cluster", 1),
     "skip_interleaved_defer": ("skip", 2, 4, "interleaved", "momentum",
                                [1, 1, 1, 2], "cluster", 1),
+    # use_ema=True: fit ends with the moving averages in the variables.
+    "seq_1f1b_adam_ema": ("seq", 2, 4, "1f1b", "adam_ema", [2, 2], "cluster", 2),
 }
 # Cases run with the dense layers' weight gradients deferred to one product
 # per step.
@@ -34,7 +36,7 @@ DEFERRED = ("skip_1f1b_adam_defer", "skip_interleaved_defer")
 # Cases that also check evaluate and predict (each traces more functions).
 EVALUATED = ("seq_1f1b_sgd", "skip3_1f1b_adam", "skip_hybrid_spread")
 # Cases that also save and load their optimizer state (save_weights).
-SAVED = ("seq_hybrid_cluster",)
+SAVED = ("seq_hybrid_cluster", "seq_1f1b_adam_ema")
 
 
 def data() -> tuple[np.ndarray, np.ndarray]:
@@ -72,6 +74,8 @@ def optimizer(name: str) -> keras.optimizers.Optimizer:
         return keras.optimizers.SGD(0.1, **kwargs)
     if name == "momentum":
         return keras.optimizers.SGD(0.05, momentum=0.9, **kwargs)
+    if name == "adam_ema":
+        return keras.optimizers.Adam(0.01, use_ema=True, ema_momentum=0.8, **kwargs)
     return keras.optimizers.Adam(0.01, **kwargs)
 
 

@@ -621,7 +621,8 @@ class PipelineModel(keras.Model):
             from tf_smdist.pipeline import process_steps
 
             args, kwargs = process_steps.prepare_fit(self, args, kwargs)
-            return super().fit(*args, **kwargs)
+            with process_steps.finalizing_local_variables(self):
+                return super().fit(*args, **kwargs)
         callbacks = list(kwargs.get("callbacks") or [])
         if self._pending_auto and not any(
             isinstance(c, ProfilingCallback) for c in callbacks

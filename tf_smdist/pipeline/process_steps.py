@@ -655,23 +655,13 @@ def check_optimizer(optimizer: Any) -> None:
         optimizer: the compiled optimizer of a pipeline across processes.
 
     Raises:
-        NotImplementedError: `use_ema=True` (Keras swaps the moving averages
-            of the whole model's variables into them at the end of `fit`),
-            or a `global_clipnorm` inside a `LossScaleOptimizer`.
+        NotImplementedError: a `global_clipnorm` inside a
+            `LossScaleOptimizer`.
 
     Example:
     >>> check_optimizer(keras.optimizers.Adam(global_clipnorm=1.0))  # doctest: +SKIP
     """
     inner = getattr(optimizer, "inner_optimizer", None)
-    for opt in (optimizer, inner):
-        if opt is not None and getattr(opt, "use_ema", False):
-            raise NotImplementedError(
-                "A pipeline across processes does not support an optimizer "
-                "with use_ema=True: each process keeps the averages of its "
-                "own stage only. Received: "
-                f"{type(opt).__name__}(use_ema=True). Use use_ema=False, or "
-                "one process."
-            )
     if inner is not None and getattr(inner, "global_clipnorm", None):
         raise NotImplementedError(
             "A pipeline across processes clips by the whole model's norm "
@@ -680,6 +670,35 @@ def check_optimizer(optimizer: Any) -> None:
             f"(global_clipnorm={inner.global_clipnorm}). Use clipnorm or "
             "clipvalue, or no mixed precision."
         )
+
+
+@contextlib.contextmanager
+def finalizing_local_variables(pipe: Any) -> Iterator[None]:
+    """Lets `fit`'s last call to the optimizer finalize this rank's variables.
+
+    Keras' `fit` ends with `optimizer.finalize_variable_values(
+    model.trainable_weights)`: with `use_ema=True` the moving averages then
+    replace the variables, matched by position. Each rank's optimizer holds
+    the averages of its own stages' variables only, so for the duration of
+    `fit` that call finalizes those (`ProcessPipeline.trainable_variables`,
+    the list the optimizer was built on); `get_weights` then assembles the
+    averaged model.
+
+    Example:
+    >>> with finalizing_local_variables(pipe):  # doctest: +SKIP
+    ...     keras.Model.fit(pipe, x, y)
+    """
+    optimizer = getattr(pipe, "optimizer", None)
+    if optimizer is None:
+        yield
+        return
+    finalize = optimizer.finalize_variable_values
+    local = pipe._process.runtime.trainable_variables
+    optimizer.finalize_variable_values = lambda var_list: finalize(local)
+    try:
+        yield
+    finally:
+        del optimizer.finalize_variable_values  # the class's method again
 
 
 def _restored_steps(pipe: Any) -> bool:
