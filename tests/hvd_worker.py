@@ -666,7 +666,62 @@ def check_sdp() -> None:
     assert same, gathered
 
 
+def check_elastic() -> None:
+    # A Horovod elastic Keras script at a fixed size: `run` syncs rank 0's
+    # model and state (the ranks start apart), the callbacks keep `batch`
+    # and `epoch` and commit; a host update recorded on rank 0 after the
+    # first epoch interrupts every rank at the next commit, and `run` calls
+    # the function again for the epochs left. Training equals one process
+    # on the whole batches for 2 epochs.
+    x, y = data()
+    init = model(0).get_weights()
+    m = model(1 + RANK)
+    if RANK == 0:
+        m.set_weights(init)
+    m.compile(optimizer=hvd_keras.DistributedOptimizer(
+        keras.optimizers.SGD(LR, momentum=0.5)), loss="mse")
+    state = hvd_keras.elastic.KerasState(m, batch=0, epoch=3 * RANK)
+    resets, calls = [], []
+    state.register_reset_callbacks([lambda: resets.append(state.epoch)])
+
+    class HostUpdate(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if RANK == 0 and len(calls) == 1:
+                state.on_hosts_updated(1.0)
+
+    @hvd_keras.elastic.run
+    def train(state):
+        calls.append(state.epoch)
+        state.model.fit(
+            shard(x), shard(y), batch_size=GLOBAL_BATCH // SIZE,
+            epochs=2 - state.epoch, shuffle=False, verbose=0, callbacks=[
+                HostUpdate(), hvd_keras.elastic.UpdateBatchStateCallback(state),
+                hvd_keras.elastic.UpdateEpochStateCallback(state),
+                hvd_keras.elastic.CommitStateCallback(state, batches_per_commit=3)])
+        return state.epoch
+
+    final_epoch = train(state)
+    weights = m.get_weights()
+    entry: dict[str, object] = {
+        "same_on_every_rank": same_on_every_rank(weights), "calls": calls,
+        "resets": resets, "final_epoch": final_epoch}
+    if RANK == 0:
+        ref = model(0)
+        ref.set_weights(init)
+        ref.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.5), loss="mse")
+        ref.fit(x, y, batch_size=GLOBAL_BATCH, epochs=2, shuffle=False, verbose=0)
+        entry["weights_rel_diff"] = rel_diff(weights, ref.get_weights())
+    # restore() returns to the last commit: the weights of the end of training.
+    m.set_weights([np.zeros_like(w) for w in weights])
+    state.epoch = 7
+    state.restore()
+    entry["restored"] = bool(state.epoch == 2 and all(
+        np.array_equal(a, b) for a, b in zip(m.get_weights(), weights)))
+    results["elastic"] = entry
+
+
 CHECKS = {
+    "elastic": check_elastic,
     "collectives": check_collectives,
     "process_sets": check_process_sets,
     "partial_tape": check_partial_tape,

@@ -123,13 +123,91 @@ def test_op_and_legacy_average_conflict():
     np.testing.assert_array_equal(hvd.allreduce(tf.ones([1]), average=False), [1.0])
 
 
-def test_elastic_raises_a_clear_error():
-    with pytest.raises(NotImplementedError, match="Elastic training is not supported"):
-        hvd.elastic.run  # noqa: B018
-    with pytest.raises(NotImplementedError, match="hvd.elastic.KerasState"):
-        hvd_keras.elastic.KerasState  # noqa: B018
-    with pytest.raises(NotImplementedError, match="Elastic"):
-        importlib.import_module("tf_smdist.horovod.elastic").TensorFlowKerasState  # noqa: B018
+def test_elastic_state_syncs_commits_and_restores_as_horovods():
+    # Horovod's own test_elastic_state, on one rank.
+    variables = [tf.Variable(np.full((2, 2), 1.0)), tf.Variable(np.full(2, 1.0))]
+    state = hvd.elastic.TensorFlowState(variables, batch=20, epoch=10)
+    state.sync()
+    assert (state.batch, state.epoch) == (20, 10)
+    changed = [np.array([[1.0, 2.0], [3.0, 4.0]]), np.zeros(2)]
+    for v, w in zip(variables, changed):
+        v.assign(w)
+    state.batch, state.epoch = 21, 11
+    state.restore()  # back to the last save (at creation)
+    for v in variables:
+        np.testing.assert_array_equal(v.numpy(), np.ones(v.shape))
+    assert (state.batch, state.epoch) == (20, 10)
+    for v, w in zip(variables, changed):
+        v.assign(w)
+    state.batch, state.epoch = 21, 11
+    state.commit()
+    state.restore()
+    for v, w in zip(variables, changed):
+        np.testing.assert_array_equal(v.numpy(), w)
+    assert (state.batch, state.epoch) == (21, 11)
+
+
+def test_keras_elastic_state_keeps_the_optimizer_and_run_retries_on_host_updates():
+    model = _model()
+    model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
+    x, y = _data(16)
+    model.fit(x, y, batch_size=8, verbose=0)  # Adam's moments exist
+    state = hvd_keras.elastic.KerasState(model, epoch=0)
+    saved = [np.array(v) for v in model.get_weights()]
+    moments = [v.numpy() for v in model.optimizer.variables]
+    model.fit(x, y, batch_size=8, verbose=0)
+    state.restore()
+    for a, b in zip(model.get_weights(), saved):
+        np.testing.assert_array_equal(a, b)
+    for v, b in zip(model.optimizer.variables, moments):
+        np.testing.assert_array_equal(v.numpy(), b)
+
+    # A host update interrupts at the next commit; run resets and calls the
+    # function again; any other error propagates (no rank is replaced).
+    resets = []
+    state.register_reset_callbacks([lambda: resets.append(state.epoch)])
+
+    @hvd_keras.elastic.run
+    def train(state):
+        state.epoch += 1
+        if state.epoch == 1:
+            state.on_hosts_updated(5.0)
+        state.commit()
+        return state.epoch
+
+    assert train(state) == 2 and resets == [1]
+
+    @hvd.elastic.run
+    def failing(state):
+        raise tf.errors.UnavailableError(None, None, "rank 1 is gone")
+
+    with pytest.raises(tf.errors.UnavailableError, match="rank 1 is gone"):
+        failing(state)
+    with pytest.raises(ValueError, match="must be built"):
+        hvd.elastic.TensorFlowKerasState(keras.Sequential([keras.layers.Dense(1)]))
+
+
+def test_elastic_callbacks_track_batch_and_epoch_and_commit():
+    model = _model()
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    state = hvd_keras.elastic.KerasState(model, batch=0, epoch=0)
+    commits = []
+    state.save = lambda: commits.append((state.epoch, state.batch))
+    batches = []
+
+    class Seen(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            batches.append(state.batch)
+
+    x, y = _data(32)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[
+        hvd_keras.elastic.UpdateBatchStateCallback(state),
+        hvd_keras.elastic.UpdateEpochStateCallback(state), Seen(),
+        hvd_keras.elastic.CommitStateCallback(state, batches_per_commit=3)])
+    assert batches == [0, 1, 2, 3] * 2
+    assert (state.epoch, state.batch) == (2, 0)
+    # Every 3 batches (counted across epochs), and at each epoch's end.
+    assert commits == [(0, 2), (1, 0), (1, 1), (2, 0)]
 
 
 def test_signatures_take_horovods_keywords():
@@ -704,6 +782,7 @@ def test_sdp_spelling():
     "tf_smdist.horovod.gradients", "tf_smdist.horovod.sync_batch_norm",
     "tf_smdist.horovod.global_variables", "tf_smdist.horovod.elastic",
     "tf_smdist.horovod.keras", "tf_smdist.horovod.keras.optimizer",
+    "tf_smdist.horovod.keras.elastic",
     "tf_smdist.horovod.keras.callbacks", "tf_smdist.sdp", "tf_smdist.sdp.keras",
 ])
 def test_docstring_examples_run(module):

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow, requires_mpi]
 CHECKS = {
     2: ("collectives,partial_tape,broadcast_callback_local,broadcast_callback_cases,"
         "local_gradients_any_op,"
-        "sync_batch_norm,sdp,tape,fit,sdp_fit,mixed_precision"),
+        "sync_batch_norm,sdp,tape,fit,sdp_fit,mixed_precision,elastic"),
     3: "collectives,process_sets,tape,fit,v1_optimizer",
 }
 
@@ -53,6 +53,20 @@ def test_fit_and_tape_equal_one_process_on_the_whole_batches(job, nproc):
         assert all(r[check]["same_on_every_rank"] for r in results), check
         assert root[check]["weights_rel_diff"] < 1e-5, (check, root[check])
     assert root["fit"]["moved"] > 0.1
+
+
+def test_elastic_keras_script_runs_at_a_fixed_size(job):
+    # hvd.elastic: the first sync gave every rank rank 0's weights and state
+    # (rank 1 started at epoch 3), the host update recorded on rank 0 after
+    # the first epoch interrupted both ranks at the commit that followed,
+    # `run` reset and called the function again for the one epoch left, and
+    # training equals one process on the whole batches.
+    results = job(2)
+    for r in results:
+        e = r["elastic"]
+        assert e["calls"] == [0, 1] and e["resets"] == [1], e
+        assert e["final_epoch"] == 2 and e["same_on_every_rank"] and e["restored"], e
+    assert results[0]["elastic"]["weights_rel_diff"] < 1e-5, results[0]["elastic"]
 
 
 def test_loss_scaling_skips_a_step_on_every_rank_together(job):

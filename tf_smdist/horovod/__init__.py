@@ -6,8 +6,9 @@ A Horovod script changes one line,
 
 (and `horovod.tensorflow.keras` -> `tf_smdist.horovod.keras`) and runs on
 TensorFlow 2.21 / Keras 3, started by `python -m tf_smdist.launch --nproc N
-train.py` or `mpirun -np N python train.py`. Elastic training, Adasum, NCCL
-and Gloo are not provided; see the README's "Coming from Horovod" section.
+train.py` or `mpirun -np N python train.py`. Elastic training runs at a
+fixed size (no process joins or leaves); Adasum, NCCL and Gloo are not
+provided; see the README's "Coming from Horovod" section.
 
 Example:
 >>> import tf_smdist.horovod as hvd
