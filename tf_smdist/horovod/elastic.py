@@ -226,7 +226,34 @@ def _assign(variables: Sequence[Any], values: Sequence[Any],
             v.assign(value)
 
 
-class TensorFlowKerasState(ObjectState):
+class _VariableState(ObjectState):
+    """An `ObjectState` that also keeps variables: subclasses say which and
+    how (`_save_model`, `_load_model`, `_broadcast_model`)."""
+
+    def save(self) -> None:
+        self._save_model()
+        super().save()
+
+    def restore(self) -> None:
+        self._load_model()
+        super().restore()
+
+    def sync(self) -> None:
+        self._broadcast_model()
+        self._save_model()
+        super().sync()
+
+    def _save_model(self) -> None:
+        raise NotImplementedError
+
+    def _load_model(self) -> None:
+        raise NotImplementedError
+
+    def _broadcast_model(self) -> None:
+        raise NotImplementedError
+
+
+class TensorFlowKerasState(_VariableState):
     """State of a Keras model, its optimizer and further objects.
 
     `sync` broadcasts rank 0's model and optimizer variables and objects;
@@ -266,20 +293,10 @@ class TensorFlowKerasState(ObjectState):
         super().__init__(bcast_object=objects.broadcast_object,
                          get_rank=basics.rank, **kwargs)
 
-    def save(self) -> None:
-        self._save_model()
-        super().save()
-
-    def restore(self) -> None:
-        self._load_model()
-        super().restore()
-
-    def sync(self) -> None:
+    def _broadcast_model(self) -> None:
         variables = list(self.model.variables) + _optimizer_variables(self.optimizer)
         if variables:
             collectives.broadcast_variables(variables, root_rank=0)
-        self._save_model()
-        super().sync()
 
     def _save_model(self) -> None:
         self._saved_model_state = _host_copy(self.model.variables, None)
@@ -291,7 +308,7 @@ class TensorFlowKerasState(ObjectState):
         _assign(_optimizer_variables(self.optimizer), self._saved_optimizer_state)
 
 
-class TensorFlowState(ObjectState):
+class TensorFlowState(_VariableState):
     """State of a list of TensorFlow (or Keras) variables and further objects.
 
     Args:
@@ -332,21 +349,11 @@ class TensorFlowState(ObjectState):
         bcast = objects.broadcast_object_fn(session=self.session)
         super().__init__(bcast_object=bcast, get_rank=basics.rank, **kwargs)
 
-    def save(self) -> None:
-        self._save_model()
-        super().save()
-
-    def restore(self) -> None:
-        self._load_model()
-        super().restore()
-
-    def sync(self) -> None:
+    def _broadcast_model(self) -> None:
         if self._bcast_op is not None:
             self.session.run(self._bcast_op)
         elif self.variables:
             collectives.broadcast_variables(self.variables, root_rank=0)
-        self._save_model()
-        super().sync()
 
     def _save_model(self) -> None:
         self._values = _host_copy(
