@@ -351,8 +351,7 @@ class AllreduceOp : public HvdKernel {
     const tf::Tensor& input = ctx->input(0);
     OP_REQUIRES_OK_ASYNC(ctx, CheckCount(input), done);
     tf::Tensor* output = nullptr;
-    OP_REQUIRES_OK_ASYNC(
-        ctx, ctx->forward_input_or_allocate_output({0}, 0, input.shape(), &output), done);
+    OP_REQUIRES_OK_ASYNC(ctx, AllocateAllreduceOutput(ctx, 0, input, &output), done);
     hvd::Entry e = MakeEntry(set.get(), hvd::OpType::kAllreduce, input.shape());
     e.output = output->data();
     std::vector<tf::Tensor> inputs;

@@ -236,7 +236,11 @@ class MpiCollectiveOp : public MpiOpBase {
     OP_REQUIRES_OK_ASYNC(ctx, CheckCount(input.NumElements()), done);
     tf::Tensor* output = nullptr;
     OP_REQUIRES_OK_ASYNC(
-        ctx, ctx->forward_input_or_allocate_output({0}, 0, input.shape(), &output), done);
+        ctx,
+        kind_ == mpi::Kind::kAllreduce
+            ? AllocateAllreduceOutput(ctx, 0, input, &output)
+            : ctx->forward_input_or_allocate_output({0}, 0, input.shape(), &output),
+        done);
     // An all-reduce reads a separate input where it is (no copy); a
     // broadcast runs in place on the output.
     bool separate = output->data() != input.data() && input.TotalBytes() > 0;
