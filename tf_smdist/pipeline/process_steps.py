@@ -175,6 +175,25 @@ class ProcessSteps:
 
     # -- steps ---------------------------------------------------------------------
 
+    def _train(self, micro_x: list, loss_fn: Any, is_sum: bool
+               ) -> tuple[Any, list[tf.Tensor], list[Any], tf.Tensor]:
+        """This rank's forward and backward tasks (`ProcessPipeline.train`),
+        with its stages' weight penalties added to their gradients.
+
+        Returns:
+            `(outputs, losses, grads, share)`: as `ProcessPipeline.train`, the
+            gradients with the penalties' added, and this rank's share of
+            the model's penalty (`_penalty`).
+        """
+        rt = self._rt
+        loss_scale = self._loss_scale()
+        scale = 1.0 if is_sum else 1.0 / rt.topology.dp_size
+        outs, losses, grads = rt.train(micro_x, loss_fn, gradient_scale=scale,
+                                       loss_scale=loss_scale)
+        refuse_added_losses(self._pipe.wrapped_model)  # this rank's stages just ran
+        share, extra = self._penalty(loss_scale)
+        return outs, losses, [add_gradient(g, e) for g, e in zip(grads, extra)], share
+
     def _loss_scale(self) -> tf.Tensor | None:
         """The loss scale to seed the backward with (mixed precision), else None.
 
@@ -202,13 +221,7 @@ class ProcessSteps:
         is_sum = getattr(pipe, "_loss_is_sum", False)
         dp = rt.topology.dp_size
         before = self._metric_snapshot(y, micro_x)
-        loss_scale = self._loss_scale()
-        outs, losses, grads = rt.train(
-            micro_x, loss_fn, gradient_scale=1.0 if is_sum else 1.0 / dp,
-            loss_scale=loss_scale)
-        refuse_added_losses(pipe.wrapped_model)  # this rank's stages just ran
-        share, extra = self._penalty(loss_scale)
-        grads = [add_gradient(g, e) for g, e in zip(grads, extra)]
+        outs, losses, grads, share = self._train(micro_x, loss_fn, is_sum)
         penalty = self._global_penalty(share)
         self.apply_gradients(grads)
 
@@ -403,13 +416,7 @@ class ProcessSteps:
                                 training=True)
         is_sum = getattr(pipe, "_loss_is_sum", False)
         dp = rt.topology.dp_size
-        loss_scale = self._loss_scale()
-        _, losses, grads = rt.train(
-            micro_x, loss_fn, gradient_scale=1.0 if is_sum else 1.0 / dp,
-            loss_scale=loss_scale)
-        refuse_added_losses(pipe.wrapped_model)  # this rank's stages just ran
-        share, extra = self._penalty(loss_scale)
-        grads = [add_gradient(g, e) for g, e in zip(grads, extra)]
+        _, losses, grads, share = self._train(micro_x, loss_fn, is_sum)
         local = tf.add_n(losses) if losses else tf.zeros([])
         if not is_sum:
             local = local / dp
