@@ -781,6 +781,7 @@ def test_sdp_spelling():
     "tf_smdist.horovod.process_sets", "tf_smdist.horovod.tape",
     "tf_smdist.horovod.gradients", "tf_smdist.horovod.sync_batch_norm",
     "tf_smdist.horovod.global_variables", "tf_smdist.horovod.elastic",
+    "tf_smdist.horovod.functions",
     "tf_smdist.horovod.keras", "tf_smdist.horovod.keras.optimizer",
     "tf_smdist.horovod.keras.elastic",
     "tf_smdist.horovod.keras.callbacks", "tf_smdist.sdp", "tf_smdist.sdp.keras",
