@@ -269,3 +269,16 @@ def test_horovod_keras_example_runs_under_the_launcher(tmp_path):
     assert len(final) == 1 and final[0].startswith("[rank 0]")
     assert not any(line.startswith("[rank 1] Epoch") for line in
                    proc.stdout.splitlines())
+
+
+def test_horovod_elastic_example_runs_under_the_launcher():
+    # The elastic state, its run wrapper and callbacks as a Horovod elastic
+    # script uses them: 2 epochs, then every rank holds the same weights.
+    script = os.path.join(REPO, "examples", "horovod_elastic.py")
+    proc = launch(["--nproc", "2", script, "--epochs", "2"], timeout=400)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    done = [line for line in proc.stdout.splitlines()
+            if "elastic training done" in line]
+    assert len(done) == 1 and done[0].startswith("[rank 0]"), done
+    assert "epoch 2," in done[0], done
+    assert done[0].endswith("weights equal on every rank: True"), done
