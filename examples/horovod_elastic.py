@@ -10,7 +10,8 @@ the state every few batches. With Horovod it would start with
 
     python -m tf_smdist.launch --nproc 2 examples/horovod_elastic.py --epochs 3
 
-It classifies synthetic data (10 classes, 32 features, no download).
+It classifies the synthetic data of `horovod_keras.py` (10 classes, 32
+features, no download).
 """
 
 from __future__ import annotations
@@ -23,17 +24,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from horovod_keras import synthetic_data  # noqa: E402  (this folder's Keras example)
 
 import tf_smdist.horovod as hvd_tf  # noqa: E402
 import tf_smdist.horovod.keras as hvd  # was: import horovod.tensorflow.keras as hvd  # noqa: E402, E501
-
-
-def synthetic_data(n: int = 2048, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Points labelled by a fixed random linear map (learnable, not trivial)."""
-    rng = np.random.RandomState(seed)
-    x = rng.randn(n, 32).astype("float32")
-    labels = np.argmax(x @ rng.randn(32, 10), axis=1).astype("int64")
-    return x, labels
 
 
 def main() -> None:
@@ -45,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     hvd.init()
-    x, y = synthetic_data()
+    x, y = synthetic_data(n=2048)
     dataset = (tf.data.Dataset.from_tensor_slices((x, y))
                .shard(hvd.size(), hvd.rank())
                .shuffle(1024, seed=hvd.rank())
