@@ -1406,9 +1406,7 @@ struct Communicator::Impl {
       bool eager = false;
       if (failure.ok()) busy = Complete(&inflight, &eager) || busy;
       now = Now();
-      // A change of this rank's state (it failed) goes out at once.
-      Status hb = heartbeats.Send(now, my_state != sent_state, my_state, WorldStarted());
-      if (hb.ok()) sent_state = my_state;
+      Status hb = SendHeartbeat(now);
       if (hb.ok()) hb = heartbeats.Poll(now);
       if (!hb.ok()) Fail(hb);
       Detect(now);
@@ -1474,6 +1472,14 @@ struct Communicator::Impl {
                    [this] { return !c.incoming_.empty() || !c.tasks_.empty() || c.stop_; });
   }
 
+  // Sends this rank's heartbeat when one is due; a change of its state (it
+  // failed) goes out at once.
+  Status SendHeartbeat(double now) {
+    Status s = heartbeats.Send(now, my_state != sent_state, my_state, WorldStarted());
+    if (s.ok()) sent_state = my_state;
+    return s;
+  }
+
   void Finish() {
     Status final_status = failure;
     if (failure.ok()) {
@@ -1513,7 +1519,7 @@ struct Communicator::Impl {
       // heartbeat saying that this rank failed is on its way (a bounded
       // wait), so that the peers fail about half a second later, not at
       // their timeout.
-      Status s = heartbeats.Send(Now(), my_state != sent_state, my_state, WorldStarted());
+      Status s = SendHeartbeat(Now());
       for (double until = Now() + 0.2; s.ok() && heartbeats.sending() && Now() < until;) {
         std::this_thread::sleep_for(std::chrono::microseconds(200));
         s = heartbeats.Poll(Now());
