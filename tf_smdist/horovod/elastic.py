@@ -227,8 +227,16 @@ def _assign(variables: Sequence[Any], values: Sequence[Any],
 
 
 class _VariableState(ObjectState):
-    """An `ObjectState` that also keeps variables: subclasses say which and
-    how (`_save_model`, `_load_model`, `_broadcast_model`)."""
+    """An `ObjectState` that also keeps variables, in groups
+    (`_variable_groups`): `save` copies them to host memory, `restore`
+    assigns each group's copy back (a group whose length changed since, an
+    optimizer built after the save, is left alone), `sync` broadcasts them
+    from rank 0. In a `tf.compat.v1` graph, `session` reads and loads them."""
+
+    session: Any = None
+
+    def _variable_groups(self) -> list[list[Any]]:
+        raise NotImplementedError
 
     def save(self) -> None:
         self._save_model()
@@ -243,14 +251,19 @@ class _VariableState(ObjectState):
         self._save_model()
         super().sync()
 
+    def _broadcast_model(self) -> None:
+        variables = [v for group in self._variable_groups() for v in group]
+        if variables:
+            collectives.broadcast_variables(variables, root_rank=0)
+
     def _save_model(self) -> None:
-        raise NotImplementedError
+        run = None if self.session is None else self.session.run
+        self._saved_values = [_host_copy(group, run)
+                              for group in self._variable_groups()]
 
     def _load_model(self) -> None:
-        raise NotImplementedError
-
-    def _broadcast_model(self) -> None:
-        raise NotImplementedError
+        for group, values in zip(self._variable_groups(), self._saved_values):
+            _assign(group, values, self.session)
 
 
 class TensorFlowKerasState(_VariableState):
@@ -293,19 +306,8 @@ class TensorFlowKerasState(_VariableState):
         super().__init__(bcast_object=objects.broadcast_object,
                          get_rank=basics.rank, **kwargs)
 
-    def _broadcast_model(self) -> None:
-        variables = list(self.model.variables) + _optimizer_variables(self.optimizer)
-        if variables:
-            collectives.broadcast_variables(variables, root_rank=0)
-
-    def _save_model(self) -> None:
-        self._saved_model_state = _host_copy(self.model.variables, None)
-        self._saved_optimizer_state = _host_copy(
-            _optimizer_variables(self.optimizer), None)
-
-    def _load_model(self) -> None:
-        _assign(list(self.model.variables), self._saved_model_state)
-        _assign(_optimizer_variables(self.optimizer), self._saved_optimizer_state)
+    def _variable_groups(self) -> list[list[Any]]:
+        return [list(self.model.variables), _optimizer_variables(self.optimizer)]
 
 
 class TensorFlowState(_VariableState):
@@ -349,18 +351,14 @@ class TensorFlowState(_VariableState):
         bcast = objects.broadcast_object_fn(session=self.session)
         super().__init__(bcast_object=bcast, get_rank=basics.rank, **kwargs)
 
+    def _variable_groups(self) -> list[list[Any]]:
+        return [self.variables]
+
     def _broadcast_model(self) -> None:
-        if self._bcast_op is not None:
+        if self._bcast_op is None:
+            super()._broadcast_model()
+        else:  # the op built once, in the graph
             self.session.run(self._bcast_op)
-        elif self.variables:
-            collectives.broadcast_variables(self.variables, root_rank=0)
-
-    def _save_model(self) -> None:
-        self._values = _host_copy(
-            self.variables, None if self.session is None else self.session.run)
-
-    def _load_model(self) -> None:
-        _assign(self.variables, self._values, self.session)
 
 
 def run(func: Callable[..., Any]) -> Callable[..., Any]:

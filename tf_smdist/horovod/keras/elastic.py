@@ -12,8 +12,8 @@ import tf_smdist.horovod.keras as hvd
 state = hvd.elastic.KerasState(model, batch=0, epoch=0)
 
 @hvd.elastic.run
-def train(state):
-    model.fit(x, y, initial_epoch=state.epoch, epochs=5, callbacks=[
+def train(state):  # the epochs not yet done, counted from 0 as Horovod's examples do
+    model.fit(x, y, epochs=5 - state.epoch, callbacks=[
         hvd.elastic.UpdateBatchStateCallback(state),
         hvd.elastic.UpdateEpochStateCallback(state),
         hvd.elastic.CommitStateCallback(state, batches_per_commit=10)])
