@@ -9,6 +9,7 @@ schedule's order, while different devices run at the same time.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -464,7 +465,8 @@ def weight_penalty(
     if not regularized:
         return None, [None] * len(variables)
     floatx = keras.backend.floatx()
-    with tf.GradientTape() as tape:
+    tape = tf.GradientTape() if gradients else contextlib.nullcontext()
+    with tape:
         terms = []
         for v in regularized:
             # As Keras' `_aggregate_additional_loss`: floatx if not float, summed.
@@ -473,11 +475,10 @@ def weight_penalty(
                 term = tf.cast(term, floatx)
             terms.append(tf.reduce_sum(term))
         penalty = tf.add_n(terms) if len(terms) > 1 else terms[0]
-        target = (penalty if loss_scale is None
-                  else penalty * tf.cast(loss_scale, penalty.dtype))
     if not gradients:
         return penalty, [None] * len(variables)
-    found = tape.gradient(target, regularized)
+    found = tape.gradient([penalty], regularized,
+                          output_gradients=loss_seeds(penalty, loss_scale))
     by_id = {id(v): g for v, g in zip(regularized, found)}
     return penalty, [by_id.get(id(v)) for v in variables]
 

@@ -58,14 +58,15 @@ def refuse_added_losses(model: keras.Model) -> None:
     adds itself (`execution.weight_penalty`), and the losses that layers
     added in their last `call`: those depend on that call's inputs, and only
     the loss's gradient travels back through a pipeline. Checked when the
-    pipeline is built (a model called before) and after each traced step.
+    pipeline is built (a model called before) and after its first step.
 
     Raises:
         NotImplementedError: a layer added a loss in `call`.
     """
     regularized = sum(getattr(v, "regularizer", None) is not None
                       for v in model.trainable_weights)
-    added = len(model.losses) - regularized
+    with tf.init_scope():  # the penalties it recomputes stay out of the step's graph
+        added = len(model.losses) - regularized
     if added > 0:
         raise NotImplementedError(
             "PipelineModel does not support losses added with `add_loss`: the "
@@ -993,7 +994,7 @@ class PipelineModel(keras.Model):
             loss_scale=loss_scale,
             defer_weight_gradients=self._defer_weights,
         )
-        refuse_added_losses(self.wrapped_model)  # the stages' calls just ran
+        self._check_added_losses()
         penalties = []
         for s, stage in enumerate(self._stages):
             # Each stage's weight regularizers, on its device (Keras adds them
@@ -1020,6 +1021,13 @@ class PipelineModel(keras.Model):
         }
         grads = [by_id.get(id(v)) for v in self.trainable_variables]
         return loss, self._pack_outputs(flat), grads
+
+    def _check_added_losses(self) -> None:
+        """`refuse_added_losses` once the stages' layers have run, at the
+        first step (once: it recomputes every regularizer's penalty)."""
+        if not getattr(self, "_added_losses_checked", False):
+            refuse_added_losses(self.wrapped_model)
+            self._added_losses_checked = True
 
     @property
     def losses(self) -> list[Any]:

@@ -30,7 +30,7 @@ from tf_smdist import _compat
 from tf_smdist.pipeline import execution
 from tf_smdist.pipeline.distributed import ProcessPipeline, scaled
 from tf_smdist.pipeline.execution import add_gradient
-from tf_smdist.pipeline.model import InputStructureError, refuse_added_losses
+from tf_smdist.pipeline.model import InputStructureError
 
 __all__ = ["ProcessSteps", "memory_of", "prepare_fit"]
 
@@ -190,7 +190,7 @@ class ProcessSteps:
         scale = 1.0 if is_sum else 1.0 / rt.topology.dp_size
         outs, losses, grads = rt.train(micro_x, loss_fn, gradient_scale=scale,
                                        loss_scale=loss_scale)
-        refuse_added_losses(self._pipe.wrapped_model)  # this rank's stages just ran
+        self._pipe._check_added_losses()  # this rank's stages just ran
         share, extra = self._penalty(loss_scale)
         return outs, losses, [add_gradient(g, e) for g, e in zip(grads, extra)], share
 
