@@ -115,12 +115,19 @@ def check_fit(make_optimizer, callbacks_module, name: str) -> None:
     results[name] = entry
 
 
-def check_tape() -> None:
+def started_apart() -> tuple:
+    """The data, rank 0's initial weights (the reference's) and this rank's
+    model, which holds them on rank 0 only (the others start elsewhere)."""
     x, y = data()
     init = model(0).get_weights()
     m = model(1 + RANK)
     if RANK == 0:
         m.set_weights(init)
+    return x, y, init, m
+
+
+def check_tape() -> None:
+    x, y, init, m = started_apart()
     hvd.broadcast_variables(m.variables, root_rank=0)
     opt = keras.optimizers.SGD(LR)
 
@@ -673,11 +680,7 @@ def check_elastic() -> None:
     # first epoch interrupts every rank at the next commit, and `run` calls
     # the function again for the epochs left. Training equals one process
     # on the whole batches for 2 epochs.
-    x, y = data()
-    init = model(0).get_weights()
-    m = model(1 + RANK)
-    if RANK == 0:
-        m.set_weights(init)
+    x, y, init, m = started_apart()
     m.compile(optimizer=hvd_keras.DistributedOptimizer(
         keras.optimizers.SGD(LR, momentum=0.5)), loss="mse")
     state = hvd_keras.elastic.KerasState(m, batch=0, epoch=3 * RANK)
