@@ -1452,6 +1452,7 @@ struct Communicator::Impl {
     }
     if (inflight) {
       if (now - last_activity < spin_s || now < spin_until) {
+        if (WorkQueued()) return;  // queued by a request's `done` or a task
         sched_yield();
       } else {
         std::this_thread::sleep_for(std::chrono::microseconds(recv_poll_next_us));
@@ -1464,12 +1465,20 @@ struct Communicator::Impl {
                              : std::chrono::milliseconds(static_cast<int>(
                                    std::max(1.0, 1000.0 * options().heartbeat_s / 4)));
     if (now - last_activity < spin_s) {
+      bool queued = !c.incoming_.empty() || !c.tasks_.empty();
       lock.unlock();
-      sched_yield();
+      if (!queued) sched_yield();
       return;
     }
     c.cv_.wait_for(lock, wait,
                    [this] { return !c.incoming_.empty() || !c.tasks_.empty() || c.stop_; });
+  }
+
+  // Whether requests or tasks wait to be taken up: then the next poll comes
+  // at once, without yielding the core first.
+  bool WorkQueued() {
+    std::lock_guard<std::mutex> lock(c.mu_);
+    return !c.incoming_.empty() || !c.tasks_.empty();
   }
 
   // Sends this rank's heartbeat when one is due; a change of its state (it

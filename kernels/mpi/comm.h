@@ -170,8 +170,15 @@ class Communicator {
   // the collective completed or failed. Never blocks on MPI.
   void Enqueue(Request request);
 
-  // Runs `request` and waits for it (Python control plane).
+  // Runs `request` and waits for it (Python control plane). Never from the
+  // communication thread itself (a request's `done` or a posted task).
   Status Run(Request request);
+
+  // Runs `task` on the communication thread, between polls; false if the
+  // thread is not running (then `task` is dropped). A task posted while it
+  // runs is run, even after a failure. Tasks may call Enqueue; they must not
+  // block.
+  bool Post(std::function<void()> task);
 
   // Makes a communicator over `ranks` (world ranks, distinct, in the order
   // that numbers them 0..n-1). Every rank of the world calls it, in the same
@@ -213,9 +220,6 @@ class Communicator {
   // Queues a request on the internal control communicator (CreateComm's
   // checks), which user requests cannot name.
   Status RunControl(Request request);
-  // Runs `task` on the communication thread; false if the thread is not
-  // running (then `task` is dropped).
-  bool Post(std::function<void()> task);
 
   Options options_;
   int rank_ = 0;

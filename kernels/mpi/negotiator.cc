@@ -358,29 +358,39 @@ mpi::Status Negotiator::EnqueueGroup(std::vector<Entry> entries) {
       batch.insert(e.name);
     }
   }
-  std::lock_guard<std::mutex> lock(mu_);
-  if (stop_ || failed_) {
-    return failed_ ? failure_
-                   : Error(mpi::Code::kFailedPrecondition,
-                           "tf_smdist.horovod has been shut down; call hvd.init() again.");
-  }
+  bool start = false;
   {
-    std::lock_guard<std::mutex> names_lock(names->mu);
-    for (Entry& e : entries) {
-      names->names.insert(e.name);
-      EntryDoneFn done = std::move(e.done);
-      std::string name = e.name;
-      e.done = [names, name, done](const mpi::Status& s, int join_rank) {
-        {
-          std::lock_guard<std::mutex> l(names->mu);
-          names->names.erase(name);
-        }
-        done(s, join_rank);
-      };
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_ || failed_) {
+      return failed_ ? failure_
+                     : Error(mpi::Code::kFailedPrecondition,
+                             "tf_smdist.horovod has been shut down; call hvd.init() again.");
+    }
+    {
+      std::lock_guard<std::mutex> names_lock(names->mu);
+      for (Entry& e : entries) {
+        names->names.insert(e.name);
+        EntryDoneFn done = std::move(e.done);
+        std::string name = e.name;
+        e.done = [names, name, done](const mpi::Status& s, int join_rank) {
+          {
+            std::lock_guard<std::mutex> l(names->mu);
+            names->names.erase(name);
+          }
+          done(s, join_rank);
+        };
+      }
+    }
+    for (Entry& e : entries) incoming_.push_back(std::move(e));
+    // Nothing pending and no cycle running: this request starts one now
+    // (an eager call's latency). Otherwise the running cycle, or the pacing
+    // thread once the cycle time has passed, takes it.
+    if (!cycle_active_ && !table_pending_) {
+      cycle_active_ = true;
+      start = true;
     }
   }
-  for (Entry& e : entries) incoming_.push_back(std::move(e));
-  cv_.notify_all();
+  if (start) PostCycle();
   return mpi::Status::Ok();
 }
 
@@ -404,40 +414,63 @@ Counters Negotiator::counters() const {
   return counters_;
 }
 
+// The pacing thread. Cycles run on the communication thread (RunCycle): the
+// announcement's gather, the decision and the collectives it starts follow
+// each other there without a hand-off between threads. This thread only
+// starts the cycles that wait for the cycle time (names still pending on
+// some member keep every member cycling), and on Stop waits for the set to
+// drain.
 void Negotiator::Loop() {
-  double last_start = -1e9;
+  std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      // table_ is only touched by this thread; it is the same on every
-      // member, so all of them keep cycling while it holds names.
-      if (table_.empty()) {
-        cv_.wait(lock, [this] { return !incoming_.empty() || stop_; });
-        if (incoming_.empty()) break;  // stopping, nothing pending anywhere
+    if (cycle_active_) {
+      cv_.wait(lock, [this] { return !cycle_active_; });
+      continue;
+    }
+    if (failed_) break;
+    if (table_pending_) {
+      // A cycle left names pending: the next starts a cycle time after the
+      // last began (this also gathers a burst of requests into one cycle).
+      auto start_at = std::chrono::steady_clock::time_point(
+          std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+              std::chrono::duration<double>(last_start_ + options_.cycle_time_s)));
+      if (std::chrono::steady_clock::now() < start_at) {
+        cv_.wait_until(lock, start_at);
+        continue;
       }
+      cycle_active_ = true;
+      lock.unlock();
+      PostCycle();
+      lock.lock();
+      continue;
     }
-    // A request arriving when nothing is pending starts a cycle at once (an
-    // eager call's latency); names left pending wait the cycle time, which
-    // also gathers a burst of requests into one cycle (and one fusion).
-    if (!table_.empty()) {
-      double wait = last_start + options_.cycle_time_s - Now();
-      if (wait > 0) std::this_thread::sleep_for(std::chrono::duration<double>(wait));
+    if (!incoming_.empty()) {  // left by a request that raced a cycle's end
+      cycle_active_ = true;
+      lock.unlock();
+      PostCycle();
+      lock.lock();
+      continue;
     }
-    last_start = Now();
-    if (!Cycle()) break;
+    if (stop_) break;  // nothing pending anywhere
+    cv_.wait(lock);
   }
   // Whatever is left can no longer complete.
-  mpi::Status closed;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    closed = failed_ ? failure_
-                     : Error(mpi::Code::kFailedPrecondition,
-                             "tf_smdist.horovod was shut down before this collective "
-                             "completed on every rank.");
-    for (Entry& e : incoming_) local_.emplace(e.name, std::move(e));
-    incoming_.clear();
-  }
+  mpi::Status closed = failed_ ? failure_
+                               : Error(mpi::Code::kFailedPrecondition,
+                                       "tf_smdist.horovod was shut down before this collective "
+                                       "completed on every rank.");
+  for (Entry& e : incoming_) local_.emplace(e.name, std::move(e));
+  incoming_.clear();
+  lock.unlock();
   FailAll(closed);
+}
+
+void Negotiator::PostCycle() {
+  if (mpi::Communicator::Get().Post([this] { RunCycle(); })) return;
+  EndCycle(Error(mpi::Code::kFailedPrecondition,
+                 "the tf_smdist MPI communicator has been shut down, so this collective "
+                 "cannot be negotiated."),
+           {}, 0);
 }
 
 void Negotiator::FailLocal(const std::string& name, const mpi::Status& status) {
@@ -455,7 +488,10 @@ void Negotiator::FailAll(const mpi::Status& status) {
   table_.clear();
 }
 
-mpi::Status Negotiator::Exchange(const std::string& mine, std::vector<std::string>* all) {
+// Gathers every member's announcement `mine` (on the communication thread,
+// without blocking it), then calls `then` there with the status and the
+// announcements in rank order.
+void Negotiator::Exchange(std::string mine, ExchangeDone then) {
   mpi::Communicator& comm = mpi::Communicator::Get();
   std::string label = "negotiation of tf_smdist.horovod collectives";
   if (!local_.empty()) {
@@ -470,68 +506,99 @@ mpi::Status Negotiator::Exchange(const std::string& mine, std::vector<std::strin
     }
     label += ", which the late ranks have not)";
   }
+  struct Gather {
+    std::string mine;
+    std::vector<char> send, recv, send2, recv2;
+    int64_t rest = 0;
+    std::vector<int64_t> lens;
+  };
   const int64_t slot = SlotBytes(size_);
-  std::vector<char> send(slot, 0);
-  int64_t len = static_cast<int64_t>(mine.size());
-  std::memcpy(send.data(), &len, sizeof(len));
+  const int size = size_;
+  auto g = std::make_shared<Gather>();
+  g->mine = std::move(mine);
+  g->send.assign(static_cast<size_t>(slot), 0);
+  int64_t len = static_cast<int64_t>(g->mine.size());
+  std::memcpy(g->send.data(), &len, sizeof(len));
   int64_t first = std::min<int64_t>(len, slot - 8);
-  std::memcpy(send.data() + 8, mine.data(), static_cast<size_t>(first));
-  std::vector<char> recv(static_cast<size_t>(slot * size_));
+  std::memcpy(g->send.data() + 8, g->mine.data(), static_cast<size_t>(first));
+  g->recv.assign(static_cast<size_t>(slot * size), 0);
   mpi::Request r;
   r.kind = mpi::Kind::kAllgather;
   r.name = label;
   r.comm = comm_;
   r.group = nego_group_;
-  r.send = send.data();
-  r.recv = recv.data();
+  r.send = g->send.data();
+  r.recv = g->recv.data();
   r.count = slot;
   r.dtype = mpi::DataType::kUint8;
-  mpi::Status s = comm.Run(r);
-  if (!s.ok()) return s;
-  std::vector<int64_t> lens(size_);
-  int64_t max_len = 0;
-  for (int i = 0; i < size_; ++i) {
-    std::memcpy(&lens[i], recv.data() + slot * i, sizeof(int64_t));
-    max_len = std::max(max_len, lens[i]);
-  }
-  all->assign(size_, std::string());
-  for (int i = 0; i < size_; ++i) {
-    (*all)[i].assign(recv.data() + slot * i + 8,
-                     static_cast<size_t>(std::min<int64_t>(lens[i], slot - 8)));
-  }
-  if (max_len > slot - 8) {
-    int64_t rest = max_len - (slot - 8);
-    std::vector<char> send2(static_cast<size_t>(rest), 0);
-    if (len > slot - 8) std::memcpy(send2.data(), mine.data() + first, len - first);
-    std::vector<char> recv2(static_cast<size_t>(rest * size_));
-    mpi::Request r2;
-    r2.kind = mpi::Kind::kAllgather;
-    r2.name = label;
-    r2.comm = comm_;
-    r2.group = nego_group_;
-    r2.send = send2.data();
-    r2.recv = recv2.data();
-    r2.count = rest;
-    r2.dtype = mpi::DataType::kUint8;
-    s = comm.Run(r2);
-    if (!s.ok()) return s;
-    for (int i = 0; i < size_; ++i) {
-      if (lens[i] > slot - 8) {
-        (*all)[i].append(recv2.data() + rest * i,
-                         static_cast<size_t>(lens[i] - (slot - 8)));
+  // Both callbacks run on the communication thread.
+  auto finish = [g, slot, size, then](const mpi::Status& s) {
+    std::vector<std::string> all;
+    if (!s.ok()) {
+      then(s, all);
+      return;
+    }
+    all.assign(size, std::string());
+    for (int i = 0; i < size; ++i) {
+      all[i].assign(g->recv.data() + slot * i + 8,
+                    static_cast<size_t>(std::min<int64_t>(g->lens[i], slot - 8)));
+      if (g->lens[i] > slot - 8) {
+        all[i].append(g->recv2.data() + g->rest * i,
+                      static_cast<size_t>(g->lens[i] - (slot - 8)));
       }
     }
-  }
-  return mpi::Status::Ok();
+    then(mpi::Status::Ok(), all);
+  };
+  std::string label2 = label;
+  int comm_id = comm_, group = nego_group_;
+  r.done = [g, slot, size, finish, label2, comm_id, group](const mpi::Status& s) {
+    if (!s.ok()) {
+      finish(s);
+      return;
+    }
+    g->lens.assign(size, 0);
+    int64_t max_len = 0;
+    for (int i = 0; i < size; ++i) {
+      std::memcpy(&g->lens[i], g->recv.data() + slot * i, sizeof(int64_t));
+      max_len = std::max(max_len, g->lens[i]);
+    }
+    if (max_len <= slot - 8) {
+      finish(s);
+      return;
+    }
+    // Longer announcements: a second gather of the rest.
+    g->rest = max_len - (slot - 8);
+    int64_t len = static_cast<int64_t>(g->mine.size());
+    g->send2.assign(static_cast<size_t>(g->rest), 0);
+    if (len > slot - 8) {
+      std::memcpy(g->send2.data(), g->mine.data() + (slot - 8),
+                  static_cast<size_t>(len - (slot - 8)));
+    }
+    g->recv2.assign(static_cast<size_t>(g->rest * size), 0);
+    mpi::Request r2;
+    r2.kind = mpi::Kind::kAllgather;
+    r2.name = label2;
+    r2.comm = comm_id;
+    r2.group = group;
+    r2.send = g->send2.data();
+    r2.recv = g->recv2.data();
+    r2.count = g->rest;
+    r2.dtype = mpi::DataType::kUint8;
+    r2.done = finish;
+    mpi::Communicator::Get().Enqueue(std::move(r2));
+  };
+  comm.Enqueue(std::move(r));
 }
 
-bool Negotiator::Cycle() {
+// One negotiation cycle, on the communication thread; EndCycle finishes it.
+void Negotiator::RunCycle() {
+  const double now = Now();
   std::deque<Entry> fresh;
   {
     std::lock_guard<std::mutex> lock(mu_);
     fresh.swap(incoming_);
+    last_start_ = now;
   }
-  double now = Now();
   Writer w;
   w.I32(static_cast<int32_t>(fresh.size()));
   for (Entry& e : fresh) {
@@ -573,22 +640,44 @@ bool Negotiator::Cycle() {
   w.I32(static_cast<int32_t>(stalled.size()));
   for (const std::string& s : stalled) w.Str(s);
 
-  std::vector<std::string> records;
-  mpi::Status s = Exchange(w.str(), &records);
+  Exchange(w.str(), [this, now](const mpi::Status& s, const std::vector<std::string>& records) {
+    EndCycle(s, records, now);
+  });
+}
+
+void Negotiator::EndCycle(const mpi::Status& s, const std::vector<std::string>& records,
+                          double now) {
   if (!s.ok()) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       failed_ = true;
       failure_ = s;
+      for (Entry& e : incoming_) local_.emplace(e.name, std::move(e));
+      incoming_.clear();
     }
     FailAll(s);
-    return false;
+    std::lock_guard<std::mutex> lock(mu_);
+    table_pending_ = false;
+    cycle_active_ = false;
+    cv_.notify_all();  // under the lock: Stop may destroy this right after
+    return;
   }
   ++cycle_;
   Decide(records, now);
-  std::lock_guard<std::mutex> lock(mu_);
-  ++counters_.cycles;
-  return true;
+  bool again = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++counters_.cycles;
+    table_pending_ = !table_.empty();
+    // Requests that came during the cycle start the next one at once when
+    // nothing is left pending; pending names wait the cycle time (Loop).
+    again = !table_pending_ && !incoming_.empty() && !failed_;
+    if (!again) {
+      cycle_active_ = false;
+      cv_.notify_all();  // under the lock: Stop may destroy this right after
+    }
+  }
+  if (again) RunCycle();
 }
 
 std::string Negotiator::Describe(const std::string& name, const Pending& p) const {

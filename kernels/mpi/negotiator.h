@@ -2,10 +2,10 @@
 // thread (comm.h). Framework-free.
 //
 // Callers (the TensorFlow kernels) hand a Negotiator named requests in any
-// order. One thread per process set runs negotiation cycles: every member
-// gathers every member's announcements of the requests it received since the
-// last cycle, so each holds the same table of pending names and computes the
-// same decisions, in the same order, with no coordinator:
+// order. Each process set runs negotiation cycles, one at a time: every
+// member gathers every member's announcements of the requests it received
+// since the last cycle, so each holds the same table of pending names and
+// computes the same decisions, in the same order, with no coordinator:
 //   * a name issued on every member (or on every member that has not joined)
 //     is ready; ready names are taken in the order they were first announced
 //     (cycle, then rank, then the rank's own order);
@@ -22,8 +22,13 @@
 //     that wait behind them) with an error naming the stalled names and the
 //     ranks that did and did not issue them, and the set stays usable.
 // Decided collectives are queued, in decision order, on a data ordering group
-// of the set's communicator (arrival order). The negotiator thread never
-// calls MPI: it only queues requests on the communication thread.
+// of the set's communicator (arrival order). A cycle runs on the
+// communication thread (a posted task; its gather is a non-blocking request
+// like any other, and the decision runs in that request's completion), so a
+// collective passes between threads only where TensorFlow hands it over and
+// takes its result back. The set's own thread only paces the cycles that
+// wait for the cycle time, and drains the set on Stop. No code here calls
+// MPI: it only queues requests on the communication thread.
 //
 // A member enters a cycle when it has new requests, or when the previous
 // cycle left names pending (the same on every member, so all continue
@@ -80,12 +85,15 @@ const char* ReduceOpName(ReduceOp op);
 
 // Allocates the output(s) once their shape is known (allgather, alltoall,
 // reduce-scatter). `recv_splits` is the alltoall's rows received from each
-// rank. Sets `*data` to the output buffer. Called on the negotiator thread.
+// rank. Sets `*data` to the output buffer. Called on the communication
+// thread.
 using AllocateFn = std::function<mpi::Status(const std::vector<int64_t>& shape,
                                              const std::vector<int64_t>& recv_splits,
                                              void** data)>;
 // Completion: status and, for join, the rank (of the set) that joined last.
-// Called on the communication or negotiator thread.
+// Called on the communication thread, or, when the set stops or the
+// communication thread cannot take the cycle, on the caller's or the set's
+// own thread.
 using EntryDoneFn = std::function<void(const mpi::Status& status, int join_rank)>;
 
 // One named request of this rank.
@@ -163,9 +171,14 @@ class Negotiator {
   struct Meta;
   struct Pending;
   struct NameSet;
+  using ExchangeDone =
+      std::function<void(const mpi::Status&, const std::vector<std::string>&)>;
   void Loop();
-  bool Cycle();  // one negotiation cycle; false when the thread must stop
-  mpi::Status Exchange(const std::string& mine, std::vector<std::string>* all);
+  // Starts a cycle on the communication thread; the caller set cycle_active_.
+  void PostCycle();
+  void RunCycle();  // one negotiation cycle (communication thread)
+  void EndCycle(const mpi::Status& s, const std::vector<std::string>& records, double now);
+  void Exchange(std::string mine, ExchangeDone then);
   void Decide(const std::vector<std::string>& records, double now);
   void Execute(const std::vector<std::string>& names);
   void FailLocal(const std::string& name, const mpi::Status& status);
@@ -193,8 +206,14 @@ class Negotiator {
   mpi::Status failure_;
   Counters counters_;
   std::map<std::string, int64_t> eager_counts_;
+  // Under mu_: a cycle is posted or running. The thread that sets it owns
+  // local_, table_, next_order_ and cycle_ until the cycle's end clears it
+  // (one cycle at a time, so they need no lock of their own).
+  bool cycle_active_ = false;
+  bool table_pending_ = false;  // table_ held names after the last cycle
+  double last_start_ = -1e9;    // when the last cycle began (Now())
 
-  // Negotiator thread only.
+  // The running cycle only (see cycle_active_).
   std::map<std::string, Entry> local_;          // announced, not finished
   std::map<std::string, std::unique_ptr<Pending>> table_;  // same on every member
   int64_t next_order_ = 0;
