@@ -444,7 +444,7 @@ void Negotiator::Loop() {
       lock.lock();
       continue;
     }
-    if (!incoming_.empty()) {  // left by a request that raced a cycle's end
+    if (!incoming_.empty()) {  // not expected: EnqueueGroup and EndCycle start these
       cycle_active_ = true;
       lock.unlock();
       PostCycle();
