@@ -438,21 +438,17 @@ void Negotiator::Loop() {
         cv_.wait_until(lock, start_at);
         continue;
       }
-      cycle_active_ = true;
-      lock.unlock();
-      PostCycle();
-      lock.lock();
+    } else if (incoming_.empty()) {
+      if (stop_) break;  // nothing pending anywhere
+      cv_.wait(lock);
       continue;
     }
-    if (!incoming_.empty()) {  // not expected: EnqueueGroup and EndCycle start these
-      cycle_active_ = true;
-      lock.unlock();
-      PostCycle();
-      lock.lock();
-      continue;
-    }
-    if (stop_) break;  // nothing pending anywhere
-    cv_.wait(lock);
+    // Names pending, or requests waiting (not expected: EnqueueGroup and
+    // EndCycle start cycles for theirs): start a cycle.
+    cycle_active_ = true;
+    lock.unlock();
+    PostCycle();
+    lock.lock();
   }
   // Whatever is left can no longer complete.
   mpi::Status closed = failed_ ? failure_
@@ -492,7 +488,6 @@ void Negotiator::FailAll(const mpi::Status& status) {
 // without blocking it), then calls `then` there with the status and the
 // announcements in rank order.
 void Negotiator::Exchange(std::string mine, ExchangeDone then) {
-  mpi::Communicator& comm = mpi::Communicator::Get();
   std::string label = "negotiation of tf_smdist.horovod collectives";
   if (!local_.empty()) {
     label += " (this rank has issued";
@@ -506,59 +501,62 @@ void Negotiator::Exchange(std::string mine, ExchangeDone then) {
     }
     label += ", which the late ranks have not)";
   }
+  // The gathers' state; the negotiator itself outlives them (a cycle runs
+  // until EndCycle, and Stop waits for that).
   struct Gather {
-    std::string mine;
+    std::string label, mine;
     std::vector<char> send, recv, send2, recv2;
     int64_t rest = 0;
     std::vector<int64_t> lens;
   };
-  const int64_t slot = SlotBytes(size_);
-  const int size = size_;
   auto g = std::make_shared<Gather>();
+  g->label = std::move(label);
   g->mine = std::move(mine);
+  const int64_t slot = SlotBytes(size_);
+  auto enqueue = [this, g](std::vector<char>* send, std::vector<char>* recv, int64_t count,
+                           mpi::DoneCallback done) {
+    mpi::Request r;
+    r.kind = mpi::Kind::kAllgather;
+    r.name = g->label;
+    r.comm = comm_;
+    r.group = nego_group_;
+    r.send = send->data();
+    r.recv = recv->data();
+    r.count = count;
+    r.dtype = mpi::DataType::kUint8;
+    r.done = std::move(done);
+    mpi::Communicator::Get().Enqueue(std::move(r));
+  };
+  // Both callbacks run on the communication thread.
+  auto finish = [this, g, slot, then](const mpi::Status& s) {
+    std::vector<std::string> all;
+    if (s.ok()) {
+      all.assign(size_, std::string());
+      for (int i = 0; i < size_; ++i) {
+        all[i].assign(g->recv.data() + slot * i + 8,
+                      static_cast<size_t>(std::min<int64_t>(g->lens[i], slot - 8)));
+        if (g->lens[i] > slot - 8) {
+          all[i].append(g->recv2.data() + g->rest * i,
+                        static_cast<size_t>(g->lens[i] - (slot - 8)));
+        }
+      }
+    }
+    then(s, all);
+  };
   g->send.assign(static_cast<size_t>(slot), 0);
   int64_t len = static_cast<int64_t>(g->mine.size());
   std::memcpy(g->send.data(), &len, sizeof(len));
-  int64_t first = std::min<int64_t>(len, slot - 8);
-  std::memcpy(g->send.data() + 8, g->mine.data(), static_cast<size_t>(first));
-  g->recv.assign(static_cast<size_t>(slot * size), 0);
-  mpi::Request r;
-  r.kind = mpi::Kind::kAllgather;
-  r.name = label;
-  r.comm = comm_;
-  r.group = nego_group_;
-  r.send = g->send.data();
-  r.recv = g->recv.data();
-  r.count = slot;
-  r.dtype = mpi::DataType::kUint8;
-  // Both callbacks run on the communication thread.
-  auto finish = [g, slot, size, then](const mpi::Status& s) {
-    std::vector<std::string> all;
-    if (!s.ok()) {
-      then(s, all);
-      return;
-    }
-    all.assign(size, std::string());
-    for (int i = 0; i < size; ++i) {
-      all[i].assign(g->recv.data() + slot * i + 8,
-                    static_cast<size_t>(std::min<int64_t>(g->lens[i], slot - 8)));
-      if (g->lens[i] > slot - 8) {
-        all[i].append(g->recv2.data() + g->rest * i,
-                      static_cast<size_t>(g->lens[i] - (slot - 8)));
-      }
-    }
-    then(mpi::Status::Ok(), all);
-  };
-  std::string label2 = label;
-  int comm_id = comm_, group = nego_group_;
-  r.done = [g, slot, size, finish, label2, comm_id, group](const mpi::Status& s) {
+  std::memcpy(g->send.data() + 8, g->mine.data(),
+              static_cast<size_t>(std::min<int64_t>(len, slot - 8)));
+  g->recv.assign(static_cast<size_t>(slot * size_), 0);
+  enqueue(&g->send, &g->recv, slot, [this, g, slot, enqueue, finish](const mpi::Status& s) {
     if (!s.ok()) {
       finish(s);
       return;
     }
-    g->lens.assign(size, 0);
+    g->lens.assign(size_, 0);
     int64_t max_len = 0;
-    for (int i = 0; i < size; ++i) {
+    for (int i = 0; i < size_; ++i) {
       std::memcpy(&g->lens[i], g->recv.data() + slot * i, sizeof(int64_t));
       max_len = std::max(max_len, g->lens[i]);
     }
@@ -568,26 +566,15 @@ void Negotiator::Exchange(std::string mine, ExchangeDone then) {
     }
     // Longer announcements: a second gather of the rest.
     g->rest = max_len - (slot - 8);
-    int64_t len = static_cast<int64_t>(g->mine.size());
+    int64_t mine_len = static_cast<int64_t>(g->mine.size());
     g->send2.assign(static_cast<size_t>(g->rest), 0);
-    if (len > slot - 8) {
+    if (mine_len > slot - 8) {
       std::memcpy(g->send2.data(), g->mine.data() + (slot - 8),
-                  static_cast<size_t>(len - (slot - 8)));
+                  static_cast<size_t>(mine_len - (slot - 8)));
     }
-    g->recv2.assign(static_cast<size_t>(g->rest * size), 0);
-    mpi::Request r2;
-    r2.kind = mpi::Kind::kAllgather;
-    r2.name = label2;
-    r2.comm = comm_id;
-    r2.group = group;
-    r2.send = g->send2.data();
-    r2.recv = g->recv2.data();
-    r2.count = g->rest;
-    r2.dtype = mpi::DataType::kUint8;
-    r2.done = finish;
-    mpi::Communicator::Get().Enqueue(std::move(r2));
-  };
-  comm.Enqueue(std::move(r));
+    g->recv2.assign(static_cast<size_t>(g->rest * size_), 0);
+    enqueue(&g->send2, &g->recv2, g->rest, finish);
+  });
 }
 
 // One negotiation cycle, on the communication thread; EndCycle finishes it.
