@@ -542,6 +542,11 @@ def test_batch_not_divisible_by_microbatches_is_an_error():
     step = tf.function(pipe.compute_gradients, input_signature=[spec, spec])
     with pytest.raises(tf.errors.InvalidArgumentError, match="multiple of"):
         step(x, y)
+    # A dataset whose last batch is partial fails when that batch comes,
+    # naming the usual cause and its remedy.
+    ds = tf.data.Dataset.from_tensor_slices(data("sequential", batch=18)).batch(8)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="drop_remainder=True"):
+        pipe.fit(ds, epochs=1, verbose=0)
 
 
 def test_predict_accepts_batches_not_divisible_by_microbatches():

@@ -471,8 +471,12 @@ class ProcessPipeline:
                 if static is None:
                     check = tf.debugging.assert_equal(
                         n % (m * dp), 0, message=(
-                            "The global batch must be a multiple of microbatches "
-                            f"x pipelines = {m * dp}."))
+                            "The global batch must be a multiple of the number "
+                            "of micro-batches times the number of pipelines "
+                            f"(microbatches={m}, {dp} pipeline(s)). Use a batch "
+                            f"size divisible by {m * dp}; a dataset's last "
+                            "partial batch is the usual cause: batch it with "
+                            "`drop_remainder=True`."))
                     with tf.control_dependencies([check]):
                         n = tf.identity(n)
                 size = n // dp

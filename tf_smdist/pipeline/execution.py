@@ -93,7 +93,9 @@ def split_microbatches(
                         message=(
                             "The batch size must be a multiple of the number "
                             f"of micro-batches (microbatches={m}). Use a batch "
-                            f"size divisible by {m}."
+                            f"size divisible by {m}; a dataset's last partial "
+                            "batch is the usual cause: batch it with "
+                            "`drop_remainder=True`."
                         ),
                     )
                 )
