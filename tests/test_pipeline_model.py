@@ -583,6 +583,8 @@ def test_more_stages_than_layers_is_an_error():
     model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Dense(3)(inputs)))
     with pytest.raises(ValueError, match="num_stages=3 for a model with 2 layers"):
         PipelineModel(model, num_stages=3, microbatches=2)
+    with pytest.raises(ValueError, match="num_stages=2 x virtual_stages=2 = 4 stages"):
+        PipelineModel(model, num_stages=2, microbatches=2, schedule="interleaved")
 
 
 def test_fewer_devices_than_stages_is_an_error():

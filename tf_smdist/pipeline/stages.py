@@ -140,8 +140,7 @@ def stage_layer_names(
     if len(order) < num_stages:
         raise ValueError(
             "The model has fewer layers than pipeline stages. Received: "
-            f"{num_stages} stages (num_stages, times virtual_stages with the "
-            f"'interleaved' schedule) for a model with {len(order)} layers. "
+            f"num_stages={num_stages} for a model with {len(order)} layers. "
             f"Use at most {len(order)} stages."
         )
     if len(partition) != num_stages:
