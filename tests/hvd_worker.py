@@ -75,12 +75,15 @@ class Recorder(keras.callbacks.Callback):
         self.logs.append({k: float(v) for k, v in (logs or {}).items()})
 
 
-def check_fit(make_optimizer, callbacks_module, name: str) -> None:
+def sgd() -> keras.optimizers.Optimizer:
+    return keras.optimizers.SGD(LR, momentum=0.5)
+
+
+def check_fit(make_optimizer, callbacks_module, name: str, inner=sgd) -> None:
     x, y = data()
     init = model(0).get_weights()  # rank 0's initial weights: the reference's
     m = model(1 + RANK)  # every rank starts elsewhere: the callback must fix it
-    m.compile(optimizer=make_optimizer(keras.optimizers.SGD(LR, momentum=0.5)),
-              loss="mse", metrics=["mae"])
+    m.compile(optimizer=make_optimizer(inner()), loss="mse", metrics=["mae"])
     before, after = Recorder(), Recorder()
     callbacks = [callbacks_module.BroadcastGlobalVariablesCallback(0), before]
     if callbacks_module is hvd_keras.callbacks:
@@ -96,8 +99,7 @@ def check_fit(make_optimizer, callbacks_module, name: str) -> None:
     if RANK == 0:
         ref = model(0)
         ref.set_weights(init)
-        ref.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.5), loss="mse",
-                    metrics=["mae"])
+        ref.compile(optimizer=inner(), loss="mse", metrics=["mae"])
         history = ref.fit(x, y, batch_size=GLOBAL_BATCH, epochs=2, shuffle=False,
                           verbose=0)
         entry["weights_rel_diff"] = rel_diff(weights, ref.get_weights())
@@ -740,6 +742,13 @@ CHECKS = {
                              "fit"),
     "sdp_fit": lambda: check_fit(sdp_keras.DistributedOptimizer, sdp_keras.callbacks,
                                  "sdp_fit"),
+    # Keras clips and accumulates in `apply`, after the all-reduce here: as
+    # one process on the whole batches (under a tf.distribute strategy Keras
+    # clips each replica's gradients, and accumulation fails).
+    "fit_clip_accumulate": lambda: check_fit(
+        hvd_keras.DistributedOptimizer, hvd_keras.callbacks, "fit_clip_accumulate",
+        inner=lambda: keras.optimizers.SGD(LR, momentum=0.5, global_clipnorm=0.05,
+                                           gradient_accumulation_steps=2)),
 }
 for check in (sys.argv[2].split(",") if len(sys.argv) > 2 else CHECKS):
     CHECKS[check]()

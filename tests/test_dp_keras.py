@@ -211,3 +211,29 @@ def test_mixed_precision_matches_mirrored(policy):
     for g, e in zip(got, expected):
         # Forward/backward in 16-bit on both sides; the reduction is float32.
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("clip", ["clipnorm", "global_clipnorm"])
+def test_gradient_clipping_matches_mirrored(clip):
+    # Keras clips before it all-reduces under a strategy: each replica's own
+    # gradients, so both strategies differ from one device alike.
+    x = np.random.RandomState(3).randn(32, 6).astype("float32")
+    y = np.random.RandomState(4).randn(32, 1).astype("float32")
+
+    def train(strategy):
+        keras.utils.set_random_seed(5)
+        with strategy.scope():
+            model = keras.Sequential([
+                keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+                keras.layers.Dense(1)])
+            model.compile(optimizer=keras.optimizers.SGD(0.1, **{clip: 0.05}),
+                          loss="mse")
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        return model.get_weights()
+
+    expected = train(_mirrored())
+    got = train(smd.DataParallelStrategy(DEVICES))
+    one_device = train(tf.distribute.get_strategy())
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+    assert max(np.max(np.abs(g - o)) for g, o in zip(got, one_device)) > 1e-4
