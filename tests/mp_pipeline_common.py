@@ -23,6 +23,10 @@ CASES = {
     "seq_hybrid_cluster": ("seq", 2, 2, "1f1b", "adam", [2, 2], "cluster", 1),
     "skip_hybrid_spread": ("skip", 2, 2, "interleaved", "sgd_clip", [1, 1, 1, 2],
                            "spread", 1),
+    # gradient_accumulation_steps=3 over 4 steps per epoch: Keras clips the
+    # accumulated mean at update steps only, by the whole model's norm.
+    "seq_hybrid_accumulate_clip": ("seq", 2, 2, "1f1b", "adam_accumulate_clip",
+                                   [2, 2], "cluster", 2),
     # With defer_weight_gradients=True (see DEFERRED).
     "skip_1f1b_adam_defer": ("skip", 2, 4, "1f1b", "adam", [2, 3], "cluster", 1),
     "skip_interleaved_defer": ("skip", 2, 4, "interleaved", "momentum",
@@ -74,6 +78,8 @@ def optimizer(name: str) -> keras.optimizers.Optimizer:
         return keras.optimizers.SGD(0.1, **kwargs)
     if name == "momentum":
         return keras.optimizers.SGD(0.05, momentum=0.9, **kwargs)
+    if name == "adam_accumulate":
+        return keras.optimizers.Adam(0.01, gradient_accumulation_steps=3, **kwargs)
     if name == "adam_ema":
         return keras.optimizers.Adam(0.01, use_ema=True, ema_momentum=0.8, **kwargs)
     return keras.optimizers.Adam(0.01, **kwargs)

@@ -4,11 +4,15 @@ Version workarounds live here too, so the rest of the package uses only
 public TensorFlow and Keras APIs plus the names below.
 """
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = [
     "MirroredExtended",
     "accept_tf_keras_spellings",
+    "accumulated_gradients",
+    "clipping_with",
     "wrap_loss_scale_check",
     "all_sublayers",
     "compiled_parts",
@@ -176,6 +180,61 @@ def all_sublayers(model: Any) -> list[Any]:
         The layers, each once.
     """
     return list(model._flatten_layers(include_self=False))
+
+
+@contextlib.contextmanager
+def clipping_with(optimizer: Any, clip: Any) -> Iterator[None]:
+    """Has `optimizer` clip its gradients with `clip` while the block runs.
+
+    Keras 3 clips inside `apply`, through the private `_clip_gradients`:
+    with `gradient_accumulation_steps`, on the accumulated mean and at
+    update steps only, inside a `tf.cond`. A pipeline stage's optimizer
+    holds its stage's gradients only, and no public hook lets a caller
+    supply the norm of every stage's gradients at that point; an instance
+    attribute shadows the method for the block.
+
+    Args:
+        optimizer: a Keras optimizer (not a `LossScaleOptimizer`).
+        clip: called with the list of gradients (`None` for some), returns
+            the clipped list.
+    """
+    if not callable(getattr(type(optimizer), "_clip_gradients", None)):
+        raise NotImplementedError(
+            "This Keras version's optimizer has no `_clip_gradients`, which a "
+            "pipeline across processes replaces to clip by the whole model's "
+            "norm with gradient_accumulation_steps. Received: "
+            f"{type(optimizer).__name__} of Keras {_keras_version()}. Use "
+            "clipnorm or clipvalue, or no gradient accumulation.")
+    optimizer._clip_gradients = clip
+    try:
+        yield
+    finally:
+        del optimizer._clip_gradients
+
+
+def accumulated_gradients(optimizer: Any, variables: list[Any]) -> list[Any]:
+    """A built optimizer's gradient accumulators of `variables`, in order.
+
+    With `gradient_accumulation_steps`, Keras 3 keeps the running sums in
+    the private `_accumulated_gradients`, indexed through
+    `_get_variable_index`; no public API reads them, and a pipeline stage
+    needs them to measure the whole model's norm of the mean it clips.
+
+    Args:
+        optimizer: a built Keras optimizer with gradient accumulation.
+        variables: variables the optimizer was built on.
+
+    Returns:
+        One accumulator variable per entry of `variables`.
+    """
+    return [optimizer._accumulated_gradients[optimizer._get_variable_index(v)]
+            for v in variables]
+
+
+def _keras_version() -> str:
+    import keras
+
+    return keras.__version__
 
 
 # --- data parallel (continued) -------------------------------------------

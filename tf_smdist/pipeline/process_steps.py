@@ -253,7 +253,10 @@ class ProcessSteps:
         clipping would use the stage's norm: the gradients are scaled here
         by the norm of every stage's (the data-parallel replicas hold the
         same), as Keras' `clip_by_global_norm` would on the whole model, and
-        the optimizer applies them unclipped.
+        the optimizer applies them unclipped. With
+        `gradient_accumulation_steps`, Keras clips the accumulated mean at
+        update steps only: the optimizer then clips with that norm itself
+        (`_apply_accumulating`).
         """
         pipe, rt = self._pipe, self._rt
         optimizer = pipe.optimizer
@@ -261,19 +264,51 @@ class ProcessSteps:
         if not clip or clip <= 0:
             optimizer.apply(grads, rt.trainable_variables)
             return
+        steps = getattr(optimizer, "gradient_accumulation_steps", None)
+        if steps:
+            self._apply_accumulating(grads, clip, steps)
+            return
+        scale = self._global_clip_scale(grads, clip)
+        optimizer.global_clipnorm = None
+        try:
+            optimizer.apply([None if g is None else scaled(g, scale) for g in grads],
+                            rt.trainable_variables)
+        finally:
+            optimizer.global_clipnorm = clip
+
+    def _apply_accumulating(self, grads: list[Any], clip: float, steps: int) -> None:
+        """`_apply` with gradient accumulation.
+
+        At its update steps Keras clips the mean of the accumulated
+        gradients and this step's. The whole model's norm of that mean is
+        measured here at every step (one all-reduce, ordered with the
+        step's other collectives on every rank, also on a stage without
+        trainable variables), and the optimizer clips with it; between
+        update steps it goes unused.
+        """
+        optimizer, rt = self._pipe.optimizer, self._rt
+        variables = rt.trainable_variables
+        if variables and not optimizer.built:
+            optimizer.build(variables)
+        accumulated = _compat.accumulated_gradients(optimizer, variables)
+        mean = [None if g is None else (tf.convert_to_tensor(g) + acc) / steps
+                for g, acc in zip(grads, accumulated)]
+        scale = self._global_clip_scale(mean, clip)
+        with _compat.clipping_with(optimizer, lambda gs: [
+                None if g is None else scaled(g, scale) for g in gs]):
+            optimizer.apply(grads, variables)
+
+    def _global_clip_scale(self, grads: list[Any], clip: float) -> tf.Tensor:
+        """The factor of Keras' `clip_by_global_norm`, from the norm of every
+        stage's gradients (one all-reduce over the job)."""
+        rt = self._rt
         squares = tf.add_n([tf.constant(0.0)] + [
             tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(g), tf.float32)))
             for g in grads if g is not None])
         total, = rt.world_sum([squares])
         norm = tf.sqrt(total / rt.topology.dp_size)
         # Keras' formula: NaN norms give NaN gradients, as in the plain model.
-        scale = clip * tf.minimum(1.0 / norm, 1.0 / clip) + (norm - norm)
-        grads = [None if g is None else scaled(g, scale) for g in grads]
-        optimizer.global_clipnorm = None
-        try:
-            optimizer.apply(grads, rt.trainable_variables)
-        finally:
-            optimizer.global_clipnorm = clip
+        return clip * tf.minimum(1.0 / norm, 1.0 / clip) + (norm - norm)
 
     def test_step(self, data: Any) -> dict[str, Any]:
         """One evaluation step on a global batch (any size)."""
