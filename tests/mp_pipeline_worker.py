@@ -214,9 +214,9 @@ def run_mixed() -> None:
                 keras.layers.Dense(8, activation="tanh", use_bias=False),
                 keras.layers.Dense(3, dtype="float32")])
 
-        def scaled_sgd() -> keras.optimizers.Optimizer:
+        def scaled_sgd(**options) -> keras.optimizers.Optimizer:
             return keras.optimizers.LossScaleOptimizer(
-                keras.optimizers.SGD(0.1), initial_scale=2.0 ** 26)
+                keras.optimizers.SGD(0.1, **options), initial_scale=2.0 ** 26)
 
         # Small inputs and no float16 biases: the overflow starts in the
         # activations' gradients, which are the same per sample whether a
@@ -226,19 +226,38 @@ def run_mixed() -> None:
         # a step that plain Keras skips.)
         x, y = data()
         x = x * 0.01
-        plain = build()
-        init = plain.get_weights()
-        plain.compile(optimizer=scaled_sgd(), loss="mse")
-        expected = plain.fit(x, y, batch_size=GLOBAL_BATCH, epochs=3,
-                             shuffle=False, verbose=0).history["loss"]
-        net = build()
-        net.set_weights(init)
-        pipe = smd.PipelineModel(net, num_stages=2, microbatches=2,
-                                 partition=[2, 1])
-        pipe.compile(optimizer=scaled_sgd(), loss="mse")
-        history = pipe.fit(x, y, batch_size=GLOBAL_BATCH, epochs=3,
-                           shuffle=False, verbose=0).history["loss"]
-        weights = pipe.get_weights()
+
+        def train_plain(init, **options) -> tuple[keras.Model, list]:
+            plain = build()
+            plain.set_weights(init)
+            plain.compile(optimizer=scaled_sgd(**options), loss="mse")
+            return plain, plain.fit(x, y, batch_size=GLOBAL_BATCH, epochs=3,
+                                    shuffle=False, verbose=0).history["loss"]
+
+        def train_pipe(init, **options) -> tuple[smd.PipelineModel, list]:
+            net = build()
+            net.set_weights(init)
+            pipe = smd.PipelineModel(net, num_stages=2, microbatches=2,
+                                     partition=[2, 1])
+            pipe.compile(optimizer=scaled_sgd(**options), loss="mse")
+            return pipe, pipe.fit(x, y, batch_size=GLOBAL_BATCH, epochs=3,
+                                  shuffle=False, verbose=0).history["loss"]
+
+        def compared(trained, reference, init) -> dict:
+            (pipe, loss), (plain, expected) = trained, reference
+            return {
+                "loss": loss, "expected_loss": expected,
+                "scale": float(pipe.optimizer.dynamic_scale.numpy()),
+                "expected_scale": float(plain.optimizer.dynamic_scale.numpy()),
+                "max_diff": max(float(np.abs(a - b).max()) for a, b in
+                                zip(pipe.get_weights(), plain.get_weights())),
+                "moved": max(float(np.abs(a - b).max())
+                             for a, b in zip(init, plain.get_weights()))}
+
+        init = build().get_weights()
+        reference = train_plain(init)
+        trained = train_pipe(init)
+        pipe = trained[0]
         # The optimizer state round-trips through a weight file: the
         # LossScaleOptimizer's own iteration and learning rate beside its
         # inner optimizer's (the same names) used to make saving fail.
@@ -250,13 +269,18 @@ def run_mixed() -> None:
         pipe.load_weights(path)
         RESULTS["mixed"] = {
             "reloaded_scale": float(scale.numpy()), "saved_scale": kept,
-            "loss": history, "expected_loss": expected,
-            "scale": float(pipe.optimizer.dynamic_scale.numpy()),
-            "expected_scale": float(plain.optimizer.dynamic_scale.numpy()),
-            "max_diff": max(float(np.abs(a - b).max())
-                            for a, b in zip(weights, plain.get_weights())),
-            "moved": max(float(np.abs(a - b).max())
-                         for a, b in zip(init, plain.get_weights()))}
+            **compared(trained, reference, init)}
+        # The whole model's global_clipnorm inside the LossScaleOptimizer,
+        # with gradient accumulation: Keras clips the unscaled mean of the
+        # accumulated gradients at its update steps.
+        options = {"global_clipnorm": 0.02, "gradient_accumulation_steps": 2}
+        clipped = train_plain(init, **options)
+        RESULTS["mixed_clip"] = {
+            **compared(train_pipe(init, **options), clipped, init),
+            "clip_effect": max(
+                float(np.abs(a - b).max()) for a, b in zip(
+                    clipped[0].get_weights(),
+                    train_plain(init, gradient_accumulation_steps=2)[0].get_weights()))}
     finally:
         keras.mixed_precision.set_global_policy("float32")
 

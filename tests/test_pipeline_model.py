@@ -1136,21 +1136,6 @@ def test_auto_partition_keeps_nested_models_whole():
         assert_close(pw, w)
 
 
-def test_optimizer_options_needing_every_stage_are_refused_across_processes():
-    from tf_smdist.pipeline.process_steps import check_optimizer
-
-    # Accepted: the pipeline clips by the whole model's norm itself, and
-    # each process finalizes its own stages' moving averages (the worker's
-    # seq_1f1b_adam_ema case).
-    check_optimizer(keras.optimizers.Adam(global_clipnorm=1.0))
-    check_optimizer(keras.optimizers.Adam(use_ema=True))
-    check_optimizer(keras.optimizers.LossScaleOptimizer(
-        keras.optimizers.SGD(use_ema=True)))
-    with pytest.raises(NotImplementedError, match="global_clipnorm=1.0"):
-        check_optimizer(keras.optimizers.LossScaleOptimizer(
-            keras.optimizers.Adam(global_clipnorm=1.0)))
-
-
 def test_process_batch_check_counts_only_the_training_part_of_a_split():
     # Keras trains on the first floor(64 * 0.8) = 51 samples: a last batch of
     # 3 rows, which 4 micro-batches cannot split; refused before training

@@ -164,6 +164,12 @@ def test_two_stages_in_two_processes(tmp_path):
         assert mixed["max_diff"] < 1e-4, mixed
         assert mixed["reloaded_scale"] == mixed["saved_scale"] == mixed["scale"], mixed
         np.testing.assert_allclose(mixed["loss"], mixed["expected_loss"], rtol=1e-3)
+        # The same with global_clipnorm and gradient accumulation inside the
+        # LossScaleOptimizer (once refused), whose clipping mattered.
+        clip = r["mixed_clip"]
+        assert clip["scale"] == clip["expected_scale"] < 2.0 ** 26, clip
+        assert clip["max_diff"] < 1e-4 and clip["clip_effect"] > 1e-3, clip
+        np.testing.assert_allclose(clip["loss"], clip["expected_loss"], rtol=1e-3)
     # Each process holds its own stage's variables and optimizer state.
     memory = [r["skip_gpipe_adam"]["memory"] for r in results]
     assert sum(m["variables"] for m in memory) == memory[0]["model"]

@@ -402,9 +402,6 @@ class PipelineModel(keras.Model):
         optimizer = getattr(self, "optimizer", None)
         if optimizer is None or self._process is None:
             return
-        from tf_smdist.pipeline.process_steps import check_optimizer
-
-        check_optimizer(optimizer)
         if optimizer.built:
             if int(optimizer.iterations.numpy()) > 0:
                 raise ValueError(

@@ -250,51 +250,40 @@ class ProcessSteps:
         `global_clipnorm` measured over the whole model.
 
         Each rank's optimizer sees only its stage's gradients, so its own
-        clipping would use the stage's norm: the gradients are scaled here
-        by the norm of every stage's (the data-parallel replicas hold the
-        same), as Keras' `clip_by_global_norm` would on the whole model, and
-        the optimizer applies them unclipped. With
-        `gradient_accumulation_steps`, Keras clips the accumulated mean at
-        update steps only: the optimizer then clips with that norm itself
-        (`_apply_accumulating`).
+        clipping would use the stage's norm. The gradients that Keras clips
+        are the step's, unscaled by a `LossScaleOptimizer`'s loss scale and,
+        with `gradient_accumulation_steps`, averaged with the accumulated
+        ones (Keras clips at its update steps only). Their norm over every
+        stage (the data-parallel replicas hold the same) is measured here at
+        every step: one all-reduce in the step's graph, in program order with
+        the step's other collectives, on every rank (a stage without
+        trainable variables included). The optimizer then clips with it where
+        Keras clips (`_compat.clipping_with`); where it does not (steps
+        between updates, or a step the loss scale skips), the norm goes
+        unused.
         """
         pipe, rt = self._pipe, self._rt
         optimizer = pipe.optimizer
-        clip = getattr(optimizer, "global_clipnorm", None)
-        if not clip or clip <= 0:
-            optimizer.apply(grads, rt.trainable_variables)
-            return
-        steps = getattr(optimizer, "gradient_accumulation_steps", None)
-        if steps:
-            self._apply_accumulating(grads, clip, steps)
-            return
-        scale = self._global_clip_scale(grads, clip)
-        optimizer.global_clipnorm = None
-        try:
-            optimizer.apply([None if g is None else scaled(g, scale) for g in grads],
-                            rt.trainable_variables)
-        finally:
-            optimizer.global_clipnorm = clip
-
-    def _apply_accumulating(self, grads: list[Any], clip: float, steps: int) -> None:
-        """`_apply` with gradient accumulation.
-
-        At its update steps Keras clips the mean of the accumulated
-        gradients and this step's. The whole model's norm of that mean is
-        measured here at every step (one all-reduce, ordered with the
-        step's other collectives on every rank, also on a stage without
-        trainable variables), and the optimizer clips with it; between
-        update steps it goes unused.
-        """
-        optimizer, rt = self._pipe.optimizer, self._rt
+        inner = getattr(optimizer, "inner_optimizer", None) or optimizer
+        clip = getattr(inner, "global_clipnorm", None)
         variables = rt.trainable_variables
-        if variables and not optimizer.built:
-            optimizer.build(variables)
-        accumulated = _compat.accumulated_gradients(optimizer, variables)
-        mean = [None if g is None else (tf.convert_to_tensor(g) + acc) / steps
-                for g, acc in zip(grads, accumulated)]
-        scale = self._global_clip_scale(mean, clip)
-        with _compat.clipping_with(optimizer, lambda gs: [
+        if not clip or clip <= 0:
+            optimizer.apply(grads, variables)
+            return
+        clipped = [None if g is None else tf.convert_to_tensor(g) for g in grads]
+        if inner is not optimizer:
+            loss_scale = optimizer.dynamic_scale
+            clipped = [None if g is None else g / tf.cast(loss_scale, g.dtype)
+                       for g in clipped]
+        steps = getattr(inner, "gradient_accumulation_steps", None)
+        if steps:
+            if variables and not inner.built:
+                inner.build(variables)
+            accumulated = _compat.accumulated_gradients(inner, variables)
+            clipped = [None if g is None else (g + acc) / steps
+                       for g, acc in zip(clipped, accumulated)]
+        scale = self._global_clip_scale(clipped, clip)
+        with _compat.clipping_with(inner, lambda gs: [
                 None if g is None else scaled(g, scale) for g in gs]):
             optimizer.apply(grads, variables)
 
@@ -688,30 +677,6 @@ def agreed_profile(pipe: Any, callback: Any) -> Any:
     callback.set_model(pipe)
     callback.record_profile(profile, target)
     return profile
-
-
-def check_optimizer(optimizer: Any) -> None:
-    """Refuses optimizer options that need every stage's variables at once.
-
-    Args:
-        optimizer: the compiled optimizer of a pipeline across processes.
-
-    Raises:
-        NotImplementedError: a `global_clipnorm` inside a
-            `LossScaleOptimizer`.
-
-    Example:
-    >>> check_optimizer(keras.optimizers.Adam(global_clipnorm=1.0))  # doctest: +SKIP
-    """
-    inner = getattr(optimizer, "inner_optimizer", None)
-    if inner is not None and getattr(inner, "global_clipnorm", None):
-        raise NotImplementedError(
-            "A pipeline across processes clips by the whole model's norm "
-            "itself, which it cannot do inside a LossScaleOptimizer. "
-            f"Received: a LossScaleOptimizer around {type(inner).__name__}"
-            f"(global_clipnorm={inner.global_clipnorm}). Use clipnorm or "
-            "clipvalue, or no mixed precision."
-        )
 
 
 @contextlib.contextmanager
