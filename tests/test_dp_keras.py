@@ -237,3 +237,16 @@ def test_gradient_clipping_matches_mirrored(clip):
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
     assert max(np.max(np.abs(g - o)) for g, o in zip(got, one_device)) > 1e-4
+
+
+def test_gradient_accumulation_error_names_its_keras_cause():
+    # Keras 3 all-reduces accumulated gradients inside a tf.cond, which
+    # MirroredStrategy cannot do either; the error says so and what works.
+    x = np.ones((16, 6), "float32")
+    y = np.ones((16, 1), "float32")
+    with smd.DataParallelStrategy(DEVICES).scope():
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.SGD(gradient_accumulation_steps=2),
+                      loss="mse")
+    with pytest.raises(RuntimeError, match="gradient_accumulation_steps causes"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)

@@ -249,6 +249,30 @@ class DataParallelStrategy(tf.distribute.MirroredStrategy):
         """The thread cap of one host reduction, or `None`."""
         return self._host_threads
 
+    def run(self, fn: Any, args: Any = (), kwargs: Any = None, options: Any = None
+            ) -> Any:
+        """`tf.distribute.Strategy.run`; a `merge_call` error says its
+        usual Keras 3 cause.
+
+        Keras 3's `gradient_accumulation_steps` all-reduces the gradients
+        inside a `tf.cond`, which no `MirroredStrategy` supports (TensorFlow's
+        error names nested functions and control flow, not the option).
+        """
+        try:
+            return super().run(fn, args=args, kwargs=kwargs, options=options)
+        except RuntimeError as e:
+            if "merge_call" not in str(e):
+                raise
+            raise RuntimeError(
+                f"{e}\n\ntf_smdist: a Keras 3 optimizer with "
+                "gradient_accumulation_steps causes this error under "
+                "DataParallelStrategy, as under every tf.distribute strategy "
+                "(Keras all-reduces inside a tf.cond). Train without a strategy "
+                "with tf_smdist.horovod.keras.DistributedOptimizer (its "
+                "backward_passes_per_step, or the optimizer's own "
+                "gradient_accumulation_steps, both work), or accumulate in a "
+                "custom loop.") from e
+
     def __repr__(self) -> str:
         return (
             f"DataParallelStrategy(devices={list(self.extended.worker_devices)}, "
