@@ -187,11 +187,12 @@ def clipping_with(optimizer: Any, clip: Any) -> Iterator[None]:
     """Has `optimizer` clip its gradients with `clip` while the block runs.
 
     Keras 3 clips inside `apply`, through the private `_clip_gradients`:
-    with `gradient_accumulation_steps`, on the accumulated mean and at
-    update steps only, inside a `tf.cond`. A pipeline stage's optimizer
-    holds its stage's gradients only, and no public hook lets a caller
-    supply the norm of every stage's gradients at that point; an instance
-    attribute shadows the method for the block.
+    after a `LossScaleOptimizer` unscales the gradients and, with
+    `gradient_accumulation_steps`, on the accumulated mean at update steps
+    only, inside a `tf.cond`. A pipeline stage's optimizer holds its stage's
+    gradients only, and no public hook lets a caller clip by the norm of
+    every stage's gradients at that point; an instance attribute shadows
+    the method for the block.
 
     Args:
         optimizer: a Keras optimizer (not a `LossScaleOptimizer`).
@@ -199,12 +200,14 @@ def clipping_with(optimizer: Any, clip: Any) -> Iterator[None]:
             the clipped list.
     """
     if not callable(getattr(type(optimizer), "_clip_gradients", None)):
+        import keras
+
         raise NotImplementedError(
             "This Keras version's optimizer has no `_clip_gradients`, which a "
             "pipeline across processes replaces to clip by the whole model's "
-            "norm with gradient_accumulation_steps. Received: "
-            f"{type(optimizer).__name__} of Keras {_keras_version()}. Use "
-            "clipnorm or clipvalue, or no gradient accumulation.")
+            f"norm. Received: {type(optimizer).__name__} of Keras "
+            f"{keras.__version__}. Use clipnorm or clipvalue instead of "
+            "global_clipnorm.")
     optimizer._clip_gradients = clip
     try:
         yield
@@ -229,12 +232,6 @@ def accumulated_gradients(optimizer: Any, variables: list[Any]) -> list[Any]:
     """
     return [optimizer._accumulated_gradients[optimizer._get_variable_index(v)]
             for v in variables]
-
-
-def _keras_version() -> str:
-    import keras
-
-    return keras.__version__
 
 
 # --- data parallel (continued) -------------------------------------------

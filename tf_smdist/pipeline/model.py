@@ -337,16 +337,8 @@ class PipelineModel(keras.Model):
         ```
         """
         graph = self._graph_for(partition)
-        chunks = self._schedule.num_stages
-        if self._virtual > 1 and len(graph.names) < chunks:
-            raise ValueError(
-                "The model has fewer layers than the interleaved schedule's "
-                f"stages. Received: num_stages={chunks // self._virtual} x "
-                f"virtual_stages={self._virtual} = {chunks} stages for a "
-                f"model with {len(graph.names)} layers. Use fewer stages or "
-                "virtual stages, or the '1f1b' schedule."
-            )
-        names = stage_layer_names(graph, partition, chunks)
+        names = stage_layer_names(graph, partition, self._schedule.num_stages,
+                                  self._virtual)
         if self._topology is not None:
             self._repartition_processes(names, graph)
             self._partition = partition if hasattr(partition, "report") else None

@@ -112,7 +112,7 @@ def layer_order(model: keras.Model) -> list[str]:
 
 
 def stage_layer_names(
-    graph: LayerGraph, partition: Any, num_stages: int
+    graph: LayerGraph, partition: Any, num_stages: int, virtual_stages: int = 1
 ) -> list[list[str]]:
     """Normalises a partition to one list of node names per stage.
 
@@ -120,7 +120,9 @@ def stage_layer_names(
         graph: The model's `pipeline_graph`.
         partition: A `Partition`, a sequence of stage sizes (nodes per
             stage, in `graph.names` order), or a sequence of name lists.
-        num_stages: The number of stages expected.
+        num_stages: The number of stages expected (with the interleaved
+            schedule, the devices' stages times `virtual_stages`).
+        virtual_stages: stages per device, for error messages. Defaults to `1`.
 
     Returns:
         The node names of each stage.
@@ -138,6 +140,14 @@ def stage_layer_names(
         partition = partition.stage_layer_names
     partition = list(partition)
     if len(order) < num_stages:
+        if virtual_stages > 1:
+            raise ValueError(
+                "The model has fewer layers than the interleaved schedule's "
+                f"stages. Received: num_stages={num_stages // virtual_stages} x "
+                f"virtual_stages={virtual_stages} = {num_stages} stages for a "
+                f"model with {len(order)} layers. Use fewer stages or virtual "
+                "stages, or the '1f1b' schedule."
+            )
         raise ValueError(
             "The model has fewer layers than pipeline stages. Received: "
             f"num_stages={num_stages} for a model with {len(order)} layers. "
