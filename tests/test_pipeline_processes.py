@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from mp_pipeline_common import (
     CASES,
+    EMBEDDING_CLIP,
     EVALUATED,
     NUM_SAMPLES,
     SAVED,
@@ -322,13 +323,15 @@ def test_two_stages_times_two_pipelines_in_four_processes(tmp_path):
     # Sparse gradients: every micro-batch's and pipeline's rows reach Adam as
     # one IndexedSlices, as the plain model's whole batch (a dense sum
     # differs by about 1e-2 here).
-    count = results[0]["embedding"]["num_weights"]
-    ref_weights, ref_losses = embedding_reference(
-        _weights(tmp_path, 0, "embedding", "init", count))
-    for r in range(4):
-        _assert_close(_weights(tmp_path, r, "embedding", "final", count), ref_weights)
-        np.testing.assert_allclose(results[r]["embedding"]["loss"], ref_losses,
-                                   rtol=1e-5)
+    for name, options in (("embedding", {}),
+                          ("embedding_clip", {"global_clipnorm": EMBEDDING_CLIP})):
+        count = results[0][name]["num_weights"]
+        ref_weights, ref_losses = embedding_reference(
+            _weights(tmp_path, 0, name, "init", count), **options)
+        for r in range(4):
+            _assert_close(_weights(tmp_path, r, name, "final", count), ref_weights)
+            np.testing.assert_allclose(results[r][name]["loss"], ref_losses,
+                                       rtol=1e-5)
     out = proc.stdout + proc.stderr
     assert "rank 3: stage 1 of 2, pipeline 1 of 2; pipeline ranks [2, 3]" in out
     assert "it loads in plain Keras with the trained weights: True" in out

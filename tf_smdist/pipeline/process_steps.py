@@ -270,29 +270,34 @@ class ProcessSteps:
         if not clip or clip <= 0:
             optimizer.apply(grads, variables)
             return
-        clipped = [None if g is None else tf.convert_to_tensor(g) for g in grads]
+        clipped = list(grads)
         if inner is not optimizer:
-            loss_scale = optimizer.dynamic_scale
-            clipped = [None if g is None else g / tf.cast(loss_scale, g.dtype)
-                       for g in clipped]
+            unscale = 1.0 / tf.convert_to_tensor(optimizer.dynamic_scale)
+            clipped = [None if g is None else scaled(g, unscale) for g in clipped]
         steps = getattr(inner, "gradient_accumulation_steps", None)
         if steps:
             if variables and not inner.built:
                 inner.build(variables)
             accumulated = _compat.accumulated_gradients(inner, variables)
-            clipped = [None if g is None else (g + acc) / steps
+            clipped = [None if g is None else (tf.convert_to_tensor(g) + acc) / steps
                        for g, acc in zip(clipped, accumulated)]
         scale = self._global_clip_scale(clipped, clip)
+        # Keras' `v * scale`, which makes an IndexedSlices dense (so the
+        # optimizer then takes its dense path, as in the plain model).
         with _compat.clipping_with(inner, lambda gs: [
-                None if g is None else scaled(g, scale) for g in gs]):
+                None if g is None else tf.convert_to_tensor(g) * tf.cast(scale, g.dtype)
+                for g in gs]):
             optimizer.apply(grads, variables)
 
     def _global_clip_scale(self, grads: list[Any], clip: float) -> tf.Tensor:
         """The factor of Keras' `clip_by_global_norm`, from the norm of every
-        stage's gradients (one all-reduce over the job)."""
+        stage's gradients (one all-reduce over the job). As Keras' norm, an
+        `IndexedSlices` counts the squares of its rows (a repeated row's
+        slices each), not of their dense sum."""
         rt = self._rt
         squares = tf.add_n([tf.constant(0.0)] + [
-            tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(g), tf.float32)))
+            tf.reduce_sum(tf.square(tf.cast(
+                g.values if isinstance(g, tf.IndexedSlices) else g, tf.float32)))
             for g in grads if g is not None])
         total, = rt.world_sum([squares])
         norm = tf.sqrt(total / rt.topology.dp_size)
