@@ -382,6 +382,12 @@ def check_collectives() -> None:
     with tf.GradientTape() as tape:
         loss = hvd.allreduce(w * w, op=hvd.Sum)
     entry["allreduce_grad"] = float(tape.gradient(loss, w))
+    # Inside XLA (no kernel for the host ops): a clear error when traced.
+    try:
+        tf.function(lambda t: hvd.allreduce(t), jit_compile=True)(tf.ones([2]))
+        entry["xla"] = "no error"
+    except ValueError as e:
+        entry["xla"] = str(e)
     results["collectives"] = entry
 
 

@@ -159,6 +159,18 @@ def shuffled(strategy: smd.DataParallelStrategy) -> None:
                       loss=lambda _, pred: tf.reduce_mean(pred, axis=-1))
     model.fit(x, np.zeros_like(x), batch_size=GLOBAL_BATCH, epochs=2, verbose=0)
     save("shuffled", model)
+    # The same job: a step compiled with XLA is refused when traced (the
+    # host-reduce ops have no XLA kernels).
+    with strategy.scope():
+        model = make_model()
+        model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    try:
+        model.fit(*data(), batch_size=GLOBAL_BATCH, epochs=1, verbose=0)
+        message = "no error"
+    except ValueError as e:
+        message = str(e)
+    with open(os.path.join(OUT, f"xla_rank{cluster.rank()}.txt"), "w") as f:
+        f.write(message)
 
 
 def main() -> None:

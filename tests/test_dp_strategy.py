@@ -114,6 +114,19 @@ def test_xla_compiled_reduction_is_a_clear_error(monkeypatch):
         strategy.extended._get_cross_device_ops(tf.constant(1.0))
 
 
+def test_keras_jit_compile_is_a_clear_error_on_cpus():
+    # On CPUs MirroredStrategy keeps merge_call under XLA, and XLA then
+    # fails at the first step on an op without an XLA kernel; ours names
+    # the cause when the step is traced.
+    strategy = smd.DataParallelStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    with pytest.raises(ValueError, match="cannot reduce inside an XLA-compiled"):
+        model.fit(np.ones((8, 3), "float32"), np.ones((8, 1), "float32"),
+                  batch_size=4, verbose=0)
+
+
 def test_data_parallel_modules_import_without_a_cycle():
     import ast
     import os

@@ -114,6 +114,8 @@ def test_collectives_through_the_public_api(job, nproc):
             assert c[key] is True, (r, key)
         # d/dw of sum_r(w_r^2), summed over the ranks' identical losses.
         assert c["allreduce_grad"] == pytest.approx(2.0 * (r + 1) * nproc)
+        assert ("hvd.allreduce cannot run inside a function compiled with XLA"
+                in c["xla"])
 
 
 def test_partial_tape_sync_batch_norm_and_sdp(job):

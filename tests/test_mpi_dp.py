@@ -294,3 +294,8 @@ def test_unseeded_shuffled_fit_covers_every_sample_once_per_epoch(tmp_path):
     x = (np.arange(NUM_SAMPLES, dtype=np.float64) + 1.0) ** 2
     expected = -2 * x.sum() / GLOBAL_BATCH  # two epochs, every sample once each
     np.testing.assert_allclose(weight, [[expected]], rtol=1e-6)
+    # jit_compile=True across processes: a clear error on every rank.
+    for r in range(2):
+        message = (tmp_path / f"xla_rank{r}.txt").read_text()
+        assert message.startswith("DataParallelStrategy cannot reduce inside an "
+                                  "XLA-compiled function"), message

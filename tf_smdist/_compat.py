@@ -22,6 +22,7 @@ __all__ = [
     "get_devices_from",
     "input_util",
     "graph_variable_handles",
+    "in_xla_context",
     "move_variable",
     "refresh_optimizer_index",
     "regroup",
@@ -62,6 +63,25 @@ from tensorflow.python.distribute.cross_device_ops import (  # noqa: E402
 from tensorflow.python.distribute import (  # noqa: E402
     device_util as device_util,
 )
+
+# --- host collectives inside XLA ------------------------------------------
+def in_xla_context() -> bool:
+    """Whether ops built now go into a function XLA compiles (`jit_compile=True`).
+
+    tf_smdist's collectives are host ops without XLA kernels, so they cannot
+    run there; callers raise a clear error at trace time instead of XLA's
+    "unsupported operations" at the first step. TensorFlow has no public
+    query for this; MirroredStrategy asks the same private helper before it
+    decides between merge_call and in-XLA collectives.
+    """
+    import tensorflow as tf
+
+    # The XLA context of the graph being built; no public API exposes it.
+    from tensorflow.python.ops import control_flow_util
+
+    return bool(control_flow_util.GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph()))
+
 
 # --- multi-process data parallel -----------------------------------------
 # Building a distributed dataset with an InputContext (rank sharding plus

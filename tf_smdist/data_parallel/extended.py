@@ -47,15 +47,23 @@ class DataParallelExtended(_compat.MirroredExtended):
         return super()._reduce_to(reduce_op, value, destinations, options)
 
     def _get_cross_device_ops(self, value: Any) -> Any:
-        if not self._use_merge_call():
-            # MirroredExtended would silently switch to NCCL collectives here.
-            raise ValueError(
-                "DataParallelStrategy cannot reduce inside an XLA-compiled "
-                "function: its host-reduce ops have no XLA kernels. Received: "
-                "a replica function compiled with jit_compile=True. Compile "
-                "with jit_compile=False (Keras' default under tf.distribute)."
-            )
+        self._refuse_xla()
         return super()._get_cross_device_ops(value)
+
+    def _refuse_xla(self) -> None:
+        """Raises when a reduction is built inside an XLA-compiled function.
+
+        MirroredExtended would silently switch to NCCL collectives inside
+        XLA on GPUs (no merge_call); on CPUs XLA would fail at the first step
+        on an op without an XLA kernel.
+        """
+        if self._use_merge_call() and not _compat.in_xla_context():
+            return
+        raise ValueError(
+            "DataParallelStrategy cannot reduce inside an XLA-compiled "
+            "function: its host-reduce ops have no XLA kernels. Received: "
+            "a replica function compiled with jit_compile=True. Compile "
+            "with jit_compile=False (Keras' default under tf.distribute).")
 
     def _update(self, var: Any, fn: Any, args: Any, kwargs: Any, group: bool) -> Any:
         if not isinstance(var, _compat.distribute_values.DistributedVariable):
@@ -132,6 +140,7 @@ class MultiProcessExtended(DataParallelExtended):
         # MirroredExtended sends int32 values (and XLA) to process-local
         # reductions; across processes every reduction must take our ops.
         del value
+        self._refuse_xla()
         return self._cross_device_ops
 
     def _reduce_to(

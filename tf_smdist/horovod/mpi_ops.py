@@ -518,7 +518,19 @@ def _set_info(process_set_id: int) -> tuple[int, int]:
 
 # --- names, checks -------------------------------------------------------------
 
+def _refuse_xla(kind: str) -> None:
+    """Raises inside a function XLA compiles: the engine's ops have no XLA kernel."""
+    if not tf.executing_eagerly() and _compat.in_xla_context():
+        raise ValueError(
+            f"hvd.{kind} cannot run inside a function compiled with XLA: its op "
+            "is a host collective without an XLA kernel. Received: a call inside "
+            "tf.function(jit_compile=True) (or a Keras model compiled with "
+            "jit_compile=True). Compile that function without jit_compile, or "
+            "call the collective outside it.")
+
+
 def _name(kind: str, name: str | None, process_set_id: int) -> str:
+    _refuse_xla(kind)  # every collective that goes to the engine names its op here
     if name is not None:
         return str(name)
     if tf.executing_eagerly():
@@ -929,6 +941,7 @@ def join(process_set_id: int = 0) -> tf.Tensor:
     set_rank, _ = _set_info(process_set_id)
     if not _multi(process_set_id):
         return tf.constant(set_rank, tf.int32)
+    _refuse_xla("join")
     with tf.device("/CPU:0"):
         return _ops().smdist_hvd_join(process_set_id=int(process_set_id),
                                       name="HvdJoin")
