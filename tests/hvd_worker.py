@@ -79,6 +79,12 @@ def sgd() -> keras.optimizers.Optimizer:
     return keras.optimizers.SGD(LR, momentum=0.5)
 
 
+def adamw_excluding_kernels() -> keras.optimizers.Optimizer:
+    adamw = keras.optimizers.AdamW(LR, weight_decay=0.5)
+    adamw.exclude_from_weight_decay(var_names=["kernel"])
+    return adamw
+
+
 def check_fit(make_optimizer, callbacks_module, name: str, inner=sgd) -> None:
     x, y = data()
     init = model(0).get_weights()  # rank 0's initial weights: the reference's
@@ -755,6 +761,10 @@ CHECKS = {
         hvd_keras.DistributedOptimizer, hvd_keras.callbacks, "fit_clip_accumulate",
         inner=lambda: keras.optimizers.SGD(LR, momentum=0.5, global_clipnorm=0.05,
                                            gradient_accumulation_steps=2)),
+    # exclude_from_weight_decay, which the optimizer's config does not carry.
+    "fit_adamw_exclude": lambda: check_fit(
+        hvd_keras.DistributedOptimizer, hvd_keras.callbacks, "fit_adamw_exclude",
+        inner=adamw_excluding_kernels),
 }
 for check in (sys.argv[2].split(",") if len(sys.argv) > 2 else CHECKS):
     CHECKS[check]()

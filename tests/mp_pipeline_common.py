@@ -33,6 +33,11 @@ CASES = {
                                [1, 1, 1, 2], "cluster", 1),
     # use_ema=True: fit ends with the moving averages in the variables.
     "seq_1f1b_adam_ema": ("seq", 2, 4, "1f1b", "adam_ema", [2, 2], "cluster", 2),
+    # AdamW with exclude_from_weight_decay, which is not in get_config: the
+    # copy of the built optimizer that partitioning at the first batch makes
+    # from its config used to lose it.
+    "seq_1f1b_adamw_exclude": ("seq", 2, 4, "1f1b", "adamw_exclude", "auto",
+                               "cluster", 1),
 }
 # Cases run with the dense layers' weight gradients deferred to one product
 # per step.
@@ -82,6 +87,10 @@ def optimizer(name: str) -> keras.optimizers.Optimizer:
         return keras.optimizers.Adam(0.01, gradient_accumulation_steps=3, **kwargs)
     if name == "adam_ema":
         return keras.optimizers.Adam(0.01, use_ema=True, ema_momentum=0.8, **kwargs)
+    if name == "adamw_exclude":
+        adamw = keras.optimizers.AdamW(0.01, weight_decay=0.5, **kwargs)
+        adamw.exclude_from_weight_decay(var_names=["kernel"])
+        return adamw
     return keras.optimizers.Adam(0.01, **kwargs)
 
 

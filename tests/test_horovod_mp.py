@@ -17,8 +17,8 @@ pytestmark = [pytest.mark.slow, requires_mpi]
 CHECKS = {
     2: ("collectives,partial_tape,broadcast_callback_local,broadcast_callback_cases,"
         "local_gradients_any_op,"
-        "sync_batch_norm,sdp,tape,fit,sdp_fit,fit_clip_accumulate,mixed_precision,"
-        "elastic"),
+        "sync_batch_norm,sdp,tape,fit,sdp_fit,fit_clip_accumulate,fit_adamw_exclude,"
+        "mixed_precision,elastic"),
     3: "collectives,process_sets,tape,fit,v1_optimizer",
 }
 
@@ -49,8 +49,8 @@ def test_fit_and_tape_equal_one_process_on_the_whole_batches(job, nproc):
     # batches ends.
     results = job(nproc)
     root = results[0]
-    checks = (("fit", "tape", "sdp_fit", "fit_clip_accumulate") if nproc == 2
-              else ("fit", "tape"))
+    checks = (("fit", "tape", "sdp_fit", "fit_clip_accumulate", "fit_adamw_exclude")
+              if nproc == 2 else ("fit", "tape"))
     for check in checks:
         assert all(r[check]["same_on_every_rank"] for r in results), check
         assert root[check]["weights_rel_diff"] < 1e-5, (check, root[check])

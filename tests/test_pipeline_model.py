@@ -1067,6 +1067,36 @@ def test_optimizer_state_and_updates_live_on_stage_devices():
     assert int(pipe.optimizer.iterations.numpy()) == 2 * (BATCH // 8)
 
 
+def test_weight_decay_exclusions_survive_moving_variables_to_stages():
+    # Keras keys exclude_from_weight_decay(var_list=...) by the TensorFlow
+    # variables behind the Keras ones, which placing a stage on its device
+    # replaces: the excluded kernels used to be decayed.
+    plain, pipe = pipeline("sequential", 2, 2, "1f1b")
+    copy = pipe.wrapped_model
+
+    def adamw(model):
+        optimizer = keras.optimizers.AdamW(0.01, weight_decay=0.5)
+        optimizer.exclude_from_weight_decay(
+            var_list=[layer.kernel for layer in model.layers[::2]],
+            var_names=["bias"])
+        return optimizer
+
+    # The pipeline placed the variables before the user set the exclusions
+    # up; a second pipeline around the same model moves them afterwards.
+    optimizer = adamw(copy)
+    pipe = PipelineModel(copy, num_stages=2, microbatches=2, partition=[3, 5])
+    pipe.compile(optimizer=optimizer, loss="mse")
+    plain.compile(optimizer=adamw(plain), loss="mse", jit_compile=False)
+    x, y = data("sequential", batch=32)
+    for partition in (None, [6, 2]):  # and after moving layers once trained
+        if partition:
+            pipe.repartition(partition)
+        pipe.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        plain.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        for actual, expected in zip(pipe.get_weights(), plain.get_weights()):
+            assert_close(actual, expected)
+
+
 def nested_model(seed):
     keras.utils.set_random_seed(seed)
     inner = keras.Sequential(

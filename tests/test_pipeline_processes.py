@@ -129,7 +129,7 @@ def test_two_stages_in_two_processes(tmp_path):
     checks = ["seq_1f1b_sgd", "skip_gpipe_adam", "skip_interleaved_sgd",
               "skip_1f1b_adam_defer", "skip_interleaved_defer",
               "mismatch", "custom", "checkpoint", "auto", "shuffled", "mixed",
-              "regularized", "seq_1f1b_adam_ema"]
+              "regularized", "seq_1f1b_adam_ema", "seq_1f1b_adamw_exclude"]
     proc = launch(["--nproc", "2", WORKER, str(tmp_path), *checks], timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = _results(tmp_path, 2)
@@ -140,6 +140,7 @@ def test_two_stages_in_two_processes(tmp_path):
     # variables at the end of fit, as Keras does for the whole model; the
     # averages travel in the weight file as the plain model's.
     _check_case(tmp_path, 2, "seq_1f1b_adam_ema", results)
+    _check_case(tmp_path, 2, "seq_1f1b_adamw_exclude", results)
     # defer_weight_gradients: every Dense kernel's gradient (the first
     # layer's too, whose input needs none) was left out of the backward
     # tasks, on every stage; without the option none is.

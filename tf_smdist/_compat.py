@@ -21,6 +21,7 @@ __all__ = [
     "distribute_values",
     "get_devices_from",
     "input_util",
+    "keep_weight_decay_exclusions",
     "graph_variable_handles",
     "in_xla_context",
     "move_variable",
@@ -145,7 +146,7 @@ def unordered_in_functions(op_types: frozenset) -> None:
 
 
 # --- pipeline parallel (continued) ----------------------------------------
-def move_variable(variable: Any, device: str) -> None:
+def move_variable(variable: Any, device: str) -> Any:
     """Re-creates the TensorFlow variable behind a Keras variable on `device`.
 
     The Keras variable object stays the same (so models, optimizers and
@@ -157,10 +158,16 @@ def move_variable(variable: Any, device: str) -> None:
     Args:
         variable: A `keras.Variable` (TensorFlow backend).
         device: The TensorFlow device to move it to.
+
+    Returns:
+        The key Keras' TensorFlow optimizers knew the variable by before the
+        move (`_var_key`: the `tf.Variable`'s `_unique_id`), which the move
+        changes; see `keep_weight_decay_exclusions`.
     """
     import tensorflow as tf
 
     value = variable.value
+    old_key = value._unique_id
     with tf.init_scope(), tf.device(device):
         moved = tf.Variable(
             tf.identity(value),
@@ -168,6 +175,7 @@ def move_variable(variable: Any, device: str) -> None:
             name=value.name.split(":")[0],
         )
     variable._initialize(moved)
+    return old_key
 
 
 def refresh_optimizer_index(optimizer: Any) -> None:
@@ -184,6 +192,37 @@ def refresh_optimizer_index(optimizer: Any) -> None:
     optimizer._trainable_variables_indices = {
         optimizer._var_key(v): i for i, v in enumerate(optimizer._trainable_variables)
     }
+
+
+def keep_weight_decay_exclusions(optimizer: Any, source: Any, moved: dict) -> None:
+    """Gives `optimizer` the weight-decay exclusions set on `source`, re-keyed.
+
+    Keras' `exclude_from_weight_decay(var_list=...)` stores the keys of the
+    TensorFlow variables behind the Keras variables (`_var_key`) in
+    `_exclude_from_weight_decay`, and `var_names=` a compiled pattern in
+    `_exclude_from_weight_decay_pattern`. Neither is in `get_config`, so a
+    fresh copy of the optimizer loses them, and `move_variable` changes the
+    keys, so the old ones match nothing. No public API reads or sets them.
+
+    Args:
+        optimizer: The optimizer to fix (a `LossScaleOptimizer`'s inner one
+            is used).
+        source: The optimizer the user configured: `optimizer` itself, or
+            the one a fresh copy replaces.
+        moved: {key before a move (`move_variable`'s result): the Keras
+            variable}.
+    """
+    source = getattr(source, "inner_optimizer", source)
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    keys = getattr(source, "_exclude_from_weight_decay", None)
+    pattern = getattr(source, "_exclude_from_weight_decay_pattern", None)
+    if not keys and pattern is None:
+        return  # nothing excluded
+    optimizer._exclude_from_weight_decay = {
+        optimizer._var_key(moved[key]) if key in moved else key for key in keys or ()
+    }
+    optimizer._exclude_from_weight_decay_pattern = pattern
+    optimizer._exclude_from_weight_decay_cache = {}
 
 
 def all_sublayers(model: Any) -> list[Any]:

@@ -279,6 +279,9 @@ class PipelineModel(keras.Model):
             partition = _even_partition(self._graph.names, self._schedule.num_stages)
         self._stages: tuple[Stage, ...] = ()
         self._partition: Any = None
+        # Moved variables by the keys optimizers knew them by before
+        # (weight-decay exclusions set before the move use those).
+        self._moved_keys: dict[Any, Any] = {}
         self.repartition(partition)
         self.built = True
 
@@ -349,10 +352,11 @@ class PipelineModel(keras.Model):
         ]
         stages = split_model(graph, names, devices)
         for stage in stages:
-            place_variables(stage)
+            self._moved_keys.update(place_variables(stage))
         self._stages = tuple(stages)
         self._partition = partition if hasattr(partition, "report") else None
         self._move_optimizer_state()
+        self._keep_weight_decay_exclusions()
         # Trace new functions around the new stages; `fit` calls
         # `self.train_function` each step, so replace it while it runs.
         if self.train_function is not None:
@@ -404,7 +408,10 @@ class PipelineModel(keras.Model):
                     "Partition before training (`auto_partition`, or fit's "
                     "first batch)."
                 )
+            configured = optimizer
             optimizer = type(optimizer).from_config(optimizer.get_config())
+            _compat.keep_weight_decay_exclusions(
+                optimizer, configured, self._moved_keys)
             self.optimizer = optimizer
         optimizer.build(self._process.runtime.trainable_variables)
 
@@ -730,10 +737,21 @@ class PipelineModel(keras.Model):
             )
         self._loss_is_sum = reductions == {"sum"}
         super().compile(*args, **kwargs)
+        self._keep_weight_decay_exclusions()
         if self._process is not None:
             self._rebuild_optimizer()
             return
         self._build_optimizer_on_stages()
+
+    def _keep_weight_decay_exclusions(self) -> None:
+        """Re-keys the optimizer's `exclude_from_weight_decay(var_list=...)`.
+
+        Keras keys those variables by the TensorFlow variables behind them,
+        which moving a variable to its stage's device replaces.
+        """
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None:
+            _compat.keep_weight_decay_exclusions(optimizer, optimizer, self._moved_keys)
 
     def _build_optimizer_on_stages(self) -> None:
         """Builds the optimizer now, so each variable's state is on its device.

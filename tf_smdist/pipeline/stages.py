@@ -335,7 +335,7 @@ def split_model(
     return stages
 
 
-def place_variables(stage: Stage) -> None:
+def place_variables(stage: Stage) -> dict[Any, Any]:
     """Moves the stage's variables onto its device, keeping their values.
 
     The Keras variable objects stay the same (so the wrapped model, its
@@ -345,11 +345,15 @@ def place_variables(stage: Stage) -> None:
     Args:
         stage: The stage whose variables to move.
 
+    Returns:
+        {the key an optimizer knew each variable by before the move: the
+        variable}, to re-key what was set up with the old keys.
+
     Example:
 
     >>> place_variables(stages[1])
     >>> stages[1].variables[0].value.device
     '/job:localhost/replica:0/task:0/device:CPU:0'
     """
-    for variable in stage.variables:
-        _compat.move_variable(variable, stage.device)
+    return {_compat.move_variable(variable, stage.device): variable
+            for variable in stage.variables}

@@ -276,7 +276,11 @@ def _make(optimizer: keras.optimizers.Optimizer, name: str | None,
     config = optimizer.get_config()
     if name is not None:
         config["name"] = name
-    return _distributed_class(type(optimizer), setup).from_config(config)
+    distributed = _distributed_class(type(optimizer), setup).from_config(config)
+    # exclude_from_weight_decay is not part of the config (Horovod's copy
+    # lost it); one process with the optimizer keeps it.
+    _compat.keep_weight_decay_exclusions(distributed, optimizer, {})
+    return distributed
 
 
 def PartialDistributedOptimizer(  # noqa: N802 (Horovod's name)
