@@ -351,7 +351,7 @@ def place_variables(stage: Stage) -> dict[Any, Any]:
 
     Example:
 
-    >>> place_variables(stages[1])
+    >>> moved = place_variables(stages[1])
     >>> stages[1].variables[0].value.device
     '/job:localhost/replica:0/task:0/device:CPU:0'
     """
